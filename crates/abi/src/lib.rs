@@ -1,0 +1,280 @@
+//! The Rebound hypercall ABI, shared by the VMM and the guest SDK so the two cannot drift.
+//!
+//! Guests run at CPL3 with the VMM as their kernel. A hypercall is: write the arguments into the
+//! calling vCPU's [`VcpuPage`] (its address is at `gs:0`), then `out` the hypercall number (32
+//! bits, in `eax`) to [`port::HYPERCALL`]. The VMM writes the result into `VcpuPage::ret`
+//! before the guest resumes. Results are `i64`: non-negative on success, a negative
+//! [`errno`] value on failure. See `docs/abi.md` for the full contract.
+#![no_std]
+
+/// Major version: bumped on any incompatible change.
+pub const ABI_MAJOR: u32 = 1;
+/// Minor version: bumped on compatible additions.
+pub const ABI_MINOR: u32 = 0;
+/// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
+pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
+
+/// I/O ports the guest may use, reachable from CPL3 through the TSS I/O bitmap. They are 4
+/// apart because a 32-bit `out` covers four ports in the bitmap.
+pub mod port {
+    /// `out dx, eax` with `eax` = hypercall number. Exits to the VMM (~30 us on PVM).
+    pub const HYPERCALL: u16 = 0x0510;
+    /// `out dx, eax` with `eax` = vCPU id: "my I/O ring has new requests". Absorbed by an
+    /// ioeventfd in the kernel (~3 us): the guest does not leave to the VMM.
+    pub const DOORBELL: u16 = 0x0514;
+    /// Written only by the VMM-provided exception stubs (CPL0) to report a guest fault.
+    pub const FAULT: u16 = 0x0518;
+}
+
+/// Hypercall numbers.
+pub mod nr {
+    /// `() -> ABI_VERSION`.
+    pub const ABI_VERSION: u32 = 0;
+    /// `(ptr, len) -> len`: write bytes to the VM console. `len <= CONSOLE_WRITE_MAX`.
+    pub const CONSOLE_WRITE: u32 = 1;
+    /// `() -> ns`: monotonic nanoseconds since the VM started.
+    pub const CLOCK_MONOTONIC: u32 = 2;
+    /// `() -> ns`: wall-clock nanoseconds since the Unix epoch.
+    pub const CLOCK_REALTIME: u32 = 3;
+    /// `(timeout_ns) -> BLOCK_WOKEN | BLOCK_TIMED_OUT`: block the vCPU in the VMM until an
+    /// event for it (an I/O completion, a wake-up) or until `timeout_ns` passes
+    /// (`u64::MAX` = no timeout). May return early; callers re-check their indicators.
+    pub const BLOCK: u32 = 4;
+    /// `() -> 0`: give the host CPU away briefly.
+    pub const YIELD: u32 = 5;
+    /// `(status)`: end the VM with an exit status (`0..=255`). Does not return.
+    pub const EXIT: u32 = 6;
+    /// `(ptr, len)`: report a guest panic message and end the VM. Does not return.
+    pub const PANIC: u32 = 7;
+    /// `(ring_gpa, entries) -> 0`: register the calling vCPU's I/O ring (see [`super::io`]).
+    pub const IO_SETUP: u32 = 8;
+    /// One past the highest number: the size of per-number counters.
+    pub const COUNT: usize = 9;
+
+    /// A short name for logs and metrics.
+    pub const fn name(nr: u32) -> &'static str {
+        match nr {
+            ABI_VERSION => "abi_version",
+            CONSOLE_WRITE => "console_write",
+            CLOCK_MONOTONIC => "clock_monotonic",
+            CLOCK_REALTIME => "clock_realtime",
+            BLOCK => "block",
+            YIELD => "yield",
+            EXIT => "exit",
+            PANIC => "panic",
+            IO_SETUP => "io_setup",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Negative results (Linux errno values, negated).
+pub mod errno {
+    /// An I/O error on the host side.
+    pub const EIO: i64 = -5;
+    /// A length is larger than the call allows.
+    pub const E2BIG: i64 = -7;
+    /// A pointer or range is outside the memory the guest may name.
+    pub const EFAULT: i64 = -14;
+    /// The call is already done and cannot be repeated (e.g. a second `IO_SETUP`).
+    pub const EBUSY: i64 = -16;
+    /// The device the call needs is not configured.
+    pub const ENODEV: i64 = -19;
+    /// An argument has a bad value (alignment, range, flags).
+    pub const EINVAL: i64 = -22;
+    /// A write to a read-only disk.
+    pub const EROFS: i64 = -30;
+    /// No such hypercall.
+    pub const ENOSYS: i64 = -38;
+}
+
+/// Largest `CONSOLE_WRITE` (and `PANIC` message) in bytes.
+pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+/// `BLOCK` result: an event arrived (or the wait was cut short).
+pub const BLOCK_WOKEN: i64 = 0;
+/// `BLOCK` result: the timeout passed.
+pub const BLOCK_TIMED_OUT: i64 = 1;
+
+/// Guest-physical address of the read-only [`BootInfo`] page; passed in `rsi` at entry.
+pub const BOOT_INFO_ADDR: u64 = 0x10_0000;
+/// `BootInfo::magic`: "RBNDBOOT".
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"RBNDBOOT");
+/// Where the guest command line starts, as an offset in the boot info page.
+pub const BOOT_ARGS_OFFSET: u64 = 512;
+/// Longest guest command line, in bytes.
+pub const BOOT_ARGS_MAX: u64 = 4096 - BOOT_ARGS_OFFSET;
+/// Guest-physical address where a guest ELF's lowest loadable segment may start.
+pub const IMAGE_BASE: u64 = 0x40_0000;
+/// Page size the ABI counts in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// What the VMM tells a guest at boot. Read-only to the guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`] of the VMM that booted the guest.
+    pub abi_version: u32,
+    /// Number of vCPUs; each enters the image with its id in `rdi`.
+    pub vcpu_count: u32,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// First byte of memory free for the guest heap (after the loaded image).
+    pub heap_start: u64,
+    /// One past the last byte of the heap.
+    pub heap_end: u64,
+    /// Guest-physical address of vCPU 0's [`VcpuPage`]; vCPU `i`'s is `PAGE_SIZE * i` above.
+    pub vcpu_pages: u64,
+    /// Guest command line: address and length (UTF-8, not NUL-terminated).
+    pub args_addr: u64,
+    /// Length of the command line in bytes.
+    pub args_len: u64,
+    /// Size in bytes of the disk behind the I/O ring, 0 if the VM has none.
+    pub disk_size: u64,
+}
+
+/// One page per vCPU, read-write to the guest; `gs:0` holds its own address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuPage {
+    /// The page's own guest address (so the guest finds it with one `mov rax, gs:[0]`).
+    pub self_addr: u64,
+    /// This vCPU's id.
+    pub vcpu_id: u64,
+    /// Hypercall arguments, in order.
+    pub args: [u64; 6],
+    /// Hypercall result, written by the VMM.
+    pub ret: i64,
+}
+
+/// The asynchronous I/O ring: requests in guest memory, completed without an interrupt.
+///
+/// Layout at the registered address: an [`IoRingHeader`], then `entries` × [`IoRequest`].
+/// The guest fills `requests[producer % entries]`, then advances `producer` (release) and
+/// rings [`port::DOORBELL`]. The VMM processes requests in order, writes each one's result into
+/// the `u64` completion indicator at `IoRequest::completion` (see [`completion`]) and advances
+/// `consumer`. A vCPU blocked in [`nr::BLOCK`] is woken when its ring completes a request.
+pub mod io {
+    /// Read `len` bytes of the disk at `offset` into `buf`.
+    pub const OP_READ: u32 = 1;
+    /// Write `len` bytes from `buf` to the disk at `offset`.
+    pub const OP_WRITE: u32 = 2;
+    /// Make earlier writes durable.
+    pub const OP_FLUSH: u32 = 3;
+    /// Complete after `offset` nanoseconds (a timer with no exit and no interrupt).
+    pub const OP_TIMER: u32 = 4;
+
+    /// Most entries a ring may have.
+    pub const MAX_ENTRIES: u32 = 4096;
+    /// Largest single transfer.
+    pub const MAX_TRANSFER: u32 = 1 << 20;
+    /// Disk offsets and lengths must be multiples of this.
+    pub const SECTOR_SIZE: u64 = 512;
+
+    /// Start of the ring.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IoRingHeader {
+        /// Requests submitted so far (wrapping), written by the guest.
+        pub producer: u32,
+        /// Requests completed so far (wrapping), written by the VMM.
+        pub consumer: u32,
+    }
+
+    /// One request. `completion` is the guest address of an 8-byte aligned `u64` the
+    /// guest zeroed before submitting.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IoRequest {
+        /// One of the `OP_*` values.
+        pub op: u32,
+        /// Transfer length in bytes.
+        pub len: u32,
+        /// Guest address of the data buffer.
+        pub buf: u64,
+        /// Disk byte offset (or delay in ns for [`OP_TIMER`]).
+        pub offset: u64,
+        /// Guest address of the completion indicator.
+        pub completion: u64,
+    }
+
+    /// Size of the header in bytes.
+    pub const HEADER_SIZE: u64 = core::mem::size_of::<IoRingHeader>() as u64;
+    /// Size of one request in bytes.
+    pub const REQUEST_SIZE: u64 = core::mem::size_of::<IoRequest>() as u64;
+
+    /// Bytes a ring of `entries` requests occupies.
+    pub const fn ring_size(entries: u32) -> u64 {
+        HEADER_SIZE + REQUEST_SIZE * entries as u64
+    }
+}
+
+/// Encoding of the completion indicator word.
+pub mod completion {
+    /// Set once the request is complete; the low 32 bits then hold the result.
+    pub const DONE: u64 = 1 << 63;
+
+    /// The word the VMM stores for a result (`>= 0` bytes, or a negative errno).
+    pub const fn encode(result: i32) -> u64 {
+        DONE | (result as u32 as u64)
+    }
+
+    /// `None` while pending, else the result.
+    pub const fn decode(word: u64) -> Option<i32> {
+        if word & DONE == 0 {
+            None
+        } else {
+            Some(word as u32 as i32)
+        }
+    }
+}
+
+// SAFETY: plain `repr(C)` structs of integers: every byte pattern is a valid value and there is
+// no padding (sizes are checked in the tests below).
+#[cfg(feature = "vm-memory")]
+mod byte_valued {
+    use vm_memory::ByteValued;
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::BootInfo {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::VcpuPage {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::io::IoRingHeader {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::io::IoRequest {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(core::mem::size_of::<BootInfo>(), 72);
+        assert_eq!(core::mem::size_of::<VcpuPage>(), 72);
+        assert_eq!(io::HEADER_SIZE, 8);
+        assert_eq!(io::REQUEST_SIZE, 32);
+        assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_ARGS_OFFSET);
+    }
+
+    #[test]
+    fn completion_round_trips() {
+        assert_eq!(completion::decode(0), None);
+        assert_eq!(completion::decode(completion::encode(4096)), Some(4096));
+        assert_eq!(completion::decode(completion::encode(-14)), Some(-14));
+        assert_eq!(completion::decode(completion::encode(0)), Some(0));
+    }
+
+    #[test]
+    fn ports_do_not_share_a_dword() {
+        assert!(port::DOORBELL >= port::HYPERCALL + 4);
+        assert!(port::FAULT >= port::DOORBELL + 4);
+    }
+
+    #[test]
+    fn version_packs_major_and_minor() {
+        assert_eq!(ABI_VERSION >> 16, ABI_MAJOR);
+        assert_eq!(ABI_VERSION & 0xffff, ABI_MINOR);
+    }
+}

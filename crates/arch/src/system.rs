@@ -1,0 +1,294 @@
+//! Writes the VMM-owned system structures into guest memory: page tables, GDT, IDT, exception
+//! stubs, per-vCPU TSS (with the I/O bitmap that lets CPL3 code reach hypercall ports) and the
+//! boot information page.
+
+use rebound_abi::{BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BootInfo, PAGE_SIZE, VcpuPage, port};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
+
+use crate::layout::*;
+use crate::{Error, Layout};
+
+/// Kernel (CPL0) code segment selector, used only by the exception stubs.
+pub const KERNEL_CS: u16 = 0x10;
+/// Kernel data segment selector.
+pub const KERNEL_DS: u16 = 0x18;
+/// User 64-bit code segment selector (RPL 3), Linux's layout.
+pub const USER_CS: u16 = 0x33;
+/// User data segment selector (RPL 3).
+pub const USER_DS: u16 = 0x2b;
+/// vCPU `i`'s TSS selector is `TSS_SELECTOR_BASE + 16 * i`.
+pub const TSS_SELECTOR_BASE: u16 = 0x40;
+
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_US: u64 = 1 << 2;
+// Accessed and dirty are preset so the MMU never writes page tables: they stay out of the
+// dirty log, and checkpoints of an idle guest stay empty.
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
+const PTE_PS: u64 = 1 << 7;
+const TABLE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
+const SUPERVISOR_PAGE: u64 = PTE_P | PTE_RW | PTE_A | PTE_D;
+const USER_RO_PAGE: u64 = PTE_P | PTE_US | PTE_A;
+const USER_PAGE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
+
+/// Vectors for which the CPU pushes an error code.
+const fn has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+fn write<T: ByteValued, M: GuestMemory>(
+    mem: &M,
+    addr: u64,
+    val: T,
+    what: &'static str,
+) -> Result<(), Error> {
+    mem.write_obj(val, GuestAddress(addr))
+        .map_err(|source| Error::GuestMemory { what, source })
+}
+
+fn write_bytes<M: GuestMemory>(
+    mem: &M,
+    addr: u64,
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), Error> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| Error::GuestMemory { what, source })
+}
+
+fn le_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Builds the identity map of all guest memory. The first 4 MiB use 4 KiB pages so the system
+/// area can be supervisor-only, boot info read-only and each stack slot get a guard page; the
+/// rest uses 2 MiB pages.
+fn page_tables(layout: &Layout) -> Vec<(u64, [u64; 512])> {
+    let mut tables = Vec::new();
+    let mut pml4 = [0u64; 512];
+    pml4[0] = PDPT | TABLE;
+    tables.push((PML4, pml4));
+
+    let mut pdpt = [0u64; 512];
+    for (i, e) in pdpt
+        .iter_mut()
+        .enumerate()
+        .take(layout.page_directories() as usize)
+    {
+        *e = (PDS + i as u64 * PAGE_SIZE) | TABLE;
+    }
+    tables.push((PDPT, pdpt));
+
+    for d in 0..layout.page_directories() {
+        let mut pd = [0u64; 512];
+        for (j, e) in pd.iter_mut().enumerate() {
+            let addr = (d << 30) + ((j as u64) << 21);
+            if addr >= layout.mem_size() {
+                break;
+            }
+            *e = match addr {
+                0 => PT_LOW | TABLE,
+                0x20_0000 => PT_STACKS | TABLE,
+                _ => addr | USER_PAGE | PTE_PS,
+            };
+        }
+        tables.push((PDS + d * PAGE_SIZE, pd));
+    }
+
+    let mut low = [0u64; 512];
+    for (i, e) in low.iter_mut().enumerate() {
+        let addr = i as u64 * PAGE_SIZE;
+        *e = match addr {
+            0 => 0,
+            BOOT_INFO_ADDR => addr | USER_RO_PAGE,
+            a if a < BOOT_INFO_ADDR => addr | SUPERVISOR_PAGE,
+            _ => addr | USER_PAGE,
+        };
+    }
+    tables.push((PT_LOW, low));
+
+    let mut stacks = [0u64; 512];
+    for (i, e) in stacks.iter_mut().enumerate() {
+        let addr = STACKS + i as u64 * PAGE_SIZE;
+        let guard = (addr - STACKS) % STACK_SLOT == 0;
+        *e = if guard { 0 } else { addr | USER_PAGE };
+    }
+    tables.push((PT_STACKS, stacks));
+    tables
+}
+
+fn segment_descriptor(access: u64, flags: u64) -> u64 {
+    // Base 0, limit 0xfffff (ignored in long mode for code; flat for data).
+    0xffff | (access << 40) | (0xf << 48) | (flags << 52)
+}
+
+fn gdt(layout: &Layout) -> Vec<u64> {
+    let mut gdt = vec![0u64; (TSS_SELECTOR_BASE / 8) as usize];
+    gdt[(KERNEL_CS / 8) as usize] = segment_descriptor(0x9b, 0xa); // P, DPL0, code; G, L
+    gdt[(KERNEL_DS / 8) as usize] = segment_descriptor(0x93, 0xc); // P, DPL0, data; G, D/B
+    gdt[4] = segment_descriptor(0xfb, 0xc); // user code32 (unused, keeps Linux's numbering)
+    gdt[(USER_DS / 8) as usize] = segment_descriptor(0xf3, 0xc); // P, DPL3, data
+    gdt[(USER_CS / 8) as usize] = segment_descriptor(0xfb, 0xa); // P, DPL3, code, L
+    for id in 0..layout.vcpus() {
+        let base = layout.tss(id);
+        let limit = u64::from(TSS_LIMIT);
+        let low = (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | (0x8b << 40) // present, busy 64-bit TSS
+            | (((limit >> 16) & 0xf) << 48)
+            | (((base >> 24) & 0xff) << 56);
+        gdt.push(low);
+        gdt.push(base >> 32);
+    }
+    gdt
+}
+
+/// Size in bytes of the GDT for `layout` (for the GDTR limit).
+pub fn gdt_size(layout: &Layout) -> u64 {
+    u64::from(TSS_SELECTOR_BASE) + 16 * u64::from(layout.vcpus())
+}
+
+/// The exception stubs: for each vector, push a zero error code where the CPU pushes none, push
+/// the vector, and report it on the fault port. The VMM reads the frame from the stack and ends
+/// the VM; the trailing `hlt; jmp` only matters if it did not.
+fn stubs() -> Vec<u8> {
+    let [lo, hi] = port::FAULT.to_le_bytes();
+    let mut code = vec![0u8; (32 * STUB_SIZE) as usize];
+    for v in 0u8..32 {
+        let mut stub = Vec::with_capacity(STUB_SIZE as usize);
+        if !has_error_code(v) {
+            stub.extend_from_slice(&[0x6a, 0x00]); // push 0
+        }
+        stub.extend_from_slice(&[0x6a, v]); // push vector
+        stub.extend_from_slice(&[0x66, 0xba, lo, hi]); // mov dx, FAULT
+        stub.push(0xee); // out dx, al
+        stub.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b
+        let at = usize::from(v) * STUB_SIZE as usize;
+        code[at..at + stub.len()].copy_from_slice(&stub);
+    }
+    code
+}
+
+fn idt() -> Vec<u64> {
+    let mut idt = vec![0u64; 512];
+    for v in 0..32u64 {
+        let handler = STUBS + v * STUB_SIZE;
+        idt[(2 * v) as usize] = (handler & 0xffff)
+            | (u64::from(KERNEL_CS) << 16)
+            | (0x8e << 40) // present, DPL0, 64-bit interrupt gate
+            | (((handler >> 16) & 0xffff) << 48);
+        idt[(2 * v + 1) as usize] = handler >> 32;
+    }
+    idt
+}
+
+/// Writes every VMM-owned structure for `layout` into `mem`, and the boot information page.
+/// Memory is expected to be zeroed (a fresh memfd).
+pub fn write_system<M: GuestMemory>(
+    mem: &M,
+    layout: &Layout,
+    boot: &BootInfo,
+    args: &[u8],
+) -> Result<(), Error> {
+    for (addr, table) in page_tables(layout) {
+        write_bytes(mem, addr, &le_bytes(&table), "page table")?;
+    }
+    write_bytes(mem, GDT, &le_bytes(&gdt(layout)), "GDT")?;
+    write_bytes(mem, IDT, &le_bytes(&idt()), "IDT")?;
+    write_bytes(mem, STUBS, &stubs(), "exception stubs")?;
+
+    for id in 0..layout.vcpus() {
+        let tss = layout.tss(id);
+        // RSP0 at offset 4: the stack the CPU switches to when a CPL3 fault enters a stub.
+        write(mem, tss + 4, layout.exception_stack_top(id), "TSS")?;
+        // I/O map base at offset 0x66; the bitmap itself is the zeroed memory that follows.
+        write(mem, tss + 0x66, TSS_SIZE as u16, "TSS")?;
+        write(mem, tss + TSS_SIZE + IOMAP_SIZE, 0xffu8, "TSS")?;
+        // The fault port is for the CPL0 stubs only: a CPL3 `out` to it raises #GP instead of
+        // faking a fault report.
+        let fault_byte = tss + TSS_SIZE + u64::from(port::FAULT / 8);
+        write(mem, fault_byte, 1u8 << (port::FAULT % 8), "TSS")?;
+
+        let page = VcpuPage {
+            self_addr: layout.vcpu_page(id),
+            vcpu_id: u64::from(id),
+            ..Default::default()
+        };
+        write(mem, layout.vcpu_page(id), page, "vCPU page")?;
+    }
+
+    if args.len() as u64 > rebound_abi::BOOT_ARGS_MAX {
+        return Err(Error::Layout(format!(
+            "guest command line is {} bytes, more than the {} allowed",
+            args.len(),
+            rebound_abi::BOOT_ARGS_MAX
+        )));
+    }
+    write(mem, BOOT_INFO_ADDR, *boot, "boot info")?;
+    write_bytes(mem, BOOT_INFO_ADDR + BOOT_ARGS_OFFSET, args, "command line")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    }
+
+    fn translate(mem: &GuestMemoryMmap, va: u64) -> Option<(u64, u64)> {
+        let mut table = PML4;
+        let mut flags = !0u64;
+        for (level, shift) in [(4, 39), (3, 30), (2, 21), (1, 12)] {
+            let e: u64 = mem
+                .read_obj(GuestAddress(table + ((va >> shift) & 511) * 8))
+                .unwrap();
+            if e & PTE_P == 0 {
+                return None;
+            }
+            flags &= e;
+            if level == 2 && e & PTE_PS != 0 {
+                return Some((
+                    (e & !0x1f_ffff & 0xf_ffff_ffff_f000) | (va & 0x1f_ffff),
+                    flags,
+                ));
+            }
+            table = e & 0xf_ffff_ffff_f000;
+        }
+        Some((table | (va & 0xfff), flags))
+    }
+
+    #[test]
+    fn identity_map_with_protections() {
+        let layout = Layout::new(3 << 30, 2).unwrap();
+        let m = mem(3 << 30);
+        write_system(&m, &layout, &BootInfo::default(), b"x").unwrap();
+        assert_eq!(translate(&m, 0), None, "null page must fault");
+        let (pa, f) = translate(&m, PML4).unwrap();
+        assert_eq!(pa, PML4);
+        assert_eq!(f & PTE_US, 0, "page tables are supervisor-only");
+        let (_, f) = translate(&m, BOOT_INFO_ADDR).unwrap();
+        assert_eq!(f & (PTE_US | PTE_RW), PTE_US, "boot info is user read-only");
+        assert_eq!(translate(&m, STACKS), None, "stack guard");
+        assert!(translate(&m, layout.stack_top(0) - 8).unwrap().1 & PTE_US != 0);
+        for va in [rebound_abi::IMAGE_BASE, 0x4000_1234, (3 << 30) - 8] {
+            let (pa, f) = translate(&m, va).unwrap();
+            assert_eq!(pa, va);
+            assert_eq!(f & (PTE_US | PTE_RW), PTE_US | PTE_RW);
+        }
+        assert_eq!(translate(&m, 3 << 30), None);
+    }
+
+    #[test]
+    fn stubs_fit_and_push_error_codes_evenly() {
+        let code = stubs();
+        for v in 0u8..32 {
+            let s = &code[usize::from(v) * 16..][..16];
+            let at = if has_error_code(v) { 0 } else { 2 };
+            assert_eq!(&s[at..at + 2], &[0x6a, v]);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Console output: formatted text is collected in a line buffer on the stack and sent with one
+//! hypercall per line (each hypercall is a VM exit, the scarce resource).
+
+use core::fmt;
+
+/// A line buffer flushed on newline, when full, and on drop.
+pub struct Console {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Console {
+    /// An empty buffer.
+    pub const fn new() -> Self {
+        Self {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    /// Sends what is buffered.
+    pub fn flush(&mut self) {
+        if self.len > 0 {
+            // Console errors cannot be reported anywhere better than the console itself.
+            let _ = crate::hypercall::console_write(&self.buf[..self.len]);
+            self.len = 0;
+        }
+    }
+}
+
+impl fmt::Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len == self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+            if b == b'\n' {
+                self.flush();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Used by the macros.
+#[doc(hidden)]
+pub fn _print(args: fmt::Arguments<'_>) {
+    let mut c = Console::new();
+    let _ = fmt::write(&mut c, args);
+}
+
+/// Prints to the VM console.
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::console::_print(format_args!($($arg)*)) };
+}
+
+/// Prints a line to the VM console.
+#[macro_export]
+macro_rules! println {
+    () => { $crate::print!("\n") };
+    ($($arg:tt)*) => { $crate::console::_print(format_args!("{}\n", format_args!($($arg)*))) };
+}

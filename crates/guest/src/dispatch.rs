@@ -1,0 +1,316 @@
+//! A small cooperative task dispatcher with interrupt-free I/O completion.
+//!
+//! Tasks are futures. A task that starts an I/O returns `Pending` after registering the I/O's
+//! completion indicator (a `u64` in guest memory) with [`wait_for`]. The VMM completes the I/O
+//! by storing into that indicator; no interrupt is injected. Each time the dispatcher picks a
+//! task it checks the indicator of every waiting task and resumes those whose I/O is done.
+//! When no task can run, the dispatcher blocks the vCPU in the VMM (`BLOCK` hypercall), which
+//! returns as soon as an I/O of this vCPU completes.
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
+use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+
+use rebound_abi::completion;
+
+/// A completion indicator: zero while pending, see [`rebound_abi::completion`].
+pub type Indicator = AtomicU64;
+
+/// Per-task scheduling state, shared with the task's wakers.
+struct TaskState {
+    /// Set by a waker: poll the task again.
+    woken: AtomicBool,
+    /// The indicator the task waits on: an `Arc<Indicator>` as a raw pointer, or null. Only the
+    /// owning vCPU changes it; holding a strong reference keeps the indicator's memory valid
+    /// for as long as the dispatcher may read it.
+    waiting: AtomicPtr<Indicator>,
+}
+
+impl TaskState {
+    fn new() -> Self {
+        Self {
+            woken: AtomicBool::new(true),
+            waiting: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    fn set_waiting(&self, ind: Option<&Arc<Indicator>>) {
+        let new = ind.map_or(ptr::null_mut(), |a| Arc::into_raw(Arc::clone(a)).cast_mut());
+        let old = self.waiting.swap(new, Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: `old` came from `Arc::into_raw` above and is released exactly once here.
+            drop(unsafe { Arc::from_raw(old) });
+        }
+    }
+
+    /// `None` if the task waits on no indicator, else whether the indicator is complete.
+    fn indicator_done(&self) -> Option<bool> {
+        let p = self.waiting.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the pointer holds a strong reference (see `waiting`), so the indicator is alive.
+        let word = unsafe { &*p }.load(Ordering::Acquire);
+        Some(completion::decode(word).is_some())
+    }
+}
+
+impl Drop for TaskState {
+    fn drop(&mut self) {
+        self.set_waiting(None);
+    }
+}
+
+static VTABLE: RawWakerVTable =
+    RawWakerVTable::new(waker_clone, waker_wake, waker_wake_by_ref, waker_drop);
+
+fn raw_waker(state: &Arc<TaskState>) -> RawWaker {
+    RawWaker::new(Arc::into_raw(Arc::clone(state)).cast(), &VTABLE)
+}
+
+unsafe fn waker_clone(data: *const ()) -> RawWaker {
+    // SAFETY: `data` is a live `Arc<TaskState>` pointer owned by the waker being cloned.
+    let state = unsafe { Arc::from_raw(data.cast::<TaskState>()) };
+    let raw = raw_waker(&state);
+    core::mem::forget(state);
+    raw
+}
+
+unsafe fn waker_wake(data: *const ()) {
+    // SAFETY: `data` is the waker's own `Arc<TaskState>`, consumed by `wake`.
+    let state = unsafe { Arc::from_raw(data.cast::<TaskState>()) };
+    state.woken.store(true, Ordering::Release);
+}
+
+unsafe fn waker_wake_by_ref(data: *const ()) {
+    // SAFETY: `data` is a live `Arc<TaskState>` pointer owned by the waker.
+    let state = unsafe { &*data.cast::<TaskState>() };
+    state.woken.store(true, Ordering::Release);
+}
+
+unsafe fn waker_drop(data: *const ()) {
+    // SAFETY: `data` is the waker's own `Arc<TaskState>`, released exactly once here.
+    drop(unsafe { Arc::from_raw(data.cast::<TaskState>()) });
+}
+
+/// Registers `ind` as what the current task waits on; the dispatcher resumes the task once it is
+/// complete. Under a foreign executor this falls back to waking at once (polling).
+pub fn wait_for(cx: &mut Context<'_>, ind: &Arc<Indicator>) {
+    let waker = cx.waker();
+    if ptr::eq(waker.vtable(), &VTABLE) {
+        // SAFETY: a waker with our vtable carries an `Arc<TaskState>` pointer as its data.
+        let state = unsafe { &*waker.data().cast::<TaskState>() };
+        state.set_waiting(Some(ind));
+    } else {
+        waker.wake_by_ref();
+    }
+}
+
+/// Yields once to the other tasks.
+pub async fn yield_now() {
+    let mut yielded = false;
+    core::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+struct Task {
+    future: Pin<Box<dyn Future<Output = ()>>>,
+    state: Arc<TaskState>,
+}
+
+/// What the dispatcher did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Tasks polled.
+    pub polls: u64,
+    /// Times no task could run and the vCPU blocked in the VMM.
+    pub blocks: u64,
+    /// Times a task was resumed because its completion indicator was set.
+    pub completions: u64,
+}
+
+/// Runs tasks on one vCPU until all have finished.
+#[derive(Default)]
+pub struct Dispatcher {
+    tasks: Vec<Task>,
+    stats: Stats,
+}
+
+impl Dispatcher {
+    /// An empty dispatcher.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a task.
+    pub fn spawn(&mut self, future: impl Future<Output = ()> + 'static) {
+        self.tasks.push(Task {
+            future: Box::pin(future),
+            state: Arc::new(TaskState::new()),
+        });
+    }
+
+    /// Runs every task to completion, blocking the vCPU in the VMM when none can run.
+    pub fn run(&mut self) -> Stats {
+        self.run_with(|waiting_on_io| {
+            // With I/O outstanding the VMM wakes us when it completes; tasks parked on other
+            // wakers (e.g. from another vCPU) are re-checked every millisecond.
+            crate::hypercall::block(if waiting_on_io { u64::MAX } else { 1_000_000 });
+        })
+    }
+
+    /// Like [`run`](Self::run) with a custom idle step, called with whether any task waits on a
+    /// completion indicator.
+    pub fn run_with(&mut self, mut idle: impl FnMut(bool)) -> Stats {
+        while !self.tasks.is_empty() {
+            let mut ran = false;
+            let mut waiting_on_io = false;
+            let mut i = 0;
+            while i < self.tasks.len() {
+                let state = Arc::clone(&self.tasks[i].state);
+                let io_done = state.indicator_done();
+                let woken = state.woken.swap(false, Ordering::AcqRel);
+                if !woken && io_done != Some(true) {
+                    waiting_on_io |= io_done.is_some();
+                    i += 1;
+                    continue;
+                }
+                if io_done == Some(true) {
+                    self.stats.completions += 1;
+                }
+                state.set_waiting(None);
+                // SAFETY: `raw_waker` returns a waker built on our vtable with a fresh strong
+                // reference, which the `Waker` releases on drop.
+                let waker = unsafe { Waker::from_raw(raw_waker(&state)) };
+                let mut cx = Context::from_waker(&waker);
+                self.stats.polls += 1;
+                ran = true;
+                if self.tasks[i].future.as_mut().poll(&mut cx).is_ready() {
+                    self.tasks.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            if !ran {
+                self.stats.blocks += 1;
+                idle(waiting_on_io);
+            }
+        }
+        self.stats
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A stand-in for an I/O: pending until its indicator is set.
+    struct FakeIo(Arc<Indicator>);
+
+    impl Future for FakeIo {
+        type Output = i32;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+            match completion::decode(self.0.load(Ordering::Acquire)) {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    wait_for(cx, &self.0);
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn io_tasks_resume_only_when_their_indicator_is_set() {
+        let inds: Vec<Arc<Indicator>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut d = Dispatcher::new();
+        for (n, ind) in inds.iter().enumerate() {
+            let (ind, log) = (Arc::clone(ind), Rc::clone(&log));
+            d.spawn(async move {
+                let r = FakeIo(ind).await;
+                log.borrow_mut().push((n, r));
+            });
+        }
+        // Complete the I/Os in reverse order, one per idle step, like the VMM would.
+        let mut next = 3;
+        let stats = d.run_with(|waiting| {
+            assert!(waiting, "idle while tasks wait on I/O");
+            next -= 1;
+            inds[next].store(completion::encode(next as i32 * 10), Ordering::Release);
+        });
+        assert_eq!(*log.borrow(), vec![(2, 20), (1, 10), (0, 0)]);
+        assert_eq!(stats.completions, 3);
+        assert_eq!(stats.blocks, 3);
+        assert_eq!(
+            stats.polls, 6,
+            "each task polled once to start and once on completion"
+        );
+    }
+
+    #[test]
+    fn yield_interleaves_and_parked_tasks_are_not_polled() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut d = Dispatcher::new();
+        for n in 0..2 {
+            let log = Rc::clone(&log);
+            d.spawn(async move {
+                for i in 0..3 {
+                    log.borrow_mut().push((n, i));
+                    yield_now().await;
+                }
+            });
+        }
+        let stats = d.run_with(|_| panic!("never idle: tasks only yield"));
+        assert_eq!(log.borrow().len(), 6);
+        assert_eq!(log.borrow()[..2], [(0, 0), (1, 0)]);
+        assert_eq!(stats.blocks, 0);
+    }
+
+    #[test]
+    fn dropped_task_releases_its_indicator() {
+        let ind = Arc::new(AtomicU64::new(0));
+        {
+            let mut d = Dispatcher::new();
+            d.spawn(FakeIo(Arc::clone(&ind)).then_unit());
+            let mut idles = 0;
+            // Run one round, then give up (drop the dispatcher with the task still waiting).
+            d.run_with(|_| {
+                idles += 1;
+                if idles == 2 {
+                    ind.store(completion::encode(0), Ordering::Release);
+                }
+            });
+        }
+        assert_eq!(Arc::strong_count(&ind), 1);
+    }
+
+    trait ThenUnit: Future + Sized {
+        fn then_unit(self) -> impl Future<Output = ()> {
+            async move {
+                self.await;
+            }
+        }
+    }
+    impl<F: Future> ThenUnit for F {}
+}

@@ -1,0 +1,264 @@
+//! Loading an SDK guest: the ELF is checked against the layout before anything is written
+//! (linux-loader, which does the loading, trusts segment addresses), then the system structures
+//! and the boot info page are written.
+
+use std::io::Cursor;
+
+use linux_loader::loader::{Elf, KernelLoader};
+use rebound_abi::{
+    ABI_VERSION, BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, IMAGE_BASE, PAGE_SIZE,
+};
+use rebound_arch::Layout;
+use rebound_arch::layout::VCPU_PAGES;
+use vm_memory::GuestAddress;
+
+use crate::memory::GuestMemory;
+
+/// Why a guest image was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    /// Not an ELF file Rebound can run.
+    #[error("guest image {name} is not a valid ELF executable: {reason}")]
+    NotElf {
+        /// Image name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A segment does not fit in guest memory.
+    #[error("guest image {name}: {reason}")]
+    BadSegment {
+        /// Image name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// linux-loader refused it.
+    #[error("guest image {name} could not be loaded: {reason}")]
+    Load {
+        /// Image name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Headroom left above the image for the heap.
+const MIN_HEAP: u64 = 1 << 20;
+const PT_LOAD: u32 = 1;
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// What the checks found: entry point and one past the last loaded byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Entry point.
+    pub entry: u64,
+    /// End of the highest segment (including .bss).
+    pub end: u64,
+}
+
+/// Checks an ELF image against `layout` without touching guest memory.
+pub fn check_elf(name: &str, b: &[u8], layout: &Layout) -> Result<ImageInfo, ImageError> {
+    let not_elf = |reason: &str| ImageError::NotElf {
+        name: name.into(),
+        reason: reason.into(),
+    };
+    let bad = |reason: String| ImageError::BadSegment {
+        name: name.into(),
+        reason,
+    };
+    if b.len() < 64 {
+        return Err(not_elf("file is shorter than an ELF header"));
+    }
+    if &b[..4] != b"\x7fELF" {
+        return Err(not_elf("bad magic"));
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err(not_elf("not a 64-bit little-endian ELF"));
+    }
+    if u16_at(b, 16) != 2 {
+        return Err(not_elf(
+            "not an executable (ET_EXEC): build it static and non-PIE",
+        ));
+    }
+    if u16_at(b, 18) != 62 {
+        return Err(not_elf("not an x86_64 program"));
+    }
+    let entry = u64_at(b, 24);
+    let phoff = u64_at(b, 32);
+    let phentsize = u64::from(u16_at(b, 54));
+    let phnum = u64::from(u16_at(b, 56));
+    if phentsize != 56 {
+        return Err(not_elf("unexpected program header size"));
+    }
+    let table_end = phoff.checked_add(phnum * phentsize);
+    if phnum == 0 || table_end.is_none_or(|e| e > b.len() as u64) {
+        return Err(not_elf("program header table is missing or truncated"));
+    }
+    let limit = layout.mem_size().saturating_sub(MIN_HEAP);
+    let mut end = 0u64;
+    let mut entry_ok = false;
+    for i in 0..phnum {
+        let p = (phoff + i * phentsize) as usize;
+        if u32_at(b, p) != PT_LOAD {
+            continue;
+        }
+        let offset = u64_at(b, p + 8);
+        let paddr = u64_at(b, p + 24);
+        let filesz = u64_at(b, p + 32);
+        let memsz = u64_at(b, p + 40);
+        if filesz > memsz {
+            return Err(bad(format!(
+                "segment {i} has more file bytes than memory bytes"
+            )));
+        }
+        if offset
+            .checked_add(filesz)
+            .is_none_or(|e| e > b.len() as u64)
+        {
+            return Err(bad(format!("segment {i} extends past the end of the file")));
+        }
+        if paddr < IMAGE_BASE {
+            return Err(bad(format!(
+                "segment {i} at {paddr:#x} is below the image base {IMAGE_BASE:#x} (link with --image-base=0x400000)"
+            )));
+        }
+        let seg_end = paddr
+            .checked_add(memsz)
+            .filter(|&e| e <= limit)
+            .ok_or_else(|| {
+                bad(format!(
+                    "segment {i} at {paddr:#x} (+{memsz:#x}) does not fit in {} MiB of memory",
+                    layout.mem_size() >> 20
+                ))
+            })?;
+        entry_ok |= (paddr..seg_end).contains(&entry);
+        end = end.max(seg_end);
+    }
+    if end == 0 {
+        return Err(not_elf("no loadable segment"));
+    }
+    if !entry_ok {
+        return Err(not_elf("entry point is outside every loadable segment"));
+    }
+    Ok(ImageInfo { entry, end })
+}
+
+/// Writes the image, the system structures and the boot info into fresh guest memory.
+/// Returns the entry point.
+pub fn load(
+    mem: &GuestMemory,
+    layout: &Layout,
+    name: &str,
+    image: &[u8],
+    args: &str,
+    disk_size: u64,
+) -> Result<u64, crate::Error> {
+    let info = check_elf(name, image, layout)?;
+    Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(IMAGE_BASE)),
+    )
+    .map_err(|e| ImageError::Load {
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    let boot = BootInfo {
+        magic: BOOT_INFO_MAGIC,
+        abi_version: ABI_VERSION,
+        vcpu_count: layout.vcpus(),
+        mem_size: layout.mem_size(),
+        heap_start: info.end.next_multiple_of(PAGE_SIZE),
+        heap_end: layout.mem_size(),
+        vcpu_pages: VCPU_PAGES,
+        args_addr: BOOT_INFO_ADDR + BOOT_ARGS_OFFSET,
+        args_len: args.len() as u64,
+        disk_size,
+    };
+    rebound_arch::system::write_system(mem, layout, &boot, args.as_bytes())?;
+    Ok(info.entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(64 << 20, 1).unwrap()
+    }
+
+    #[test]
+    fn bundled_guest_passes() {
+        let i = check_elf("demo", rebound_guests::DEMO, &layout()).unwrap();
+        assert!(i.entry >= IMAGE_BASE && i.end > i.entry);
+    }
+
+    #[test]
+    fn corrupt_images_are_refused_with_a_reason() {
+        let good = rebound_guests::TESTGUEST.to_vec();
+        let l = layout();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "shorter than an ELF header"),
+            (
+                b"\x7fELX".iter().copied().chain([0; 60]).collect(),
+                "bad magic",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[4] = 1;
+                    b
+                },
+                "64-bit",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+                    b
+                },
+                "truncated",
+            ),
+            (good[..good.len() / 2].to_vec(), "past the end of the file"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[24..32].copy_from_slice(&0x10u64.to_le_bytes());
+                    b
+                },
+                "entry point",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let e = check_elf("t", &bytes, &l).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn segments_outside_memory_are_refused() {
+        let mut b = rebound_guests::TESTGUEST.to_vec();
+        let phoff = u64_at(&b, 32) as usize;
+        // First program header's paddr below the image base.
+        b[phoff + 24..phoff + 32].copy_from_slice(&0x1000u64.to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
+        assert!(e.contains("below the image base"), "{e}");
+        let mut b = rebound_guests::TESTGUEST.to_vec();
+        b[phoff + 40..phoff + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+    }
+}

@@ -1,0 +1,116 @@
+//! The hypercall handler: one function per ABI call (see `docs/abi.md`).
+//!
+//! Arguments are copied out of the calling vCPU's `VcpuPage` once, then validated: every pointer
+//! and length the guest passes is checked against guest memory before use, and a bad call gets
+//! a negative errno (and is counted), never a VMM panic.
+
+use std::mem::offset_of;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rebound_abi::{
+    ABI_VERSION, BLOCK_TIMED_OUT, BLOCK_WOKEN, CONSOLE_WRITE_MAX, VcpuPage, errno, nr,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vm::{VmOutcome, VmShared};
+use crate::wait::Wake;
+
+const ARGS: u64 = offset_of!(VcpuPage, args) as u64;
+const RET: u64 = offset_of!(VcpuPage, ret) as u64;
+
+/// What the vCPU does after the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Re-enter the guest.
+    Continue,
+    /// The VM is over.
+    Stop,
+}
+
+/// Handles hypercall `nr` from `vcpu`.
+pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
+    vm.metrics.hypercall(nr);
+    let page = vm.layout.vcpu_page(vcpu);
+    let args: [u64; 6] = vm.mem.read_obj(GuestAddress(page + ARGS)).unwrap_or([0; 6]);
+    let (ret, flow) = match nr {
+        nr::ABI_VERSION => (i64::from(ABI_VERSION), Flow::Continue),
+        nr::CONSOLE_WRITE => (console_write(vm, args[0], args[1]), Flow::Continue),
+        nr::CLOCK_MONOTONIC => (vm.clock_ns() as i64, Flow::Continue),
+        nr::CLOCK_REALTIME => (realtime_ns(), Flow::Continue),
+        nr::BLOCK => (block(vm, vcpu, args[0]), Flow::Continue),
+        nr::YIELD => {
+            std::thread::yield_now();
+            (0, Flow::Continue)
+        }
+        nr::EXIT => {
+            // Exit statuses are taken modulo 256, as for a process.
+            vm.finish(VmOutcome::Exited {
+                status: (args[0] & 0xff) as i32,
+            });
+            (0, Flow::Stop)
+        }
+        nr::PANIC => {
+            let message = match guest_bytes(vm, args[0], args[1].min(CONSOLE_WRITE_MAX)) {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(_) => format!(
+                    "<panic message at {:#x} (+{}) is outside guest memory>",
+                    args[0], args[1]
+                ),
+            };
+            vm.finish(VmOutcome::Panicked { vcpu, message });
+            (0, Flow::Stop)
+        }
+        nr::IO_SETUP => (vm.ioq.register(vcpu, args[0], args[1]), Flow::Continue),
+        _ => (errno::ENOSYS, Flow::Continue),
+    };
+    if ret < 0 {
+        vm.metrics.hypercall_error(ret);
+        tracing::debug!(vcpu, nr, ret, "hypercall refused");
+    }
+    // The page is inside guest memory by construction; a failure here cannot happen.
+    let _ = vm.mem.write_obj(ret, GuestAddress(page + RET));
+    flow
+}
+
+/// Copies `len` bytes of guest memory at `ptr`, or the errno to return.
+fn guest_bytes(vm: &VmShared, ptr: u64, len: u64) -> Result<Vec<u8>, i64> {
+    if len > CONSOLE_WRITE_MAX {
+        return Err(errno::E2BIG);
+    }
+    if !vm.layout.is_guest_readable(ptr, len) {
+        return Err(errno::EFAULT);
+    }
+    let mut buf = vec![0u8; len as usize];
+    vm.mem
+        .read_slice(&mut buf, GuestAddress(ptr))
+        .map_err(|_| errno::EFAULT)?;
+    Ok(buf)
+}
+
+fn console_write(vm: &VmShared, ptr: u64, len: u64) -> i64 {
+    match guest_bytes(vm, ptr, len) {
+        Ok(bytes) => match vm.console.write(&bytes) {
+            Ok(()) => len as i64,
+            Err(_) => errno::EIO,
+        },
+        Err(e) => e,
+    }
+}
+
+fn realtime_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn block(vm: &VmShared, vcpu: u32, timeout_ns: u64) -> i64 {
+    let timeout = (timeout_ns != u64::MAX).then(|| Duration::from_nanos(timeout_ns));
+    let wake = vm.waiters.block(vcpu, timeout, &vm.control);
+    vm.metrics.block(wake);
+    if wake == Wake::Timeout {
+        BLOCK_TIMED_OUT
+    } else {
+        BLOCK_WOKEN
+    }
+}

@@ -1,0 +1,76 @@
+//! The Rebound VMM core.
+//!
+//! Data flows one way: a validated [`config::VmConfig`] is built into a running [`vm::Vm`]
+//! (guest memory on a memfd, vCPU threads, devices); the [`instance::Instance`] controller drives
+//! it for the API and CLI. Every vCPU exit is handled in one place, [`vcpu`]'s run loop, which
+//! dispatches hypercalls to [`hypercall`] and guest faults to [`fault`].
+
+pub mod boot;
+pub mod config;
+pub mod fault;
+pub mod hypercall;
+pub mod instance;
+mod kick;
+pub mod memory;
+pub mod metrics;
+mod vcpu;
+pub mod vm;
+mod wait;
+
+pub use config::{ConfigError, DiskConfig, GuestImage, VmConfig};
+pub use fault::FaultReport;
+pub use instance::Instance;
+pub use vm::{Vm, VmOutcome, VmState};
+
+/// Errors building or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The guest image could not be loaded.
+    #[error(transparent)]
+    Image(#[from] boot::ImageError),
+    /// `/dev/kvm` is missing or not accessible.
+    #[error("cannot open /dev/kvm ({0}): is KVM available, and may this user use it?")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// What was being done.
+        op: &'static str,
+        /// The error from KVM.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be created or mapped.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Writing machine state into guest memory failed.
+    #[error(transparent)]
+    Arch(#[from] rebound_arch::Error),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] rebound_devices::disk::DiskError),
+    /// The I/O queue could not be set up.
+    #[error(transparent)]
+    Ioq(#[from] rebound_devices::ioq::IoqError),
+    /// A thread could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request does not fit the VM's current state.
+    #[error("{0}")]
+    State(String),
+    /// The vCPUs did not all stop in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(std::time::Duration),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,167 @@
+//! The vCPU thread: the one place where every VM exit is handled.
+//!
+//! Port map (all reachable from CPL3 through the TSS I/O bitmap, see `rebound-arch`):
+//! - `0x510` hypercall: `hypercall::handle`
+//! - `0x514` I/O doorbell: normally absorbed by an ioeventfd in the kernel; an access that
+//!   still exits (another width) is forwarded to the same eventfd
+//! - `0x518` fault report from the CPL0 exception stubs: `fault::from_stub`
+//! - anything else: counted as a bad access, reads return all ones.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use rebound_abi::port;
+
+use crate::fault;
+use crate::hypercall::{self, Flow};
+use crate::kick;
+use crate::metrics::ExitKind;
+use crate::vm::{VmOutcome, VmShared};
+use crate::wait::Request;
+
+/// What to do after an exit, decided while the exit still borrows the vCPU.
+enum Next {
+    Continue,
+    Stop,
+    /// The guest faulted; build the report from the vCPU's registers.
+    Fault(FaultSource),
+}
+
+enum FaultSource {
+    Stub,
+    Exit(String),
+}
+
+fn le_u32(data: &[u8]) -> u32 {
+    let mut w = [0u8; 4];
+    let n = data.len().min(4);
+    w[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(w)
+}
+
+fn on_exit(exit: VcpuExit<'_>, id: u32, vm: &VmShared) -> Next {
+    match exit {
+        VcpuExit::IoOut(p, data) => {
+            vm.metrics.exit(ExitKind::IoOut);
+            match p {
+                port::HYPERCALL => match hypercall::handle(vm, id, le_u32(data)) {
+                    Flow::Continue => Next::Continue,
+                    Flow::Stop => Next::Stop,
+                },
+                port::FAULT => Next::Fault(FaultSource::Stub),
+                port::DOORBELL => {
+                    let _ = vm.ioq.doorbell().write(1);
+                    Next::Continue
+                }
+                _ => {
+                    vm.metrics.bad_port();
+                    Next::Continue
+                }
+            }
+        }
+        VcpuExit::IoIn(_, data) => {
+            vm.metrics.exit(ExitKind::IoIn);
+            vm.metrics.bad_port();
+            data.fill(0xff);
+            Next::Continue
+        }
+        VcpuExit::MmioRead(_, data) => {
+            vm.metrics.exit(ExitKind::Mmio);
+            vm.metrics.bad_mmio();
+            data.fill(0xff);
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(..) => {
+            vm.metrics.exit(ExitKind::Mmio);
+            vm.metrics.bad_mmio();
+            Next::Continue
+        }
+        VcpuExit::Hlt => {
+            vm.metrics.exit(ExitKind::Hlt);
+            Next::Fault(FaultSource::Exit("halted: hlt reached the VMM".into()))
+        }
+        VcpuExit::Shutdown => {
+            vm.metrics.exit(ExitKind::Shutdown);
+            Next::Fault(FaultSource::Exit(
+                "triple fault (the CPU could not deliver an exception)".into(),
+            ))
+        }
+        VcpuExit::FailEntry(reason, _) => {
+            vm.metrics.exit(ExitKind::Failure);
+            Next::Fault(FaultSource::Exit(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x})"
+            )))
+        }
+        VcpuExit::InternalError => {
+            vm.metrics.exit(ExitKind::Failure);
+            Next::Fault(FaultSource::Exit(
+                "KVM internal error: an instruction this host cannot emulate".into(),
+            ))
+        }
+        other => {
+            vm.metrics.exit(ExitKind::Other);
+            Next::Fault(FaultSource::Exit(format!("unexpected VM exit {other:?}")))
+        }
+    }
+}
+
+/// Parks the vCPU while the VM is paused, with any half-done port access completed first so
+/// its saved state is clean.
+fn park(fd: &mut VcpuFd, id: u32, vm: &VmShared) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+    vm.control.park();
+    vm.waiters.clear_interrupt(id);
+}
+
+/// The vCPU thread body: runs until the VM stops.
+pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
+    kick::arm(&mut fd);
+    loop {
+        match vm.control.current() {
+            Request::Run => {}
+            Request::Pause => {
+                park(&mut fd, id, &vm);
+                continue;
+            }
+            Request::Stop => break,
+        }
+        let next = match fd.run() {
+            Ok(exit) => {
+                if vm.metrics.first_exit_ns() == 0 {
+                    vm.metrics
+                        .first_exit(vm.launched.elapsed().as_nanos() as u64);
+                }
+                on_exit(exit, id, &vm)
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                fd.set_kvm_immediate_exit(0);
+                vm.metrics.exit(ExitKind::Kick);
+                Next::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) => {
+                vm.finish(VmOutcome::Failed {
+                    error: format!("vCPU {id}: KVM_RUN failed: {e}"),
+                });
+                Next::Stop
+            }
+        };
+        match next {
+            Next::Continue => {}
+            Next::Stop => break,
+            Next::Fault(src) => {
+                let report = match src {
+                    FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),
+                    FaultSource::Exit(reason) => fault::from_exit(&fd, id, reason),
+                };
+                tracing::warn!(%report, "guest fault");
+                vm.finish(VmOutcome::Faulted(report));
+                break;
+            }
+        }
+    }
+    kick::disarm();
+    vm.control.exited();
+}

@@ -1,0 +1,259 @@
+//! Where vCPUs wait: the run control (running / paused / stopping) shared by all vCPUs of a VM,
+//! and the per-vCPU waiters behind the `BLOCK` hypercall.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rebound_devices::Notify;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the vCPUs are asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Request {
+    /// Run the guest.
+    Run = 0,
+    /// Park outside KVM_RUN until resumed.
+    Pause = 1,
+    /// Leave the run loop for good.
+    Stop = 2,
+}
+
+#[derive(Default)]
+struct Counts {
+    parked: u32,
+    exited: u32,
+}
+
+/// Run control of one VM.
+pub struct RunControl {
+    /// Fast-path copy of the request, checked by vCPUs on every loop turn.
+    request: AtomicU8,
+    counts: Mutex<Counts>,
+    cv: Condvar,
+    vcpus: u32,
+}
+
+impl RunControl {
+    pub fn new(vcpus: u32) -> Self {
+        Self {
+            request: AtomicU8::new(Request::Run as u8),
+            counts: Mutex::new(Counts::default()),
+            cv: Condvar::new(),
+            vcpus,
+        }
+    }
+
+    pub fn current(&self) -> Request {
+        match self.request.load(Ordering::Acquire) {
+            0 => Request::Run,
+            1 => Request::Pause,
+            _ => Request::Stop,
+        }
+    }
+
+    /// Sets the request. Stop is final: later requests do not undo it.
+    pub fn set(&self, r: Request) {
+        let _g = lock(&self.counts);
+        if self.current() != Request::Stop {
+            self.request.store(r as u8, Ordering::Release);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread: parks while the request is Pause.
+    pub fn park(&self) {
+        let mut c = lock(&self.counts);
+        c.parked += 1;
+        self.cv.notify_all();
+        while self.current() == Request::Pause {
+            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        c.parked -= 1;
+    }
+
+    /// Called by a vCPU thread as it leaves its run loop.
+    pub fn exited(&self) {
+        lock(&self.counts).exited += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until every vCPU is parked or gone; false on timeout.
+    pub fn wait_quiet(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = lock(&self.counts);
+        while c.parked + c.exited < self.vcpus {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Waits until every vCPU thread has left its loop.
+    pub fn wait_exited(&self) {
+        let mut c = lock(&self.counts);
+        while c.exited < self.vcpus {
+            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn all_exited(&self) -> bool {
+        lock(&self.counts).exited == self.vcpus
+    }
+}
+
+#[derive(Default)]
+struct Flags {
+    /// An event for this vCPU arrived since it last blocked.
+    pending: bool,
+    /// The controller wants the vCPU back (pause, stop).
+    interrupted: bool,
+}
+
+#[derive(Default)]
+struct Waiter {
+    flags: Mutex<Flags>,
+    cv: Condvar,
+}
+
+/// How a `BLOCK` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// An event for the vCPU arrived.
+    Event,
+    /// The timeout passed.
+    Timeout,
+    /// The controller needs the vCPU (pause or stop).
+    Interrupted,
+}
+
+/// The `BLOCK` waiters of all vCPUs of a VM. Devices wake them through [`Notify`].
+pub struct Waiters {
+    slots: Vec<Waiter>,
+}
+
+impl Waiters {
+    pub fn new(vcpus: u32) -> Self {
+        Self {
+            slots: (0..vcpus).map(|_| Waiter::default()).collect(),
+        }
+    }
+
+    /// Cuts every current and next `BLOCK` short (the controller needs the vCPUs).
+    pub fn interrupt_all(&self) {
+        for w in &self.slots {
+            lock(&w.flags).interrupted = true;
+            w.cv.notify_all();
+        }
+    }
+
+    /// Blocks vCPU `vcpu` until an event, the timeout (`None`: none), or an interruption.
+    pub fn block(&self, vcpu: u32, timeout: Option<Duration>, control: &RunControl) -> Wake {
+        let Some(w) = self.slots.get(vcpu as usize) else {
+            return Wake::Interrupted;
+        };
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut f = lock(&w.flags);
+        loop {
+            if f.pending {
+                f.pending = false;
+                return Wake::Event;
+            }
+            if f.interrupted {
+                f.interrupted = false;
+                return Wake::Interrupted;
+            }
+            if control.current() != Request::Run {
+                return Wake::Interrupted;
+            }
+            match deadline {
+                None => f = w.cv.wait(f).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Wake::Timeout;
+                    }
+                    f =
+                        w.cv.wait_timeout(f, d - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                }
+            }
+        }
+    }
+
+    /// Forgets a stale interruption (after the vCPU came back from a pause).
+    pub fn clear_interrupt(&self, vcpu: u32) {
+        if let Some(w) = self.slots.get(vcpu as usize) {
+            lock(&w.flags).interrupted = false;
+        }
+    }
+}
+
+impl Notify for Waiters {
+    fn notify(&self, vcpu: u32) {
+        if let Some(w) = self.slots.get(vcpu as usize) {
+            lock(&w.flags).pending = true;
+            w.cv.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn event_before_block_is_not_lost() {
+        let w = Waiters::new(1);
+        let c = RunControl::new(1);
+        w.notify(0);
+        assert_eq!(w.block(0, None, &c), Wake::Event);
+        assert_eq!(
+            w.block(0, Some(Duration::from_millis(1)), &c),
+            Wake::Timeout
+        );
+    }
+
+    #[test]
+    fn interrupt_and_notify_wake_a_blocked_vcpu() {
+        let w = Arc::new(Waiters::new(2));
+        let c = Arc::new(RunControl::new(2));
+        let t = {
+            let (w, c) = (w.clone(), c.clone());
+            thread::spawn(move || w.block(1, None, &c))
+        };
+        thread::sleep(Duration::from_millis(10));
+        w.notify(1);
+        assert_eq!(t.join().unwrap(), Wake::Event);
+        let t = {
+            let (w, c) = (w.clone(), c.clone());
+            thread::spawn(move || w.block(0, None, &c))
+        };
+        thread::sleep(Duration::from_millis(10));
+        w.interrupt_all();
+        assert_eq!(t.join().unwrap(), Wake::Interrupted);
+        assert_eq!(w.block(5, None, &c), Wake::Interrupted, "no such vCPU");
+    }
+
+    #[test]
+    fn stop_is_final() {
+        let c = RunControl::new(1);
+        c.set(Request::Stop);
+        c.set(Request::Run);
+        assert_eq!(c.current(), Request::Stop);
+    }
+}

@@ -1,0 +1,399 @@
+//! The guest the test suite and benchmarks drive. The first word of the command line picks the
+//! mode; the rest are its arguments. Every mode prints what it checks and exits 0 on success.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use rebound_guest::abi::{self, errno, io, nr};
+use rebound_guest::dispatch::Dispatcher;
+use rebound_guest::hypercall::{self, raw};
+use rebound_guest::io::IoQueue;
+use rebound_guest::{Cpu, println, time};
+
+fn arg(cpu: &Cpu, i: usize, default: u64) -> u64 {
+    cpu.args()
+        .split_whitespace()
+        .nth(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main(cpu: Cpu) -> i32 {
+    let mode = cpu.args().split_whitespace().next().unwrap_or("hello");
+    if cpu.id() != 0 && mode != "multi" {
+        return 0; // secondary vCPUs park unless the mode uses them
+    }
+    match mode {
+        "hello" => {
+            println!("hello from vCPU {} of {}", cpu.id(), cpu.count());
+            0
+        }
+        "exit" => arg(&cpu, 1, 0) as i32,
+        "ticks" => ticks(&cpu),
+        "multi" => multi(&cpu),
+        "fault-pf" => {
+            // SAFETY: deliberately faulting: nothing is mapped at 0x10.
+            unsafe { core::ptr::write_volatile(0x10 as *mut u64, 1) };
+            0
+        }
+        "fault-gp" => {
+            // SAFETY: deliberately faulting: hlt is privileged at CPL3.
+            unsafe { core::arch::asm!("hlt") };
+            0
+        }
+        "fault-ud" => {
+            // SAFETY: deliberately faulting.
+            unsafe { core::arch::asm!("ud2") };
+            0
+        }
+        "fault-port" => {
+            // SAFETY: deliberately faulting: the fault port is closed to CPL3.
+            unsafe { core::arch::asm!("out dx, al", in("dx") abi::port::FAULT, in("al") 0u8) };
+            0
+        }
+        "fault-write-pagetable" => {
+            // SAFETY: deliberately faulting: page tables are supervisor-only.
+            unsafe { core::ptr::write_volatile(0x1000 as *mut u64, 0) };
+            0
+        }
+        "fault-stack" => recurse(0) as i32,
+        "panic" => panic!("boom at step {}", arg(&cpu, 1, 3)),
+        "hostile" => hostile(&cpu),
+        "io" => io_test(&cpu),
+        "hcbench" => {
+            let n = arg(&cpu, 1, 10_000);
+            let t0 = time::monotonic_ns();
+            for _ in 0..n {
+                raw(nr::ABI_VERSION, &[]);
+            }
+            let t1 = time::monotonic_ns();
+            println!("hcbench {} {}", n, t1 - t0);
+            0
+        }
+        "touch" => {
+            let mib = arg(&cpu, 1, 16) as usize;
+            let mut v: Vec<u8> = vec![0; mib << 20];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            println!("touched {} MiB", mib);
+            loop {
+                hypercall::block(u64::MAX);
+            }
+        }
+        other => {
+            println!("unknown mode {other:?}");
+            2
+        }
+    }
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)] // overflowing the stack is the point
+fn recurse(n: u64) -> u64 {
+    let pad = [n; 64];
+    core::hint::black_box(&pad);
+    recurse(n + 1) + pad[3]
+}
+
+/// Prints `tick N` every `ms` milliseconds (blocking in the VMM in between), `count` times
+/// (0: forever).
+fn ticks(cpu: &Cpu) -> i32 {
+    let ms = arg(cpu, 1, 20);
+    let count = arg(cpu, 2, 0);
+    let mut i = 0;
+    loop {
+        println!("tick {} {}", i, time::monotonic_ns());
+        i += 1;
+        if count != 0 && i >= count {
+            return 0;
+        }
+        let deadline = time::monotonic_ns() + ms * 1_000_000;
+        loop {
+            let now = time::monotonic_ns();
+            if now >= deadline {
+                break;
+            }
+            hypercall::block(deadline - now);
+        }
+    }
+}
+
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
+static WORK: [AtomicU64; 32] = [const { AtomicU64::new(0) }; 32];
+
+/// Every vCPU arrives at a barrier and then computes; vCPU 0 checks all of them were inside
+/// the barrier at once (so they really ran concurrently) and that each did its work.
+fn multi(cpu: &Cpu) -> i32 {
+    let n = cpu.count();
+    ARRIVED.fetch_add(1, Ordering::SeqCst);
+    let start = time::monotonic_ns();
+    while ARRIVED.load(Ordering::SeqCst) < n {
+        if time::monotonic_ns() - start > 10_000_000_000 {
+            println!(
+                "vCPU {}: only {} of {} vCPUs arrived",
+                cpu.id(),
+                ARRIVED.load(Ordering::SeqCst),
+                n
+            );
+            return 1;
+        }
+        core::hint::spin_loop();
+    }
+    let mut x = u64::from(cpu.id()) + 1;
+    for _ in 0..10_000_000u32 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+    }
+    WORK[cpu.id() as usize].store(x | 1, Ordering::SeqCst);
+    println!("vCPU {} done", cpu.id());
+    if cpu.id() != 0 {
+        return 0;
+    }
+    while (0..n as usize).any(|i| WORK[i].load(Ordering::SeqCst) == 0) {
+        hypercall::yield_now();
+    }
+    println!("all {} vCPUs ran concurrently", n);
+    0
+}
+
+struct Checks {
+    failed: u32,
+    total: u32,
+}
+
+impl Checks {
+    fn expect(&mut self, what: &str, got: i64, want: i64) {
+        self.total += 1;
+        if got != want {
+            self.failed += 1;
+            println!("FAIL {what}: got {got}, want {want}");
+        } else {
+            println!("ok {what}: {got}");
+        }
+    }
+}
+
+/// Hypercalls and I/O requests with hostile arguments: each must come back with the right
+/// errno and leave the VM working.
+fn hostile(cpu: &Cpu) -> i32 {
+    let mem = cpu.boot_info().mem_size;
+    let mut c = Checks {
+        failed: 0,
+        total: 0,
+    };
+    let buf = [b'x'; 16];
+    let p = buf.as_ptr() as u64;
+    c.expect(
+        "console_write wild pointer",
+        raw(nr::CONSOLE_WRITE, &[0xffff_ffff_ffff_0000, 8]),
+        errno::EFAULT,
+    );
+    c.expect(
+        "console_write huge length",
+        raw(nr::CONSOLE_WRITE, &[p, 1 << 40]),
+        errno::E2BIG,
+    );
+    c.expect(
+        "console_write past the end",
+        raw(nr::CONSOLE_WRITE, &[mem - 4, 100]),
+        errno::EFAULT,
+    );
+    c.expect(
+        "console_write wrapping range",
+        raw(nr::CONSOLE_WRITE, &[u64::MAX - 2, 10]),
+        errno::EFAULT,
+    );
+    c.expect("unknown hypercall", raw(999, &[]), errno::ENOSYS);
+    c.expect(
+        "unknown hypercall u32::MAX",
+        raw(u32::MAX, &[]),
+        errno::ENOSYS,
+    );
+    c.expect(
+        "io_setup misaligned",
+        raw(nr::IO_SETUP, &[p + 1, 8]),
+        errno::EINVAL,
+    );
+    c.expect(
+        "io_setup in the system area",
+        raw(nr::IO_SETUP, &[0x1000, 8]),
+        errno::EFAULT,
+    );
+    c.expect(
+        "io_setup not a power of two",
+        raw(nr::IO_SETUP, &[p, 3]),
+        errno::EINVAL,
+    );
+    c.expect(
+        "io_setup too many entries",
+        raw(nr::IO_SETUP, &[p, 1 << 20]),
+        errno::EINVAL,
+    );
+    c.expect(
+        "io_setup past the end",
+        raw(nr::IO_SETUP, &[mem - 64, 8]),
+        errno::EFAULT,
+    );
+    c.expect(
+        "block with zero timeout",
+        raw(nr::BLOCK, &[0]),
+        abi::BLOCK_TIMED_OUT,
+    );
+    c.expect(
+        "abi_version",
+        raw(nr::ABI_VERSION, &[]),
+        i64::from(abi::ABI_VERSION),
+    );
+
+    // I/O requests pointing where they must not.
+    queue();
+    c.expect(
+        "second io_setup",
+        raw(nr::IO_SETUP, &[p & !7, 8]),
+        errno::EBUSY,
+    );
+    let results = run_ops(vec![
+        (io::OP_READ, 0, 4096),
+        (io::OP_READ, 0, 100),
+        (io::OP_WRITE, u64::MAX - 511, 512),
+    ]);
+    c.expect("read into a good buffer", results[0], 4096);
+    c.expect("read of a partial sector", results[1], errno::EINVAL);
+    c.expect("write past the disk end", results[2], errno::EINVAL);
+    let scratch = [0u8; 512];
+    c.expect(
+        "unknown I/O op",
+        raw_request(99, scratch.as_ptr() as u64, 512),
+        errno::EINVAL,
+    );
+    // A request whose buffer is the page tables: completes with EFAULT, tables untouched.
+    let r = raw_request(io::OP_READ, 0x1000, 4096);
+    c.expect("read into the page tables", r, errno::EFAULT);
+    println!("still alive after {} hostile checks", c.total);
+    if c.failed == 0 {
+        println!("hostile: all {} checks passed", c.total);
+        0
+    } else {
+        println!("hostile: {} of {} checks failed", c.failed, c.total);
+        1
+    }
+}
+
+static mut QUEUE: Option<&'static IoQueue> = None;
+
+fn queue() -> &'static IoQueue {
+    // SAFETY: single vCPU; set once before any reader.
+    unsafe {
+        if let Some(q) = *(&raw const QUEUE) {
+            return q;
+        }
+        let q = IoQueue::setup(64).unwrap_or_else(|e| panic!("io setup: {e}"));
+        *(&raw mut QUEUE) = Some(q);
+        q
+    }
+}
+
+/// Runs disk ops through the dispatcher, returns each result (bytes or errno).
+fn run_ops(ops: Vec<(u32, u64, usize)>) -> Vec<i64> {
+    let results = alloc::rc::Rc::new(core::cell::RefCell::new(vec![0i64; ops.len()]));
+    let mut d = Dispatcher::new();
+    for (i, (op, offset, len)) in ops.into_iter().enumerate() {
+        let results = results.clone();
+        d.spawn(async move {
+            let q = queue();
+            let buf = vec![0u8; len];
+            let r = match op {
+                io::OP_READ => q.read(offset, buf).await.0,
+                io::OP_WRITE => q.write(offset, buf).await.0,
+                _ => unreachable!("run_ops takes reads and writes"),
+            };
+            results.borrow_mut()[i] = match r {
+                Ok(n) => i64::from(n),
+                Err(e) => e.0,
+            };
+        });
+    }
+    d.run();
+    let v = results.borrow().clone();
+    v
+}
+
+/// Submits one request by hand (the safe API cannot express bad ops or buffers the guest does
+/// not own) and blocks until it completes.
+fn raw_request(op: u32, buf: u64, len: u32) -> i64 {
+    let ind: &'static AtomicU64 =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(AtomicU64::new(0)));
+    let req = abi::io::IoRequest {
+        op,
+        len,
+        buf,
+        offset: 0,
+        completion: ind as *const AtomicU64 as u64,
+    };
+    rebound_guest::io::submit_raw(queue(), req);
+    loop {
+        if let Some(r) = abi::completion::decode(ind.load(Ordering::Acquire)) {
+            return i64::from(r);
+        }
+        hypercall::block(u64::MAX);
+    }
+}
+
+/// Tasks writing, reading back and checking disk blocks through the dispatcher, plus timers;
+/// prints the dispatcher's statistics.
+fn io_test(cpu: &Cpu) -> i32 {
+    let tasks = arg(cpu, 1, 8);
+    let blocks = arg(cpu, 2, 8);
+    if cpu.disk_size() < tasks * blocks * 4096 {
+        println!("disk too small: {} bytes", cpu.disk_size());
+        return 1;
+    }
+    let bad = alloc::rc::Rc::new(core::cell::Cell::new(0u32));
+    let mut d = Dispatcher::new();
+    for t in 0..tasks {
+        let bad = bad.clone();
+        d.spawn(async move {
+            let q = queue();
+            for b in 0..blocks {
+                let off = (t * blocks + b) * 4096;
+                let data: Vec<u8> = (0..4096).map(|i| (i as u64 ^ off ^ t) as u8).collect();
+                let (r, data) = q.write(off, data).await;
+                if r != Ok(4096) {
+                    bad.set(bad.get() + 1);
+                }
+                let (r, back) = q.read(off, vec![0u8; 4096]).await;
+                if r != Ok(4096) || back != data {
+                    bad.set(bad.get() + 1);
+                }
+            }
+        });
+    }
+    d.spawn(async {
+        let (r, _) = queue().sleep(5_000_000).await;
+        println!("timer done: {:?}", r);
+    });
+    let stats = d.run();
+    println!(
+        "io: {} tasks x {} blocks, {} bad; dispatcher polls={} blocks={} completions={}",
+        tasks,
+        blocks,
+        bad.get(),
+        stats.polls,
+        stats.blocks,
+        stats.completions
+    );
+    if bad.get() == 0 && stats.completions > 0 {
+        0
+    } else {
+        1
+    }
+}
+
+rebound_guest::entry!(main);
