@@ -19,3 +19,83 @@ fn exit_status_reaches_the_vmm() {
     assert_eq!(outcome, VmOutcome::Exited { status: 42 });
     assert_eq!(outcome.exit_code(), 42);
 }
+
+#[test]
+fn two_vcpus_run_at_once() {
+    let (outcome, out, _) = run("multi", 2, None);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "output: {out}");
+    assert!(out.contains("all 2 vCPUs ran concurrently"), "{out}");
+    assert!(out.contains("vCPU 1 done"), "{out}");
+}
+
+#[test]
+fn four_vcpus_run_at_once() {
+    let (outcome, out, _) = run("multi", 4, None);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "output: {out}");
+    assert!(out.contains("all 4 vCPUs ran concurrently"), "{out}");
+}
+
+#[test]
+fn guest_panic_is_reported_with_its_message() {
+    let (outcome, _, _) = run("panic 7", 1, None);
+    match outcome {
+        VmOutcome::Panicked { vcpu, message } => {
+            assert_eq!(vcpu, 0);
+            assert!(message.contains("boom at step 7"), "{message}");
+            assert!(message.contains("main.rs"), "location missing: {message}");
+        }
+        other => panic!("expected a panic, got {other:?}"),
+    }
+}
+
+#[test]
+fn interrupt_free_io_completes_through_indicators() {
+    let disk = rebound_vmm::DiskConfig::Scratch { size_mib: 4 };
+    let (outcome, out, m) = run("io 8 8", 1, Some(disk));
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "output: {out}");
+    assert!(out.contains("8 tasks x 8 blocks, 0 bad"), "{out}");
+    assert!(out.contains("timer done: Ok(0)"), "{out}");
+    assert_eq!(m.interrupts_injected, 0);
+    assert_eq!(m.io.writes, 64);
+    assert_eq!(m.io.reads, 64);
+    assert_eq!(m.io.timers, 1);
+    // The guest waited for completions by blocking in the VMM and was woken by them.
+    assert!(m.block.woken_by_event > 0, "{m:?}");
+    // Doorbells are absorbed by the ioeventfd: far fewer exits than requests.
+    assert!(
+        m.exits.io_out < m.io.requests,
+        "{:?} vs {} requests",
+        m.exits,
+        m.io.requests
+    );
+}
+
+#[test]
+fn demo_guest_verifies_its_hash_chain_on_disk() {
+    let config = rebound_vmm::VmConfig {
+        image: rebound_vmm::GuestImage::from_bytes("demo", rebound_guests::DEMO),
+        boot_args: "blocks=64 tasks=4".into(),
+        disk: Some(rebound_vmm::DiskConfig::Scratch { size_mib: 16 }),
+        ..config("", 1, None)
+    };
+    let (vm, out) = launch(&config);
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
+    let text = out.text();
+    assert!(text.contains("verified 256/256 blocks"), "{text}");
+    assert!(text.contains("demo OK"), "{text}");
+    let m = vm.metrics();
+    assert_eq!(m.interrupts_injected, 0);
+    assert_eq!(m.io.writes, 256);
+    assert_eq!(m.io.reads, 256);
+}
+
+#[test]
+fn demo_guest_without_disk_says_what_it_needs() {
+    let config = rebound_vmm::VmConfig {
+        image: rebound_vmm::GuestImage::from_bytes("demo", rebound_guests::DEMO),
+        ..config("", 1, None)
+    };
+    let (vm, out) = launch(&config);
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 1 });
+    assert!(out.text().contains("demo needs a disk"), "{}", out.text());
+}

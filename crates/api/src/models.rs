@@ -1,0 +1,148 @@
+//! Request and response bodies, named and shaped as Firecracker's.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceInfo {
+    /// Always "rebound".
+    pub app_name: String,
+    /// The instance id (`--id`).
+    pub id: String,
+    /// "Not started", "Running", "Paused" or "Exited".
+    pub state: String,
+    /// Rebound's version.
+    pub vmm_version: String,
+    /// How the VM ended, once it has (Rebound extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<serde_json::Value>,
+}
+
+/// `PUT /machine-config`, `GET /machine-config`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfiguration {
+    /// Number of vCPUs (1-32).
+    pub vcpu_count: u32,
+    /// Guest memory in MiB (a multiple of 2, at least 8).
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading: Rebound guests have none; only `false` is accepted.
+    #[serde(default)]
+    pub smt: bool,
+    /// Accepted for compatibility; dirty tracking is always available to the checkpoint engine.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Only "None" (no huge pages) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+/// `PATCH /machine-config`: any subset of the fields.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigurationUpdate {
+    /// Number of vCPUs.
+    pub vcpu_count: Option<u32>,
+    /// Guest memory in MiB.
+    pub mem_size_mib: Option<u64>,
+    /// Must be false.
+    pub smt: Option<bool>,
+    /// Accepted for compatibility.
+    pub track_dirty_pages: Option<bool>,
+    /// Must be "None".
+    pub huge_pages: Option<String>,
+}
+
+/// `PUT /boot-source`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Path of the guest ELF on the host, or `bundled:NAME` for a guest built into Rebound.
+    pub kernel_image_path: String,
+    /// The guest command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Not supported for SDK guests; refused if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Must equal the id in the path.
+    pub drive_id: String,
+    /// The disk image on the host.
+    pub path_on_host: String,
+    /// Accepted for compatibility (Rebound VMs have one disk).
+    pub is_root_device: bool,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Accepted for compatibility, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// "Unsafe" or "Writeback"; Rebound always honours flushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// "Sync" or "Async"; Rebound serves the disk from its I/O thread either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+}
+
+/// `PUT /actions`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// Actions.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ActionType {
+    /// Build and start the VM.
+    InstanceStart,
+    /// Firecracker flushes metrics to a file; Rebound serves `GET /metrics`, so this is a no-op.
+    FlushMetrics,
+    /// Refused: SDK guests have no keyboard controller.
+    SendCtrlAltDel,
+}
+
+/// `PATCH /vm`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateRequest {
+    /// The state to reach.
+    pub state: VmStateName,
+}
+
+/// States `PATCH /vm` accepts.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum VmStateName {
+    /// Pause every vCPU and the devices.
+    Paused,
+    /// Resume.
+    Resumed,
+}
+
+/// Every error response.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Error {
+    /// What went wrong and, where it helps, what to do.
+    pub fault_message: String,
+}
+
+/// `GET /vm/config`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FullVmConfiguration {
+    /// The machine configuration.
+    #[serde(rename = "machine-config")]
+    pub machine_config: MachineConfiguration,
+    /// The boot source, once set.
+    #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    /// The drives.
+    pub drives: Vec<Drive>,
+}

@@ -1,0 +1,72 @@
+//! Pause and resume: the guest's progress stops while paused and continues after.
+
+mod common;
+use std::time::Duration;
+
+use common::*;
+use rebound_vmm::{VmOutcome, VmState};
+
+fn ticks(out: &str) -> usize {
+    out.lines().filter(|l| l.starts_with("tick ")).count()
+}
+
+#[test]
+fn pause_stops_progress_and_resume_continues_it() {
+    let (vm, out) = launch(&config("ticks 5", 1, None));
+    assert!(
+        wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= 5),
+        "guest never ticked"
+    );
+    let took = vm.pause().expect("pause");
+    assert_eq!(vm.state(), VmState::Paused);
+    assert!(took < Duration::from_secs(1), "pause took {took:?}");
+    let frozen = ticks(&out.text());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ticks(&out.text()),
+        frozen,
+        "guest made progress while paused"
+    );
+    vm.resume().expect("resume");
+    assert_eq!(vm.state(), VmState::Running);
+    assert!(
+        wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= frozen + 5),
+        "guest did not continue after resume"
+    );
+    let m = vm.metrics();
+    assert_eq!(m.pause.count, 1);
+    vm.stop();
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
+    assert_eq!(vm.state(), VmState::Exited);
+    assert!(vm.pause().is_err(), "an exited VM cannot be paused");
+}
+
+#[test]
+fn pause_catches_vcpus_inside_the_guest() {
+    // Two vCPUs spinning at CPL3 (never exiting on their own) must still be stopped by a kick.
+    let (vm, out) = launch(&config("multi", 2, None));
+    assert!(wait_for(&out, Duration::from_secs(10), |o| !o.is_empty()) || vm.outcome().is_some());
+    for _ in 0..20 {
+        if vm.outcome().is_some() {
+            break;
+        }
+        let took = vm.pause().expect("pause");
+        assert!(took < Duration::from_secs(1));
+        vm.resume().expect("resume");
+    }
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
+}
+
+#[test]
+fn repeated_pause_resume_keeps_the_guest_correct() {
+    let disk = rebound_vmm::DiskConfig::Scratch { size_mib: 4 };
+    let (vm, out) = launch(&config("io 8 16", 1, Some(disk)));
+    let mut pauses = 0;
+    while vm.outcome().is_none() && pauses < 200 {
+        vm.pause().expect("pause");
+        vm.resume().expect("resume");
+        pauses += 1;
+    }
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
+    assert!(out.text().contains("0 bad"), "{}", out.text());
+}
