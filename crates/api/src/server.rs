@@ -199,7 +199,7 @@ async fn put_boot_source(State(s): State<ApiState>, Body(b): Body<BootSource>) -
             tokio::task::spawn_blocking(move || GuestImage::from_path(&path))
                 .await
                 .map_err(|e| ApiError::bad(format!("internal error: {e}")))?
-                .map_err(|e| ApiError::bad(e.to_string()))?
+                .map_err(|e| ApiError::bad(format!("kernel_image_path: {e}")))?
         }
     };
     s.instance

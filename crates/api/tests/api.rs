@@ -174,10 +174,10 @@ impl Spec {
             !resp.is_null(),
             "{method} {path} answered {status}, which the spec does not list"
         );
-        if let Some(r) = resp["content"]["application/json"]["schema"]["$ref"].as_str() {
-            if let Err(e) = self.validate(r, body) {
-                panic!("{method} {path} {status} response {body} does not match {r}: {e}");
-            }
+        if let Some(r) = resp["content"]["application/json"]["schema"]["$ref"].as_str()
+            && let Err(e) = self.validate(r, body)
+        {
+            panic!("{method} {path} {status} response {body} does not match {r}: {e}");
         }
     }
 }

@@ -62,6 +62,12 @@ pub const MIN_MEM: u64 = 8 << 20;
 /// Guest memory is mapped with 2 MiB pages above 4 MiB, so sizes are multiples of this.
 pub const MEM_ALIGN: u64 = 2 << 20;
 
+// The fixed areas must not overlap; checked when compiling.
+const _: () = assert!(PDS + MAX_GIB * PAGE_SIZE <= TSS_AREAS);
+const _: () = assert!(TSS_SIZE + IOMAP_SIZE < 3 * PAGE_SIZE);
+const _: () = assert!(STUBS + 32 * STUB_SIZE <= PDS);
+const _: () = assert!(TSS_AREAS + MAX_VCPUS as u64 * TSS_AREA_SIZE <= BOOT_INFO_ADDR);
+
 /// The layout of one VM: a function of its memory size and vCPU count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -86,7 +92,7 @@ impl Layout {
                 MAX_GIB << 10
             )));
         }
-        if mem_size % MEM_ALIGN != 0 {
+        if !mem_size.is_multiple_of(MEM_ALIGN) {
             return Err(Error::Layout(format!(
                 "memory size {} bytes is not a multiple of 2 MiB",
                 mem_size
@@ -163,12 +169,9 @@ mod tests {
     #[test]
     fn fixed_areas_do_not_overlap() {
         let l = Layout::new(64 << 20, MAX_VCPUS).unwrap();
-        assert!(PDS + MAX_GIB * PAGE_SIZE <= TSS_AREAS);
         assert!(l.exception_stack_top(MAX_VCPUS - 1) <= BOOT_INFO_ADDR);
         assert!(l.vcpu_page(MAX_VCPUS - 1) + PAGE_SIZE <= STACKS);
         assert_eq!(l.stack_top(MAX_VCPUS - 1), IMAGE_BASE);
-        assert!(TSS_SIZE + IOMAP_SIZE + 1 <= 3 * PAGE_SIZE);
-        assert!(STUBS + 32 * STUB_SIZE <= PDS);
     }
 
     #[test]

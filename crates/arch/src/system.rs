@@ -111,7 +111,7 @@ fn page_tables(layout: &Layout) -> Vec<(u64, [u64; 512])> {
     let mut stacks = [0u64; 512];
     for (i, e) in stacks.iter_mut().enumerate() {
         let addr = STACKS + i as u64 * PAGE_SIZE;
-        let guard = (addr - STACKS) % STACK_SLOT == 0;
+        let guard = (addr - STACKS).is_multiple_of(STACK_SLOT);
         *e = if guard { 0 } else { addr | USER_PAGE };
     }
     tables.push((PT_STACKS, stacks));

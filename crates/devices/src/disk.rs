@@ -72,7 +72,7 @@ impl Disk {
 
     /// An anonymous, zero-filled disk of `size` bytes that vanishes with the VMM.
     pub fn scratch(size: u64) -> Result<Self, DiskError> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::BadSize {
                 path: "<scratch>".into(),
                 size,

@@ -193,7 +193,7 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             return errno::EINVAL;
         }
         let entries = entries as u32;
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return errno::EINVAL;
         }
         if !self.writable(gpa, abi_io::ring_size(entries)) {
@@ -428,7 +428,7 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
         if len == 0
             || len > u64::from(abi_io::MAX_TRANSFER)
             || len % abi_io::SECTOR_SIZE != 0
-            || req.offset % abi_io::SECTOR_SIZE != 0
+            || !req.offset.is_multiple_of(abi_io::SECTOR_SIZE)
             || req
                 .offset
                 .checked_add(len)

@@ -248,16 +248,24 @@ mod tests {
         }
     }
 
+    /// Offset of the first PT_LOAD program header.
+    fn first_load(b: &[u8]) -> usize {
+        let phoff = u64_at(b, 32) as usize;
+        (0..usize::from(u16_at(b, 56)))
+            .map(|i| phoff + i * 56)
+            .find(|&p| u32_at(b, p) == PT_LOAD)
+            .unwrap()
+    }
+
     #[test]
     fn segments_outside_memory_are_refused() {
         let mut b = rebound_guests::TESTGUEST.to_vec();
-        let phoff = u64_at(&b, 32) as usize;
-        // First program header's paddr below the image base.
-        b[phoff + 24..phoff + 32].copy_from_slice(&0x1000u64.to_le_bytes());
+        let ph = first_load(&b);
+        b[ph + 24..ph + 32].copy_from_slice(&0x1000u64.to_le_bytes());
         let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
         assert!(e.contains("below the image base"), "{e}");
         let mut b = rebound_guests::TESTGUEST.to_vec();
-        b[phoff + 40..phoff + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        b[ph + 40..ph + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
     }

@@ -16,7 +16,7 @@ pub enum ConfigError {
     #[error("mem_size_mib: {0}")]
     MemSize(String),
     /// The guest image could not be read.
-    #[error("kernel_image_path: cannot read {path}: {reason}")]
+    #[error("cannot read guest image {path}: {reason}")]
     ImageRead {
         /// The path given.
         path: String,
@@ -234,6 +234,7 @@ mod tests {
     #[test]
     fn unreadable_image_is_reported_with_its_path() {
         let e = GuestImage::from_path(Path::new("/nonexistent/guest.elf")).unwrap_err();
+        assert!(e.to_string().starts_with("cannot read guest image"));
         assert!(e.to_string().contains("/nonexistent/guest.elf"));
         let e = GuestImage::from_path(Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("not a regular file"));

@@ -3,7 +3,7 @@
 //! drive VMs only through this.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -74,6 +74,7 @@ pub struct Instance {
     pending: Mutex<Pending>,
     console: Mutex<Option<Box<dyn Write + Send>>>,
     vm: Mutex<Option<Arc<Vm>>>,
+    started: Condvar,
 }
 
 impl Instance {
@@ -84,6 +85,7 @@ impl Instance {
             pending: Mutex::new(Pending::default()),
             console: Mutex::new(Some(console)),
             vm: Mutex::new(None),
+            started: Condvar::new(),
         }
     }
 
@@ -169,12 +171,24 @@ impl Instance {
             .ok_or_else(|| Error::State("the instance was already started once".into()))?;
         let vm = Arc::new(Vm::launch(&config, console)?);
         *vm_slot = Some(vm.clone());
+        self.started.notify_all();
         Ok(vm)
     }
 
     /// The running VM, if started.
     pub fn vm(&self) -> Option<Arc<Vm>> {
         lock(&self.vm).clone()
+    }
+
+    /// Blocks until the instance is started (by the API), then returns its VM.
+    pub fn wait_started(&self) -> Arc<Vm> {
+        let mut slot = lock(&self.vm);
+        loop {
+            if let Some(vm) = slot.as_ref() {
+                return vm.clone();
+            }
+            slot = self.started.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn started(&self) -> Result<Arc<Vm>> {

@@ -156,7 +156,7 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),
                     FaultSource::Exit(reason) => fault::from_exit(&fd, id, reason),
                 };
-                tracing::warn!(%report, "guest fault");
+                tracing::info!(%report, "guest fault");
                 vm.finish(VmOutcome::Faulted(report));
                 break;
             }

@@ -168,7 +168,7 @@ impl Vm {
     pub fn launch(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
         let launched = Instant::now();
         let layout = config.validate()?;
-        kick::install().map_err(|e| Error::State(e))?;
+        kick::install().map_err(Error::State)?;
         let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let (mem, mem_file) = memory::create(layout.mem_size())?;

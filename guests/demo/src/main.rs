@@ -76,9 +76,15 @@ fn main(cpu: Cpu) -> i32 {
     let tasks = param(&cpu, "tasks", 4).clamp(1, 64);
     let blocks = param(&cpu, "blocks", 128).max(1);
     let need = tasks * blocks * BLOCK as u64;
-    println!("rebound demo: {tasks} tasks x {blocks} blocks of a hash chain, through the interrupt-free I/O ring");
+    println!(
+        "rebound demo: {tasks} tasks x {blocks} blocks of a hash chain, through the interrupt-free I/O ring"
+    );
     if cpu.disk_size() < need {
-        println!("demo needs a disk of at least {} KiB (have {} KiB)", need >> 10, cpu.disk_size() >> 10);
+        println!(
+            "demo needs a disk of at least {} KiB (have {} KiB)",
+            need >> 10,
+            cpu.disk_size() >> 10
+        );
         return 1;
     }
     let q = match IoQueue::setup(64) {
@@ -113,7 +119,7 @@ fn main(cpu: Cpu) -> i32 {
                 }
                 s.written.set(s.written.get() + 1);
                 let w = s.written.get();
-                if w % (total / 4).max(1) == 0 {
+                if w.is_multiple_of((total / 4).max(1)) {
                     println!("  written {w}/{total} blocks");
                 }
             }

@@ -7,7 +7,7 @@ extern crate alloc;
 
 use alloc::vec;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use rebound_guest::abi::{self, errno, io, nr};
 use rebound_guest::dispatch::Dispatcher;
@@ -286,18 +286,18 @@ fn hostile(cpu: &Cpu) -> i32 {
     }
 }
 
-static mut QUEUE: Option<&'static IoQueue> = None;
+static QUEUE: AtomicPtr<IoQueue> = AtomicPtr::new(core::ptr::null_mut());
 
+/// This vCPU's I/O ring, registered on first use (only vCPU 0 does I/O here).
 fn queue() -> &'static IoQueue {
-    // SAFETY: single vCPU; set once before any reader.
-    unsafe {
-        if let Some(q) = *(&raw const QUEUE) {
-            return q;
-        }
-        let q = IoQueue::setup(64).unwrap_or_else(|e| panic!("io setup: {e}"));
-        *(&raw mut QUEUE) = Some(q);
-        q
+    let p = QUEUE.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: set below from a `&'static IoQueue`.
+        return unsafe { &*p };
     }
+    let q = IoQueue::setup(64).unwrap_or_else(|e| panic!("io setup: {e}"));
+    QUEUE.store(core::ptr::from_ref(q).cast_mut(), Ordering::Release);
+    q
 }
 
 /// Runs disk ops through the dispatcher, returns each result (bytes or errno).
@@ -321,8 +321,7 @@ fn run_ops(ops: Vec<(u32, u64, usize)>) -> Vec<i64> {
         });
     }
     d.run();
-    let v = results.borrow().clone();
-    v
+    results.borrow().clone()
 }
 
 /// Submits one request by hand (the safe API cannot express bad ops or buffers the guest does

@@ -1,0 +1,275 @@
+//! `rebound`: run a guest, or serve the control API (Firecracker style) and run what it
+//! configures.
+//!
+//! Guest console output goes to stdout; Rebound's own messages go to stderr. The exit code is
+//! the guest's exit status, 101 if the guest panicked, 139 if it faulted, 1 if Rebound itself
+//! failed and 2 for bad arguments.
+
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use rebound_vmm::instance::MachineConfig;
+use rebound_vmm::{DiskConfig, GuestImage, Instance, Vm};
+use tracing_subscriber::EnvFilter;
+
+/// Rebound: a micro-VM monitor whose VMs survive failures.
+///
+/// With no arguments, runs the bundled demo guest. `rebound run GUEST.elf` runs a guest
+/// program built with the Rebound guest SDK; `rebound --api-sock PATH` serves the control API
+/// and waits to be configured, as Firecracker does.
+#[derive(Parser, Debug)]
+#[command(name = "rebound", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Serve the control API on this Unix socket and wait for PUT /actions InstanceStart.
+    #[arg(long, value_name = "PATH", global = true)]
+    api_sock: Option<PathBuf>,
+
+    /// Instance id reported by GET /.
+    #[arg(long, default_value = "rebound", global = true)]
+    id: String,
+
+    /// Log level for Rebound's own messages on stderr (error, warn, info, debug, trace);
+    /// RUST_LOG overrides it.
+    #[arg(long, default_value = "warn", global = true)]
+    log_level: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a guest until it exits (default: the bundled demo).
+    Run(RunArgs),
+    /// List the guests bundled in this binary.
+    Guests,
+}
+
+#[derive(Args, Debug, Default)]
+struct RunArgs {
+    /// Guest ELF to run (built with the Rebound guest SDK). Default: the bundled demo.
+    #[arg(value_name = "GUEST")]
+    guest: Option<PathBuf>,
+
+    /// Run a bundled guest instead of a file (see `rebound guests`).
+    #[arg(long, value_name = "NAME", conflicts_with = "guest")]
+    bundled: Option<String>,
+
+    /// Guest memory in MiB (a multiple of 2, at least 8).
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    mem_mib: u64,
+
+    /// Number of vCPUs (1-32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+
+    /// The guest's command line.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    args: String,
+
+    /// Disk image served through the guest's I/O ring.
+    #[arg(long, value_name = "PATH", conflicts_with = "scratch_disk_mib")]
+    disk: Option<PathBuf>,
+
+    /// Refuse guest writes to --disk.
+    #[arg(long, requires = "disk")]
+    disk_read_only: bool,
+
+    /// An anonymous zero-filled disk of this size instead of --disk (the demo gets 16 MiB).
+    #[arg(long, value_name = "MIB")]
+    scratch_disk_mib: Option<u64>,
+
+    /// Print the VM's metrics as JSON on stderr when it ends.
+    #[arg(long)]
+    metrics: bool,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // One clear line, not a usage screen.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "rebound: {} (see rebound --help)",
+                first.trim_start_matches("error: ")
+            );
+            std::process::exit(2);
+        }
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("rebound: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Some(Command::Guests) => {
+            for name in rebound_guests::NAMES {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Some(Command::Run(args)) => run_guest(&cli.id, cli.api_sock.as_deref(), args),
+        None if cli.api_sock.is_some() => {
+            serve_only(&cli.id, cli.api_sock.as_deref().unwrap_or(Path::new("")))
+        }
+        None => run_guest(
+            &cli.id,
+            None,
+            RunArgs {
+                mem_mib: 128,
+                vcpus: 1,
+                ..RunArgs::default()
+            },
+        ),
+    }
+}
+
+fn console() -> Box<dyn Write + Send> {
+    Box::new(std::io::stdout())
+}
+
+/// Runs a guest from the command line (optionally with the API alongside) until it ends.
+fn run_guest(id: &str, api_sock: Option<&Path>, args: RunArgs) -> Result<i32> {
+    let (image, is_demo) = match (&args.guest, &args.bundled) {
+        (Some(path), _) => (GuestImage::from_path(path)?, false),
+        (None, Some(name)) => {
+            let bytes = rebound_guests::by_name(name).with_context(|| {
+                format!(
+                    "no bundled guest named {name:?} (have: {})",
+                    rebound_guests::NAMES.join(", ")
+                )
+            })?;
+            (GuestImage::from_bytes(name, bytes), name == "demo")
+        }
+        (None, None) => (GuestImage::from_bytes("demo", rebound_guests::DEMO), true),
+    };
+    let disk = match (&args.disk, args.scratch_disk_mib) {
+        (Some(path), _) => Some(DiskConfig::File {
+            path: path.clone(),
+            read_only: args.disk_read_only,
+        }),
+        (None, Some(size_mib)) => Some(DiskConfig::Scratch { size_mib }),
+        (None, None) if is_demo => Some(DiskConfig::Scratch { size_mib: 16 }),
+        (None, None) => None,
+    };
+    let instance = Arc::new(Instance::new(id, console()));
+    instance.set_machine_config(MachineConfig {
+        vcpu_count: args.vcpus,
+        mem_size_mib: args.mem_mib,
+    })?;
+    instance.set_boot_source(image, args.args.clone())?;
+    instance.set_disk(disk)?;
+    if let Some(sock) = api_sock {
+        start_api(sock, instance.clone())?;
+    }
+    let t0 = Instant::now();
+    let vm = instance.start()?;
+    finish(&vm, t0, args.metrics)
+}
+
+/// Serves the API and runs whatever it starts, Firecracker style.
+fn serve_only(id: &str, sock: &Path) -> Result<i32> {
+    let instance = Arc::new(Instance::new(id, console()));
+    start_api(sock, instance.clone())?;
+    eprintln!(
+        "rebound: API on {}; configure, then PUT /actions InstanceStart",
+        sock.display()
+    );
+    let vm = instance.wait_started();
+    finish(&vm, Instant::now(), false)
+}
+
+fn finish(vm: &Vm, t0: Instant, print_metrics: bool) -> Result<i32> {
+    let outcome = vm.wait();
+    let m = vm.metrics();
+    let _ = std::io::stdout().flush();
+    let exits = m.exits.io_out
+        + m.exits.io_in
+        + m.exits.mmio
+        + m.exits.hlt
+        + m.exits.shutdown
+        + m.exits.failure
+        + m.exits.other;
+    eprintln!(
+        "rebound: {outcome} after {:.2} s ({exits} VM exits, {} I/O requests, {} interrupts injected)",
+        t0.elapsed().as_secs_f64(),
+        m.io.requests,
+        m.interrupts_injected,
+    );
+    if print_metrics {
+        eprintln!("{}", serde_json::to_string(&m)?);
+    }
+    Ok(outcome.exit_code())
+}
+
+/// Binds the API socket (replacing a stale one) and serves it on a thread of its own.
+fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
+    if sock.exists() {
+        if UnixStream::connect(sock).is_ok() {
+            bail!("another process is serving {}", sock.display());
+        }
+        std::fs::remove_file(sock)
+            .with_context(|| format!("cannot remove the stale socket {}", sock.display()))?;
+    }
+    let listener =
+        UnixListener::bind(sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("rebound-api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the API runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) =
+                            rebound_api::serve(l, instance, std::future::pending()).await
+                        {
+                            tracing::error!("API server failed: {e}");
+                        }
+                    }
+                    Err(e) => tracing::error!("cannot use the API socket: {e}"),
+                }
+            });
+        })?;
+    Ok(())
+}

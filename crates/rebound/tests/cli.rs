@@ -1,0 +1,324 @@
+//! The `rebound` binary as users run it: real processes, real sockets, real KVM.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn rebound() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rebound"))
+}
+
+fn run(args: &[&str]) -> Output {
+    rebound().args(args).output().expect("spawn rebound")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn no_arguments_runs_the_bundled_demo() {
+    let out = run(&[]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("verified 512/512 blocks"), "{stdout}");
+    assert!(stdout.contains("demo OK"), "{stdout}");
+    assert!(stderr.contains("guest exited with status 0"), "{stderr}");
+    assert!(stderr.contains("0 interrupts injected"), "{stderr}");
+}
+
+#[test]
+fn guest_exit_status_becomes_the_process_exit_code() {
+    let out = run(&[
+        "run",
+        "--bundled",
+        "testguest",
+        "--args",
+        "exit 7",
+        "--mem-mib",
+        "16",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    let out = run(&["run", "--bundled", "testguest", "--args", "fault-ud"]);
+    assert_eq!(out.status.code(), Some(139));
+    assert!(
+        text(&out.stderr).contains("invalid opcode (#UD)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["run", "--bundled", "testguest", "--args", "panic 1"]);
+    assert_eq!(out.status.code(), Some(101));
+    assert!(text(&out.stderr).contains("boom at step 1"));
+}
+
+#[test]
+fn a_guest_elf_file_runs_with_vcpus_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let elf = dir.path().join("guest.elf");
+    std::fs::write(&elf, rebound_guests_bytes()).unwrap();
+    let out = run(&[
+        "run",
+        elf.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "32",
+        "--args",
+        "multi",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("all 2 vCPUs ran concurrently"));
+}
+
+fn rebound_guests_bytes() -> Vec<u8> {
+    rebound_guests::TESTGUEST.to_vec()
+}
+
+/// Exit code 2 and one line on stderr for bad arguments; 1 and one line for a refused config.
+#[test]
+fn bad_arguments_give_one_clear_line() {
+    for (args, code, want) in [
+        (vec!["run", "--vcpus", "x"], 2, "invalid value 'x'"),
+        (vec!["bogus"], 2, "unrecognized subcommand"),
+        (vec!["run", "--mem-mib"], 2, "value is required"),
+        (
+            vec!["run", "--vcpus", "0"],
+            1,
+            "vcpu_count: 0 is outside 1..=32",
+        ),
+        (vec!["run", "--mem-mib", "99999999"], 1, "mem_size_mib"),
+        (vec!["run", "--mem-mib", "63"], 1, "multiple of 2 MiB"),
+        (
+            vec!["run", "/nonexistent.elf"],
+            1,
+            "cannot read guest image /nonexistent.elf",
+        ),
+        (
+            vec!["run", "--bundled", "nope"],
+            1,
+            "no bundled guest named \"nope\"",
+        ),
+        (
+            vec!["run", "--disk", "/nonexistent.img"],
+            1,
+            "cannot open disk image /nonexistent.img",
+        ),
+    ] {
+        let out = run(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?} printed more than one line:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(want),
+            "{args:?}: {stderr:?} should mention {want:?}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_and_foreign_elf_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = rebound_guests_bytes();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("text", b"hello, world\n".repeat(10), "bad magic"),
+        (
+            "truncated",
+            good[..good.len() / 3].to_vec(),
+            "past the end of the file",
+        ),
+        ("empty", Vec::new(), "shorter than an ELF header"),
+        (
+            "host-binary",
+            std::fs::read("/bin/true").unwrap(),
+            "not an executable",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = run(&["run", p.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{name}: {stderr:?} should mention {want:?}"
+        );
+    }
+}
+
+#[test]
+fn help_is_complete() {
+    let out = run(&["run", "--help"]);
+    let help = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    for flag in [
+        "--mem-mib",
+        "--vcpus",
+        "--args",
+        "--disk",
+        "--bundled",
+        "--api-sock",
+        "--metrics",
+        "--scratch-disk-mib",
+    ] {
+        assert!(help.contains(flag), "run --help lacks {flag}");
+    }
+    assert!(text(&run(&["--help"]).stdout).contains("--api-sock"));
+}
+
+/// A minimal HTTP/1.1 client over the API socket.
+fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    let t0 = Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rebound exited before serving the API"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the API socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn api_socket_mode_is_driven_like_firecracker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut child = rebound()
+        .args(["--api-sock", sock.to_str().unwrap(), "--id", "vm-7"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    let (st, body) = http(&sock, "GET", "/", "");
+    assert_eq!(st, 200);
+    assert!(
+        body.contains("\"id\":\"vm-7\"") && body.contains("Not started"),
+        "{body}"
+    );
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 32}"#
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        http(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "#).0,
+        400
+    );
+    let boot = r#"{"kernel_image_path": "bundled:testguest", "boot_args": "ticks 20 40"}"#;
+    assert_eq!(http(&sock, "PUT", "/boot-source", boot).0, 204);
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )
+        .0,
+        204
+    );
+    assert_eq!(http(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    assert!(http(&sock, "GET", "/", "").1.contains("\"Paused\""));
+    assert_eq!(
+        http(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0,
+        204
+    );
+    let (st, metrics) = http(&sock, "GET", "/metrics", "");
+    assert_eq!(st, 200);
+    assert!(metrics.contains("\"interrupts_injected\":0"), "{metrics}");
+    // The guest ends after 40 ticks; the process exits with its status.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "rebound did not exit after the guest ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("tick ")).count(),
+        40,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut first = rebound()
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut first);
+    let out = run(&["--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("another process is serving"),
+        "{}",
+        text(&out.stderr)
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // A stale socket left by a killed server is replaced.
+    let mut second = rebound()
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut second);
+    assert_eq!(http(&sock, "GET", "/", "").0, 200);
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
