@@ -3,11 +3,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use rebound_abi::port;
 use rebound_arch::Layout;
@@ -152,6 +152,20 @@ pub struct Vm {
     _mem_file: File,
 }
 
+/// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
+/// is the most expensive call of VM creation and its answer never changes.
+fn kvm() -> Result<&'static (Kvm, CpuId)> {
+    static KVM: OnceLock<(Kvm, CpuId)> = OnceLock::new();
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(KVM.get_or_init(|| (kvm, cpuid)))
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
@@ -169,7 +183,7 @@ impl Vm {
         let launched = Instant::now();
         let layout = config.validate()?;
         kick::install().map_err(Error::State)?;
-        let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
+        let (kvm, cpuid) = kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let (mem, mem_file) = memory::create(layout.mem_size())?;
         memory::register(&vm_fd, &mem)?;
@@ -205,15 +219,12 @@ impl Vm {
             )
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
 
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus: Vec<VcpuFd> = Vec::new();
         for id in 0..layout.vcpus() {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fd.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             rebound_arch::regs::configure_sregs(&mut sregs, &layout, id);
             fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;

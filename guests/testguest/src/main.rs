@@ -25,7 +25,7 @@ fn arg(cpu: &Cpu, i: usize, default: u64) -> u64 {
 
 fn main(cpu: Cpu) -> i32 {
     let mode = cpu.args().split_whitespace().next().unwrap_or("hello");
-    if cpu.id() != 0 && mode != "multi" {
+    if cpu.id() != 0 && mode != "multi" && mode != "spin" {
         return 0; // secondary vCPUs park unless the mode uses them
     }
     match mode {
@@ -65,6 +65,13 @@ fn main(cpu: Cpu) -> i32 {
         "panic" => panic!("boom at step {}", arg(&cpu, 1, 3)),
         "hostile" => hostile(&cpu),
         "io" => io_test(&cpu),
+        "spin" => {
+            // Every vCPU computes at CPL3 forever without leaving the guest: only a kick stops it.
+            let mut x = u64::from(cpu.id());
+            loop {
+                x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
         "hcbench" => {
             let n = arg(&cpu, 1, 10_000);
             let t0 = time::monotonic_ns();
