@@ -12,9 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub fn exits_per_second(n: u64) -> Result<f64> {
     let size = 64u64 << 20;
     let layout = Layout::new(size, 1)?;
+    // Declared before the VM so it is dropped after it.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])?;
     let kvm = Kvm::new()?;
     let vm = kvm.create_vm()?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])?;
     let host = mem.get_host_address(GuestAddress(0))? as u64;
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -23,8 +24,7 @@ pub fn exits_per_second(n: u64) -> Result<f64> {
         memory_size: size,
         userspace_addr: host,
     };
-    // SAFETY: `mem` maps `size` bytes at `host` and outlives the VM (both dropped at return,
-    // the VM first since it was created after... the mapping stays valid while vCPUs run).
+    // SAFETY: `mem` maps `size` bytes at `host` and is dropped after the VM and its vCPU.
     unsafe { vm.set_user_memory_region(region)? };
     system::write_system(&mem, &layout, &Default::default(), b"")?;
     // mov ecx, n; mov dx, HYPERCALL; 1: out dx, eax; dec ecx; jnz 1b; mov dx, HYPERCALL+1; out dx, al

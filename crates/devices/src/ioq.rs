@@ -120,6 +120,10 @@ struct Gate {
     stopping: bool,
 }
 
+/// Most timers a VM may have pending; more complete at once with `EBUSY`, so a guest cannot
+/// grow the VMM's memory without bound.
+pub const MAX_PENDING_TIMERS: usize = 65_536;
+
 /// A pending timer: deadline, sequence (FIFO among equal deadlines), vCPU, indicator address.
 type Timer = Reverse<(Instant, u64, u32, u64)>;
 
@@ -376,6 +380,12 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
                     continue;
                 }
                 if req.op == abi_io::OP_TIMER {
+                    if timers.len() >= MAX_PENDING_TIMERS {
+                        bump(&self.stats.errors, 1);
+                        self.complete(req.completion, errno::EBUSY as i32);
+                        completed += 1;
+                        continue;
+                    }
                     *seq += 1;
                     let deadline = Instant::now()
                         .checked_add(Duration::from_nanos(req.offset))
@@ -606,6 +616,36 @@ mod tests {
         assert_eq!((s.ring_errors, s.requests), (1, 0));
         let consumer: u32 = mem.load(GuestAddress(RING + 4), Ordering::Acquire).unwrap();
         assert_eq!(consumer, 1000);
+    }
+
+    #[test]
+    fn pending_timers_are_capped() {
+        let (q, _, mem) = setup(None);
+        assert_eq!(q.register(0, RING, 8), 0);
+        let mut timers = BinaryHeap::new();
+        for i in 0..MAX_PENDING_TIMERS as u64 {
+            timers.push(Reverse((
+                Instant::now() + Duration::from_secs(3600),
+                i,
+                0,
+                0xc000,
+            )));
+        }
+        let ind = 0xc008;
+        submit(
+            &mem,
+            0,
+            IoRequest {
+                op: abi_io::OP_TIMER,
+                offset: u64::MAX,
+                completion: ind,
+                ..Default::default()
+            },
+        );
+        q.serve_ring(0, &mut timers, &mut 0);
+        assert_eq!(timers.len(), MAX_PENDING_TIMERS);
+        let word: u64 = mem.load(GuestAddress(ind), Ordering::Acquire).unwrap();
+        assert_eq!(completion::decode(word), Some(errno::EBUSY as i32));
     }
 
     #[test]

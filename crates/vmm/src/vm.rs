@@ -144,11 +144,12 @@ impl VmShared {
 
 /// A VM with its vCPU threads and I/O thread running.
 pub struct Vm {
+    // Fields drop in order: the VM fd goes before the guest memory mapping it points into.
+    _vm_fd: VmFd,
     shared: Arc<VmShared>,
     io_thread: Mutex<Option<JoinHandle<()>>>,
     pause_lock: Mutex<()>,
-    // Kept for the VM's life: KVM's VM fd and the memfd behind guest memory.
-    _vm_fd: VmFd,
+    /// The memfd behind guest memory, kept for the VM's life.
     _mem_file: File,
 }
 
