@@ -1,0 +1,924 @@
+//! The snapshot file.
+//!
+//! ```text
+//! 0            header, 4096 bytes: magic "RBNDSNAP", format version, kind (full / diff), id,
+//!              parent id, epoch, creation time, memory size and offset, section table
+//!              (kind, version, offset, length, CRC32C per section), CRC32C of the header
+//! 4096         sections: "vm", "vcpus", "devices" (postcard), each checked by its CRC32C
+//! mem_offset   memory image (2 MiB aligned): guest page p at mem_offset + p * 4096. Sparse:
+//!              only pages in the memory index are written, the rest are holes
+//! after it     section "memory": the index of present pages as runs (first page, count,
+//!              xxh3 of the run's bytes)
+//! ```
+//!
+//! A full snapshot lists every non-zero page (absent pages are zero); a diff lists every page
+//! written since its parent (absent pages are the parent's). Files are written to a temporary
+//! name, fsynced, renamed, and the directory fsynced: a reader sees a whole snapshot or none.
+//! Opening validates everything (header, every section, every memory run) before returning, so
+//! nothing is loaded from a bad file. Restore maps the memory image copy-on-write
+//! (`MAP_PRIVATE`): nothing is copied up front and clones of one snapshot share its pages.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::PAGE_SIZE;
+
+/// First bytes of every snapshot file.
+pub const MAGIC: [u8; 8] = *b"RBNDSNAP";
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_SIZE: u64 = 4096;
+const TABLE_AT: usize = 72;
+const ENTRY_SIZE: usize = 32;
+const MAX_SECTIONS: usize = (HEADER_SIZE as usize - 4 - TABLE_AT) / ENTRY_SIZE;
+const MEM_ALIGN: u64 = 2 << 20;
+/// Pages per memory run: a corrupt byte is located to within 1 MiB.
+const RUN_PAGES: u64 = 256;
+
+/// Section kinds. Unknown kinds are skipped by readers (additions within a format version).
+pub mod section {
+    /// The VM's description (memory size, vCPUs, layout, image).
+    pub const VM: u32 = 1;
+    /// Every vCPU's registers.
+    pub const VCPUS: u32 = 2;
+    /// Device state.
+    pub const DEVICES: u32 = 3;
+    /// The memory index.
+    pub const MEMORY: u32 = 4;
+
+    /// Name used in messages.
+    pub fn name(kind: u32) -> &'static str {
+        match kind {
+            VM => "vm",
+            VCPUS => "vcpus",
+            DEVICES => "devices",
+            MEMORY => "memory",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Full or incremental.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    /// Every non-zero page.
+    Full,
+    /// Pages written since the parent.
+    Diff,
+}
+
+/// What a snapshot is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Unique id.
+    pub id: u64,
+    /// The snapshot this diff applies to (None for a full one).
+    pub parent: Option<u64>,
+    /// The checkpoint epoch it captures.
+    pub epoch: u64,
+    /// Full or diff.
+    pub kind: Kind,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// When it was taken (ns since the Unix epoch).
+    pub created_unix_ns: u64,
+}
+
+/// Why a snapshot could not be written or read. Messages name the file and the bad section.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file could not be read or written.
+    #[error("snapshot {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// No snapshot magic.
+    #[error("{path} is not a Rebound snapshot (bad magic)")]
+    NotASnapshot {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Written by a newer Rebound.
+    #[error(
+        "snapshot {path} has format version {found}; this Rebound reads up to version {supported}"
+    )]
+    FutureVersion {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+        /// Ours.
+        supported: u32,
+    },
+    /// The file ends before a section does.
+    #[error("snapshot {path} is truncated: section \"{section}\" is incomplete")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The section cut short.
+        section: &'static str,
+    },
+    /// A checksum does not match.
+    #[error("snapshot {path} is corrupt: section \"{section}\" {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The bad section.
+        section: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A section is newer than this build understands.
+    #[error(
+        "snapshot {path}: section \"{section}\" has version {found}; this Rebound reads up to {supported}"
+    )]
+    SectionVersion {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        section: &'static str,
+        /// Its version.
+        found: u32,
+        /// Ours.
+        supported: u32,
+    },
+    /// A required section is absent.
+    #[error("snapshot {path} has no \"{section}\" section")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        section: &'static str,
+    },
+    /// A section's bytes do not decode.
+    #[error("snapshot {path}: section \"{section}\" does not decode: {reason}")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        section: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Snapshots that do not form a chain (full, then diffs of each other, same memory size).
+    #[error("snapshot chain: {0}")]
+    Chain(String),
+    /// A value to store does not encode.
+    #[error("cannot encode section \"{section}\": {reason}")]
+    Encode {
+        /// The section.
+        section: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// One section to write.
+pub struct SectionData {
+    /// Its kind ([`section`]).
+    pub kind: u32,
+    /// Its version (bumped when its encoding changes).
+    pub version: u32,
+    /// The encoded bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl SectionData {
+    /// Encodes `value` with postcard.
+    pub fn encode<T: Serialize>(kind: u32, version: u32, value: &T) -> Result<Self> {
+        let bytes = postcard::to_stdvec(value).map_err(|e| SnapshotError::Encode {
+            section: section::name(kind),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            kind,
+            version,
+            bytes,
+        })
+    }
+}
+
+/// A run of present pages in the memory image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    /// First page.
+    pub first: u64,
+    /// Number of pages.
+    pub count: u64,
+    /// xxh3-64 of the run's bytes.
+    pub hash: u64,
+}
+
+/// What writing a snapshot did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Pages stored.
+    pub pages: u64,
+    /// Pages skipped because they were zero (full snapshots only).
+    pub zero_pages_skipped: u64,
+    /// Bytes of the file that hold data (not holes).
+    pub bytes_written: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Word-wise comparison; compiles to vector code.
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+}
+
+/// A file written under a temporary name and renamed into place only when complete.
+struct AtomicFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: File,
+    done: bool,
+}
+
+impl AtomicFile {
+    fn create(path: &Path) -> Result<Self> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(path))?;
+        Ok(Self {
+            tmp,
+            path: path.to_path_buf(),
+            file,
+            done: false,
+        })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        self.done = true;
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.path))?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes a snapshot atomically. `pages` yields `(page number, 4096 bytes)` in ascending page
+/// order; for a full snapshot zero pages are skipped (absent means zero).
+pub fn write<'a>(
+    path: &Path,
+    meta: &SnapshotMeta,
+    sections: &[SectionData],
+    pages: impl Iterator<Item = (u64, &'a [u8])>,
+) -> Result<WriteStats> {
+    if sections.len() + 1 > MAX_SECTIONS {
+        return Err(SnapshotError::Encode {
+            section: "header",
+            reason: "too many sections".into(),
+        });
+    }
+    let out = AtomicFile::create(path)?;
+    let f = &out.file;
+    let mut stats = WriteStats::default();
+    let mut table: Vec<(u32, u32, u64, u64, u32)> = Vec::new();
+    let mut at = HEADER_SIZE;
+    for s in sections {
+        f.write_all_at(&s.bytes, at).map_err(io_err(path))?;
+        table.push((
+            s.kind,
+            s.version,
+            at,
+            s.bytes.len() as u64,
+            crc32c::crc32c(&s.bytes),
+        ));
+        at = (at + s.bytes.len() as u64).next_multiple_of(8);
+        stats.bytes_written += s.bytes.len() as u64;
+    }
+    let mem_offset = at.next_multiple_of(MEM_ALIGN);
+    let npages = meta.mem_size / PAGE_SIZE;
+
+    // Coalesce consecutive pages into runs of up to RUN_PAGES, one write and one hash each.
+    let mut runs: Vec<Run> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity((RUN_PAGES * PAGE_SIZE) as usize);
+    let mut run_first = 0u64;
+    let flush = |buf: &mut Vec<u8>, first: u64, runs: &mut Vec<Run>| -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        f.write_all_at(buf, mem_offset + first * PAGE_SIZE)
+            .map_err(io_err(path))?;
+        runs.push(Run {
+            first,
+            count: buf.len() as u64 / PAGE_SIZE,
+            hash: xxhash_rust::xxh3::xxh3_64(buf),
+        });
+        buf.clear();
+        Ok(())
+    };
+    let mut last: Option<u64> = None;
+    for (p, bytes) in pages {
+        if p >= npages || bytes.len() as u64 != PAGE_SIZE || last.is_some_and(|l| p <= l) {
+            return Err(SnapshotError::Encode {
+                section: "memory",
+                reason: format!("page {p} is out of order, out of range or not {PAGE_SIZE} bytes"),
+            });
+        }
+        last = Some(p);
+        if meta.kind == Kind::Full && is_zero(bytes) {
+            stats.zero_pages_skipped += 1;
+            continue;
+        }
+        let contiguous = !buf.is_empty() && run_first + buf.len() as u64 / PAGE_SIZE == p;
+        if !contiguous || buf.len() as u64 == RUN_PAGES * PAGE_SIZE {
+            flush(&mut buf, run_first, &mut runs)?;
+            run_first = p;
+        }
+        buf.extend_from_slice(bytes);
+        stats.pages += 1;
+    }
+    flush(&mut buf, run_first, &mut runs)?;
+    stats.bytes_written += stats.pages * PAGE_SIZE;
+
+    let index = SectionData::encode(section::MEMORY, 1, &runs)?;
+    let index_at = mem_offset + meta.mem_size;
+    f.write_all_at(&index.bytes, index_at)
+        .map_err(io_err(path))?;
+    table.push((
+        index.kind,
+        index.version,
+        index_at,
+        index.bytes.len() as u64,
+        crc32c::crc32c(&index.bytes),
+    ));
+
+    let mut h = vec![0u8; HEADER_SIZE as usize];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(meta.kind as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&meta.id.to_le_bytes());
+    h[24..32].copy_from_slice(&meta.parent.unwrap_or(0).to_le_bytes());
+    h[32..40].copy_from_slice(&meta.epoch.to_le_bytes());
+    h[40..48].copy_from_slice(&meta.created_unix_ns.to_le_bytes());
+    h[48..56].copy_from_slice(&meta.mem_size.to_le_bytes());
+    h[56..64].copy_from_slice(&mem_offset.to_le_bytes());
+    h[64..68].copy_from_slice(&(table.len() as u32).to_le_bytes());
+    for (i, (kind, version, offset, len, crc)) in table.iter().enumerate() {
+        let e = TABLE_AT + i * ENTRY_SIZE;
+        h[e..e + 4].copy_from_slice(&kind.to_le_bytes());
+        h[e + 4..e + 8].copy_from_slice(&version.to_le_bytes());
+        h[e + 8..e + 16].copy_from_slice(&offset.to_le_bytes());
+        h[e + 16..e + 24].copy_from_slice(&len.to_le_bytes());
+        h[e + 24..e + 28].copy_from_slice(&crc.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
+    h[HEADER_SIZE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&h, 0).map_err(io_err(path))?;
+    stats.bytes_written += HEADER_SIZE;
+    out.file
+        .set_len(index_at + index.bytes.len() as u64)
+        .map_err(io_err(path))?;
+    (&out.file).flush().map_err(io_err(path))?;
+    out.commit()?;
+    Ok(stats)
+}
+
+/// Whether to hash every memory run when opening.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Check header, sections and every memory run (reads every stored page once).
+    Full,
+    /// Check header and sections only (memory runs are trusted).
+    Metadata,
+}
+
+/// A validated snapshot file.
+pub struct Snapshot {
+    path: PathBuf,
+    file: File,
+    meta: SnapshotMeta,
+    mem_offset: u64,
+    sections: Vec<(u32, u32, Vec<u8>)>,
+    runs: Vec<Run>,
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+impl Snapshot {
+    /// Opens and validates a snapshot (see [`Verify`]).
+    pub fn open(path: &Path, verify: Verify) -> Result<Self> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let p = || path.to_path_buf();
+        let mut h = vec![0u8; HEADER_SIZE as usize];
+        let avail = len.min(HEADER_SIZE) as usize;
+        file.read_exact_at(&mut h[..avail], 0)
+            .map_err(io_err(path))?;
+        if avail < 8 || h[0..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot { path: p() });
+        }
+        if avail < 12 {
+            return Err(SnapshotError::Truncated {
+                path: p(),
+                section: "header",
+            });
+        }
+        let version = le32(&h, 8);
+        if version > FORMAT_VERSION || version == 0 {
+            return Err(SnapshotError::FutureVersion {
+                path: p(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if avail < HEADER_SIZE as usize {
+            return Err(SnapshotError::Truncated {
+                path: p(),
+                section: "header",
+            });
+        }
+        if crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]) != le32(&h, HEADER_SIZE as usize - 4) {
+            return Err(SnapshotError::Corrupt {
+                path: p(),
+                section: "header",
+                detail: "fails its checksum".into(),
+            });
+        }
+        let kind = match le32(&h, 12) {
+            0 => Kind::Full,
+            1 => Kind::Diff,
+            k => {
+                return Err(SnapshotError::Corrupt {
+                    path: p(),
+                    section: "header",
+                    detail: format!("has unknown kind {k}"),
+                });
+            }
+        };
+        let parent = le64(&h, 24);
+        let meta = SnapshotMeta {
+            id: le64(&h, 16),
+            parent: (parent != 0).then_some(parent),
+            epoch: le64(&h, 32),
+            kind,
+            mem_size: le64(&h, 48),
+            created_unix_ns: le64(&h, 40),
+        };
+        let mem_offset = le64(&h, 56);
+        let count = le32(&h, 64) as usize;
+        if count > MAX_SECTIONS || meta.mem_size % PAGE_SIZE != 0 || mem_offset % PAGE_SIZE != 0 {
+            return Err(SnapshotError::Corrupt {
+                path: p(),
+                section: "header",
+                detail: "has impossible sizes".into(),
+            });
+        }
+        let mut sections = Vec::new();
+        for i in 0..count {
+            let e = TABLE_AT + i * ENTRY_SIZE;
+            let (kind, sv, offset, slen, crc) = (
+                le32(&h, e),
+                le32(&h, e + 4),
+                le64(&h, e + 8),
+                le64(&h, e + 16),
+                le32(&h, e + 24),
+            );
+            let name = section::name(kind);
+            if offset.checked_add(slen).is_none_or(|end| end > len) {
+                return Err(SnapshotError::Truncated {
+                    path: p(),
+                    section: name,
+                });
+            }
+            if slen > 1 << 30 {
+                return Err(SnapshotError::Corrupt {
+                    path: p(),
+                    section: name,
+                    detail: "is impossibly large".into(),
+                });
+            }
+            let mut bytes = vec![0u8; slen as usize];
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(io_err(path))?;
+            if crc32c::crc32c(&bytes) != crc {
+                return Err(SnapshotError::Corrupt {
+                    path: p(),
+                    section: name,
+                    detail: "fails its checksum".into(),
+                });
+            }
+            sections.push((kind, sv, bytes));
+        }
+        if mem_offset
+            .checked_add(meta.mem_size)
+            .is_none_or(|end| end > len)
+        {
+            return Err(SnapshotError::Truncated {
+                path: p(),
+                section: "memory",
+            });
+        }
+        let mut snap = Snapshot {
+            path: p(),
+            file,
+            meta,
+            mem_offset,
+            sections,
+            runs: Vec::new(),
+        };
+        let runs: Vec<Run> = snap.decode(section::MEMORY, 1)?;
+        let npages = snap.meta.mem_size / PAGE_SIZE;
+        let mut next = 0u64;
+        for r in &runs {
+            if r.count == 0
+                || r.count > RUN_PAGES
+                || r.first < next
+                || r.first.checked_add(r.count).is_none_or(|e| e > npages)
+            {
+                return Err(SnapshotError::Corrupt {
+                    path: p(),
+                    section: "memory",
+                    detail: "index lists impossible pages".into(),
+                });
+            }
+            next = r.first + r.count;
+        }
+        snap.runs = runs;
+        if verify == Verify::Full {
+            snap.verify_memory()?;
+        }
+        Ok(snap)
+    }
+
+    /// Hashes every stored run against the index.
+    pub fn verify_memory(&self) -> Result<()> {
+        let mut buf = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+        for r in &self.runs {
+            let b = &mut buf[..(r.count * PAGE_SIZE) as usize];
+            self.file
+                .read_exact_at(b, self.mem_offset + r.first * PAGE_SIZE)
+                .map_err(io_err(&self.path))?;
+            if xxhash_rust::xxh3::xxh3_64(b) != r.hash {
+                return Err(SnapshotError::Corrupt {
+                    path: self.path.clone(),
+                    section: "memory",
+                    detail: format!(
+                        "pages {:#x}..{:#x} fail their checksum",
+                        r.first,
+                        r.first + r.count
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The header's description.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Decodes section `kind`, refusing versions newer than `supported`.
+    pub fn decode<T: DeserializeOwned>(&self, kind: u32, supported: u32) -> Result<T> {
+        let name = section::name(kind);
+        let (_, version, bytes) = self
+            .sections
+            .iter()
+            .find(|(k, _, _)| *k == kind)
+            .ok_or_else(|| SnapshotError::Missing {
+                path: self.path.clone(),
+                section: name,
+            })?;
+        if *version > supported {
+            return Err(SnapshotError::SectionVersion {
+                path: self.path.clone(),
+                section: name,
+                found: *version,
+                supported,
+            });
+        }
+        postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode {
+            path: self.path.clone(),
+            section: name,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Runs of pages stored in the memory image.
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// Number of pages stored.
+    pub fn stored_pages(&self) -> u64 {
+        self.runs.iter().map(|r| r.count).sum()
+    }
+
+    /// The file and the offset of the memory image in it, for mapping.
+    pub fn memory_file(&self) -> (&File, u64) {
+        (&self.file, self.mem_offset)
+    }
+
+    /// Reads `buf.len()` bytes of the memory image at guest address `gpa`.
+    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, self.mem_offset + gpa)
+            .map_err(io_err(&self.path))
+    }
+}
+
+/// Checks that `snaps` form a restorable chain: a full snapshot, then diffs each of whose parent
+/// is the one before, all of one memory size.
+pub fn check_chain(snaps: &[Snapshot]) -> Result<()> {
+    let Some(first) = snaps.first() else {
+        return Err(SnapshotError::Chain("no snapshot given".into()));
+    };
+    if first.meta.kind != Kind::Full {
+        return Err(SnapshotError::Chain(format!(
+            "{} is a diff; a chain starts with a full snapshot",
+            first.path.display()
+        )));
+    }
+    for w in snaps.windows(2) {
+        let (prev, next) = (&w[0], &w[1]);
+        if next.meta.kind != Kind::Diff || next.meta.parent != Some(prev.meta.id) {
+            return Err(SnapshotError::Chain(format!(
+                "{} is not a diff of {}",
+                next.path.display(),
+                prev.path.display()
+            )));
+        }
+        if next.meta.mem_size != prev.meta.mem_size {
+            return Err(SnapshotError::Chain(format!(
+                "{} has a different memory size",
+                next.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(kind: Kind, id: u64, parent: Option<u64>) -> SnapshotMeta {
+        SnapshotMeta {
+            id,
+            parent,
+            epoch: id,
+            kind,
+            mem_size: 64 * PAGE_SIZE,
+            created_unix_ns: 1,
+        }
+    }
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_SIZE as usize]
+    }
+
+    fn write_test(
+        path: &Path,
+        kind: Kind,
+        id: u64,
+        parent: Option<u64>,
+        pages: &[(u64, Vec<u8>)],
+    ) -> WriteStats {
+        let sections = [
+            SectionData::encode(section::VM, 1, &("vm", 7u32)).unwrap(),
+            SectionData::encode(section::VCPUS, 1, &vec![1u64, 2, 3]).unwrap(),
+        ];
+        write(
+            path,
+            &meta(kind, id, parent),
+            &sections,
+            pages.iter().map(|(p, b)| (*p, b.as_slice())),
+        )
+        .unwrap()
+    }
+
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("s.snap");
+        let pages: Vec<(u64, Vec<u8>)> =
+            vec![(0, page(1)), (1, page(2)), (5, page(0)), (63, page(9))];
+        let st = write_test(&path, Kind::Full, 11, None, &pages);
+        assert_eq!((st.pages, st.zero_pages_skipped), (3, 1));
+        path
+    }
+
+    #[test]
+    fn round_trip_with_holes_and_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let s = Snapshot::open(&path, Verify::Full).unwrap();
+        assert_eq!(s.meta(), &meta(Kind::Full, 11, None));
+        let vm: (String, u32) = s.decode(section::VM, 1).unwrap();
+        assert_eq!(vm, ("vm".to_string(), 7));
+        assert_eq!(s.stored_pages(), 3);
+        let mut b = page(0xff);
+        s.read_memory(63 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, page(9));
+        s.read_memory(5 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, page(0), "holes read as zero");
+        assert!(matches!(
+            s.decode::<u8>(section::DEVICES, 1),
+            Err(SnapshotError::Missing {
+                section: "devices",
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.decode::<u8>(section::VM, 0),
+            Err(SnapshotError::SectionVersion { section: "vm", .. })
+        ));
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    fn corrupt_at(path: &Path, at: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    }
+
+    fn open_err(path: &Path) -> String {
+        match Snapshot::open(path, Verify::Full) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_corruption_names_its_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let s = Snapshot::open(&path, Verify::Full).unwrap();
+        let mem_at = s.mem_offset;
+        let vcpus_at = HEADER_SIZE + s.sections[0].2.len().next_multiple_of(8) as u64;
+        drop(s);
+        let good = std::fs::read(&path).unwrap();
+        let cases: Vec<(u64, &str)> = vec![
+            (100, "section \"header\" fails its checksum"),
+            (HEADER_SIZE + 1, "section \"vm\" fails its checksum"),
+            (vcpus_at, "section \"vcpus\" fails its checksum"),
+            (
+                mem_at + 63 * PAGE_SIZE + 17,
+                "section \"memory\" pages 0x3f..0x40 fail their checksum",
+            ),
+            (
+                good.len() as u64 - 2,
+                "section \"memory\" fails its checksum",
+            ),
+        ];
+        for (at, want) in cases {
+            std::fs::write(&path, &good).unwrap();
+            corrupt_at(&path, at);
+            let e = open_err(&path);
+            assert!(e.contains(want), "byte {at}: {e:?} should contain {want:?}");
+        }
+        // A corrupt memory page passes a metadata-only open but not a memory check.
+        std::fs::write(&path, &good).unwrap();
+        corrupt_at(&path, mem_at + 5);
+        let s = Snapshot::open(&path, Verify::Metadata).unwrap();
+        assert!(s.verify_memory().is_err());
+    }
+
+    #[test]
+    fn truncation_and_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let good = std::fs::read(&path).unwrap();
+        for (len, want) in [
+            (0, "bad magic"),
+            (4, "bad magic"),
+            (10, "section \"header\" is incomplete"),
+            (3000, "section \"header\" is incomplete"),
+            (HEADER_SIZE as usize + 3, "section \"vm\" is incomplete"),
+            (good.len() - 1, "section \"memory\" is incomplete"),
+            (good.len() - 5000, "section \"memory\" is incomplete"),
+        ] {
+            std::fs::write(&path, &good[..len]).unwrap();
+            let e = open_err(&path);
+            assert!(
+                e.contains(want),
+                "length {len}: {e:?} should contain {want:?}"
+            );
+        }
+        let mut future = good.clone();
+        future[8..12].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(&path, &future).unwrap();
+        assert!(open_err(&path).contains("format version 2; this Rebound reads up to version 1"));
+        std::fs::write(
+            &path,
+            b"not a snapshot at all, just some text that is long enough",
+        )
+        .unwrap();
+        assert!(open_err(&path).contains("not a Rebound snapshot"));
+    }
+
+    #[test]
+    fn chains_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = sample(dir.path());
+        let d1 = dir.path().join("d1.snap");
+        let st = write_test(&d1, Kind::Diff, 12, Some(11), &[(5, page(0)), (6, page(6))]);
+        assert_eq!(
+            (st.pages, st.zero_pages_skipped),
+            (2, 0),
+            "diffs keep zeroed pages"
+        );
+        let d2 = dir.path().join("d2.snap");
+        write_test(&d2, Kind::Diff, 13, Some(12), &[(6, page(7))]);
+        let open = |p: &Path| Snapshot::open(p, Verify::Full).unwrap();
+        assert!(check_chain(&[open(&base), open(&d1), open(&d2)]).is_ok());
+        assert!(
+            check_chain(&[open(&base), open(&d2)])
+                .unwrap_err()
+                .to_string()
+                .contains("is not a diff of")
+        );
+        assert!(
+            check_chain(&[open(&d1)])
+                .unwrap_err()
+                .to_string()
+                .contains("starts with a full snapshot")
+        );
+        assert!(check_chain(&[]).is_err());
+    }
+
+    #[test]
+    fn bad_page_streams_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.snap");
+        let pages = [(3u64, page(1)), (2, page(1))];
+        let e = write(
+            &path,
+            &meta(Kind::Full, 1, None),
+            &[],
+            pages.iter().map(|(p, b)| (*p, b.as_slice())),
+        );
+        assert!(e.is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no partial file"
+        );
+    }
+}
