@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -48,8 +48,11 @@ pub mod nr {
     pub const PANIC: u32 = 7;
     /// `(ring_gpa, entries) -> 0`: register the calling vCPU's I/O ring (see [`super::io`]).
     pub const IO_SETUP: u32 = 8;
+    /// `() -> generation` (ABI 1.1): 0 after a fresh boot; a new value each time the VM is
+    /// restored from a snapshot or cloned, so a guest can tell it was (and which clone it is).
+    pub const GENERATION: u32 = 9;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -63,6 +66,7 @@ pub mod nr {
             EXIT => "exit",
             PANIC => "panic",
             IO_SETUP => "io_setup",
+            GENERATION => "generation",
             _ => "unknown",
         }
     }

@@ -105,12 +105,21 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 struct Ring {
     gpa: u64,
     entries: u32,
     /// The VMM's own count of consumed requests; the copy in guest memory is only for the guest.
     consumer: u32,
+}
+
+/// The I/O queue's saved state: registered rings and pending timers. Taken while the worker is
+/// paused, so every request it consumed is complete except timers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct IoqState {
+    rings: Vec<Option<Ring>>,
+    /// (vCPU, completion address, nanoseconds left).
+    timers: Vec<(u32, u64, u64)>,
 }
 
 #[derive(Default)]
@@ -139,6 +148,10 @@ pub struct IoQueue<M> {
     gate: Mutex<Gate>,
     gate_cv: Condvar,
     running: AtomicBool,
+    /// Timers the worker holds, published when it parks (for `save`) and installed from a
+    /// restore (taken by the worker when it next runs).
+    timer_state: Mutex<Vec<(u32, u64, u64)>>,
+    timers_restored: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +179,8 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             gate: Mutex::new(Gate::default()),
             gate_cv: Condvar::new(),
             running: AtomicBool::new(false),
+            timer_state: Mutex::new(Vec::new()),
+            timers_restored: AtomicBool::new(false),
         })
     }
 
@@ -250,6 +265,15 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
         self.gate_cv.notify_all();
     }
 
+    /// Records the timers the worker holds while it is not running (a queue restored before its
+    /// worker starts). Used by `restore`.
+    fn install_timers(&self, timers: Vec<(u32, u64, u64)>) {
+        *lock(&self.timer_state) = timers;
+        self.timers_restored.store(true, Ordering::Release);
+        // Wake the worker so it picks them up (and arms its timerfd) even if the guest is idle.
+        let _ = self.doorbell.write(1);
+    }
+
     /// Asks the worker to exit (the owner joins its thread).
     pub fn stop(&self) {
         let mut g = lock(&self.gate);
@@ -296,12 +320,27 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             {
                 let mut g = lock(&self.gate);
                 if g.pause_requested && !g.stopping {
+                    let now = Instant::now();
+                    *lock(&self.timer_state) = timers
+                        .iter()
+                        .map(|Reverse((d, _, v, ind))| {
+                            (*v, *ind, d.saturating_duration_since(now).as_nanos() as u64)
+                        })
+                        .collect();
                     g.parked = true;
                     self.gate_cv.notify_all();
                     while g.pause_requested && !g.stopping {
                         g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                     g.parked = false;
+                }
+                if self.timers_restored.swap(false, Ordering::AcqRel) {
+                    let now = Instant::now();
+                    timers.clear();
+                    for (v, ind, left) in lock(&self.timer_state).drain(..) {
+                        seq += 1;
+                        timers.push(Reverse((now + Duration::from_nanos(left), seq, v, ind)));
+                    }
                 }
                 if g.stopping {
                     self.gate_cv.notify_all();
@@ -481,6 +520,62 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             _ => return errno::EINVAL as i32,
         }
         req.len as i32
+    }
+}
+
+/// Why an I/O queue state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum IoqStateError {
+    /// The state is for a different number of vCPUs.
+    #[error("I/O queue state has {found} rings, the VM has {expected} vCPUs")]
+    VcpuCount {
+        /// Rings in the state.
+        found: usize,
+        /// vCPUs in the VM.
+        expected: usize,
+    },
+    /// A ring or timer points outside guest-writable memory.
+    #[error("I/O queue state names memory outside the guest's writable range")]
+    BadAddress,
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for IoQueue<M> {
+    type State = IoqState;
+    type Error = IoqStateError;
+
+    /// Call with the queue paused (or its worker not started).
+    fn save(&self) -> Result<IoqState, IoqStateError> {
+        Ok(IoqState {
+            rings: lock(&self.rings).clone(),
+            timers: lock(&self.timer_state).clone(),
+        })
+    }
+
+    /// Call with the queue paused (or its worker not started). The state is checked first: a
+    /// snapshot file is input, and a bad one must not make the VMM write outside the guest.
+    fn restore(&self, state: IoqState) -> Result<(), IoqStateError> {
+        let mut rings = lock(&self.rings);
+        if state.rings.len() != rings.len() {
+            return Err(IoqStateError::VcpuCount {
+                found: state.rings.len(),
+                expected: rings.len(),
+            });
+        }
+        let rings_ok = state.rings.iter().flatten().all(|r| {
+            r.entries.is_power_of_two()
+                && r.entries <= abi_io::MAX_ENTRIES
+                && self.writable(r.gpa, abi_io::ring_size(r.entries))
+        });
+        let timers_ok = state.timers.iter().all(|&(v, ind, _)| {
+            (v as usize) < rings.len() && ind % 8 == 0 && self.writable(ind, 8)
+        });
+        if !rings_ok || !timers_ok {
+            return Err(IoqStateError::BadAddress);
+        }
+        *rings = state.rings;
+        drop(rings);
+        self.install_timers(state.timers);
+        Ok(())
     }
 }
 

@@ -71,6 +71,11 @@ pub fn abi_version() -> u32 {
     raw(nr::ABI_VERSION, &[]) as u32
 }
 
+/// 0 after a fresh boot; a new value after each restore or clone (ABI 1.1).
+pub fn generation() -> u64 {
+    raw(nr::GENERATION, &[]) as u64
+}
+
 /// Writes bytes to the VM console.
 pub fn console_write(bytes: &[u8]) -> Result<u64, Errno> {
     call(

@@ -513,7 +513,10 @@ impl Snapshot {
         };
         let mem_offset = le64(&h, 56);
         let count = le32(&h, 64) as usize;
-        if count > MAX_SECTIONS || meta.mem_size % PAGE_SIZE != 0 || mem_offset % PAGE_SIZE != 0 {
+        if count > MAX_SECTIONS
+            || !meta.mem_size.is_multiple_of(PAGE_SIZE)
+            || !mem_offset.is_multiple_of(PAGE_SIZE)
+        {
             return Err(SnapshotError::Corrupt {
                 path: p(),
                 section: "header",

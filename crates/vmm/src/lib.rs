@@ -13,8 +13,10 @@ pub mod instance;
 mod kick;
 pub mod memory;
 pub mod metrics;
+pub mod persist;
 mod vcpu;
 pub mod vm;
+mod vstate;
 mod wait;
 
 pub use config::{ConfigError, DiskConfig, GuestImage, VmConfig};
@@ -67,6 +69,12 @@ pub enum Error {
     /// The request does not fit the VM's current state.
     #[error("{0}")]
     State(String),
+    /// A snapshot could not be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] rebound_snapshot::SnapshotError),
+    /// A snapshot's contents do not make a VM.
+    #[error("cannot restore: {0}")]
+    Restore(String),
     /// The vCPUs did not all stop in time.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(std::time::Duration),

@@ -9,8 +9,12 @@ use std::os::fd::FromRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::{Error, Result};
 
@@ -43,15 +47,55 @@ pub fn create(size: u64) -> Result<(GuestMemory, File)> {
     Ok((mem, file))
 }
 
-/// Registers every region of `mem` with KVM.
-pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<()> {
+/// Maps `size` bytes of `file` at `offset` as guest memory, copy-on-write (`MAP_PRIVATE`): guest
+/// writes stay in this process; the file is never written. Pages are read in lazily on first
+/// touch, so mapping costs the same for any size, and VMs mapping one file share its pages.
+pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, File)> {
+    let backing = file
+        .try_clone()
+        .map_err(|e| Error::Memory(format!("cannot duplicate the snapshot file: {e}")))?;
+    let keep = file
+        .try_clone()
+        .map_err(|e| Error::Memory(format!("cannot duplicate the snapshot file: {e}")))?;
+    let region =
+        MmapRegionBuilder::new_with_bitmap(size as usize, AtomicBitmap::with_len(size as usize))
+            .with_file_offset(FileOffset::new(backing, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| Error::Memory(format!("cannot map {size} bytes of the snapshot: {e}")))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| Error::Memory("guest memory region overflows".into()))?;
+    let mem = GuestMemory::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((mem, keep))
+}
+
+/// Guest memory bytes as a plain slice, or None if the range is outside guest memory.
+///
+/// # Safety
+/// Nothing may write the range while the slice lives: the VM must be paused (its vCPUs parked
+/// and its I/O thread idle) for the whole borrow.
+pub unsafe fn frozen_bytes(mem: &GuestMemory, addr: u64, len: u64) -> Option<&[u8]> {
+    let slice = mem.get_slice(GuestAddress(addr), len as usize).ok()?;
+    // SAFETY: `get_slice` checked that [addr, addr + len) is inside one mapped region that lives
+    // as long as `mem`; the caller guarantees no concurrent writes.
+    Some(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), len as usize) })
+}
+
+/// Registers every region of `mem` with KVM, with KVM's dirty page log on if `log_dirty`
+/// (registering again with the other flag switches it).
+pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| Error::Memory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

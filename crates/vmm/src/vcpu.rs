@@ -12,12 +12,12 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use rebound_abi::port;
 
-use crate::fault;
 use crate::hypercall::{self, Flow};
 use crate::kick;
 use crate::metrics::ExitKind;
 use crate::vm::{VmOutcome, VmShared};
 use crate::wait::Request;
+use crate::{fault, vstate};
 
 /// What to do after an exit, decided while the exit still borrows the vCPU.
 enum Next {
@@ -107,12 +107,27 @@ fn on_exit(exit: VcpuExit<'_>, id: u32, vm: &VmShared) -> Next {
 
 /// Parks the vCPU while the VM is paused, with any half-done port access completed first so
 /// its saved state is clean.
+/// While parked, the vCPU's state is published for checkpoints, and a state put in its slot
+/// (a rollback) is applied before it runs again.
 fn park(fd: &mut VcpuFd, id: u32, vm: &VmShared) {
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
+    let slot = &vm.vcpu_slots[id as usize];
+    *lock(&slot.captured) = Some(vstate::capture(fd, id).map_err(|e| e.to_string()));
     vm.control.park();
+    if let Some(state) = lock(&slot.restore).take()
+        && let Err(e) = vstate::apply(fd, &state)
+    {
+        vm.finish(VmOutcome::Failed {
+            error: e.to_string(),
+        });
+    }
     vm.waiters.clear_interrupt(id);
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The vCPU thread body: runs until the VM stops.

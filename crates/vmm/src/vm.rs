@@ -1,8 +1,10 @@
 //! A running VM: built from a validated config, driven by pause / resume / stop, observed
 //! through its state, outcome and metrics.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -12,17 +14,21 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use rebound_abi::port;
 use rebound_arch::Layout;
 use rebound_arch::layout::USER_START;
+use rebound_devices::Notify;
 use rebound_devices::console::Console;
 use rebound_devices::disk::Disk;
 use rebound_devices::ioq::IoQueue;
+use rebound_snapshot::state::VcpuState;
+use rebound_snapshot::{DirtySet, PAGE_SIZE, Snapshottable};
 use serde::Serialize;
 
 use crate::config::{DiskConfig, VmConfig};
 use crate::fault::FaultReport;
 use crate::memory::{self, GuestMemory};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
 use crate::wait::{Request, RunControl, Waiters};
-use crate::{Error, Result, boot, kick, vcpu};
+use crate::{Error, Result, boot, kick, vcpu, vstate};
 
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,14 +113,27 @@ pub(crate) struct VmShared {
     pub(crate) control: RunControl,
     pub(crate) waiters: Arc<Waiters>,
     pub(crate) launched: Instant,
+    /// The guest clock's value at launch (non-zero after a restore: the clock continues).
+    clock_base_ns: u64,
+    /// What `GENERATION` returns: 0 at first boot, a new value after each restore or clone.
+    pub(crate) generation: AtomicU64,
+    pub(crate) vcpu_slots: Vec<VcpuSlot>,
     outcome: Mutex<Option<VmOutcome>>,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What a vCPU thread exchanges with the controller while parked: it publishes its captured
+/// state on parking and applies a state to restore before running again.
+#[derive(Default)]
+pub(crate) struct VcpuSlot {
+    pub(crate) captured: Mutex<Option<std::result::Result<VcpuState, String>>>,
+    pub(crate) restore: Mutex<Option<VcpuState>>,
 }
 
 impl VmShared {
     /// Guest monotonic clock: nanoseconds since launch.
     pub(crate) fn clock_ns(&self) -> u64 {
-        self.launched.elapsed().as_nanos() as u64
+        self.clock_base_ns + self.launched.elapsed().as_nanos() as u64
     }
 
     /// Records how the VM ended (the first reason wins) and stops everything.
@@ -145,12 +164,45 @@ impl VmShared {
 /// A VM with its vCPU threads and I/O thread running.
 pub struct Vm {
     // Fields drop in order: the VM fd goes before the guest memory mapping it points into.
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     shared: Arc<VmShared>,
     io_thread: Mutex<Option<JoinHandle<()>>>,
     pause_lock: Mutex<()>,
-    /// The memfd behind guest memory, kept for the VM's life.
+    descriptor: VmDescriptor,
+    dirty: Mutex<DirtyTracking>,
+    last_snapshot: Mutex<Option<u64>>,
+    /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
+    /// VM's life.
     _mem_file: File,
+}
+
+/// Dirty-page tracking: KVM's log plus the VMM's own writes, accumulated per consumer (the
+/// snapshot API, the checkpoint engine) so one harvesting does not hide pages from another.
+#[derive(Default)]
+struct DirtyTracking {
+    enabled: bool,
+    consumers: HashMap<String, DirtySet>,
+}
+
+/// How a VM's vCPUs start.
+enum Start {
+    /// At the image's entry point.
+    Boot { entry: u64 },
+    /// In saved states (a restore).
+    Restore { vcpus: Vec<VcpuState> },
+}
+
+/// Everything `Vm::build` needs besides KVM.
+struct Parts {
+    layout: Layout,
+    mem: GuestMemory,
+    mem_file: File,
+    disk: Option<Disk>,
+    descriptor: VmDescriptor,
+    start: Start,
+    clock_base_ns: u64,
+    generation: u64,
+    ioq_state: Option<rebound_devices::ioq::IoqState>,
 }
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
@@ -183,16 +235,24 @@ impl Vm {
     pub fn launch(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
         let launched = Instant::now();
         let layout = config.validate()?;
-        kick::install().map_err(Error::State)?;
-        let (kvm, cpuid) = kvm()?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let (mem, mem_file) = memory::create(layout.mem_size())?;
-        memory::register(&vm_fd, &mem)?;
-
-        let disk = match &config.disk {
-            None => None,
-            Some(DiskConfig::File { path, read_only }) => Some(Disk::open(path, *read_only)?),
-            Some(DiskConfig::Scratch { size_mib }) => Some(Disk::scratch(size_mib << 20)?),
+        let (disk, disk_desc) = match &config.disk {
+            None => (None, None),
+            Some(DiskConfig::File { path, read_only }) => {
+                let d = Disk::open(path, *read_only)?;
+                let desc = DiskDescriptor::File {
+                    path: path.clone(),
+                    read_only: *read_only,
+                    size: d.size(),
+                };
+                (Some(d), Some(desc))
+            }
+            Some(DiskConfig::Scratch { size_mib }) => (
+                Some(Disk::scratch(size_mib << 20)?),
+                Some(DiskDescriptor::Scratch {
+                    size: size_mib << 20,
+                }),
+            ),
         };
         let disk_size = disk.as_ref().map_or(0, Disk::size);
         let entry = boot::load(
@@ -203,6 +263,98 @@ impl Vm {
             &config.boot_args,
             disk_size,
         )?;
+        let descriptor = VmDescriptor {
+            mem_size: layout.mem_size(),
+            vcpus: layout.vcpus(),
+            image: config.image.name.clone(),
+            boot_args: config.boot_args.clone(),
+            disk: disk_desc,
+            abi_version: rebound_abi::ABI_VERSION,
+        };
+        let parts = Parts {
+            layout,
+            mem,
+            mem_file,
+            disk,
+            descriptor,
+            start: Start::Boot { entry },
+            clock_base_ns: 0,
+            generation: 0,
+            ioq_state: None,
+        };
+        Self::build(parts, console, launched)
+    }
+
+    /// Restores a VM from a snapshot chain (a full snapshot, then diffs of it in order), every
+    /// file validated before anything is built. Memory is the full snapshot's image mapped
+    /// copy-on-write (nothing copied up front; clones share pages) with the diffs' pages
+    /// written over it. `generation` is what the guest's `GENERATION` hypercall returns from now
+    /// on (it tells clones apart).
+    pub fn restore(
+        chain: &[rebound_snapshot::Snapshot],
+        console: Box<dyn Write + Send>,
+        generation: u64,
+    ) -> Result<Vm> {
+        let launched = Instant::now();
+        let state = crate::persist::read_chain(chain)?;
+        let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
+            .map_err(|e| Error::Restore(e.to_string()))?;
+        let (mem, mem_file) = crate::persist::map_chain(chain, state.vm.mem_size)?;
+        let disk = match &state.vm.disk {
+            None => None,
+            Some(DiskDescriptor::File {
+                path,
+                read_only,
+                size,
+            }) => {
+                let d = Disk::open(path, *read_only)?;
+                if d.size() != *size {
+                    return Err(Error::Restore(format!(
+                        "disk {} is {} bytes; the snapshot was taken with {} bytes",
+                        path.display(),
+                        d.size(),
+                        size
+                    )));
+                }
+                Some(d)
+            }
+            Some(DiskDescriptor::Scratch { size }) => {
+                tracing::warn!(
+                    "the snapshot's scratch disk is not saved: the restored VM gets an empty one"
+                );
+                Some(Disk::scratch(*size)?)
+            }
+        };
+        let parts = Parts {
+            layout,
+            mem,
+            mem_file,
+            disk,
+            descriptor: state.vm,
+            start: Start::Restore { vcpus: state.vcpus },
+            clock_base_ns: state.devices.clock_ns,
+            generation,
+            ioq_state: Some(state.devices.ioq),
+        };
+        Self::build(parts, console, launched)
+    }
+
+    fn build(parts: Parts, console: Box<dyn Write + Send>, launched: Instant) -> Result<Vm> {
+        let Parts {
+            layout,
+            mem,
+            mem_file,
+            disk,
+            descriptor,
+            start,
+            clock_base_ns,
+            generation,
+            ioq_state,
+        } = parts;
+        kick::install().map_err(Error::State)?;
+        let (kvm, cpuid) = kvm()?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        memory::register(&vm_fd, &mem, false)?;
 
         let waiters = Arc::new(Waiters::new(layout.vcpus()));
         let ioq = Arc::new(IoQueue::new(
@@ -212,6 +364,10 @@ impl Vm {
             disk,
             waiters.clone(),
         )?);
+        if let Some(state) = ioq_state {
+            ioq.restore(state)
+                .map_err(|e| Error::Restore(e.to_string()))?;
+        }
         vm_fd
             .register_ioevent(
                 ioq.doorbell(),
@@ -226,14 +382,31 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             fd.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-            rebound_arch::regs::configure_sregs(&mut sregs, &layout, id);
-            fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-            fd.set_regs(&rebound_arch::regs::initial_regs(&layout, id, entry))
-                .map_err(kvm_err("KVM_SET_REGS"))?;
-            fd.set_fpu(&rebound_arch::regs::initial_fpu())
-                .map_err(kvm_err("KVM_SET_FPU"))?;
+            match &start {
+                Start::Boot { entry } => {
+                    let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    rebound_arch::regs::configure_sregs(&mut sregs, &layout, id);
+                    fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    fd.set_regs(&rebound_arch::regs::initial_regs(&layout, id, *entry))
+                        .map_err(kvm_err("KVM_SET_REGS"))?;
+                    fd.set_fpu(&rebound_arch::regs::initial_fpu())
+                        .map_err(kvm_err("KVM_SET_FPU"))?;
+                }
+                Start::Restore { vcpus: states } => {
+                    let s = states.iter().find(|s| s.id == id).ok_or_else(|| {
+                        Error::Restore(format!("the snapshot has no state for vCPU {id}"))
+                    })?;
+                    vstate::apply(&fd, s).map_err(|e| Error::Restore(e.to_string()))?;
+                }
+            }
             vcpus.push(fd);
+        }
+        if matches!(start, Start::Restore { .. }) {
+            // A completion may have landed just before the snapshot while its vCPU was about to
+            // block: wake every vCPU once (BLOCK may return early by contract).
+            for id in 0..layout.vcpus() {
+                waiters.notify(id);
+            }
         }
 
         let shared = Arc::new(VmShared {
@@ -245,14 +418,20 @@ impl Vm {
             control: RunControl::new(layout.vcpus()),
             waiters,
             launched,
+            clock_base_ns,
+            generation: AtomicU64::new(generation),
+            vcpu_slots: (0..layout.vcpus()).map(|_| VcpuSlot::default()).collect(),
             outcome: Mutex::new(None),
             vcpu_threads: Mutex::new(Vec::new()),
         });
         let vm = Vm {
+            vm_fd,
             shared: shared.clone(),
             io_thread: Mutex::new(None),
             pause_lock: Mutex::new(()),
-            _vm_fd: vm_fd,
+            descriptor,
+            dirty: Mutex::new(DirtyTracking::default()),
+            last_snapshot: Mutex::new(None),
             _mem_file: mem_file,
         };
 
@@ -286,7 +465,7 @@ impl Vm {
         tracing::info!(
             vcpus = layout.vcpus(),
             mem_mib = layout.mem_size() >> 20,
-            image = %config.image.name,
+            image = %vm.descriptor.image,
             "VM started"
         );
         Ok(vm)
@@ -346,6 +525,138 @@ impl Vm {
         }
     }
 
+    /// Pauses the VM and captures its state: every vCPU's registers and the devices'. Memory is
+    /// readable through the returned [`Frozen`] until it is thawed.
+    pub fn freeze(&self) -> Result<Frozen<'_>> {
+        let was_paused = self.state() == VmState::Paused;
+        let took = self.pause()?;
+        let captured = (|| {
+            let mut vcpus = Vec::new();
+            for (id, slot) in self.shared.vcpu_slots.iter().enumerate() {
+                match lock(&slot.captured).clone() {
+                    Some(Ok(s)) => vcpus.push(s),
+                    Some(Err(e)) => return Err(Error::State(e)),
+                    None => {
+                        return Err(Error::State(format!("vCPU {id} did not report its state")));
+                    }
+                }
+            }
+            let ioq = self
+                .shared
+                .ioq
+                .save()
+                .map_err(|e| Error::State(e.to_string()))?;
+            Ok(SavedState {
+                vm: self.descriptor.clone(),
+                vcpus,
+                devices: DevicesState {
+                    ioq,
+                    clock_ns: self.shared.clock_ns(),
+                    generation: self.shared.generation.load(Ordering::Relaxed),
+                },
+            })
+        })();
+        match captured {
+            Ok(state) => Ok(Frozen {
+                vm: self,
+                state,
+                pause: took,
+                resume: !was_paused,
+            }),
+            Err(e) => {
+                if !was_paused {
+                    let _ = self.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts recording which pages change (KVM's dirty log on guest memory plus the VMM's own
+    /// writes). Idempotent.
+    pub fn enable_dirty_tracking(&self) -> Result<()> {
+        let mut d = lock(&self.dirty);
+        if !d.enabled {
+            memory::register(&self.vm_fd, &self.shared.mem, true)?;
+            d.enabled = true;
+            // Start every consumer from a clean slate: pages written before now are unknown.
+            let _ = self.harvest_locked(&mut d);
+            d.consumers.clear();
+        }
+        Ok(())
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn dirty_tracking(&self) -> bool {
+        lock(&self.dirty).enabled
+    }
+
+    fn harvest_locked(&self, d: &mut DirtyTracking) -> Result<DirtySet> {
+        let pages = self.shared.layout.mem_size() / PAGE_SIZE;
+        let mut set = DirtySet::new(pages);
+        if d.enabled {
+            let log = self
+                .vm_fd
+                .get_dirty_log(0, self.shared.layout.mem_size() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            set.union_words(&log);
+        }
+        for region in vm_memory::GuestMemoryBackend::iter(&self.shared.mem) {
+            set.union_words(&vm_memory::mmap::MmapRegion::bitmap(&**region).get_and_reset());
+        }
+        for acc in d.consumers.values_mut() {
+            acc.union(&set);
+        }
+        Ok(set)
+    }
+
+    /// Pages written since `consumer` last asked (or since tracking began, for a new consumer),
+    /// and resets its account. Call while frozen for an exact answer.
+    pub fn take_dirty(&self, consumer: &str) -> Result<DirtySet> {
+        let mut d = lock(&self.dirty);
+        if !d.enabled {
+            return Err(Error::State(
+                "dirty page tracking is off (enable track_dirty_pages)".into(),
+            ));
+        }
+        self.harvest_locked(&mut d)?;
+        let pages = self.shared.layout.mem_size() / PAGE_SIZE;
+        let set = d
+            .consumers
+            .insert(consumer.to_string(), DirtySet::new(pages));
+        Ok(set.unwrap_or_else(|| DirtySet::new(pages)))
+    }
+
+    /// Gives pages back to `consumer`'s account (a consumer that failed to store them).
+    pub fn return_dirty(&self, consumer: &str, pages: &DirtySet) {
+        if let Some(acc) = lock(&self.dirty).consumers.get_mut(consumer) {
+            acc.union(pages);
+        }
+    }
+
+    pub(crate) fn last_snapshot_id(&self) -> Option<u64> {
+        *lock(&self.last_snapshot)
+    }
+
+    pub(crate) fn set_last_snapshot_id(&self, id: u64) {
+        *lock(&self.last_snapshot) = Some(id);
+    }
+
+    /// Forgets a consumer's account.
+    pub fn drop_dirty_consumer(&self, consumer: &str) {
+        lock(&self.dirty).consumers.remove(consumer);
+    }
+
+    /// Whether `consumer` has an account (it took dirty pages before).
+    pub fn has_dirty_consumer(&self, consumer: &str) -> bool {
+        lock(&self.dirty).consumers.contains_key(consumer)
+    }
+
+    /// The VM's description as snapshots record it.
+    pub fn descriptor(&self) -> &VmDescriptor {
+        &self.descriptor
+    }
+
     /// Stops the VM (outcome `Stopped` unless it already ended).
     pub fn stop(&self) {
         self.shared.finish(VmOutcome::Stopped);
@@ -389,6 +700,64 @@ impl Vm {
     /// Guest memory (for inspection by tests and tools).
     pub fn memory(&self) -> &GuestMemory {
         &self.shared.mem
+    }
+}
+
+/// A paused VM whose state was captured. Guest memory does not change while this exists: the
+/// vCPUs are parked and the I/O thread is idle.
+pub struct Frozen<'a> {
+    vm: &'a Vm,
+    state: SavedState,
+    pause: Duration,
+    /// False if the VM was already paused by its owner: thawing leaves it paused.
+    resume: bool,
+}
+
+impl Frozen<'_> {
+    /// The captured state.
+    pub fn state(&self) -> &SavedState {
+        &self.state
+    }
+
+    /// How long pausing took.
+    pub fn pause_time(&self) -> Duration {
+        self.pause
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.vm.shared.mem
+    }
+
+    /// Guest memory size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.vm.shared.layout.mem_size()
+    }
+
+    /// The bytes of guest page `page`.
+    pub fn page(&self, page: u64) -> Option<&[u8]> {
+        // SAFETY: while `self` exists the VM is paused: vCPU threads are parked and the I/O
+        // thread is idle, so nothing writes guest memory during the borrow.
+        unsafe { memory::frozen_bytes(&self.vm.shared.mem, page * PAGE_SIZE, PAGE_SIZE) }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+
+    /// Lets the VM run again (unless its owner had paused it).
+    pub fn thaw(mut self) -> Result<()> {
+        let resume = std::mem::replace(&mut self.resume, false);
+        if resume { self.vm.resume() } else { Ok(()) }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if self.resume {
+            let _ = self.vm.resume();
+        }
     }
 }
 

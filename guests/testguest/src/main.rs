@@ -72,6 +72,7 @@ fn main(cpu: Cpu) -> i32 {
                 x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
         }
+        "seq" => seq(&cpu),
         "hcbench" => {
             let n = arg(&cpu, 1, 10_000);
             let t0 = time::monotonic_ns();
@@ -98,6 +99,44 @@ fn main(cpu: Cpu) -> i32 {
             2
         }
     }
+}
+
+/// One step of the test sequence.
+fn step(x: u64, i: u64) -> u64 {
+    let y = (x ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    y ^ (y >> 29)
+}
+
+/// `seq N [report]`: computes N steps of a deterministic sequence in guest memory, printing a
+/// numbered progress line every `report` steps (default N/16). It checks the generation every
+/// 2^16 steps: when it changes (a restore or a clone) it mixes the new generation in and prints
+/// where, so the host can recompute the expected result. Ends with `seq done N result=X`.
+fn seq(cpu: &Cpu) -> i32 {
+    let n = arg(cpu, 1, 1 << 26);
+    let report = arg(cpu, 2, (n / 16).max(1));
+    // State lives in a heap array, not only in registers: restores must bring memory back too.
+    let mut hist: Vec<u64> = vec![0; 4096];
+    let mut x = 1u64;
+    let mut gen_seen = hypercall::generation();
+    let mut line = 0u64;
+    for i in 0..n {
+        x = step(x, i) ^ hist[(i % 4096) as usize];
+        hist[(i % 4096) as usize] = x >> 7;
+        if i % 65536 == 65535 {
+            let g = hypercall::generation();
+            if g != gen_seen {
+                gen_seen = g;
+                x ^= g;
+                println!("seq gen {} at {}", g, i);
+            }
+        }
+        if i % report == report - 1 {
+            println!("seq line {} at {} x={:016x}", line, i + 1, x);
+            line += 1;
+        }
+    }
+    println!("seq done {} result={:016x}", n, x);
+    0
 }
 
 #[inline(never)]

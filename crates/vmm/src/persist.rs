@@ -1,0 +1,252 @@
+//! What a VM's saved state is made of, and moving it to and from snapshot files.
+//!
+//! Sections written (versions in parentheses): `vm` (1) = [`VmDescriptor`], `vcpus` (1) =
+//! every vCPU's [`VcpuState`], `devices` (1) = [`DevicesState`]; memory is the file's memory
+//! image. A newer Rebound must keep reading these versions; a change to a section's encoding
+//! bumps its version (see `docs/checkpoint.md`).
+
+use std::path::{Path, PathBuf};
+
+use rebound_devices::ioq::IoqState;
+use rebound_snapshot::format::{self, SectionData, section};
+use rebound_snapshot::state::VcpuState;
+use rebound_snapshot::{Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::{self, GuestMemory};
+use crate::vm::{Frozen, Vm};
+use crate::{Error, Result};
+
+/// Section versions this build writes and reads.
+const VM_VERSION: u32 = 1;
+const VCPUS_VERSION: u32 = 1;
+const DEVICES_VERSION: u32 = 1;
+
+/// The VM as configured: enough to rebuild it around restored memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescriptor {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The guest image's name (its bytes are in memory).
+    pub image: String,
+    /// The guest command line.
+    pub boot_args: String,
+    /// The disk.
+    pub disk: Option<DiskDescriptor>,
+    /// ABI version the guest was booted with.
+    pub abi_version: u32,
+}
+
+/// The disk a VM had.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskDescriptor {
+    /// A host file: reopened on restore (its contents are the user's to keep consistent).
+    File {
+        /// Path.
+        path: PathBuf,
+        /// Read-only.
+        read_only: bool,
+        /// Size in bytes when the snapshot was taken.
+        size: u64,
+    },
+    /// An anonymous scratch disk (not saved; a restored VM gets an empty one).
+    Scratch {
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+/// Device and VM-wide state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// The I/O queue.
+    pub ioq: IoqState,
+    /// The guest clock (`CLOCK_MONOTONIC`) at capture.
+    pub clock_ns: u64,
+    /// The generation the guest saw.
+    pub generation: u64,
+}
+
+/// A whole VM's state except memory.
+#[derive(Clone, Debug)]
+pub struct SavedState {
+    /// Configuration.
+    pub vm: VmDescriptor,
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// Devices.
+    pub devices: DevicesState,
+}
+
+impl SavedState {
+    /// The sections that store it.
+    pub fn sections(&self) -> Result<Vec<SectionData>> {
+        Ok(vec![
+            SectionData::encode(section::VM, VM_VERSION, &self.vm)?,
+            SectionData::encode(section::VCPUS, VCPUS_VERSION, &self.vcpus)?,
+            SectionData::encode(section::DEVICES, DEVICES_VERSION, &self.devices)?,
+        ])
+    }
+}
+
+/// What a snapshot write did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    /// The snapshot's id.
+    pub id: u64,
+    /// Its parent, for a diff.
+    pub parent: Option<u64>,
+    /// Full or diff.
+    pub kind: String,
+    /// Pages stored.
+    pub pages: u64,
+    /// Bytes of data written.
+    pub bytes: u64,
+    /// How long the VM was paused, in microseconds.
+    pub pause_us: u64,
+    /// How long the whole operation took, in microseconds.
+    pub total_us: u64,
+}
+
+/// A new snapshot id: unique enough across processes and time.
+pub fn new_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 48)) | 1
+}
+
+/// Writes the frozen VM to `path`: a full snapshot (`pages` = None) or a diff holding `pages`.
+pub fn write_snapshot(
+    frozen: &Frozen<'_>,
+    path: &Path,
+    meta: &SnapshotMeta,
+    pages: Option<&rebound_snapshot::DirtySet>,
+) -> Result<format::WriteStats> {
+    let sections = frozen.state().sections()?;
+    let npages = frozen.mem_size() / PAGE_SIZE;
+    let page = |p: u64| frozen.page(p).map(|b| (p, b));
+    let stats = match pages {
+        None => format::write(path, meta, &sections, (0..npages).filter_map(page))?,
+        Some(set) => format::write(path, meta, &sections, set.iter().filter_map(page))?,
+    };
+    Ok(stats)
+}
+
+impl Vm {
+    /// Writes a snapshot of the running VM to `path` (Firecracker's `PUT /snapshot/create`).
+    /// A full snapshot turns dirty tracking on, so the next one can be a diff: the pages written
+    /// since this one, with this one as its parent.
+    pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
+        const CONSUMER: &str = "snapshot-api";
+        let t0 = std::time::Instant::now();
+        let parent = match kind {
+            Kind::Full => None,
+            Kind::Diff => Some(self.last_snapshot_id().ok_or_else(|| {
+                Error::State("a diff snapshot needs a full snapshot of this VM first".into())
+            })?),
+        };
+        if kind == Kind::Full {
+            self.enable_dirty_tracking()?;
+        }
+        let frozen = self.freeze()?;
+        let dirty = self.take_dirty(CONSUMER)?;
+        let meta = SnapshotMeta {
+            id: new_id(),
+            parent,
+            epoch: 0,
+            kind,
+            mem_size: frozen.mem_size(),
+            created_unix_ns: frozen.state().devices.clock_ns,
+        };
+        let written = write_snapshot(&frozen, path, &meta, (kind == Kind::Diff).then_some(&dirty));
+        let pause = frozen.pause_time();
+        let stats = match written {
+            Ok(s) => s,
+            Err(e) => {
+                // The dirty pages were not stored: put them back for the next diff.
+                self.return_dirty(CONSUMER, &dirty);
+                return Err(e);
+            }
+        };
+        let paused_for = t0.elapsed();
+        frozen.thaw()?;
+        self.set_last_snapshot_id(meta.id);
+        let _ = pause;
+        Ok(SnapshotInfo {
+            id: meta.id,
+            parent,
+            kind: format!("{kind:?}"),
+            pages: stats.pages,
+            bytes: stats.bytes_written,
+            pause_us: paused_for.as_micros() as u64,
+            total_us: t0.elapsed().as_micros() as u64,
+        })
+    }
+}
+
+/// Reads the state of a validated chain (from its newest snapshot) and checks it is coherent.
+pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
+    format::check_chain(chain)?;
+    let last = chain
+        .last()
+        .ok_or_else(|| Error::Restore("no snapshot given".into()))?;
+    let vm: VmDescriptor = last.decode(section::VM, VM_VERSION)?;
+    let vcpus: Vec<VcpuState> = last.decode(section::VCPUS, VCPUS_VERSION)?;
+    let devices: DevicesState = last.decode(section::DEVICES, DEVICES_VERSION)?;
+    if vm.mem_size != last.meta().mem_size {
+        return Err(Error::Restore(format!(
+            "{}: the vm section says {} bytes of memory, the header {}",
+            last.path().display(),
+            vm.mem_size,
+            last.meta().mem_size
+        )));
+    }
+    if vcpus.len() != vm.vcpus as usize {
+        return Err(Error::Restore(format!(
+            "{}: {} vCPU states for {} vCPUs",
+            last.path().display(),
+            vcpus.len(),
+            vm.vcpus
+        )));
+    }
+    if vm.abi_version >> 16 != rebound_abi::ABI_MAJOR {
+        return Err(Error::Restore(format!(
+            "{}: the guest uses ABI {}.{}; this Rebound provides {}.{}",
+            last.path().display(),
+            vm.abi_version >> 16,
+            vm.abi_version & 0xffff,
+            rebound_abi::ABI_MAJOR,
+            rebound_abi::ABI_MINOR
+        )));
+    }
+    Ok(SavedState { vm, vcpus, devices })
+}
+
+/// Guest memory for a validated chain: the full snapshot mapped copy-on-write, each diff's pages
+/// written over it in order.
+pub fn map_chain(chain: &[Snapshot], mem_size: u64) -> Result<(GuestMemory, std::fs::File)> {
+    let base = chain
+        .first()
+        .ok_or_else(|| Error::Restore("no snapshot given".into()))?;
+    let (file, offset) = base.memory_file();
+    let (mem, keep) = memory::map_private(file, offset, mem_size)?;
+    let mut buf = Vec::new();
+    for diff in &chain[1..] {
+        for run in diff.runs() {
+            buf.resize((run.count * PAGE_SIZE) as usize, 0);
+            diff.read_memory(run.first * PAGE_SIZE, &mut buf)?;
+            mem.write_slice(&buf, GuestAddress(run.first * PAGE_SIZE))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+        }
+    }
+    // Those writes are the restore's, not the guest's: start tracking from a clean slate.
+    for region in vm_memory::GuestMemoryBackend::iter(&mem) {
+        vm_memory::mmap::MmapRegion::bitmap(&**region).reset();
+    }
+    Ok((mem, keep))
+}

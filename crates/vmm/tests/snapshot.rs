@@ -1,0 +1,160 @@
+//! Snapshots on real KVM: taken at arbitrary moments, restored (results identical), diff
+//! chains, clones that diverge, and bad files refused before anything is built.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use rebound_devices::console::SharedBuffer;
+use rebound_snapshot::format::Verify;
+use rebound_snapshot::{Kind, Snapshot};
+use rebound_vmm::{Vm, VmOutcome};
+
+const N: u64 = 1 << 25;
+
+fn open(paths: &[&Path]) -> Vec<Snapshot> {
+    paths
+        .iter()
+        .map(|p| Snapshot::open(p, Verify::Full).unwrap())
+        .collect()
+}
+
+fn restore(paths: &[&Path], generation: u64) -> (Vm, SharedBuffer) {
+    let out = SharedBuffer::new();
+    let vm = Vm::restore(&open(paths), Box::new(out.clone()), generation).expect("restore");
+    (vm, out)
+}
+
+fn finish(vm: &Vm, out: &SharedBuffer) -> u64 {
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
+    seq_result(&out.text()).unwrap_or_else(|| panic!("no result in {}", out.text()))
+}
+
+/// A pseudo-random delay in [lo, hi) ms, different per call.
+fn jitter(lo: u64, hi: u64) -> Duration {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(lo + t % (hi - lo))
+}
+
+fn snap_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[test]
+fn snapshots_at_random_moments_restore_to_the_same_result() {
+    let want = seq_expected(N, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let (vm, out) = launch(&config(&format!("seq {N}"), 1, None));
+        std::thread::sleep(jitter(5, 60));
+        let path = snap_path(dir.path(), &format!("s{round}.snap"));
+        let info = vm.snapshot(&path, Kind::Full).expect("snapshot");
+        assert!(info.pages > 0);
+        // The original is not disturbed by the snapshot.
+        assert_eq!(finish(&vm, &out), want, "original, round {round}");
+        // The restored copy (same generation: it must not notice) computes the same result.
+        let (r, rout) = restore(&[&path], 0);
+        assert_eq!(finish(&r, &rout), want, "restored, round {round}");
+    }
+}
+
+#[test]
+fn a_diff_chain_restores() {
+    let want = seq_expected(N, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, out) = launch(&config(&format!("seq {N}"), 1, None));
+    let full = snap_path(dir.path(), "full.snap");
+    let d1 = snap_path(dir.path(), "d1.snap");
+    let d2 = snap_path(dir.path(), "d2.snap");
+    assert!(
+        vm.snapshot(&d1, Kind::Diff).is_err(),
+        "a diff needs a full snapshot first"
+    );
+    std::thread::sleep(jitter(2, 15));
+    vm.snapshot(&full, Kind::Full).unwrap();
+    std::thread::sleep(jitter(2, 15));
+    let i1 = vm.snapshot(&d1, Kind::Diff).unwrap();
+    std::thread::sleep(jitter(2, 15));
+    let i2 = vm.snapshot(&d2, Kind::Diff).unwrap();
+    assert_eq!(finish(&vm, &out), want);
+    assert!(i1.pages > 0 && i2.pages > 0);
+    let full_pages = Snapshot::open(&full, Verify::Full).unwrap().stored_pages();
+    assert!(
+        i2.pages < full_pages,
+        "a diff holds only what changed ({} vs {full_pages})",
+        i2.pages
+    );
+
+    for chain in [vec![&*full, &*d1, &*d2], vec![&*full, &*d1], vec![&*full]] {
+        let (r, rout) = restore(&chain, 0);
+        assert_eq!(finish(&r, &rout), want, "chain of {}", chain.len());
+    }
+    let e = Vm::restore(&open(&[&full, &d2]), Box::new(std::io::sink()), 0)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("is not a diff of"), "{e}");
+    let e = Vm::restore(&open(&[&d1]), Box::new(std::io::sink()), 0)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("starts with a full snapshot"), "{e}");
+}
+
+#[test]
+fn ten_clones_share_a_snapshot_and_diverge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, out) = launch(&config(&format!("seq {N}"), 1, None));
+    std::thread::sleep(jitter(10, 40));
+    let path = snap_path(dir.path(), "base.snap");
+    vm.snapshot(&path, Kind::Full).unwrap();
+    vm.stop();
+    vm.wait();
+    drop(out);
+    let clones: Vec<(Vm, SharedBuffer)> = (0..10).map(|k| restore(&[&path], 1000 + k)).collect();
+    let mut results = std::collections::HashSet::new();
+    for (k, (c, cout)) in clones.iter().enumerate() {
+        let r = finish(c, cout);
+        let text = cout.text();
+        let gens = seq_gens(&text);
+        assert_eq!(gens.len(), 1, "clone {k} saw its generation once: {text}");
+        assert_eq!(gens[0].0, 1000 + k as u64);
+        assert_eq!(r, seq_expected(N, &gens), "clone {k} computed wrongly");
+        results.insert(r);
+    }
+    assert_eq!(results.len(), 10, "each clone diverged into its own result");
+}
+
+#[test]
+fn bad_snapshots_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, out) = launch(&config(&format!("seq {N}"), 2, None));
+    std::thread::sleep(Duration::from_millis(20));
+    let path = snap_path(dir.path(), "s.snap");
+    vm.snapshot(&path, Kind::Full).unwrap();
+    vm.stop();
+    vm.wait();
+    drop(out);
+    let good = std::fs::read(&path).unwrap();
+    let bad = snap_path(dir.path(), "bad.snap");
+    let mut cases: Vec<(Vec<u8>, &str)> = vec![
+        (good[..good.len() / 2].to_vec(), "truncated"),
+        (good[..100].to_vec(), "section \"header\" is incomplete"),
+    ];
+    let mut flipped = good.clone();
+    flipped[4096 + 3] ^= 1;
+    cases.push((flipped, "section \"vm\" fails its checksum"));
+    let mut future = good.clone();
+    future[8] = 9;
+    cases.push((future, "format version 9"));
+    for (bytes, want) in cases {
+        std::fs::write(&bad, bytes).unwrap();
+        let e = Snapshot::open(&bad, Verify::Full)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(want), "{e:?} should mention {want:?}");
+    }
+}
