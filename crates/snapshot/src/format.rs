@@ -311,115 +311,161 @@ pub fn write<'a>(
     sections: &[SectionData],
     pages: impl Iterator<Item = (u64, &'a [u8])>,
 ) -> Result<WriteStats> {
-    if sections.len() + 1 > MAX_SECTIONS {
-        return Err(SnapshotError::Encode {
-            section: "header",
-            reason: "too many sections".into(),
-        });
-    }
-    let out = AtomicFile::create(path)?;
-    let f = &out.file;
-    let mut stats = WriteStats::default();
-    let mut table: Vec<(u32, u32, u64, u64, u32)> = Vec::new();
-    let mut at = HEADER_SIZE;
-    for s in sections {
-        f.write_all_at(&s.bytes, at).map_err(io_err(path))?;
-        table.push((
-            s.kind,
-            s.version,
-            at,
-            s.bytes.len() as u64,
-            crc32c::crc32c(&s.bytes),
-        ));
-        at = (at + s.bytes.len() as u64).next_multiple_of(8);
-        stats.bytes_written += s.bytes.len() as u64;
-    }
-    let mem_offset = at.next_multiple_of(MEM_ALIGN);
-    let npages = meta.mem_size / PAGE_SIZE;
-
-    // Coalesce consecutive pages into runs of up to RUN_PAGES, one write and one hash each.
-    let mut runs: Vec<Run> = Vec::new();
-    let mut buf: Vec<u8> = Vec::with_capacity((RUN_PAGES * PAGE_SIZE) as usize);
-    let mut run_first = 0u64;
-    let flush = |buf: &mut Vec<u8>, first: u64, runs: &mut Vec<Run>| -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        f.write_all_at(buf, mem_offset + first * PAGE_SIZE)
-            .map_err(io_err(path))?;
-        runs.push(Run {
-            first,
-            count: buf.len() as u64 / PAGE_SIZE,
-            hash: xxhash_rust::xxh3::xxh3_64(buf),
-        });
-        buf.clear();
-        Ok(())
-    };
-    let mut last: Option<u64> = None;
+    let mut w = Writer::create(path, meta, sections)?;
     for (p, bytes) in pages {
-        if p >= npages || bytes.len() as u64 != PAGE_SIZE || last.is_some_and(|l| p <= l) {
+        w.page(p, bytes)?;
+    }
+    w.finish()
+}
+
+/// A snapshot being written, page by page (ascending), then committed atomically by
+/// [`finish`](Self::finish); dropped unfinished, it leaves nothing behind.
+pub struct Writer {
+    out: AtomicFile,
+    path: PathBuf,
+    meta: SnapshotMeta,
+    table: Vec<(u32, u32, u64, u64, u32)>,
+    mem_offset: u64,
+    runs: Vec<Run>,
+    buf: Vec<u8>,
+    run_first: u64,
+    last: Option<u64>,
+    stats: WriteStats,
+}
+
+impl Writer {
+    /// Starts a snapshot file with its sections.
+    pub fn create(path: &Path, meta: &SnapshotMeta, sections: &[SectionData]) -> Result<Self> {
+        if sections.len() + 1 > MAX_SECTIONS {
+            return Err(SnapshotError::Encode {
+                section: "header",
+                reason: "too many sections".into(),
+            });
+        }
+        let out = AtomicFile::create(path)?;
+        let mut stats = WriteStats::default();
+        let mut table = Vec::new();
+        let mut at = HEADER_SIZE;
+        for s in sections {
+            out.file.write_all_at(&s.bytes, at).map_err(io_err(path))?;
+            table.push((
+                s.kind,
+                s.version,
+                at,
+                s.bytes.len() as u64,
+                crc32c::crc32c(&s.bytes),
+            ));
+            at = (at + s.bytes.len() as u64).next_multiple_of(8);
+            stats.bytes_written += s.bytes.len() as u64;
+        }
+        Ok(Self {
+            out,
+            path: path.to_path_buf(),
+            meta: meta.clone(),
+            table,
+            mem_offset: at.next_multiple_of(MEM_ALIGN),
+            runs: Vec::new(),
+            buf: Vec::with_capacity((RUN_PAGES * PAGE_SIZE) as usize),
+            run_first: 0,
+            last: None,
+            stats,
+        })
+    }
+
+    /// Adds page `p` (pages must come in ascending order).
+    pub fn page(&mut self, p: u64, bytes: &[u8]) -> Result<()> {
+        if p >= self.meta.mem_size / PAGE_SIZE
+            || bytes.len() as u64 != PAGE_SIZE
+            || self.last.is_some_and(|l| p <= l)
+        {
             return Err(SnapshotError::Encode {
                 section: "memory",
                 reason: format!("page {p} is out of order, out of range or not {PAGE_SIZE} bytes"),
             });
         }
-        last = Some(p);
-        if meta.kind == Kind::Full && is_zero(bytes) {
-            stats.zero_pages_skipped += 1;
-            continue;
+        self.last = Some(p);
+        if self.meta.kind == Kind::Full && is_zero(bytes) {
+            self.stats.zero_pages_skipped += 1;
+            return Ok(());
         }
-        let contiguous = !buf.is_empty() && run_first + buf.len() as u64 / PAGE_SIZE == p;
-        if !contiguous || buf.len() as u64 == RUN_PAGES * PAGE_SIZE {
-            flush(&mut buf, run_first, &mut runs)?;
-            run_first = p;
+        let contiguous =
+            !self.buf.is_empty() && self.run_first + self.buf.len() as u64 / PAGE_SIZE == p;
+        if !contiguous || self.buf.len() as u64 == RUN_PAGES * PAGE_SIZE {
+            self.flush_run()?;
+            self.run_first = p;
         }
-        buf.extend_from_slice(bytes);
-        stats.pages += 1;
+        self.buf.extend_from_slice(bytes);
+        self.stats.pages += 1;
+        Ok(())
     }
-    flush(&mut buf, run_first, &mut runs)?;
-    stats.bytes_written += stats.pages * PAGE_SIZE;
 
-    let index = SectionData::encode(section::MEMORY, 1, &runs)?;
-    let index_at = mem_offset + meta.mem_size;
-    f.write_all_at(&index.bytes, index_at)
-        .map_err(io_err(path))?;
-    table.push((
-        index.kind,
-        index.version,
-        index_at,
-        index.bytes.len() as u64,
-        crc32c::crc32c(&index.bytes),
-    ));
-
-    let mut h = vec![0u8; HEADER_SIZE as usize];
-    h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&(meta.kind as u32).to_le_bytes());
-    h[16..24].copy_from_slice(&meta.id.to_le_bytes());
-    h[24..32].copy_from_slice(&meta.parent.unwrap_or(0).to_le_bytes());
-    h[32..40].copy_from_slice(&meta.epoch.to_le_bytes());
-    h[40..48].copy_from_slice(&meta.created_unix_ns.to_le_bytes());
-    h[48..56].copy_from_slice(&meta.mem_size.to_le_bytes());
-    h[56..64].copy_from_slice(&mem_offset.to_le_bytes());
-    h[64..68].copy_from_slice(&(table.len() as u32).to_le_bytes());
-    for (i, (kind, version, offset, len, crc)) in table.iter().enumerate() {
-        let e = TABLE_AT + i * ENTRY_SIZE;
-        h[e..e + 4].copy_from_slice(&kind.to_le_bytes());
-        h[e + 4..e + 8].copy_from_slice(&version.to_le_bytes());
-        h[e + 8..e + 16].copy_from_slice(&offset.to_le_bytes());
-        h[e + 16..e + 24].copy_from_slice(&len.to_le_bytes());
-        h[e + 24..e + 28].copy_from_slice(&crc.to_le_bytes());
+    /// Coalesced pages go out as one write and one hash per run.
+    fn flush_run(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.out
+            .file
+            .write_all_at(&self.buf, self.mem_offset + self.run_first * PAGE_SIZE)
+            .map_err(io_err(&self.path))?;
+        self.runs.push(Run {
+            first: self.run_first,
+            count: self.buf.len() as u64 / PAGE_SIZE,
+            hash: xxhash_rust::xxh3::xxh3_64(&self.buf),
+        });
+        self.buf.clear();
+        Ok(())
     }
-    let crc = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
-    h[HEADER_SIZE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
-    f.write_all_at(&h, 0).map_err(io_err(path))?;
-    stats.bytes_written += HEADER_SIZE;
-    out.file
-        .set_len(index_at + index.bytes.len() as u64)
-        .map_err(io_err(path))?;
-    (&out.file).flush().map_err(io_err(path))?;
-    out.commit()?;
-    Ok(stats)
+
+    /// Writes the index and header, fsyncs and renames the file into place.
+    pub fn finish(mut self) -> Result<WriteStats> {
+        self.flush_run()?;
+        let path = self.path.clone();
+        let meta = &self.meta;
+        self.stats.bytes_written += self.stats.pages * PAGE_SIZE;
+        let index = SectionData::encode(section::MEMORY, 1, &self.runs)?;
+        let index_at = self.mem_offset + meta.mem_size;
+        let f = &self.out.file;
+        f.write_all_at(&index.bytes, index_at)
+            .map_err(io_err(&path))?;
+        self.table.push((
+            index.kind,
+            index.version,
+            index_at,
+            index.bytes.len() as u64,
+            crc32c::crc32c(&index.bytes),
+        ));
+
+        let mut h = vec![0u8; HEADER_SIZE as usize];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(meta.kind as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&meta.id.to_le_bytes());
+        h[24..32].copy_from_slice(&meta.parent.unwrap_or(0).to_le_bytes());
+        h[32..40].copy_from_slice(&meta.epoch.to_le_bytes());
+        h[40..48].copy_from_slice(&meta.created_unix_ns.to_le_bytes());
+        h[48..56].copy_from_slice(&meta.mem_size.to_le_bytes());
+        h[56..64].copy_from_slice(&self.mem_offset.to_le_bytes());
+        h[64..68].copy_from_slice(&(self.table.len() as u32).to_le_bytes());
+        for (i, (kind, version, offset, len, crc)) in self.table.iter().enumerate() {
+            let e = TABLE_AT + i * ENTRY_SIZE;
+            h[e..e + 4].copy_from_slice(&kind.to_le_bytes());
+            h[e + 4..e + 8].copy_from_slice(&version.to_le_bytes());
+            h[e + 8..e + 16].copy_from_slice(&offset.to_le_bytes());
+            h[e + 16..e + 24].copy_from_slice(&len.to_le_bytes());
+            h[e + 24..e + 28].copy_from_slice(&crc.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&h[..HEADER_SIZE as usize - 4]);
+        h[HEADER_SIZE as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+        f.write_all_at(&h, 0).map_err(io_err(&path))?;
+        self.stats.bytes_written += HEADER_SIZE;
+        f.set_len(index_at + index.bytes.len() as u64)
+            .map_err(io_err(&path))?;
+        (&self.out.file).flush().map_err(io_err(&path))?;
+        let stats = self.stats;
+        self.out.commit()?;
+        Ok(stats)
+    }
 }
 
 /// Whether to hash every memory run when opening.
@@ -682,6 +728,59 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The sections other than the memory index, as stored (for merging).
+    pub fn raw_sections(&self) -> Vec<SectionData> {
+        self.sections
+            .iter()
+            .filter(|(k, _, _)| *k != section::MEMORY)
+            .map(|(kind, version, bytes)| SectionData {
+                kind: *kind,
+                version: *version,
+                bytes: bytes.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Writes one full snapshot equal to the chain's end state (the newest snapshot's sections, each
+/// page from the newest snapshot that holds it): compaction without touching the VM.
+pub fn merge(chain: &[Snapshot], path: &Path, id: u64) -> Result<WriteStats> {
+    check_chain(chain)?;
+    let last = chain
+        .last()
+        .ok_or_else(|| SnapshotError::Chain("no snapshot given".into()))?;
+    let npages = last.meta.mem_size / PAGE_SIZE;
+    // For each page, the index (+1) of the newest snapshot holding it.
+    let mut owner = vec![0u8; npages as usize];
+    if chain.len() > u8::MAX as usize {
+        return Err(SnapshotError::Chain(
+            "more than 255 snapshots in one chain".into(),
+        ));
+    }
+    for (i, s) in chain.iter().enumerate() {
+        for r in &s.runs {
+            owner[r.first as usize..(r.first + r.count) as usize].fill(i as u8 + 1);
+        }
+    }
+    let meta = SnapshotMeta {
+        id,
+        parent: None,
+        kind: Kind::Full,
+        ..last.meta.clone()
+    };
+    let mut w = Writer::create(path, &meta, &last.raw_sections())?;
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for p in 0..npages {
+        let Some(i) = (owner[p as usize] as usize).checked_sub(1) else {
+            continue;
+        };
+        chain[i].read_memory(p * PAGE_SIZE, &mut buf)?;
+        w.page(p, &buf)?;
+    }
+    w.finish()
+}
+
 /// Checks that `snaps` form a restorable chain: a full snapshot, then diffs each of whose parent
 /// is the one before, all of one memory size.
 pub fn check_chain(snaps: &[Snapshot]) -> Result<()> {
@@ -904,6 +1003,28 @@ mod tests {
                 .contains("starts with a full snapshot")
         );
         assert!(check_chain(&[]).is_err());
+    }
+
+    #[test]
+    fn merging_a_chain_gives_its_end_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = sample(dir.path());
+        let d1 = dir.path().join("d1.snap");
+        write_test(&d1, Kind::Diff, 12, Some(11), &[(0, page(0)), (6, page(6))]);
+        let open = |p: &Path| Snapshot::open(p, Verify::Full).unwrap();
+        let merged = dir.path().join("m.snap");
+        merge(&[open(&base), open(&d1)], &merged, 99).unwrap();
+        let m = open(&merged);
+        assert_eq!(
+            (m.meta().kind, m.meta().id, m.meta().parent),
+            (Kind::Full, 99, None)
+        );
+        let mut b = page(0xff);
+        for (p, want) in [(0, 0u8), (1, 2), (5, 0), (6, 6), (63, 9), (7, 0)] {
+            m.read_memory(p * PAGE_SIZE, &mut b).unwrap();
+            assert_eq!(b, page(want), "page {p}");
+        }
+        assert_eq!(m.stored_pages(), 3, "zero pages are not stored");
     }
 
     #[test]

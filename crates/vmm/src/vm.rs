@@ -652,6 +652,16 @@ impl Vm {
         lock(&self.dirty).consumers.contains_key(consumer)
     }
 
+    /// Host address and length of guest memory (for write-protecting it).
+    pub fn host_memory_range(&self) -> (u64, u64) {
+        let base = vm_memory::GuestMemoryBackend::get_host_address(
+            &self.shared.mem,
+            vm_memory::GuestAddress(0),
+        )
+        .map_or(0, |p| p as u64);
+        (base, self.shared.layout.mem_size())
+    }
+
     /// The VM's description as snapshots record it.
     pub fn descriptor(&self) -> &VmDescriptor {
         &self.descriptor
@@ -741,9 +751,55 @@ impl Frozen<'_> {
         unsafe { memory::frozen_bytes(&self.vm.shared.mem, page * PAGE_SIZE, PAGE_SIZE) }
     }
 
+    /// All of guest memory as one slice.
+    pub fn all_memory(&self) -> Option<&[u8]> {
+        // SAFETY: while `self` exists the VM is paused (see `page`).
+        unsafe { memory::frozen_bytes(&self.vm.shared.mem, 0, self.mem_size()) }
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Vm {
         self.vm
+    }
+
+    /// Writes guest memory (a rollback putting pages back).
+    pub fn write_memory(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        vm_memory::Bytes::write_slice(&self.vm.shared.mem, bytes, vm_memory::GuestAddress(addr))
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Puts the VM back into `state` (vCPUs apply it as they resume; devices now). Memory is the
+    /// caller's to restore.
+    pub fn restore_state(&self, state: &SavedState) -> Result<()> {
+        if state.vcpus.len() != self.vm.shared.vcpu_slots.len() {
+            return Err(Error::Restore(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                self.vm.shared.vcpu_slots.len()
+            )));
+        }
+        for s in &state.vcpus {
+            let slot = self
+                .vm
+                .shared
+                .vcpu_slots
+                .get(s.id as usize)
+                .ok_or_else(|| Error::Restore(format!("no vCPU {}", s.id)))?;
+            *lock(&slot.restore) = Some(s.clone());
+            // The state is the vCPU's from now on. A freeze that comes before the vCPU thread has
+            // woken and applied it must see it, not the registers it had before the rollback.
+            *lock(&slot.captured) = Some(Ok(s.clone()));
+        }
+        self.vm
+            .shared
+            .ioq
+            .restore(state.devices.ioq.clone())
+            .map_err(|e| Error::Restore(e.to_string()))?;
+        // Wake every vCPU once after it resumes: its event flags belong to the abandoned future.
+        for id in 0..self.vm.shared.layout.vcpus() {
+            self.vm.shared.waiters.notify(id);
+        }
+        Ok(())
     }
 
     /// Lets the VM run again (unless its owner had paused it).

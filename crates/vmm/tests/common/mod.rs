@@ -1,5 +1,5 @@
 //! Helpers for the VM integration tests (real KVM, bundled guests).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::time::{Duration, Instant};
 
@@ -47,21 +47,7 @@ pub fn wait_for(out: &SharedBuffer, timeout: Duration, f: impl Fn(&str) -> bool)
     false
 }
 
-/// The test guest's `seq` computation, replayed on the host: `gens` are the (generation,
-/// step) pairs the guest reported mixing in.
-pub fn seq_expected(n: u64, gens: &[(u64, u64)]) -> u64 {
-    let mut hist = vec![0u64; 4096];
-    let mut x = 1u64;
-    for i in 0..n {
-        let y = (x ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        x = (y ^ (y >> 29)) ^ hist[(i % 4096) as usize];
-        hist[(i % 4096) as usize] = x >> 7;
-        if let Some((g, _)) = gens.iter().find(|(_, at)| *at == i) {
-            x ^= g;
-        }
-    }
-    x
-}
+pub use rebound_guests::testguest::seq_expected;
 
 /// The `result=` of a `seq done` line.
 pub fn seq_result(out: &str) -> Option<u64> {

@@ -1,0 +1,464 @@
+//! The epoch engine: checkpoints on a timer or on request, commits to sinks, releases held
+//! output once a checkpoint is safe, and rolls the VM back to its last checkpoint.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rebound_snapshot::{DirtySet, PAGE_SIZE};
+use rebound_vmm::Vm;
+use rebound_vmm::persist::SavedState;
+use serde::Serialize;
+
+use crate::Error;
+use crate::output::{OutputCommit, OutputStats};
+use crate::sink::{CheckpointData, Sink};
+use crate::strategy::{FrozenSource, PageSource, Strategy, StrategyKind};
+
+/// Shortest checkpoint interval accepted.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(5);
+/// Longest checkpoint interval accepted.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(10);
+const PAUSE_HISTORY: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn vm_err(e: rebound_vmm::Error) -> Error {
+    Error::Vm(e.to_string())
+}
+
+/// How a VM is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Checkpoint period (5 ms to 10 s); None: only on request.
+    pub interval: Option<Duration>,
+    /// How memory is captured.
+    pub strategy: StrategyKind,
+}
+
+impl EngineConfig {
+    /// Checks the interval's range.
+    pub fn validate(&self) -> Result<(), Error> {
+        match self.interval {
+            Some(i) if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&i) => Err(Error::Config(format!(
+                "interval_ms: {} is outside {}..={}",
+                i.as_millis(),
+                MIN_INTERVAL.as_millis(),
+                MAX_INTERVAL.as_millis()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct SinkSlot {
+    sink: Box<dyn Sink>,
+    /// Pages changed since this sink's last successful commit.
+    pending: DirtySet,
+    needs_full: bool,
+}
+
+struct Work {
+    strategy: Box<dyn Strategy>,
+    sinks: Vec<SinkSlot>,
+    epoch: u64,
+    /// The rollback target.
+    last: Option<(u64, SavedState)>,
+}
+
+#[derive(Default)]
+struct StatsInner {
+    epochs: u64,
+    pauses_us: VecDeque<f64>,
+    pause_max_us: f64,
+    dirty_last: u64,
+    dirty_total: u64,
+    commit_last_us: f64,
+    sink_errors: u64,
+    last_error: Option<String>,
+    rollbacks: u64,
+    acked_epoch: u64,
+}
+
+/// What one checkpoint did.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct CheckpointReport {
+    /// Its epoch.
+    pub epoch: u64,
+    /// How long the guest was paused, in microseconds.
+    pub pause_us: f64,
+    /// Pages captured.
+    pub dirty_pages: u64,
+    /// Time to commit to the sinks, in microseconds (inside the pause for synchronous strategies).
+    pub commit_us: f64,
+    /// Whether every sink acknowledged it.
+    pub acked: bool,
+}
+
+/// Pause-time summary in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PauseSummary {
+    /// Last checkpoint.
+    pub last: f64,
+    /// Median over recent checkpoints.
+    pub median: f64,
+    /// 99th percentile over recent checkpoints.
+    pub p99: f64,
+    /// Worst so far.
+    pub max: f64,
+}
+
+/// Engine counters (`GET /protection`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EngineStats {
+    /// The capture strategy.
+    pub strategy: StrategyKind,
+    /// The period, if periodic.
+    pub interval_ms: Option<f64>,
+    /// Checkpoints taken (the first, taken when protection starts, included).
+    pub epochs: u64,
+    /// Newest epoch every sink acknowledged.
+    pub acked_epoch: u64,
+    /// Pause times.
+    pub pause_us: PauseSummary,
+    /// Pages captured at the last checkpoint.
+    pub dirty_pages_last: u64,
+    /// Pages captured in all.
+    pub dirty_pages_total: u64,
+    /// Last commit time in microseconds.
+    pub commit_us_last: f64,
+    /// Failed sink commits.
+    pub sink_errors: u64,
+    /// The last sink error.
+    pub last_error: Option<String>,
+    /// Rollbacks done.
+    pub rollbacks: u64,
+    /// Held and released output.
+    pub output: OutputStats,
+}
+
+struct Inner {
+    vm: Arc<Vm>,
+    output: Arc<OutputCommit>,
+    config: EngineConfig,
+    work: Mutex<Work>,
+    stopping: Mutex<bool>,
+    wake: Condvar,
+    stats: Mutex<StatsInner>,
+}
+
+/// A VM's checkpoint engine.
+pub struct Engine {
+    inner: Arc<Inner>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn commit_sinks(
+    sinks: &mut [SinkSlot],
+    epoch: u64,
+    state: &SavedState,
+    mem_size: u64,
+    source: &dyn PageSource,
+    stats: &Mutex<StatsInner>,
+) -> bool {
+    let mut ok = true;
+    for slot in sinks.iter_mut() {
+        let cp = CheckpointData {
+            epoch,
+            state,
+            mem_size,
+            pages: &slot.pending,
+            full: slot.needs_full,
+            source,
+        };
+        match slot.sink.commit(&cp) {
+            Ok(()) => {
+                slot.pending.clear();
+                slot.needs_full = false;
+            }
+            Err(e) => {
+                ok = false;
+                tracing::error!(epoch, "checkpoint not acknowledged: {e}");
+                let mut s = lock(stats);
+                s.sink_errors += 1;
+                s.last_error = Some(e.to_string());
+            }
+        }
+    }
+    ok
+}
+
+impl Engine {
+    /// Starts protecting `vm`: takes the first checkpoint now (a full copy for the strategy and
+    /// every sink), holds the guest's output from here on, and checkpoints every
+    /// `config.interval`. `output` must be the VM's console writer's owner.
+    pub fn start(
+        vm: Arc<Vm>,
+        output: Arc<OutputCommit>,
+        config: EngineConfig,
+        sinks: Vec<Box<dyn Sink>>,
+    ) -> Result<Engine, Error> {
+        config.validate()?;
+        let mem_size = vm.descriptor().mem_size;
+        let pages = mem_size / PAGE_SIZE;
+        let mut strategy = config.strategy.build(mem_size);
+        let mut slots: Vec<SinkSlot> = sinks
+            .into_iter()
+            .map(|sink| SinkSlot {
+                sink,
+                pending: DirtySet::new(pages),
+                needs_full: true,
+            })
+            .collect();
+        let stats = Mutex::new(StatsInner::default());
+        let t0 = Instant::now();
+        let frozen = vm.freeze().map_err(vm_err)?;
+        output.hold();
+        strategy.start(&frozen)?;
+        let state = frozen.state().clone();
+        let ok = commit_sinks(
+            &mut slots,
+            1,
+            &state,
+            mem_size,
+            &FrozenSource(&frozen),
+            &stats,
+        );
+        let pause = t0.elapsed();
+        frozen.thaw().map_err(vm_err)?;
+        if !ok {
+            // Protection without a working sink would hold output forever: refuse to start.
+            let _ = output.pass_through();
+            let reason = lock(&stats).last_error.clone().unwrap_or_default();
+            return Err(Error::Sink {
+                sink: "initial checkpoint".into(),
+                reason,
+            });
+        }
+        {
+            let mut s = lock(&stats);
+            s.epochs = 1;
+            s.acked_epoch = 1;
+            s.pauses_us.push_back(pause.as_secs_f64() * 1e6);
+            s.pause_max_us = pause.as_secs_f64() * 1e6;
+        }
+        tracing::info!(strategy = config.strategy.name(), ?pause, "VM protected");
+        let inner = Arc::new(Inner {
+            vm,
+            output,
+            config,
+            work: Mutex::new(Work {
+                strategy,
+                sinks: slots,
+                epoch: 1,
+                last: Some((1, state)),
+            }),
+            stopping: Mutex::new(false),
+            wake: Condvar::new(),
+            stats,
+        });
+        let ticker = match config.interval {
+            None => None,
+            Some(period) => {
+                let i = inner.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("rebound-checkpoint".into())
+                        .spawn(move || tick(&i, period))
+                        .map_err(|e| {
+                            Error::Config(format!("cannot start the checkpoint thread: {e}"))
+                        })?,
+                )
+            }
+        };
+        Ok(Engine {
+            inner,
+            ticker: Mutex::new(ticker),
+        })
+    }
+
+    /// Takes a checkpoint now.
+    pub fn checkpoint(&self) -> Result<CheckpointReport, Error> {
+        checkpoint(&self.inner)
+    }
+
+    /// Puts the VM back to its last checkpoint: memory, vCPUs and devices as they were, output
+    /// produced since dropped (the guest produces it again). Returns the checkpoint's epoch.
+    pub fn rollback(&self) -> Result<u64, Error> {
+        let inner = &self.inner;
+        let mut w = lock(&inner.work);
+        let Work { strategy, last, .. } = &mut *w;
+        let (epoch, state) = last.clone().ok_or(Error::NoCheckpoint)?;
+        let frozen = inner.vm.freeze().map_err(vm_err)?;
+        let dirty = strategy.dirty(&frozen)?;
+        strategy.rollback(&frozen, &dirty)?;
+        frozen.restore_state(&state).map_err(vm_err)?;
+        inner.output.discard_after(epoch);
+        frozen.thaw().map_err(vm_err)?;
+        lock(&inner.stats).rollbacks += 1;
+        tracing::info!(epoch, pages = dirty.count(), "VM rolled back");
+        Ok(epoch)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        let s = lock(&self.inner.stats);
+        let mut sorted: Vec<f64> = s.pauses_us.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            sorted
+                .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        EngineStats {
+            strategy: self.inner.config.strategy,
+            interval_ms: self.inner.config.interval.map(|d| d.as_secs_f64() * 1e3),
+            epochs: s.epochs,
+            acked_epoch: s.acked_epoch,
+            pause_us: PauseSummary {
+                last: s.pauses_us.back().copied().unwrap_or(0.0),
+                median: pct(0.5),
+                p99: pct(0.99),
+                max: s.pause_max_us,
+            },
+            dirty_pages_last: s.dirty_last,
+            dirty_pages_total: s.dirty_total,
+            commit_us_last: s.commit_last_us,
+            sink_errors: s.sink_errors,
+            last_error: s.last_error.clone(),
+            rollbacks: s.rollbacks,
+            output: self.inner.output.stats(),
+        }
+    }
+
+    /// Stops protecting: no more checkpoints, held output released, the strategy's resources
+    /// (shadow, write protection) freed. The VM keeps running.
+    pub fn stop(&self) {
+        *lock(&self.inner.stopping) = true;
+        self.inner.wake.notify_all();
+        if let Some(t) = lock(&self.ticker).take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.inner.output.pass_through() {
+            tracing::error!("cannot release held output: {e}");
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tick(inner: &Inner, period: Duration) {
+    let mut next = Instant::now() + period;
+    loop {
+        {
+            let mut stop = lock(&inner.stopping);
+            loop {
+                if *stop {
+                    return;
+                }
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                stop = inner
+                    .wake
+                    .wait_timeout(stop, next - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        next += period;
+        // A checkpoint slower than the period pushes the next one back rather than bunching up.
+        let now = Instant::now();
+        if next < now {
+            next = now + period;
+        }
+        if let Err(e) = checkpoint(inner) {
+            if inner.vm.outcome().is_some() {
+                // The guest is gone: nothing can roll back any more, so nothing stays held.
+                let _ = inner.output.pass_through();
+                return;
+            }
+            tracing::error!("checkpoint failed: {e}");
+            let mut s = lock(&inner.stats);
+            s.last_error = Some(e.to_string());
+        }
+    }
+}
+
+fn checkpoint(inner: &Inner) -> Result<CheckpointReport, Error> {
+    let mut w = lock(&inner.work);
+    let Work {
+        strategy,
+        sinks,
+        epoch,
+        last,
+    } = &mut *w;
+    let t0 = Instant::now();
+    let frozen = inner.vm.freeze().map_err(vm_err)?;
+    let dirty = strategy.dirty(&frozen)?;
+    strategy.capture(&frozen, &dirty)?;
+    let e = *epoch + 1;
+    *epoch = e;
+    for s in sinks.iter_mut() {
+        s.pending.union(&dirty);
+    }
+    inner.output.seal(e);
+    let mem_size = frozen.mem_size();
+    let (_, state) = last.insert((e, frozen.state().clone()));
+    let mut acked = true;
+    let mut commit = Duration::ZERO;
+    let asynchronous = strategy.async_source().is_some();
+    if !asynchronous {
+        let tc = Instant::now();
+        acked = commit_sinks(
+            sinks,
+            e,
+            state,
+            mem_size,
+            &FrozenSource(&frozen),
+            &inner.stats,
+        );
+        commit = tc.elapsed();
+    }
+    let pause = t0.elapsed();
+    frozen.thaw().map_err(vm_err)?;
+    if let Some(source) = strategy.async_source() {
+        let tc = Instant::now();
+        acked = commit_sinks(sinks, e, state, mem_size, source, &inner.stats);
+        commit = tc.elapsed();
+        strategy.settle();
+    }
+    if acked && let Err(err) = inner.output.release(e) {
+        tracing::error!("cannot release output: {err}");
+    }
+    let report = CheckpointReport {
+        epoch: e,
+        pause_us: pause.as_secs_f64() * 1e6,
+        dirty_pages: dirty.count(),
+        commit_us: commit.as_secs_f64() * 1e6,
+        acked,
+    };
+    let mut s = lock(&inner.stats);
+    s.epochs += 1;
+    if acked {
+        s.acked_epoch = e;
+    }
+    if s.pauses_us.len() == PAUSE_HISTORY {
+        s.pauses_us.pop_front();
+    }
+    s.pauses_us.push_back(report.pause_us);
+    s.pause_max_us = s.pause_max_us.max(report.pause_us);
+    s.dirty_last = report.dirty_pages;
+    s.dirty_total += report.dirty_pages;
+    s.commit_last_us = report.commit_us;
+    Ok(report)
+}

@@ -1,0 +1,42 @@
+//! Rebound's checkpoint engine.
+//!
+//! One engine per VM takes checkpoints in epochs (every N ms, or on request): pause the vCPUs,
+//! take the pages written since the last checkpoint, capture vCPU and device state, hand memory
+//! to the [`strategy`], resume, and commit to the [`sink`]s. [`output`] holds what the guest sends
+//! out until the checkpoint after it is safe, so a [rollback](engine::Engine::rollback) never
+//! repeats or loses output. See `docs/checkpoint.md`.
+
+pub mod engine;
+pub mod output;
+pub mod sink;
+pub mod strategy;
+mod uffd;
+
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use output::OutputCommit;
+pub use strategy::StrategyKind;
+
+/// Errors of the checkpoint engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VM refused an operation (pause, state capture, dirty log).
+    #[error("VM: {0}")]
+    Vm(String),
+    /// The strategy failed.
+    #[error("capture strategy: {0}")]
+    Strategy(String),
+    /// A sink failed to store a checkpoint.
+    #[error("sink {sink}: {reason}")]
+    Sink {
+        /// Which sink.
+        sink: String,
+        /// Why.
+        reason: String,
+    },
+    /// There is no checkpoint to go back to.
+    #[error("no checkpoint has been taken yet")]
+    NoCheckpoint,
+    /// A configuration value is out of range.
+    #[error("{0}")]
+    Config(String),
+}

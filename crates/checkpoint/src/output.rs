@@ -1,0 +1,197 @@
+//! Output commit: what the guest sends out is released only once the checkpoint that follows it
+//! is safe (acknowledged by the sinks), so a rollback never repeats or loses output.
+//!
+//! Bytes written during epoch `e` (between checkpoints `e - 1` and `e`) are held; checkpoint
+//! `e` seals them; when the sinks acknowledge `e` they are written out. A rollback to
+//! checkpoint `c` drops everything not yet sealed (the guest will produce it again from `c`).
+//! When no engine runs, output passes straight through.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Held output, shared by the console (writer side) and the engine (seal / release / discard).
+pub struct OutputCommit {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    out: Box<dyn Write + Send>,
+    holding: bool,
+    /// Written since the last checkpoint.
+    open: Vec<u8>,
+    /// Sealed by a checkpoint, waiting for its acknowledgement.
+    sealed: BTreeMap<u64, Vec<u8>>,
+    released_bytes: u64,
+    discarded_bytes: u64,
+}
+
+/// Counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutputStats {
+    /// Bytes written out.
+    pub released_bytes: u64,
+    /// Bytes dropped by rollbacks.
+    pub discarded_bytes: u64,
+    /// Bytes held now.
+    pub held_bytes: u64,
+}
+
+impl OutputCommit {
+    /// Output to `out`, passing through until [`hold`](Self::hold).
+    pub fn new(out: Box<dyn Write + Send>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                out,
+                holding: false,
+                open: Vec::new(),
+                sealed: BTreeMap::new(),
+                released_bytes: 0,
+                discarded_bytes: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A writer for the guest console.
+    pub fn writer(self: &Arc<Self>) -> Box<dyn Write + Send> {
+        Box::new(Writer(self.clone()))
+    }
+
+    /// Starts holding output (the VM runs protected from now on).
+    pub fn hold(&self) {
+        self.lock().holding = true;
+    }
+
+    /// Stops holding: everything held is released now.
+    pub fn pass_through(&self) -> io::Result<()> {
+        let mut g = self.lock();
+        g.holding = false;
+        let sealed = std::mem::take(&mut g.sealed);
+        for (_, bytes) in sealed {
+            Self::emit(&mut g, &bytes)?;
+        }
+        let open = std::mem::take(&mut g.open);
+        Self::emit(&mut g, &open)
+    }
+
+    fn emit(g: &mut Inner, bytes: &[u8]) -> io::Result<()> {
+        if !bytes.is_empty() {
+            g.out.write_all(bytes)?;
+            g.out.flush()?;
+            g.released_bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Checkpoint `epoch` was taken: what was written since the previous one belongs to it.
+    pub fn seal(&self, epoch: u64) {
+        let mut g = self.lock();
+        let open = std::mem::take(&mut g.open);
+        if !open.is_empty() {
+            g.sealed.entry(epoch).or_default().extend_from_slice(&open);
+        }
+    }
+
+    /// Checkpoint `epoch` is safe: release its output and any earlier.
+    pub fn release(&self, epoch: u64) -> io::Result<()> {
+        let mut g = self.lock();
+        let later = g.sealed.split_off(&(epoch + 1));
+        let ready = std::mem::replace(&mut g.sealed, later);
+        for (_, bytes) in ready {
+            Self::emit(&mut g, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The VM went back to checkpoint `epoch`: output written after it will be produced again.
+    pub fn discard_after(&self, epoch: u64) {
+        let mut g = self.lock();
+        let later = g.sealed.split_off(&(epoch + 1));
+        let open = std::mem::take(&mut g.open);
+        g.discarded_bytes +=
+            open.len() as u64 + later.values().map(|v| v.len() as u64).sum::<u64>();
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> OutputStats {
+        let g = self.lock();
+        OutputStats {
+            released_bytes: g.released_bytes,
+            discarded_bytes: g.discarded_bytes,
+            held_bytes: g.open.len() as u64
+                + g.sealed.values().map(|v| v.len() as u64).sum::<u64>(),
+        }
+    }
+}
+
+struct Writer(Arc<OutputCommit>);
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut g = self.0.lock();
+        if g.holding {
+            g.open.extend_from_slice(buf);
+        } else {
+            g.out.write_all(buf)?;
+            g.released_bytes += buf.len() as u64;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut g = self.0.lock();
+        if g.holding { Ok(()) } else { g.out.flush() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn held_output_is_released_in_order_and_rolled_back_output_dropped() {
+        let out = Sink::default();
+        let oc = OutputCommit::new(Box::new(out.clone()));
+        let mut w = oc.writer();
+        w.write_all(b"a").unwrap();
+        oc.hold();
+        w.write_all(b"b").unwrap();
+        oc.seal(1);
+        w.write_all(b"c").unwrap();
+        oc.seal(2);
+        w.write_all(b"X").unwrap(); // will be rolled back
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"a");
+        oc.release(1).unwrap();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"ab");
+        oc.discard_after(2);
+        w.write_all(b"d").unwrap();
+        oc.seal(3);
+        oc.release(3).unwrap();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"abcd");
+        let s = oc.stats();
+        assert_eq!(
+            (s.released_bytes, s.discarded_bytes, s.held_bytes),
+            (4, 1, 0)
+        );
+        w.write_all(b"e").unwrap();
+        oc.pass_through().unwrap();
+        w.write_all(b"f").unwrap();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"abcdef");
+    }
+}

@@ -1,0 +1,181 @@
+//! Sinks: where checkpoints go. A sink acknowledges a checkpoint by returning from
+//! [`Sink::commit`] once it is durable (written and fsynced) or received. This module has the
+//! snapshot-directory sink; the crash-recovery shadow and the remote standby implement the same
+//! trait.
+
+use std::path::{Path, PathBuf};
+
+use rebound_snapshot::format::{self, Verify};
+use rebound_snapshot::{DirtySet, Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
+use rebound_vmm::persist::{SavedState, new_id};
+
+use crate::Error;
+use crate::strategy::PageSource;
+
+/// One checkpoint, as a sink sees it.
+pub struct CheckpointData<'a> {
+    /// Its epoch number.
+    pub epoch: u64,
+    /// vCPU, device and VM state.
+    pub state: &'a SavedState,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Pages changed since this sink's previous commit (ignored when `full`).
+    pub pages: &'a DirtySet,
+    /// The sink has nothing yet (or asked for everything): send all of memory.
+    pub full: bool,
+    /// Page contents as of the checkpoint.
+    pub source: &'a dyn PageSource,
+}
+
+/// A checkpoint destination.
+pub trait Sink: Send {
+    /// A name for messages and metrics.
+    fn name(&self) -> String;
+
+    /// Stores or sends `cp`; returning `Ok` acknowledges it (durable or received).
+    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error>;
+}
+
+/// Writes each checkpoint as a snapshot file in a directory: a full one first, then diffs,
+/// merged into a new full file (without touching the VM) once the chain is `max_chain` long.
+/// `rebound restore --dir` restores its newest chain.
+pub struct SnapshotDir {
+    dir: PathBuf,
+    max_chain: usize,
+    chain: Vec<(PathBuf, u64)>,
+    seq: u64,
+}
+
+impl SnapshotDir {
+    /// A sink writing into `dir` (created if needed).
+    pub fn new(dir: &Path, max_chain: usize) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Sink {
+            sink: dir.display().to_string(),
+            reason: format!("cannot create the directory: {e}"),
+        })?;
+        let seq = list(dir)?.last().map_or(0, |(s, _)| *s);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_chain: max_chain.max(1),
+            chain: Vec::new(),
+            seq,
+        })
+    }
+
+    fn err(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Sink {
+            sink: self.name(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn compact(&mut self) -> Result<(), Error> {
+        let snaps = self
+            .chain
+            .iter()
+            .map(|(p, _)| Snapshot::open(p, Verify::Metadata))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        self.seq += 1;
+        let path = self.dir.join(format!("{:010}-full.snap", self.seq));
+        let id = new_id();
+        format::merge(&snaps, &path, id).map_err(|e| self.err(e))?;
+        for (old, _) in std::mem::replace(&mut self.chain, vec![(path, id)]) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+}
+
+impl Sink for SnapshotDir {
+    fn name(&self) -> String {
+        format!("snapshot-dir:{}", self.dir.display())
+    }
+
+    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        let full = cp.full || self.chain.is_empty();
+        let kind = if full { Kind::Full } else { Kind::Diff };
+        let id = new_id();
+        let meta = SnapshotMeta {
+            id,
+            parent: (!full)
+                .then(|| self.chain.last().map(|(_, id)| *id))
+                .flatten(),
+            epoch: cp.epoch,
+            kind,
+            mem_size: cp.mem_size,
+            created_unix_ns: cp.state.devices.clock_ns,
+        };
+        let sections = cp.state.sections().map_err(|e| self.err(e))?;
+        self.seq += 1;
+        let path = self.dir.join(format!(
+            "{:010}-{}.snap",
+            self.seq,
+            if full { "full" } else { "diff" }
+        ));
+        let mut w = format::Writer::create(&path, &meta, &sections).map_err(|e| self.err(e))?;
+        let npages = cp.mem_size / PAGE_SIZE;
+        let pages: Box<dyn Iterator<Item = u64>> = if full {
+            Box::new(0..npages)
+        } else {
+            Box::new(cp.pages.iter())
+        };
+        for p in pages {
+            let bytes = cp
+                .source
+                .page(p)
+                .ok_or_else(|| self.err(format!("page {p} is not available")))?;
+            w.page(p, bytes).map_err(|e| self.err(e))?;
+        }
+        w.finish().map_err(|e| self.err(e))?;
+        let old_chain = if full {
+            std::mem::take(&mut self.chain)
+        } else {
+            Vec::new()
+        };
+        self.chain.push((path, id));
+        for (old, _) in old_chain {
+            let _ = std::fs::remove_file(old);
+        }
+        if self.chain.len() > self.max_chain {
+            self.compact()?;
+        }
+        Ok(())
+    }
+}
+
+/// The snapshot files in `dir`, by sequence number.
+fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Sink {
+        sink: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((seq, rest)) = name.split_once('-')
+            && rest.ends_with(".snap")
+            && let Ok(seq) = seq.parse::<u64>()
+        {
+            out.push((seq, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest restorable chain in a snapshot directory: the last full snapshot and the diffs
+/// after it that extend it (a diff left half-written by a crash is not in the directory:
+/// files appear only once complete).
+pub fn newest_chain(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let files = list(dir)?;
+    let start = files
+        .iter()
+        .rposition(|(_, p)| p.to_string_lossy().ends_with("-full.snap"))
+        .ok_or_else(|| Error::Sink {
+            sink: dir.display().to_string(),
+            reason: "no full snapshot in the directory".into(),
+        })?;
+    Ok(files[start..].iter().map(|(_, p)| p.clone()).collect())
+}

@@ -1,0 +1,215 @@
+//! Capture strategies: how a checkpoint records memory, and how a rollback puts it back.
+//!
+//! | strategy | at a checkpoint (VM paused) | sinks committed | rollback from |
+//! | --- | --- | --- | --- |
+//! | [`full::Full`] | copy all memory to a shadow | while paused | the shadow (all pages) |
+//! | [`post_image::PostImage`] | copy dirty pages to the shadow | while paused | the shadow (pages dirtied since) |
+//! | [`double_buffered::DoubleBuffered`] | copy dirty pages to a staging buffer | after resuming, with the shadow updated then | the shadow |
+//! | [`pre_image::PreImage`] | re-protect written pages (userfaultfd) | while paused | the undo log of old page contents |
+
+pub mod double_buffered;
+pub mod full;
+pub mod post_image;
+pub mod pre_image;
+
+use rebound_snapshot::{DirtySet, PAGE_SIZE};
+use rebound_vmm::vm::Frozen;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The strategies, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    /// Copy all memory at every checkpoint (the baseline).
+    Full,
+    /// Copy the pages written since the last checkpoint.
+    PostImage,
+    /// Copy dirty pages to staging while paused; write the shadow and sinks while the guest runs.
+    DoubleBuffered,
+    /// Save a page's old contents before its first write in an epoch (userfaultfd write-protect).
+    PreImage,
+}
+
+impl StrategyKind {
+    /// Every strategy.
+    pub const ALL: [StrategyKind; 4] = [
+        Self::Full,
+        Self::PostImage,
+        Self::DoubleBuffered,
+        Self::PreImage,
+    ];
+
+    /// Builds the strategy for `mem_size` bytes of guest memory.
+    pub fn build(self, mem_size: u64) -> Box<dyn Strategy> {
+        match self {
+            Self::Full => Box::new(full::Full::new(mem_size)),
+            Self::PostImage => Box::new(post_image::PostImage::new(mem_size)),
+            Self::DoubleBuffered => Box::new(double_buffered::DoubleBuffered::new(mem_size)),
+            Self::PreImage => Box::new(pre_image::PreImage::new(mem_size)),
+        }
+    }
+
+    /// The name used in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::PostImage => "post_image",
+            Self::DoubleBuffered => "double_buffered",
+            Self::PreImage => "pre_image",
+        }
+    }
+}
+
+/// Page contents as of the last checkpoint, for sinks.
+pub trait PageSource: Sync {
+    /// Page `p`'s bytes, if this source has them.
+    fn page(&self, p: u64) -> Option<&[u8]>;
+}
+
+/// A capture strategy. The engine calls it with the VM frozen except for `settle`.
+pub trait Strategy: Send {
+    /// Which one.
+    fn kind(&self) -> StrategyKind;
+
+    /// Takes the baseline when protection starts.
+    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error>;
+
+    /// The pages written since the last checkpoint (or since `start`).
+    fn dirty(&mut self, frozen: &Frozen<'_>) -> Result<DirtySet, Error>;
+
+    /// Records the checkpoint. `dirty` is what [`dirty`](Self::dirty) returned.
+    fn capture(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error>;
+
+    /// For strategies whose sinks are committed after the VM resumes: memory as of the last
+    /// checkpoint. Synchronous strategies return None: their sinks read the paused VM.
+    fn async_source(&self) -> Option<&dyn PageSource> {
+        None
+    }
+
+    /// After an asynchronous commit: fold what was captured into the rollback image.
+    fn settle(&mut self) {}
+
+    /// Makes memory equal to the last checkpoint's. `dirty` = pages written since it.
+    fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error>;
+}
+
+/// A full copy of guest memory as of the last checkpoint.
+pub struct Shadow {
+    bytes: Vec<u8>,
+}
+
+impl Shadow {
+    /// An all-zero shadow (pages are allocated by the OS on first write).
+    pub fn new(mem_size: u64) -> Self {
+        Self {
+            bytes: vec![0; mem_size as usize],
+        }
+    }
+
+    fn range(p: u64) -> std::ops::Range<usize> {
+        (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize
+    }
+
+    /// Copies page `p` from frozen guest memory.
+    pub fn copy_in(&mut self, frozen: &Frozen<'_>, p: u64) {
+        if let (Some(src), Some(dst)) = (frozen.page(p), self.bytes.get_mut(Self::range(p))) {
+            dst.copy_from_slice(src);
+        }
+    }
+
+    /// Copies all of frozen guest memory (one bulk copy).
+    pub fn copy_all(&mut self, frozen: &Frozen<'_>) {
+        if let Some(src) = frozen.all_memory()
+            && src.len() == self.bytes.len()
+        {
+            self.bytes.copy_from_slice(src);
+        }
+    }
+
+    /// All of it.
+    pub fn all(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Overwrites page `p` with `bytes`.
+    pub fn store(&mut self, p: u64, bytes: &[u8]) {
+        if let Some(dst) = self.bytes.get_mut(Self::range(p)) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    /// Writes the shadow's page `p` back into guest memory.
+    pub fn restore_page(&self, frozen: &Frozen<'_>, p: u64) -> Result<(), Error> {
+        match self.bytes.get(Self::range(p)) {
+            Some(b) => write_page(frozen, p, b),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PageSource for Shadow {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        self.bytes.get(Self::range(p))
+    }
+}
+
+/// Pages copied at a checkpoint, in ascending page order.
+#[derive(Default)]
+pub struct Staging {
+    pages: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl Staging {
+    /// Replaces the contents with the pages of `set` copied from frozen memory.
+    pub fn fill(&mut self, frozen: &Frozen<'_>, set: &DirtySet) {
+        self.pages.clear();
+        self.data.clear();
+        for p in set.iter() {
+            if let Some(b) = frozen.page(p) {
+                self.pages.push(p);
+                self.data.extend_from_slice(b);
+            }
+        }
+    }
+
+    /// The staged pages and their bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.pages
+            .iter()
+            .copied()
+            .zip(self.data.chunks_exact(PAGE_SIZE as usize))
+    }
+
+    /// Empties it (keeping the allocation).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.data.clear();
+    }
+}
+
+impl PageSource for Staging {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        let i = self.pages.binary_search(&p).ok()?;
+        self.data
+            .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+    }
+}
+
+/// Writes page `p` of guest memory (a rollback).
+pub(crate) fn write_page(frozen: &Frozen<'_>, p: u64, bytes: &[u8]) -> Result<(), Error> {
+    frozen
+        .write_memory(p * PAGE_SIZE, bytes)
+        .map_err(|e| Error::Vm(e.to_string()))
+}
+
+/// The paused VM's memory, for synchronous commits.
+pub struct FrozenSource<'a, 'b>(pub &'a Frozen<'b>);
+
+impl PageSource for FrozenSource<'_, '_> {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        self.0.page(p)
+    }
+}

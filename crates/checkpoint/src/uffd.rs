@@ -1,0 +1,171 @@
+//! A userfaultfd in write-protect mode over guest memory: the kernel stops the first write to a
+//! protected page (by the guest through KVM, or by a VMM thread) until the handler has seen it.
+//! Only the raw syscalls live here; the undo log is in `strategy::pre_image`.
+//!
+//! Measured on this project's PVM hosts: one write-protect fault round trip costs 70-145 us as
+//! seen by the guest (see docs/checkpoint.md).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// A write-protect userfaultfd registered over one host range.
+pub struct Uffd {
+    file: File,
+    start: u64,
+    len: u64,
+}
+
+fn ioctl<T>(fd: &File, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is a live, correctly laid out `repr(C)` struct for `req` (see the kernel's
+    // uapi/linux/userfaultfd.h), and the kernel writes at most its size.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Uffd {
+    /// Opens a userfaultfd and registers `[start, start + len)` (host addresses of guest memory)
+    /// for write-protect faults.
+    pub fn register(start: u64, len: u64) -> io::Result<Self> {
+        // SAFETY: a plain syscall with flags; the result is checked.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            ioctls: 0,
+        };
+        ioctl(&file, UFFDIO_API, &mut api)?;
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(&file, UFFDIO_REGISTER, &mut reg)?;
+        Ok(Self { file, start, len })
+    }
+
+    /// Write-protects (`true`) or releases (`false`, waking a blocked writer) a range.
+    pub fn protect(&self, start: u64, len: u64, on: bool) -> io::Result<()> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        ioctl(&self.file, UFFDIO_WRITEPROTECT, &mut wp)
+    }
+
+    /// Protects the whole registered range.
+    pub fn protect_all(&self) -> io::Result<()> {
+        self.protect(self.start, self.len, true)
+    }
+
+    /// Waits up to `timeout_ms` for faults; returns the host addresses of write-protect faults
+    /// read (possibly none).
+    pub fn read_faults(&self, timeout_ms: i32) -> io::Result<Vec<u64>> {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(Vec::new())
+            } else {
+                Err(e)
+            };
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 32 * 64];
+        loop {
+            // SAFETY: reads into a buffer of the given length.
+            let r =
+                unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r <= 0 {
+                break;
+            }
+            for msg in buf[..r as usize].chunks_exact(32) {
+                let flags = u64::from_le_bytes(msg[8..16].try_into().unwrap_or_default());
+                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap_or_default());
+                if msg[0] == UFFD_EVENT_PAGEFAULT && flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                    out.push(addr);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a fault is waiting to be read.
+    pub fn pending(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+}
+
+impl Drop for Uffd {
+    fn drop(&mut self) {
+        let mut r = UffdioRange {
+            start: self.start,
+            len: self.len,
+        };
+        let _ = ioctl(&self.file, UFFDIO_UNREGISTER, &mut r);
+    }
+}
