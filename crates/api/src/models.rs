@@ -146,3 +146,86 @@ pub struct FullVmConfiguration {
     /// The drives.
     pub drives: Vec<Drive>,
 }
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where to write the snapshot (memory included: Rebound keeps one file).
+    pub snapshot_path: String,
+    /// "Full" (default) or "Diff" (pages written since this VM's previous snapshot).
+    #[serde(default)]
+    pub snapshot_type: Option<SnapshotType>,
+    /// Accepted for Firecracker compatibility and ignored: memory is inside `snapshot_path`.
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Accepted for Firecracker compatibility and ignored.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Snapshot kinds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SnapshotType {
+    /// Everything.
+    Full,
+    /// Pages written since the previous snapshot.
+    Diff,
+}
+
+/// Firecracker's memory backend description (accepted, not needed).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// "File" or "Uffd".
+    pub backend_type: String,
+    /// Path.
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The snapshot (a full one; diffs go in `diff_snapshot_paths`).
+    pub snapshot_path: String,
+    /// Diffs to apply over it, oldest first (Rebound extension).
+    #[serde(default)]
+    pub diff_snapshot_paths: Vec<String>,
+    /// Run at once instead of staying paused.
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// What the guest's GENERATION hypercall returns from now on (Rebound extension; default
+    /// a new value).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// Accepted for Firecracker compatibility and ignored.
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Accepted for Firecracker compatibility and ignored.
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Accepted for Firecracker compatibility: dirty tracking starts with the next full snapshot.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Accepted for Firecracker compatibility.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+}
+
+/// `PUT /protection`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionConfig {
+    /// Checkpoint period, 5 to 10,000 ms; absent: checkpoints only on `PUT /checkpoint`.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// "full", "post_image", "double_buffered" or "pre_image".
+    pub strategy: rebound_checkpoint::StrategyKind,
+    /// Also write every checkpoint to this snapshot directory.
+    #[serde(default)]
+    pub snapshot_dir: Option<String>,
+    /// Diffs kept in the directory before merging (default 16).
+    #[serde(default)]
+    pub max_chain: Option<u32>,
+}

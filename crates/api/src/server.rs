@@ -11,8 +11,8 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use rebound_vmm::instance::{InstanceState, MachineConfig};
-use rebound_vmm::{DiskConfig, GuestImage, Instance};
+use rebound_control::{Instance, InstanceState, MachineConfig, Protection};
+use rebound_vmm::{DiskConfig, GuestImage};
 use serde::de::DeserializeOwned;
 
 use crate::models::*;
@@ -36,8 +36,8 @@ impl ApiError {
     }
 }
 
-impl From<rebound_vmm::Error> for ApiError {
-    fn from(e: rebound_vmm::Error) -> Self {
+impl From<rebound_control::Error> for ApiError {
+    fn from(e: rebound_control::Error) -> Self {
         ApiError::bad(e.to_string())
     }
 }
@@ -98,7 +98,7 @@ fn no_content() -> Reply {
 
 /// Runs a blocking instance call (launching or pausing a VM) off the API's event loop.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> rebound_vmm::Result<T> + Send + 'static,
+    f: impl FnOnce() -> rebound_control::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
@@ -295,6 +295,72 @@ async fn get_metrics(State(s): State<ApiState>) -> Reply {
     }
 }
 
+async fn put_snapshot_create(
+    State(s): State<ApiState>,
+    Body(p): Body<SnapshotCreateParams>,
+) -> Reply {
+    let kind = match p.snapshot_type.unwrap_or(SnapshotType::Full) {
+        SnapshotType::Full => rebound_snapshot::Kind::Full,
+        SnapshotType::Diff => rebound_snapshot::Kind::Diff,
+    };
+    let instance = s.instance.clone();
+    let path = PathBuf::from(p.snapshot_path);
+    let info = blocking(move || instance.snapshot(&path, kind)).await?;
+    tracing::info!(?info, "snapshot written");
+    no_content()
+}
+
+async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoadParams>) -> Reply {
+    let mut chain = vec![PathBuf::from(p.snapshot_path)];
+    chain.extend(p.diff_snapshot_paths.into_iter().map(PathBuf::from));
+    let instance = s.instance.clone();
+    blocking(move || {
+        instance
+            .restore(&chain, p.resume_vm, p.generation)
+            .map(|_| ())
+    })
+    .await?;
+    no_content()
+}
+
+async fn put_protection(State(s): State<ApiState>, Body(p): Body<ProtectionConfig>) -> Reply {
+    let protection = Protection {
+        interval_ms: p.interval_ms,
+        strategy: p.strategy,
+        snapshot_dir: p.snapshot_dir.map(PathBuf::from),
+        max_chain: p.max_chain.unwrap_or(16) as usize,
+    };
+    let instance = s.instance.clone();
+    blocking(move || instance.protect(protection)).await?;
+    no_content()
+}
+
+async fn get_protection(State(s): State<ApiState>) -> Reply {
+    let body = match s.instance.protection() {
+        Some((p, stats)) => serde_json::json!({"enabled": true, "config": p, "stats": stats}),
+        None => serde_json::json!({"enabled": false}),
+    };
+    Ok(Json(body).into_response())
+}
+
+async fn delete_protection(State(s): State<ApiState>) -> Reply {
+    let instance = s.instance.clone();
+    blocking(move || instance.unprotect()).await?;
+    no_content()
+}
+
+async fn put_checkpoint(State(s): State<ApiState>) -> Reply {
+    let instance = s.instance.clone();
+    let report = blocking(move || instance.checkpoint()).await?;
+    Ok(Json(report).into_response())
+}
+
+async fn put_rollback(State(s): State<ApiState>) -> Reply {
+    let instance = s.instance.clone();
+    let epoch = blocking(move || instance.rollback()).await?;
+    Ok(Json(serde_json::json!({"epoch": epoch})).into_response())
+}
+
 async fn invalid(method: Method, uri: Uri) -> ApiError {
     ApiError::bad(format!(
         "Invalid request method and/or path: {method} {}",
@@ -322,6 +388,16 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/vm/config", get(get_vm_config))
         .route("/metrics", get(get_metrics))
+        .route("/snapshot/create", put(put_snapshot_create))
+        .route("/snapshot/load", put(put_snapshot_load))
+        .route(
+            "/protection",
+            put(put_protection)
+                .get(get_protection)
+                .delete(delete_protection),
+        )
+        .route("/checkpoint", put(put_checkpoint))
+        .route("/rollback", put(put_rollback))
         .fallback(invalid)
         .method_not_allowed_fallback(invalid)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use rebound_control::Instance;
 use rebound_devices::console::SharedBuffer;
-use rebound_vmm::Instance;
 use serde_json::{Value, json};
 
 struct Server {
@@ -506,4 +506,131 @@ fn every_spec_operation_is_routed_and_valid_examples_are_accepted() {
     let (_, info) = s.call("GET", "/", None);
     assert_eq!(info["state"], "Exited");
     assert_eq!(info["outcome"], json!({"kind": "exited", "status": 0}));
+}
+
+#[test]
+fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    start_ticking(&s);
+    // Rollback without protection is refused with a reason.
+    let (st, e) = s.call("PUT", "/rollback", None);
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("not protected")
+    );
+    assert_eq!(
+        s.call("GET", "/protection", None).1,
+        json!({"enabled": false})
+    );
+
+    let snap = dir.path().join("a.snap");
+    assert_eq!(
+        s.call(
+            "PUT",
+            "/snapshot/create",
+            Some(json!({"snapshot_path": snap, "snapshot_type": "Full"}))
+        )
+        .0,
+        204
+    );
+    let diff = dir.path().join("b.snap");
+    assert_eq!(
+        s.call(
+            "PUT",
+            "/snapshot/create",
+            Some(
+                json!({"snapshot_path": diff, "snapshot_type": "Diff", "mem_file_path": "/ignored"})
+            )
+        )
+        .0,
+        204
+    );
+    assert!(snap.exists() && diff.exists());
+
+    let p = json!({"interval_ms": 20, "strategy": "double_buffered", "snapshot_dir": dir.path().join("cps")});
+    assert_eq!(s.call("PUT", "/protection", Some(p.clone())).0, 204);
+    assert_eq!(
+        s.call("PUT", "/protection", Some(p)).0,
+        400,
+        "already protected"
+    );
+    let (st, r) = s.call("PUT", "/checkpoint", None);
+    assert_eq!(st, 200);
+    assert!(
+        r["epoch"].as_u64().unwrap() >= 2 && r["acked"] == json!(true),
+        "{r}"
+    );
+    let (st, r) = s.call("PUT", "/rollback", None);
+    assert_eq!(st, 200);
+    assert!(r["epoch"].as_u64().unwrap() >= 2);
+    let (_, info) = s.call("GET", "/protection", None);
+    assert_eq!(info["enabled"], true);
+    assert!(info["stats"]["rollbacks"].as_u64().unwrap() >= 1);
+    let before = ticks(&s.console.text());
+    assert!(
+        wait_ticks(&s, before + 2),
+        "the guest runs on after the rollback"
+    );
+    assert_eq!(s.call("DELETE", "/protection", None).0, 204);
+    assert_eq!(s.call("DELETE", "/protection", None).0, 400);
+
+    // Load into a fresh instance, Firecracker style: paused until resumed.
+    let t = Server::start();
+    let load = json!({"snapshot_path": snap, "diff_snapshot_paths": [diff], "mem_backend": {"backend_type": "File", "backend_path": "/ignored"}});
+    assert_eq!(t.call("PUT", "/snapshot/load", Some(load)).0, 204);
+    assert_eq!(t.call("GET", "/", None).1["state"], "Paused");
+    assert_eq!(
+        t.call(
+            "PUT",
+            "/snapshot/load",
+            Some(json!({"snapshot_path": snap}))
+        )
+        .0,
+        400,
+        "only once"
+    );
+    assert_eq!(
+        t.call("PATCH", "/vm", Some(json!({"state": "Resumed"}))).0,
+        204
+    );
+    let t0 = Instant::now();
+    while ticks(&t.console.text()) < 2 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        ticks(&t.console.text()) >= 2,
+        "the restored guest ticks: {}",
+        t.console.text()
+    );
+
+    // A corrupt snapshot is refused by name, and the instance stays loadable.
+    let u = Server::start();
+    let mut bytes = std::fs::read(&snap).unwrap();
+    bytes[4096 + 1] ^= 0xff;
+    let bad = dir.path().join("bad.snap");
+    std::fs::write(&bad, bytes).unwrap();
+    let (st, e) = u.call("PUT", "/snapshot/load", Some(json!({"snapshot_path": bad})));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("section \"vm\""),
+        "{e}"
+    );
+    assert_eq!(u.call("GET", "/", None).1["state"], "Not started");
+    assert_eq!(
+        u.call(
+            "PUT",
+            "/snapshot/load",
+            Some(json!({"snapshot_path": snap, "resume_vm": true}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(u.call("GET", "/", None).1["state"], "Running");
 }

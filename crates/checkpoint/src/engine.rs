@@ -26,6 +26,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Result alias for engine calls.
+pub type Result<T> = std::result::Result<T, Error>;
+
 fn vm_err(e: rebound_vmm::Error) -> Error {
     Error::Vm(e.to_string())
 }
@@ -41,7 +44,7 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Checks the interval's range.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self) -> Result<()> {
         match self.interval {
             Some(i) if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&i) => Err(Error::Config(format!(
                 "interval_ms: {} is outside {}..={}",
@@ -200,7 +203,7 @@ impl Engine {
         output: Arc<OutputCommit>,
         config: EngineConfig,
         sinks: Vec<Box<dyn Sink>>,
-    ) -> Result<Engine, Error> {
+    ) -> Result<Engine> {
         config.validate()?;
         let mem_size = vm.descriptor().mem_size;
         let pages = mem_size / PAGE_SIZE;
@@ -281,13 +284,13 @@ impl Engine {
     }
 
     /// Takes a checkpoint now.
-    pub fn checkpoint(&self) -> Result<CheckpointReport, Error> {
+    pub fn checkpoint(&self) -> Result<CheckpointReport> {
         checkpoint(&self.inner)
     }
 
     /// Puts the VM back to its last checkpoint: memory, vCPUs and devices as they were, output
     /// produced since dropped (the guest produces it again). Returns the checkpoint's epoch.
-    pub fn rollback(&self) -> Result<u64, Error> {
+    pub fn rollback(&self) -> Result<u64> {
         let inner = &self.inner;
         let mut w = lock(&inner.work);
         let Work { strategy, last, .. } = &mut *w;
@@ -394,7 +397,7 @@ fn tick(inner: &Inner, period: Duration) {
     }
 }
 
-fn checkpoint(inner: &Inner) -> Result<CheckpointReport, Error> {
+fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let mut w = lock(&inner.work);
     let Work {
         strategy,

@@ -285,3 +285,30 @@ fn hundred_epochs_per_second_for_thirty_seconds() {
         assert_eq!(sum, stress_round(r, words), "round {r}");
     }
 }
+
+#[test]
+fn rolling_back_one_vm_leaves_another_alone() {
+    let args = format!("seq {} {}", 4 * N, N / 64);
+    let want = reference(&args);
+    let (a, a_oc, a_out) = launch(&args);
+    let (b, b_oc, b_out) = launch(&args);
+    let cfg = EngineConfig {
+        interval: Some(Duration::from_millis(15)),
+        strategy: StrategyKind::PostImage,
+    };
+    let ea = Engine::start(a.clone(), a_oc, cfg, vec![]).unwrap();
+    let eb = Engine::start(b.clone(), b_oc, cfg, vec![]).unwrap();
+    while a.outcome().is_none() {
+        std::thread::sleep(jitter_ms(5, 30));
+        let _ = ea.rollback();
+    }
+    assert_eq!(b.wait(), VmOutcome::Exited { status: 0 });
+    assert_eq!(a.wait(), VmOutcome::Exited { status: 0 });
+    ea.stop();
+    eb.stop();
+    assert!(ea.stats().rollbacks > 0);
+    assert_eq!(eb.stats().rollbacks, 0);
+    assert_eq!(eb.stats().output.discarded_bytes, 0, "B lost nothing");
+    assert_eq!(a_out.text(), want);
+    assert_eq!(b_out.text(), want);
+}

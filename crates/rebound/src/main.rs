@@ -13,9 +13,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use rebound_vmm::instance::MachineConfig;
-use rebound_vmm::{DiskConfig, GuestImage, Instance, Vm};
+use rebound_checkpoint::StrategyKind;
+use rebound_control::{Instance, MachineConfig, Protection};
+use rebound_vmm::{DiskConfig, GuestImage};
 use tracing_subscriber::EnvFilter;
+
+mod client;
 
 /// Rebound: a micro-VM monitor whose VMs survive failures.
 ///
@@ -46,8 +49,97 @@ struct Cli {
 enum Command {
     /// Run a guest until it exits (default: the bundled demo).
     Run(RunArgs),
+    /// Restore a VM from snapshots in this (new) process and run it until it exits.
+    Restore(RestoreArgs),
+    /// Snapshot tools: take a snapshot of a running VM, merge a chain.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Take a checkpoint of a protected VM now (through its API socket).
+    Checkpoint,
+    /// Roll a protected VM back to its last checkpoint (through its API socket).
+    Rollback,
     /// List the guests bundled in this binary.
     Guests,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Snapshot a running VM through its API socket (--api-sock).
+    Create {
+        /// Snapshot file to write.
+        #[arg(long, value_name = "PATH")]
+        path: PathBuf,
+        /// Only the pages written since this VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Merge a chain (a full snapshot, then its diffs in order) into one full snapshot.
+    Merge {
+        /// The merged snapshot to write.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// The chain, oldest first.
+        #[arg(required = true, value_name = "SNAPSHOT")]
+        chain: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// A full snapshot, then diffs of it in order.
+    #[arg(
+        value_name = "SNAPSHOT",
+        required_unless_present = "dir",
+        conflicts_with = "dir"
+    )]
+    chain: Vec<PathBuf>,
+    /// Restore the newest chain of a snapshot directory (written by --snapshot-dir).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// What the guest's GENERATION hypercall returns (default: a new value).
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+    /// Print the VM's metrics as JSON on stderr when it ends.
+    #[arg(long)]
+    metrics: bool,
+    #[command(flatten)]
+    protect: ProtectArgs,
+}
+
+#[derive(Args, Debug, Default)]
+struct ProtectArgs {
+    /// Run protected: take a checkpoint every this many milliseconds (5-10000).
+    #[arg(long, value_name = "MS")]
+    protect_ms: Option<u64>,
+    /// Capture strategy when protected.
+    #[arg(long, value_name = "STRATEGY", default_value = "double_buffered", value_parser = parse_strategy)]
+    strategy: StrategyKind,
+    /// When protected, also write every checkpoint to this snapshot directory.
+    #[arg(long, value_name = "DIR", requires = "protect_ms")]
+    snapshot_dir: Option<PathBuf>,
+}
+
+fn parse_strategy(s: &str) -> std::result::Result<StrategyKind, String> {
+    StrategyKind::ALL
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown strategy (choose: {})",
+                StrategyKind::ALL.map(|k| k.name()).join(", ")
+            )
+        })
+}
+
+impl ProtectArgs {
+    fn protection(&self) -> Option<Protection> {
+        self.protect_ms.map(|ms| Protection {
+            interval_ms: Some(ms),
+            strategy: self.strategy,
+            snapshot_dir: self.snapshot_dir.clone(),
+            max_chain: 16,
+        })
+    }
 }
 
 #[derive(Args, Debug, Default)]
@@ -92,6 +184,9 @@ struct RunArgs {
     /// Print the VM's metrics as JSON on stderr when it ends.
     #[arg(long)]
     metrics: bool,
+
+    #[command(flatten)]
+    protect: ProtectArgs,
 }
 
 fn main() {
@@ -140,6 +235,55 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Some(Command::Run(args)) => run_guest(&cli.id, cli.api_sock.as_deref(), args),
+        Some(Command::Restore(args)) => restore(&cli.id, cli.api_sock.as_deref(), args),
+        Some(Command::Snapshot(SnapshotCommand::Create { path, diff })) => {
+            let sock = need_sock(cli.api_sock.as_deref())?;
+            let path = std::path::absolute(&path)?;
+            let body = serde_json::json!({
+                "snapshot_path": path,
+                "snapshot_type": if diff { "Diff" } else { "Full" },
+            });
+            client::call(sock, "PUT", "/snapshot/create", Some(&body))?;
+            eprintln!("rebound: snapshot written to {}", path.display());
+            Ok(0)
+        }
+        Some(Command::Snapshot(SnapshotCommand::Merge { out, chain })) => {
+            let snaps = chain
+                .iter()
+                .map(|p| {
+                    rebound_snapshot::Snapshot::open(p, rebound_snapshot::format::Verify::Full)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let stats =
+                rebound_snapshot::format::merge(&snaps, &out, rebound_vmm::persist::new_id())?;
+            eprintln!(
+                "rebound: merged {} snapshots into {} ({} pages)",
+                chain.len(),
+                out.display(),
+                stats.pages
+            );
+            Ok(0)
+        }
+        Some(Command::Checkpoint) => {
+            let r = client::call(
+                need_sock(cli.api_sock.as_deref())?,
+                "PUT",
+                "/checkpoint",
+                None,
+            )?;
+            println!("{r}");
+            Ok(0)
+        }
+        Some(Command::Rollback) => {
+            let r = client::call(
+                need_sock(cli.api_sock.as_deref())?,
+                "PUT",
+                "/rollback",
+                None,
+            )?;
+            println!("{r}");
+            Ok(0)
+        }
         None if cli.api_sock.is_some() => {
             serve_only(&cli.id, cli.api_sock.as_deref().unwrap_or(Path::new("")))
         }
@@ -153,6 +297,33 @@ fn run(cli: Cli) -> Result<i32> {
             },
         ),
     }
+}
+
+fn need_sock(sock: Option<&Path>) -> Result<&Path> {
+    sock.context("this command talks to a running Rebound: give its --api-sock")
+}
+
+/// Restores a VM in this process (optionally protected and with the API) and runs it.
+fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> {
+    let chain = match &args.dir {
+        Some(dir) => rebound_checkpoint::sink::newest_chain(dir)?,
+        None => args.chain.clone(),
+    };
+    let instance = Arc::new(Instance::new(id, console()));
+    if let Some(sock) = api_sock {
+        start_api(sock, instance.clone())?;
+    }
+    let t0 = Instant::now();
+    instance.restore(&chain, true, args.generation)?;
+    eprintln!(
+        "rebound: restored from {} snapshot(s) in {:.1} ms",
+        chain.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    if let Some(p) = args.protect.protection() {
+        instance.protect(p)?;
+    }
+    finish(&instance, t0, args.metrics)
 }
 
 fn console() -> Box<dyn Write + Send> {
@@ -194,8 +365,11 @@ fn run_guest(id: &str, api_sock: Option<&Path>, args: RunArgs) -> Result<i32> {
         start_api(sock, instance.clone())?;
     }
     let t0 = Instant::now();
-    let vm = instance.start()?;
-    finish(&vm, t0, args.metrics)
+    instance.start()?;
+    if let Some(p) = args.protect.protection() {
+        instance.protect(p)?;
+    }
+    finish(&instance, t0, args.metrics)
 }
 
 /// Serves the API and runs whatever it starts, Firecracker style.
@@ -206,13 +380,13 @@ fn serve_only(id: &str, sock: &Path) -> Result<i32> {
         "rebound: API on {}; configure, then PUT /actions InstanceStart",
         sock.display()
     );
-    let vm = instance.wait_started();
-    finish(&vm, Instant::now(), false)
+    instance.wait_started();
+    finish(&instance, Instant::now(), false)
 }
 
-fn finish(vm: &Vm, t0: Instant, print_metrics: bool) -> Result<i32> {
-    let outcome = vm.wait();
-    let m = vm.metrics();
+fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> Result<i32> {
+    let outcome = instance.wait()?;
+    let m = instance.metrics().context("the VM has no metrics")?;
     let _ = std::io::stdout().flush();
     let exits = m.exits.io_out
         + m.exits.io_in

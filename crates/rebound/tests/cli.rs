@@ -322,3 +322,116 @@ fn a_second_server_on_the_same_socket_is_refused() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+fn seq_result(out: &str) -> Option<String> {
+    out.lines()
+        .find(|l| l.starts_with("seq done"))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_snapshot_taken_through_the_api_restores_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("vm.snap");
+    let n = 1u64 << 27;
+    let mut vm = rebound()
+        .args([
+            "run",
+            "--bundled",
+            "testguest",
+            "--mem-mib",
+            "64",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .args(["--args", &format!("seq {n}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut vm);
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    std::thread::sleep(Duration::from_millis(20 + u64::from(ns % 150)));
+    let out = run(&[
+        "snapshot",
+        "create",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--path",
+        snap.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let original = vm.wait_with_output().unwrap();
+    assert_eq!(original.status.code(), Some(0));
+    let want = seq_result(&text(&original.stdout)).expect("the original finished");
+    // A new process, the same generation: the restored guest must finish identically.
+    let restored = run(&["restore", snap.to_str().unwrap(), "--generation", "0"]);
+    assert_eq!(
+        restored.status.code(),
+        Some(0),
+        "{}",
+        text(&restored.stderr)
+    );
+    assert_eq!(seq_result(&text(&restored.stdout)), Some(want));
+    assert!(text(&restored.stderr).contains("restored from 1 snapshot"));
+    // A corrupt copy is refused by name, before anything runs.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x10;
+    let bad = dir.path().join("bad.snap");
+    std::fs::write(&bad, bytes).unwrap();
+    let out = run(&["restore", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("section \"memory\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).is_empty(), "nothing ran");
+}
+
+#[test]
+fn a_protected_run_restores_from_its_snapshot_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = dir.path().join("snaps");
+    let args = format!("seq {} {}", 1u64 << 25, 1u64 << 23);
+    let out = run(&[
+        "run",
+        "--bundled",
+        "testguest",
+        "--mem-mib",
+        "64",
+        "--args",
+        &args,
+        "--protect-ms",
+        "20",
+        "--snapshot-dir",
+        snaps.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let want = seq_result(&text(&out.stdout)).unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        5,
+        "output released exactly once: {}",
+        text(&out.stdout)
+    );
+    let restored = run(&[
+        "restore",
+        "--dir",
+        snaps.to_str().unwrap(),
+        "--generation",
+        "0",
+    ]);
+    assert_eq!(
+        restored.status.code(),
+        Some(0),
+        "{}",
+        text(&restored.stderr)
+    );
+    assert_eq!(seq_result(&text(&restored.stdout)), Some(want));
+}

@@ -1,15 +1,14 @@
 //! The Rebound VMM core.
 //!
 //! Data flows one way: a validated [`config::VmConfig`] is built into a running [`vm::Vm`]
-//! (guest memory on a memfd, vCPU threads, devices); the [`instance::Instance`] controller drives
-//! it for the API and CLI. Every vCPU exit is handled in one place, [`vcpu`]'s run loop, which
+//! (guest memory on a memfd, vCPU threads, devices), which the controller (`rebound-control`)
+//! drives for the API and CLI. Every vCPU exit is handled in one place, [`vcpu`]'s run loop, which
 //! dispatches hypercalls to [`hypercall`] and guest faults to [`fault`].
 
 pub mod boot;
 pub mod config;
 pub mod fault;
 pub mod hypercall;
-pub mod instance;
 mod kick;
 pub mod memory;
 pub mod metrics;
@@ -21,7 +20,6 @@ mod wait;
 
 pub use config::{ConfigError, DiskConfig, GuestImage, VmConfig};
 pub use fault::FaultReport;
-pub use instance::Instance;
 pub use vm::{Vm, VmOutcome, VmState};
 
 /// Errors building or driving a VM.

@@ -203,6 +203,17 @@ struct Parts {
     clock_base_ns: u64,
     generation: u64,
     ioq_state: Option<rebound_devices::ioq::IoqState>,
+    /// Start with the vCPUs parked (resume to run).
+    paused: bool,
+}
+
+/// How to restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// What `GENERATION` returns from now on.
+    pub generation: u64,
+    /// Start paused.
+    pub paused: bool,
 }
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
@@ -281,6 +292,7 @@ impl Vm {
             clock_base_ns: 0,
             generation: 0,
             ioq_state: None,
+            paused: false,
         };
         Self::build(parts, console, launched)
     }
@@ -295,6 +307,24 @@ impl Vm {
         console: Box<dyn Write + Send>,
         generation: u64,
     ) -> Result<Vm> {
+        Self::restore_with(
+            chain,
+            console,
+            RestoreOptions {
+                generation,
+                paused: false,
+            },
+        )
+    }
+
+    /// [`restore`](Self::restore) with options (e.g. start paused, as Firecracker's snapshot
+    /// load does unless told to resume).
+    pub fn restore_with(
+        chain: &[rebound_snapshot::Snapshot],
+        console: Box<dyn Write + Send>,
+        options: RestoreOptions,
+    ) -> Result<Vm> {
+        let RestoreOptions { generation, paused } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
         let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
@@ -335,6 +365,7 @@ impl Vm {
             clock_base_ns: state.devices.clock_ns,
             generation,
             ioq_state: Some(state.devices.ioq),
+            paused,
         };
         Self::build(parts, console, launched)
     }
@@ -350,6 +381,7 @@ impl Vm {
             clock_base_ns,
             generation,
             ioq_state,
+            paused,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -435,6 +467,10 @@ impl Vm {
             _mem_file: mem_file,
         };
 
+        if paused {
+            shared.control.set(Request::Pause);
+            shared.ioq.pause();
+        }
         let io = shared.clone();
         *lock(&vm.io_thread) = Some(spawn("rebound-io".into(), move || {
             if let Err(e) = io.ioq.run() {
@@ -488,7 +524,13 @@ impl Vm {
         let _g = lock(&self.pause_lock);
         match self.state() {
             VmState::Running => {}
-            VmState::Paused => return Ok(Duration::ZERO),
+            VmState::Paused => {
+                // Already asked; make sure every vCPU got there (a VM restored paused).
+                if !self.shared.control.wait_quiet(PAUSE_TIMEOUT) {
+                    return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
+                }
+                return Ok(Duration::ZERO);
+            }
             VmState::Exited => {
                 return Err(Error::State(
                     "the VM has exited; it cannot be paused".into(),

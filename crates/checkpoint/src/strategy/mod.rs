@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 
 /// The strategies, by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyKind {
     /// Copy all memory at every checkpoint (the baseline).
@@ -27,6 +27,7 @@ pub enum StrategyKind {
     /// Copy the pages written since the last checkpoint.
     PostImage,
     /// Copy dirty pages to staging while paused; write the shadow and sinks while the guest runs.
+    #[default]
     DoubleBuffered,
     /// Save a page's old contents before its first write in an epoch (userfaultfd write-protect).
     PreImage,
