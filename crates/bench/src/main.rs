@@ -1,10 +1,13 @@
-//! `rebound-bench [boot|hypercall|memory|pause|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
 //! in one run (the hypercall benchmark measures its own floor alongside).
 
+mod checkpoint;
+mod dirty_log;
 mod floor;
+mod qemu;
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use rebound_devices::console::SharedBuffer;
 use rebound_vmm::{GuestImage, Vm, VmConfig, VmOutcome};
 
-fn emit(bench: &str, value: f64, unit: &str) {
+pub(crate) fn emit(bench: &str, value: f64, unit: &str) {
     println!(
         "{}",
         serde_json::json!({"bench": bench, "value": value, "unit": unit})
@@ -24,12 +27,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
+pub(crate) fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
     (percentile(&v, 0.5), percentile(&v, 0.99))
 }
 
-fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
+pub(crate) fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
     VmConfig {
         vcpu_count: vcpus,
         mem_size_mib: mem_mib,
@@ -246,7 +249,9 @@ fn main() -> Result<()> {
                     .context("--runs needs a number")?;
             }
             "-h" | "--help" => {
-                println!("usage: rebound-bench [boot|hypercall|memory|pause|all]... [--runs N]");
+                println!(
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|all]... [--runs N]"
+                );
                 return Ok(());
             }
             name => which.push(name.to_string()),
@@ -265,7 +270,11 @@ fn main() -> Result<()> {
             "memory" => memory()?,
             "memory-marginal" => memory_marginal()?,
             "pause" => pause(runs)?,
-            other => bail!("unknown benchmark {other:?} (boot, hypercall, memory, pause, all)"),
+            "checkpoint" => checkpoint::pause_and_throughput()?,
+            "slowdown" => checkpoint::slowdown()?,
+            "snapshot" => checkpoint::snapshots()?,
+            "dirtylog" => checkpoint::dirty_log()?,
+            other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }
     Ok(())

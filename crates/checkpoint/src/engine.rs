@@ -95,6 +95,8 @@ pub struct CheckpointReport {
     pub pause_us: f64,
     /// Pages captured.
     pub dirty_pages: u64,
+    /// Time the strategy spent capturing memory, in microseconds (part of the pause).
+    pub capture_us: f64,
     /// Time to commit to the sinks, in microseconds (inside the pause for synchronous strategies).
     pub commit_us: f64,
     /// Whether every sink acknowledged it.
@@ -159,15 +161,24 @@ pub struct Engine {
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn commit_sinks(
-    sinks: &mut [SinkSlot],
+/// What sinks read from at one checkpoint.
+struct Commit<'a> {
     epoch: u64,
-    state: &SavedState,
+    state: &'a SavedState,
     mem_size: u64,
-    source: &dyn PageSource,
-    stats: &Mutex<StatsInner>,
-) -> bool {
+    source: &'a dyn PageSource,
+    data: Option<&'a DirtySet>,
+}
+
+fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner>) -> bool {
     let mut ok = true;
+    let Commit {
+        epoch,
+        state,
+        mem_size,
+        source,
+        data,
+    } = *c;
     for slot in sinks.iter_mut() {
         let cp = CheckpointData {
             epoch,
@@ -175,6 +186,7 @@ fn commit_sinks(
             mem_size,
             pages: &slot.pending,
             full: slot.needs_full,
+            data,
             source,
         };
         match slot.sink.commit(&cp) {
@@ -222,14 +234,16 @@ impl Engine {
         output.hold();
         strategy.start(&frozen)?;
         let state = frozen.state().clone();
-        let ok = commit_sinks(
-            &mut slots,
-            1,
-            &state,
+        let data = frozen.data_pages();
+        let source = FrozenSource(&frozen);
+        let c = Commit {
+            epoch: 1,
+            state: &state,
             mem_size,
-            &FrozenSource(&frozen),
-            &stats,
-        );
+            source: &source,
+            data: Some(&data),
+        };
+        let ok = commit_sinks(&mut slots, &c, &stats);
         let pause = t0.elapsed();
         frozen.thaw().map_err(vm_err)?;
         if !ok {
@@ -408,7 +422,9 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let t0 = Instant::now();
     let frozen = inner.vm.freeze().map_err(vm_err)?;
     let dirty = strategy.dirty(&frozen)?;
+    let tcap = Instant::now();
     strategy.capture(&frozen, &dirty)?;
+    let capture = tcap.elapsed();
     let e = *epoch + 1;
     *epoch = e;
     for s in sinks.iter_mut() {
@@ -416,27 +432,39 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     }
     inner.output.seal(e);
     let mem_size = frozen.mem_size();
+    let data = sinks
+        .iter()
+        .any(|s| s.needs_full)
+        .then(|| frozen.data_pages());
     let (_, state) = last.insert((e, frozen.state().clone()));
     let mut acked = true;
     let mut commit = Duration::ZERO;
     let asynchronous = strategy.async_source().is_some();
     if !asynchronous {
         let tc = Instant::now();
-        acked = commit_sinks(
-            sinks,
-            e,
+        let source = FrozenSource(&frozen);
+        let c = Commit {
+            epoch: e,
             state,
             mem_size,
-            &FrozenSource(&frozen),
-            &inner.stats,
-        );
+            source: &source,
+            data: data.as_ref(),
+        };
+        acked = commit_sinks(sinks, &c, &inner.stats);
         commit = tc.elapsed();
     }
     let pause = t0.elapsed();
     frozen.thaw().map_err(vm_err)?;
     if let Some(source) = strategy.async_source() {
         let tc = Instant::now();
-        acked = commit_sinks(sinks, e, state, mem_size, source, &inner.stats);
+        let c = Commit {
+            epoch: e,
+            state,
+            mem_size,
+            source,
+            data: data.as_ref(),
+        };
+        acked = commit_sinks(sinks, &c, &inner.stats);
         commit = tc.elapsed();
         strategy.settle();
     }
@@ -447,6 +475,7 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         epoch: e,
         pause_us: pause.as_secs_f64() * 1e6,
         dirty_pages: dirty.count(),
+        capture_us: capture.as_secs_f64() * 1e6,
         commit_us: commit.as_secs_f64() * 1e6,
         acked,
     };

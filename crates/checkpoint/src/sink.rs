@@ -24,6 +24,8 @@ pub struct CheckpointData<'a> {
     pub pages: &'a DirtySet,
     /// The sink has nothing yet (or asked for everything): send all of memory.
     pub full: bool,
+    /// With `full`: the pages that may hold data (all others are zero).
+    pub data: Option<&'a DirtySet>,
     /// Page contents as of the checkpoint.
     pub source: &'a dyn PageSource,
 }

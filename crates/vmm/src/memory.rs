@@ -16,13 +16,15 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
+use rebound_snapshot::DirtySet;
+
 use crate::{Error, Result};
 
 /// Guest memory as the VMM sees it.
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Creates `size` bytes of zeroed guest memory on a new memfd.
-pub fn create(size: u64) -> Result<(GuestMemory, File)> {
+pub fn create(size: u64) -> Result<(GuestMemory, Backing)> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; the result is checked.
     let fd = unsafe { libc::memfd_create(c"rebound-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -44,13 +46,13 @@ pub fn create(size: u64) -> Result<(GuestMemory, File)> {
         Some(FileOffset::new(backing, 0)),
     )])
     .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest memory: {e}")))?;
-    Ok((mem, file))
+    Ok((mem, Backing::Memfd(file)))
 }
 
 /// Maps `size` bytes of `file` at `offset` as guest memory, copy-on-write (`MAP_PRIVATE`): guest
 /// writes stay in this process; the file is never written. Pages are read in lazily on first
 /// touch, so mapping costs the same for any size, and VMs mapping one file share its pages.
-pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, File)> {
+pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, Backing)> {
     let backing = file
         .try_clone()
         .map_err(|e| Error::Memory(format!("cannot duplicate the snapshot file: {e}")))?;
@@ -67,7 +69,91 @@ pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, 
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| Error::Memory("guest memory region overflows".into()))?;
     let mem = GuestMemory::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
-    Ok((mem, keep))
+    Ok((mem, Backing::Private { file: keep, offset }))
+}
+
+/// The file behind guest memory.
+pub enum Backing {
+    /// A memfd mapped shared: its data ranges are exactly the pages ever written.
+    Memfd(File),
+    /// A snapshot's memory image mapped copy-on-write from `offset`.
+    Private {
+        /// The snapshot file.
+        file: File,
+        /// Where guest memory starts in it.
+        offset: u64,
+    },
+}
+
+/// The data (non-hole) ranges of `file` within `[start, start + len)`, relative to `start`.
+fn data_ranges(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    use vmm_sys_util::seek_hole::SeekHole;
+    let Ok(mut f) = file.try_clone() else {
+        return vec![(0, len)];
+    };
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Ok(Some(data)) = f.seek_data(at) else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match f.seek_hole(data) {
+            Ok(Some(h)) => h.min(end),
+            _ => end,
+        };
+        out.push((data - start, hole - data));
+        at = hole;
+    }
+    out
+}
+
+/// Pages resident in the mapping (written copy-on-write pages, or cached file pages).
+fn resident_pages(mem: &GuestMemory, size: u64, set: &mut DirtySet) {
+    let Ok(host) = mem.get_host_address(GuestAddress(0)) else {
+        return;
+    };
+    let pages = size.div_ceil(PAGE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `host` is the start of a live mapping of `size` bytes owned by `mem`, and `vec`
+    // has one byte per page of it, as mincore requires.
+    let r = unsafe { libc::mincore(host.cast(), size as usize, vec.as_mut_ptr()) };
+    if r != 0 {
+        // Unknown: say every page may hold data.
+        for p in 0..pages as u64 {
+            set.insert(p);
+        }
+        return;
+    }
+    for (p, v) in vec.iter().enumerate() {
+        if v & 1 != 0 {
+            set.insert(p as u64);
+        }
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// Pages that may hold data; every other page is certainly zero. Lets snapshots and shadows
+/// skip untouched memory without reading it (reading a memfd hole would allocate it).
+pub fn data_pages(mem: &GuestMemory, backing: &Backing, size: u64) -> DirtySet {
+    let mut set = DirtySet::new(size / PAGE);
+    let (file, offset) = match backing {
+        Backing::Memfd(f) => (f, 0),
+        Backing::Private { file, offset } => {
+            resident_pages(mem, size, &mut set);
+            (file, *offset)
+        }
+    };
+    for (start, len) in data_ranges(file, offset, size) {
+        for p in start / PAGE..(start + len).div_ceil(PAGE) {
+            set.insert(p);
+        }
+    }
+    set
 }
 
 /// Guest memory bytes as a plain slice, or None if the range is outside guest memory.

@@ -128,10 +128,14 @@ pub fn write_snapshot(
     pages: Option<&rebound_snapshot::DirtySet>,
 ) -> Result<format::WriteStats> {
     let sections = frozen.state().sections()?;
-    let npages = frozen.mem_size() / PAGE_SIZE;
     let page = |p: u64| frozen.page(p).map(|b| (p, b));
     let stats = match pages {
-        None => format::write(path, meta, &sections, (0..npages).filter_map(page))?,
+        None => format::write(
+            path,
+            meta,
+            &sections,
+            frozen.data_pages().iter().filter_map(page),
+        )?,
         Some(set) => format::write(path, meta, &sections, set.iter().filter_map(page))?,
     };
     Ok(stats)
@@ -229,7 +233,7 @@ pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
 
 /// Guest memory for a validated chain: the full snapshot mapped copy-on-write, each diff's pages
 /// written over it in order.
-pub fn map_chain(chain: &[Snapshot], mem_size: u64) -> Result<(GuestMemory, std::fs::File)> {
+pub fn map_chain(chain: &[Snapshot], mem_size: u64) -> Result<(GuestMemory, memory::Backing)> {
     let base = chain
         .first()
         .ok_or_else(|| Error::Restore("no snapshot given".into()))?;

@@ -2,7 +2,6 @@
 //! through its state, outcome and metrics.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -173,7 +172,7 @@ pub struct Vm {
     last_snapshot: Mutex<Option<u64>>,
     /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
     /// VM's life.
-    _mem_file: File,
+    backing: memory::Backing,
 }
 
 /// Dirty-page tracking: KVM's log plus the VMM's own writes, accumulated per consumer (the
@@ -196,7 +195,7 @@ enum Start {
 struct Parts {
     layout: Layout,
     mem: GuestMemory,
-    mem_file: File,
+    mem_file: memory::Backing,
     disk: Option<Disk>,
     descriptor: VmDescriptor,
     start: Start,
@@ -464,7 +463,7 @@ impl Vm {
             descriptor,
             dirty: Mutex::new(DirtyTracking::default()),
             last_snapshot: Mutex::new(None),
-            _mem_file: mem_file,
+            backing: mem_file,
         };
 
         if paused {
@@ -791,6 +790,11 @@ impl Frozen<'_> {
         // SAFETY: while `self` exists the VM is paused: vCPU threads are parked and the I/O
         // thread is idle, so nothing writes guest memory during the borrow.
         unsafe { memory::frozen_bytes(&self.vm.shared.mem, page * PAGE_SIZE, PAGE_SIZE) }
+    }
+
+    /// Pages that may hold data (every other page is zero).
+    pub fn data_pages(&self) -> DirtySet {
+        memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size())
     }
 
     /// All of guest memory as one slice.

@@ -73,6 +73,21 @@ fn main(cpu: Cpu) -> i32 {
             }
         }
         "seq" => seq(&cpu),
+        "dirty" => {
+            // Writes one byte of each of K pages, round and round: whatever the host's
+            // checkpoint period, (up to) K pages are dirty at each checkpoint.
+            let k = arg(&cpu, 1, 64) as usize;
+            let mut buf: Vec<u8> = vec![0; k * 4096];
+            let mut n = 0u8;
+            loop {
+                n = n.wrapping_add(1);
+                for p in 0..k {
+                    // SAFETY: `p * 4096` is inside `buf`; volatile so every write happens.
+                    unsafe { core::ptr::write_volatile(buf.as_mut_ptr().add(p * 4096), n) };
+                }
+            }
+        }
+        "rate" => rate(&cpu),
         "stress" => stress(&cpu),
         "hcbench" => {
             let n = arg(&cpu, 1, 10_000);
@@ -131,6 +146,40 @@ fn stress(cpu: &Cpu) -> i32 {
         }
         println!("stress round {} sum={:016x}", r, sum);
     }
+    0
+}
+
+/// `rate PCT SECS`: computes for SECS seconds while writing PCT tenths of a percent of guest
+/// memory per second (cycling over a buffer of half of memory), then prints how much work it
+/// did: `rate work=W pages=P`. Comparing W with and without checkpointing gives the slowdown.
+fn rate(cpu: &Cpu) -> i32 {
+    let permille = arg(cpu, 1, 10);
+    let secs = arg(cpu, 2, 3);
+    let mem = cpu.boot_info().mem_size;
+    let pages_per_sec = mem / 4096 * permille / 1000;
+    let buf_pages = (mem / 2 / 4096) as usize;
+    let mut buf: Vec<u8> = vec![0; buf_pages * 4096];
+    let t0 = time::monotonic_ns();
+    let end = t0 + secs * 1_000_000_000;
+    let (mut work, mut written, mut x) = (0u64, 0u64, 1u64);
+    loop {
+        for _ in 0..100_000 {
+            x = step(x, work);
+            work += 1;
+        }
+        let now = time::monotonic_ns();
+        if now >= end {
+            break;
+        }
+        let due = (now - t0) * pages_per_sec / 1_000_000_000;
+        while written < due {
+            let p = (written as usize) % buf_pages;
+            // SAFETY: `p * 4096` is inside `buf`; volatile so the write happens.
+            unsafe { core::ptr::write_volatile(buf.as_mut_ptr().add(p * 4096), x as u8) };
+            written += 1;
+        }
+    }
+    println!("rate work={} pages={} x={:x}", work, written, x);
     0
 }
 

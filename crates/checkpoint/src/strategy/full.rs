@@ -9,7 +9,6 @@ use crate::Error;
 /// Full copy.
 pub struct Full {
     shadow: Shadow,
-    pages: u64,
 }
 
 impl Full {
@@ -17,7 +16,6 @@ impl Full {
     pub fn new(mem_size: u64) -> Self {
         Self {
             shadow: Shadow::new(mem_size),
-            pages: mem_size / PAGE_SIZE,
         }
     }
 }
@@ -32,19 +30,25 @@ impl Strategy for Full {
         Ok(())
     }
 
-    fn dirty(&mut self, _frozen: &Frozen<'_>) -> Result<DirtySet, Error> {
-        Ok(DirtySet::full(self.pages))
+    fn dirty(&mut self, frozen: &Frozen<'_>) -> Result<DirtySet, Error> {
+        // No dirty tracking: every page that may hold data is taken as changed.
+        Ok(frozen.data_pages())
     }
 
-    fn capture(&mut self, frozen: &Frozen<'_>, _dirty: &DirtySet) -> Result<(), Error> {
-        self.shadow.copy_all(frozen);
+    fn capture(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
+        self.shadow.copy_pages(frozen, dirty);
         Ok(())
     }
 
-    fn rollback(&mut self, frozen: &Frozen<'_>, _dirty: &DirtySet) -> Result<(), Error> {
-        // Without dirty tracking every page may have changed.
-        frozen
-            .write_memory(0, self.shadow.all())
-            .map_err(|e| Error::Vm(e.to_string()))
+    fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
+        // `dirty` is every page that may hold data now: any of them may have changed, and a page
+        // that holds none is zero now and was zero at the checkpoint.
+        for (first, count) in dirty.runs(u64::MAX) {
+            let r = (first * PAGE_SIZE) as usize..((first + count) * PAGE_SIZE) as usize;
+            frozen
+                .write_memory(first * PAGE_SIZE, &self.shadow.all()[r])
+                .map_err(|e| Error::Vm(e.to_string()))?;
+        }
+        Ok(())
     }
 }

@@ -113,20 +113,24 @@ impl Shadow {
         (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize
     }
 
-    /// Copies page `p` from frozen guest memory.
-    pub fn copy_in(&mut self, frozen: &Frozen<'_>, p: u64) {
-        if let (Some(src), Some(dst)) = (frozen.page(p), self.bytes.get_mut(Self::range(p))) {
-            dst.copy_from_slice(src);
+    /// Copies the pages of `set` from frozen guest memory, one bulk copy per run of pages.
+    pub fn copy_pages(&mut self, frozen: &Frozen<'_>, set: &DirtySet) {
+        let Some(src) = frozen.all_memory() else {
+            return;
+        };
+        if src.len() != self.bytes.len() {
+            return;
+        }
+        for (first, count) in set.runs(u64::MAX) {
+            let r = (first * PAGE_SIZE) as usize..((first + count) * PAGE_SIZE) as usize;
+            self.bytes[r.clone()].copy_from_slice(&src[r]);
         }
     }
 
-    /// Copies all of frozen guest memory (one bulk copy).
+    /// Copies all of frozen guest memory that may hold data (one bulk copy per run: untouched
+    /// memory is neither read nor allocated).
     pub fn copy_all(&mut self, frozen: &Frozen<'_>) {
-        if let Some(src) = frozen.all_memory()
-            && src.len() == self.bytes.len()
-        {
-            self.bytes.copy_from_slice(src);
-        }
+        self.copy_pages(frozen, &frozen.data_pages());
     }
 
     /// All of it.
@@ -164,14 +168,19 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Replaces the contents with the pages of `set` copied from frozen memory.
+    /// Replaces the contents with the pages of `set` copied from frozen memory (one bulk copy
+    /// per run of pages).
     pub fn fill(&mut self, frozen: &Frozen<'_>, set: &DirtySet) {
         self.pages.clear();
         self.data.clear();
-        for p in set.iter() {
-            if let Some(b) = frozen.page(p) {
-                self.pages.push(p);
-                self.data.extend_from_slice(b);
+        let Some(src) = frozen.all_memory() else {
+            return;
+        };
+        for (first, count) in set.runs(u64::MAX) {
+            let r = (first * PAGE_SIZE) as usize..((first + count) * PAGE_SIZE) as usize;
+            if let Some(bytes) = src.get(r) {
+                self.pages.extend(first..first + count);
+                self.data.extend_from_slice(bytes);
             }
         }
     }

@@ -58,9 +58,7 @@ impl Strategy for PostImage {
     }
 
     fn capture(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
-        for p in dirty.iter() {
-            self.shadow.copy_in(frozen, p);
-        }
+        self.shadow.copy_pages(frozen, dirty);
         Ok(())
     }
 
