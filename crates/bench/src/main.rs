@@ -259,9 +259,18 @@ fn main() -> Result<()> {
         i += 1;
     }
     if which.is_empty() || which.iter().any(|w| w == "all") {
-        which = ["boot", "hypercall", "memory", "pause"]
-            .map(String::from)
-            .to_vec();
+        which = [
+            "boot",
+            "hypercall",
+            "memory",
+            "pause",
+            "checkpoint",
+            "slowdown",
+            "snapshot",
+            "dirtylog",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     for w in &which {
         match w.as_str() {
