@@ -229,3 +229,11 @@ pub struct ProtectionConfig {
     #[serde(default)]
     pub max_chain: Option<u32>,
 }
+
+/// `PUT /rollback` (optional body).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackParams {
+    /// A checkpoint kept in the protection's snapshot directory.
+    pub epoch: u64,
+}

@@ -355,9 +355,21 @@ async fn put_checkpoint(State(s): State<ApiState>) -> Reply {
     Ok(Json(report).into_response())
 }
 
-async fn put_rollback(State(s): State<ApiState>) -> Reply {
+async fn put_rollback(State(s): State<ApiState>, body: Bytes) -> Reply {
+    // No body: the last checkpoint. `{"epoch": N}`: a checkpoint kept in the snapshot directory.
+    let target = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let p: RollbackParams = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
+        Some(p.epoch)
+    };
     let instance = s.instance.clone();
-    let epoch = blocking(move || instance.rollback()).await?;
+    let epoch = blocking(move || match target {
+        None => instance.rollback(),
+        Some(e) => instance.rollback_to(e),
+    })
+    .await?;
     Ok(Json(serde_json::json!({"epoch": epoch})).into_response())
 }
 

@@ -570,6 +570,19 @@ fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
     let (_, info) = s.call("GET", "/protection", None);
     assert_eq!(info["enabled"], true);
     assert!(info["stats"]["rollbacks"].as_u64().unwrap() >= 1);
+    // A named checkpoint from the snapshot directory; unknown ones and bad bodies are refused.
+    let (st, r) = s.call("PUT", "/rollback", Some(json!({"epoch": 1})));
+    assert_eq!((st, r["epoch"].as_u64()), (200, Some(1)));
+    let (st, e) = s.call("PUT", "/rollback", Some(json!({"epoch": 12345})));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the directory"),
+        "{e}"
+    );
+    assert_eq!(s.raw("PUT", "/rollback", br#"{"epoch": "x"}"#).0, 400);
     let before = ticks(&s.console.text());
     assert!(
         wait_ticks(&s, before + 2),

@@ -352,6 +352,17 @@ impl Engine {
         }
     }
 
+    /// Stops protecting without releasing held output (it is dropped): the VM is about to go
+    /// back to a point before it.
+    pub fn abandon(&self) {
+        *lock(&self.inner.stopping) = true;
+        self.inner.wake.notify_all();
+        if let Some(t) = lock(&self.ticker).take() {
+            let _ = t.join();
+        }
+        self.inner.output.discard_all();
+    }
+
     /// Stops protecting: no more checkpoints, held output released, the strategy's resources
     /// (shadow, write protection) freed. The VM keeps running.
     pub fn stop(&self) {

@@ -116,6 +116,17 @@ impl OutputCommit {
             open.len() as u64 + later.values().map(|v| v.len() as u64).sum::<u64>();
     }
 
+    /// Drops everything held and passes output through from now on (the VM went back to a
+    /// point before the held output, and protection restarts from there).
+    pub fn discard_all(&self) {
+        let mut g = self.lock();
+        let sealed = std::mem::take(&mut g.sealed);
+        let open = std::mem::take(&mut g.open);
+        g.discarded_bytes +=
+            open.len() as u64 + sealed.values().map(|v| v.len() as u64).sum::<u64>();
+        g.holding = false;
+    }
+
     /// Counters.
     pub fn stats(&self) -> OutputStats {
         let g = self.lock();

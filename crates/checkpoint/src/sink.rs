@@ -181,3 +181,35 @@ pub fn newest_chain(dir: &Path) -> Result<Vec<PathBuf>, Error> {
         })?;
     Ok(files[start..].iter().map(|(_, p)| p.clone()).collect())
 }
+
+/// The chain in a snapshot directory that ends at checkpoint `epoch`: the last full snapshot at
+/// or before it and the diffs up to the one of that epoch.
+pub fn chain_to_epoch(dir: &Path, epoch: u64) -> Result<Vec<PathBuf>, Error> {
+    let err = |reason: String| Error::Sink {
+        sink: dir.display().to_string(),
+        reason,
+    };
+    let mut files = Vec::new();
+    for (_, path) in list(dir)? {
+        let meta = Snapshot::open(&path, Verify::Metadata)
+            .map_err(|e| err(e.to_string()))?
+            .meta()
+            .clone();
+        files.push((path, meta));
+    }
+    let end = files
+        .iter()
+        .position(|(_, m)| m.epoch == epoch)
+        .ok_or_else(|| {
+            let have: Vec<String> = files.iter().map(|(_, m)| m.epoch.to_string()).collect();
+            err(format!(
+                "checkpoint {epoch} is not in the directory (it has: {})",
+                have.join(", ")
+            ))
+        })?;
+    let start = files[..=end]
+        .iter()
+        .rposition(|(_, m)| m.kind == Kind::Full)
+        .ok_or_else(|| err(format!("no full snapshot before checkpoint {epoch}")))?;
+    Ok(files[start..=end].iter().map(|(p, _)| p.clone()).collect())
+}

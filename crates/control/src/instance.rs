@@ -332,6 +332,48 @@ impl Instance {
         self.with_engine(Engine::rollback)
     }
 
+    /// Rolls the VM back, in place, to an earlier checkpoint `epoch` kept in the protection's
+    /// snapshot directory. Held output is dropped; output released after that checkpoint was
+    /// already seen and will be produced again. Protection restarts from the rolled-back state.
+    pub fn rollback_to(&self, epoch: u64) -> Result<u64> {
+        let vm = self.started_vm()?;
+        let mut engine = lock(&self.engine);
+        let (_, protection) = engine
+            .as_ref()
+            .ok_or_else(|| Error::State("the VM is not protected: PUT /protection first".into()))?;
+        let dir = protection.snapshot_dir.clone().ok_or_else(|| {
+            Error::State(
+                "rollback to a named checkpoint needs protection with a snapshot_dir".into(),
+            )
+        })?;
+        let protection = protection.clone();
+        let chain = rebound_checkpoint::sink::chain_to_epoch(&dir, epoch)?;
+        let snaps = chain
+            .iter()
+            .map(|p| Snapshot::open(p, Verify::Full))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if let Some((old, _)) = engine.take() {
+            old.abandon();
+        }
+        {
+            let frozen = vm.freeze()?;
+            frozen.rewind(&snaps)?;
+            frozen.thaw()?;
+        }
+        let config = EngineConfig {
+            interval: protection.interval_ms.map(Duration::from_millis),
+            strategy: protection.strategy,
+        };
+        let sinks: Vec<Box<dyn Sink>> =
+            vec![Box::new(SnapshotDir::new(&dir, protection.max_chain)?)];
+        *engine = Some((
+            Engine::start(vm, self.output.clone(), config, sinks)?,
+            protection,
+        ));
+        tracing::info!(epoch, "VM rolled back to a named checkpoint");
+        Ok(epoch)
+    }
+
     /// Current state.
     pub fn state(&self) -> InstanceState {
         match self.vm() {

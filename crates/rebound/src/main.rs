@@ -56,8 +56,13 @@ enum Command {
     Snapshot(SnapshotCommand),
     /// Take a checkpoint of a protected VM now (through its API socket).
     Checkpoint,
-    /// Roll a protected VM back to its last checkpoint (through its API socket).
-    Rollback,
+    /// Roll a protected VM back to its last checkpoint, or to an earlier one kept in its
+    /// snapshot directory (through its API socket).
+    Rollback {
+        /// The checkpoint (epoch) to go back to; default: the last.
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
     /// List the guests bundled in this binary.
     Guests,
 }
@@ -274,13 +279,10 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{r}");
             Ok(0)
         }
-        Some(Command::Rollback) => {
-            let r = client::call(
-                need_sock(cli.api_sock.as_deref())?,
-                "PUT",
-                "/rollback",
-                None,
-            )?;
+        Some(Command::Rollback { epoch }) => {
+            let body = epoch.map(|e| serde_json::json!({ "epoch": e }));
+            let sock = need_sock(cli.api_sock.as_deref())?;
+            let r = client::call(sock, "PUT", "/rollback", body.as_ref())?;
             println!("{r}");
             Ok(0)
         }

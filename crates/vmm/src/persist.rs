@@ -254,3 +254,43 @@ pub fn map_chain(chain: &[Snapshot], mem_size: u64) -> Result<(GuestMemory, memo
     }
     Ok((mem, keep))
 }
+
+impl Frozen<'_> {
+    /// Puts this VM back into the state a snapshot chain of it holds, in place: memory (pages
+    /// that hold data now but not in the snapshot are zeroed), vCPUs and devices. The chain must
+    /// be validated and describe this VM (same memory size and vCPUs).
+    pub fn rewind(&self, chain: &[Snapshot]) -> Result<()> {
+        let state = read_chain(chain)?;
+        let vm = self.vm().descriptor();
+        if state.vm.mem_size != vm.mem_size || state.vm.vcpus != vm.vcpus {
+            return Err(Error::Restore(format!(
+                "the snapshot is of a VM with {} MiB and {} vCPUs; this one has {} MiB and {} vCPUs",
+                state.vm.mem_size >> 20,
+                state.vm.vcpus,
+                vm.mem_size >> 20,
+                vm.vcpus
+            )));
+        }
+        let mut stored = rebound_snapshot::DirtySet::new(self.mem_size() / PAGE_SIZE);
+        for s in chain {
+            for r in s.runs() {
+                for p in r.first..r.first + r.count {
+                    stored.insert(p);
+                }
+            }
+        }
+        let zero = vec![0u8; PAGE_SIZE as usize];
+        for p in self.data_pages().iter().filter(|&p| !stored.contains(p)) {
+            self.write_memory(p * PAGE_SIZE, &zero)?;
+        }
+        let mut buf = Vec::new();
+        for s in chain {
+            for r in s.runs() {
+                buf.resize((r.count * PAGE_SIZE) as usize, 0);
+                s.read_memory(r.first * PAGE_SIZE, &mut buf)?;
+                self.write_memory(r.first * PAGE_SIZE, &buf)?;
+            }
+        }
+        self.restore_state(&state)
+    }
+}

@@ -139,7 +139,10 @@ fn stress(cpu: &Cpu) -> i32 {
         for (i, w) in buf.iter().enumerate() {
             let want = stress_word(r, i as u64);
             if *w != want {
-                println!("stress MISMATCH round {} word {}: {:x} != {:x}", r, i, *w, want);
+                println!(
+                    "stress MISMATCH round {} word {}: {:x} != {:x}",
+                    r, i, *w, want
+                );
                 return 3;
             }
             sum = sum.rotate_left(5) ^ want;
