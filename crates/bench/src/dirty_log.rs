@@ -8,14 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap, kvm_userspace_memory_region,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use rebound_arch::{Layout, regs, system};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
-const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
+use crate::bare::{Bare, Tracking, bare};
+
 const KVM_DIRTY_LOG_PAGE_OFFSET: i64 = 64;
 const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
 const RING_ENTRIES: usize = 65_536;
@@ -35,37 +31,8 @@ pub struct Harvest {
     pub ring_pages: u64,
 }
 
-struct Bare {
-    _mem: GuestMemoryMmap,
-    vm: VmFd,
-    vcpu: VcpuFd,
-    size: u64,
-}
-
 /// A VM running `write K pages; out; repeat`.
-fn bare(size: u64, k: u32, ring: bool) -> Result<Bare> {
-    let layout = Layout::new(size, 1)?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])?;
-    let kvm = Kvm::new()?;
-    let vm = kvm.create_vm()?;
-    if ring {
-        let cap = kvm_enable_cap {
-            cap: KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-            args: [(RING_ENTRIES * 16) as u64, 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap)?;
-    }
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: KVM_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: 0,
-        memory_size: size,
-        userspace_addr: mem.get_host_address(GuestAddress(0))? as u64,
-    };
-    // SAFETY: `mem` maps `size` bytes and is kept in `Bare`, dropped after the VM and vCPU.
-    unsafe { vm.set_user_memory_region(region)? };
-    system::write_system(&mem, &layout, &Default::default(), b"")?;
+fn dirtying(size: u64, k: u32, tracking: Tracking) -> Result<Bare> {
     let mut code = vec![0x48, 0xbf];
     code.extend_from_slice(&WRITE_BASE.to_le_bytes()); // mov rdi, WRITE_BASE
     code.push(0xb9);
@@ -75,20 +42,7 @@ fn bare(size: u64, k: u32, ring: bool) -> Result<Bare> {
     code.extend_from_slice(&[0xff, 0xc9, 0x75, 0xf3]); // dec ecx; jnz 1b
     code.extend_from_slice(&[0x66, 0xba, 0x10, 0x05, 0xee]); // mov dx, 0x510; out dx, al
     code.extend_from_slice(&[0xeb, 0xdd]); // jmp start
-    mem.write_slice(&code, GuestAddress(rebound_abi::IMAGE_BASE))?;
-    let vcpu = vm.create_vcpu(0)?;
-    vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
-    let mut sregs = vcpu.get_sregs()?;
-    regs::configure_sregs(&mut sregs, &layout, 0);
-    vcpu.set_sregs(&sregs)?;
-    vcpu.set_regs(&regs::initial_regs(&layout, 0, rebound_abi::IMAGE_BASE))?;
-    vcpu.set_fpu(&regs::initial_fpu())?;
-    Ok(Bare {
-        _mem: mem,
-        vm,
-        vcpu,
-        size,
-    })
+    bare(size, &code, tracking)
 }
 
 fn run_round(b: &mut Bare) -> Result<()> {
@@ -163,21 +117,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Times both harvests for K dirty pages in `size` bytes of memory.
 pub fn measure(size: u64, k: u32, rounds: usize) -> Result<Harvest> {
-    let mut b = bare(size, k, false)?;
+    let mut b = dirtying(size, k, Tracking::Bitmap)?;
     run_round(&mut b)?;
-    b.vm.get_dirty_log(0, b.size as usize)?;
+    b.vm.get_dirty_log(0, size as usize)?;
     let (mut times, mut pages) = (Vec::new(), 0);
     for _ in 0..rounds {
         run_round(&mut b)?;
         let t = Instant::now();
-        let log = b.vm.get_dirty_log(0, b.size as usize)?;
+        let log = b.vm.get_dirty_log(0, size as usize)?;
         pages = log.iter().map(|w| u64::from(w.count_ones())).sum();
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let bitmap_us = median(times);
     let bitmap_pages = pages;
 
-    let mut b = bare(size, k, true)?;
+    let mut b = dirtying(size, k, Tracking::Ring((RING_ENTRIES * 16) as u64))?;
     let mut ring = Ring::map(&b.vcpu)?;
     let reset = |vm: &VmFd| -> Result<()> {
         // SAFETY: an argument-less KVM ioctl on the VM fd; the result is checked.

@@ -4,6 +4,7 @@
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
 //! in one run (the hypercall benchmark measures its own floor alongside).
 
+mod bare;
 mod checkpoint;
 mod dirty_log;
 mod floor;
