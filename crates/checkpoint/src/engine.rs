@@ -231,8 +231,9 @@ impl Engine {
         let stats = Mutex::new(StatsInner::default());
         let t0 = Instant::now();
         let frozen = vm.freeze().map_err(vm_err)?;
-        output.hold();
         strategy.start(&frozen)?;
+        // Hold output only once protection can work: a failed start must not keep it forever.
+        output.hold();
         let state = frozen.state().clone();
         let data = frozen.data_pages();
         let source = FrozenSource(&frozen);

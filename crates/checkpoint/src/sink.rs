@@ -118,10 +118,12 @@ impl Sink for SnapshotDir {
         ));
         let mut w = format::Writer::create(&path, &meta, &sections).map_err(|e| self.err(e))?;
         let npages = cp.mem_size / PAGE_SIZE;
-        let pages: Box<dyn Iterator<Item = u64>> = if full {
-            Box::new(0..npages)
-        } else {
-            Box::new(cp.pages.iter())
+        // A full commit reads only pages that may hold data: reading untouched guest memory
+        // would allocate it.
+        let pages: Box<dyn Iterator<Item = u64>> = match (full, cp.data) {
+            (true, Some(data)) => Box::new(data.iter()),
+            (true, None) => Box::new(0..npages),
+            (false, _) => Box::new(cp.pages.iter()),
         };
         for p in pages {
             let bytes = cp

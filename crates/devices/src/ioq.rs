@@ -319,6 +319,9 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             }
             {
                 let mut g = lock(&self.gate);
+                // Timers restored before this worker started (or while it was running) come first,
+                // or parking would publish (and save) the old list in their place.
+                self.adopt_restored_timers(&mut timers, &mut seq);
                 if g.pause_requested && !g.stopping {
                     let now = Instant::now();
                     *lock(&self.timer_state) = timers
@@ -334,14 +337,8 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
                     }
                     g.parked = false;
                 }
-                if self.timers_restored.swap(false, Ordering::AcqRel) {
-                    let now = Instant::now();
-                    timers.clear();
-                    for (v, ind, left) in lock(&self.timer_state).drain(..) {
-                        seq += 1;
-                        timers.push(Reverse((now + Duration::from_nanos(left), seq, v, ind)));
-                    }
-                }
+                // A restore while parked (a rollback) replaces the list.
+                self.adopt_restored_timers(&mut timers, &mut seq);
                 if g.stopping {
                     self.gate_cv.notify_all();
                     return Ok(());
@@ -377,6 +374,17 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
                         .map_err(|e| IoqError::Event(e.into()))?;
                 }
                 None => timerfd.clear().map_err(|e| IoqError::Event(e.into()))?,
+            }
+        }
+    }
+
+    fn adopt_restored_timers(&self, timers: &mut BinaryHeap<Timer>, seq: &mut u64) {
+        if self.timers_restored.swap(false, Ordering::AcqRel) {
+            let now = Instant::now();
+            timers.clear();
+            for &(v, ind, left) in lock(&self.timer_state).iter() {
+                *seq += 1;
+                timers.push(Reverse((now + Duration::from_nanos(left), *seq, v, ind)));
             }
         }
     }
@@ -566,9 +574,10 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
                 && r.entries <= abi_io::MAX_ENTRIES
                 && self.writable(r.gpa, abi_io::ring_size(r.entries))
         });
-        let timers_ok = state.timers.iter().all(|&(v, ind, _)| {
-            (v as usize) < rings.len() && ind % 8 == 0 && self.writable(ind, 8)
-        });
+        let timers_ok = state.timers.len() <= MAX_PENDING_TIMERS
+            && state.timers.iter().all(|&(v, ind, _)| {
+                (v as usize) < rings.len() && ind % 8 == 0 && self.writable(ind, 8)
+            });
         if !rings_ok || !timers_ok {
             return Err(IoqStateError::BadAddress);
         }
@@ -741,6 +750,44 @@ mod tests {
         assert_eq!(timers.len(), MAX_PENDING_TIMERS);
         let word: u64 = mem.load(GuestAddress(ind), Ordering::Acquire).unwrap();
         assert_eq!(completion::decode(word), Some(errno::EBUSY as i32));
+    }
+
+    #[test]
+    fn timers_restored_into_a_paused_queue_survive_until_resume() {
+        use rebound_snapshot::Snapshottable;
+        let (q, _, mem) = setup(None);
+        let state = IoqState {
+            rings: vec![None],
+            timers: vec![(0, 0xc000, 1_000_000)],
+        };
+        q.restore(state).unwrap();
+        q.pause();
+        let worker = {
+            let q = Arc::clone(&q);
+            thread::spawn(move || q.run())
+        };
+        // Parking must not publish the worker's (empty) list over the restored one.
+        q.pause();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            q.save().unwrap().timers.len(),
+            1,
+            "restored timer lost while paused"
+        );
+        assert_eq!(
+            mem.load::<u64>(GuestAddress(0xc000), Ordering::Acquire)
+                .unwrap(),
+            0
+        );
+        q.resume();
+        assert_eq!(wait_done(&mem, 0xc000), 0);
+        q.stop();
+        worker.join().unwrap().unwrap();
+        let too_many = IoqState {
+            rings: vec![None],
+            timers: vec![(0, 0xc000, 1); MAX_PENDING_TIMERS + 1],
+        };
+        assert!(q.restore(too_many).is_err());
     }
 
     #[test]

@@ -38,6 +38,10 @@ const TABLE_AT: usize = 72;
 const ENTRY_SIZE: usize = 32;
 const MAX_SECTIONS: usize = (HEADER_SIZE as usize - 4 - TABLE_AT) / ENTRY_SIZE;
 const MEM_ALIGN: u64 = 2 << 20;
+/// Largest guest memory a snapshot may describe (the layout's maximum).
+const MAX_MEM_SIZE: u64 = 64 << 30;
+/// Most bytes of sections (other than the memory index) a snapshot may hold.
+const MAX_METADATA: u64 = 64 << 20;
 /// Pages per memory run: a corrupt byte is located to within 1 MiB.
 const RUN_PAGES: u64 = 256;
 
@@ -560,8 +564,10 @@ impl Snapshot {
         let mem_offset = le64(&h, 56);
         let count = le32(&h, 64) as usize;
         if count > MAX_SECTIONS
+            || meta.mem_size > MAX_MEM_SIZE
             || !meta.mem_size.is_multiple_of(PAGE_SIZE)
             || !mem_offset.is_multiple_of(PAGE_SIZE)
+            || mem_offset < HEADER_SIZE
         {
             return Err(SnapshotError::Corrupt {
                 path: p(),
@@ -569,7 +575,13 @@ impl Snapshot {
                 detail: "has impossible sizes".into(),
             });
         }
+        // Where every section may lie is fixed by the layout, and checked before anything is
+        // read: a crafted table must not make us allocate or read more than the layout allows.
+        let index_at = mem_offset.saturating_add(meta.mem_size);
+        let index_max = (meta.mem_size / PAGE_SIZE + 1) * 32;
         let mut sections = Vec::new();
+        let mut meta_end = HEADER_SIZE;
+        let mut meta_total = 0u64;
         for i in 0..count {
             let e = TABLE_AT + i * ENTRY_SIZE;
             let (kind, sv, offset, slen, crc) = (
@@ -580,17 +592,32 @@ impl Snapshot {
                 le32(&h, e + 24),
             );
             let name = section::name(kind);
-            if offset.checked_add(slen).is_none_or(|end| end > len) {
-                return Err(SnapshotError::Truncated {
-                    path: p(),
-                    section: name,
-                });
-            }
-            if slen > 1 << 30 {
+            let Some(end) = offset.checked_add(slen) else {
                 return Err(SnapshotError::Corrupt {
                     path: p(),
                     section: name,
-                    detail: "is impossibly large".into(),
+                    detail: "has an impossible extent".into(),
+                });
+            };
+            let placed = if kind == section::MEMORY {
+                offset == index_at && slen <= index_max
+            } else {
+                meta_total += slen;
+                let ok = offset >= meta_end && end <= mem_offset && meta_total <= MAX_METADATA;
+                meta_end = end;
+                ok
+            };
+            if !placed {
+                return Err(SnapshotError::Corrupt {
+                    path: p(),
+                    section: name,
+                    detail: "is placed or sized outside the layout".into(),
+                });
+            }
+            if end > len {
+                return Err(SnapshotError::Truncated {
+                    path: p(),
+                    section: name,
                 });
             }
             let mut bytes = vec![0u8; slen as usize];
@@ -973,6 +1000,40 @@ mod tests {
         )
         .unwrap();
         assert!(open_err(&path).contains("not a Rebound snapshot"));
+    }
+
+    /// Rewrites section `i`'s table entry (offset, length) and fixes the header CRC, as an
+    /// attacker who knows the format would.
+    fn craft(path: &Path, i: usize, offset: u64, len: u64) {
+        let mut b = std::fs::read(path).unwrap();
+        let e = TABLE_AT + i * ENTRY_SIZE;
+        b[e + 8..e + 16].copy_from_slice(&offset.to_le_bytes());
+        b[e + 16..e + 24].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_SIZE as usize - 4]);
+        b[HEADER_SIZE as usize - 4..HEADER_SIZE as usize].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn crafted_section_tables_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let good = std::fs::read(&path).unwrap();
+        for (i, offset, len) in [
+            (0, HEADER_SIZE, 1 << 30), // a huge section
+            (1, HEADER_SIZE, 8),       // overlapping the one before
+            (0, 100, 8),               // inside the header
+            (2, HEADER_SIZE, 8),       // the memory index away from its place
+            (0, u64::MAX - 3, 8),      // wrapping
+        ] {
+            std::fs::write(&path, &good).unwrap();
+            craft(&path, i, offset, len);
+            let e = open_err(&path);
+            assert!(
+                e.contains("outside the layout") || e.contains("impossible extent"),
+                "{i} {offset} {len}: {e}"
+            );
+        }
     }
 
     #[test]
