@@ -199,6 +199,10 @@ pub struct SnapshotLoadParams {
     /// a new value).
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The disk to attach, required if the snapshot had a file-backed one (Rebound extension:
+    /// a snapshot file is not trusted to choose host files).
+    #[serde(default)]
+    pub disk_path: Option<String>,
     /// Accepted for Firecracker compatibility and ignored.
     #[serde(default)]
     pub mem_file_path: Option<String>,

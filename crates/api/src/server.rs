@@ -11,7 +11,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use rebound_control::{Instance, InstanceState, MachineConfig, Protection};
+use rebound_control::{Instance, InstanceState, Load, MachineConfig, Protection};
 use rebound_vmm::{DiskConfig, GuestImage};
 use serde::de::DeserializeOwned;
 
@@ -316,7 +316,14 @@ async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoad
     let instance = s.instance.clone();
     blocking(move || {
         instance
-            .restore(&chain, p.resume_vm, p.generation)
+            .restore(
+                &chain,
+                &Load {
+                    resume: p.resume_vm,
+                    generation: p.generation,
+                    disk: p.disk_path.map(PathBuf::from),
+                },
+            )
             .map(|_| ())
     })
     .await?;

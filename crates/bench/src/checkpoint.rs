@@ -258,6 +258,7 @@ pub fn snapshots() -> Result<()> {
             RestoreOptions {
                 generation: 1,
                 paused: false,
+                disk: None,
             },
         )?;
         let restore = t0.elapsed();
@@ -289,6 +290,7 @@ pub fn snapshots() -> Result<()> {
                 RestoreOptions {
                     generation: 2 + g,
                     paused: false,
+                    disk: None,
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

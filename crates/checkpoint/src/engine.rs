@@ -2,6 +2,7 @@
 //! output once a checkpoint is safe, and rolls the VM back to its last checkpoint.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,15 +151,25 @@ struct Inner {
     output: Arc<OutputCommit>,
     config: EngineConfig,
     work: Mutex<Work>,
-    stopping: Mutex<bool>,
+    ticker_state: Mutex<TickerState>,
     wake: Condvar,
     stats: Mutex<StatsInner>,
+}
+
+/// What the checkpoint thread is asked to do.
+#[derive(Default)]
+struct TickerState {
+    stop: bool,
+    /// A checkpoint is wanted now.
+    requested: bool,
 }
 
 /// A VM's checkpoint engine.
 pub struct Engine {
     inner: Arc<Inner>,
     ticker: Mutex<Option<JoinHandle<()>>>,
+    /// Stopped or abandoned: dropping it does nothing more.
+    finished: AtomicBool,
 }
 
 /// What sinks read from at one checkpoint.
@@ -216,7 +227,20 @@ impl Engine {
         config: EngineConfig,
         sinks: Vec<Box<dyn Sink>>,
     ) -> Result<Engine> {
+        Self::start_from(vm, output, config, sinks, 1)
+    }
+
+    /// [`start`](Self::start) with the first checkpoint numbered `first_epoch` (protection
+    /// resumed over a snapshot directory keeps its epochs unique).
+    pub fn start_from(
+        vm: Arc<Vm>,
+        output: Arc<OutputCommit>,
+        config: EngineConfig,
+        sinks: Vec<Box<dyn Sink>>,
+        first_epoch: u64,
+    ) -> Result<Engine> {
         config.validate()?;
+        let first_epoch = first_epoch.max(1);
         let mem_size = vm.descriptor().mem_size;
         let pages = mem_size / PAGE_SIZE;
         let mut strategy = config.strategy.build(mem_size);
@@ -238,7 +262,7 @@ impl Engine {
         let data = frozen.data_pages();
         let source = FrozenSource(&frozen);
         let c = Commit {
-            epoch: 1,
+            epoch: first_epoch,
             state: &state,
             mem_size,
             source: &source,
@@ -259,7 +283,7 @@ impl Engine {
         {
             let mut s = lock(&stats);
             s.epochs = 1;
-            s.acked_epoch = 1;
+            s.acked_epoch = first_epoch;
             s.pauses_us.push_back(pause.as_secs_f64() * 1e6);
             s.pause_max_us = pause.as_secs_f64() * 1e6;
         }
@@ -271,30 +295,31 @@ impl Engine {
             work: Mutex::new(Work {
                 strategy,
                 sinks: slots,
-                epoch: 1,
-                last: Some((1, state)),
+                epoch: first_epoch,
+                last: Some((first_epoch, state)),
             }),
-            stopping: Mutex::new(false),
+            ticker_state: Mutex::new(TickerState::default()),
             wake: Condvar::new(),
             stats,
         });
-        let ticker = match config.interval {
-            None => None,
-            Some(period) => {
-                let i = inner.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("rebound-checkpoint".into())
-                        .spawn(move || tick(&i, period))
-                        .map_err(|e| {
-                            Error::Config(format!("cannot start the checkpoint thread: {e}"))
-                        })?,
-                )
+        // Held output past its soft limit asks for a checkpoint now (weakly: the output
+        // outlives the engine).
+        let weak = Arc::downgrade(&inner);
+        inner.output.on_pressure(Some(Box::new(move || {
+            if let Some(i) = weak.upgrade() {
+                lock(&i.ticker_state).requested = true;
+                i.wake.notify_all();
             }
-        };
+        })));
+        let i = inner.clone();
+        let ticker = std::thread::Builder::new()
+            .name("rebound-checkpoint".into())
+            .spawn(move || tick(&i))
+            .map_err(|e| Error::Config(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Engine {
             inner,
-            ticker: Mutex::new(ticker),
+            ticker: Mutex::new(Some(ticker)),
+            finished: AtomicBool::new(false),
         })
     }
 
@@ -353,25 +378,27 @@ impl Engine {
         }
     }
 
-    /// Stops protecting without releasing held output (it is dropped): the VM is about to go
-    /// back to a point before it.
-    pub fn abandon(&self) {
-        *lock(&self.inner.stopping) = true;
+    fn halt(&self) {
+        self.finished.store(true, Ordering::Release);
+        lock(&self.inner.ticker_state).stop = true;
         self.inner.wake.notify_all();
         if let Some(t) = lock(&self.ticker).take() {
             let _ = t.join();
         }
-        self.inner.output.discard_all();
+        self.inner.output.on_pressure(None);
+    }
+
+    /// Stops protecting and drops held output, but keeps holding new output: the VM is about to
+    /// go back to a point before it, and protection will start again from there.
+    pub fn abandon(&self) {
+        self.halt();
+        self.inner.output.discard_held();
     }
 
     /// Stops protecting: no more checkpoints, held output released, the strategy's resources
     /// (shadow, write protection) freed. The VM keeps running.
     pub fn stop(&self) {
-        *lock(&self.inner.stopping) = true;
-        self.inner.wake.notify_all();
-        if let Some(t) = lock(&self.ticker).take() {
-            let _ = t.join();
-        }
+        self.halt();
         if let Err(e) = self.inner.output.pass_through() {
             tracing::error!("cannot release held output: {e}");
         }
@@ -380,35 +407,49 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.stop();
+        if !self.finished.load(Ordering::Acquire) {
+            self.stop();
+        }
     }
 }
 
-fn tick(inner: &Inner, period: Duration) {
-    let mut next = Instant::now() + period;
+/// Takes checkpoints every period (if any) and whenever one is requested (held output over its
+/// soft limit), until stopped.
+fn tick(inner: &Inner) {
+    let period = inner.config.interval;
+    let mut next = period.map(|p| Instant::now() + p);
     loop {
         {
-            let mut stop = lock(&inner.stopping);
+            let mut t = lock(&inner.ticker_state);
             loop {
-                if *stop {
+                if t.stop {
                     return;
                 }
-                let now = Instant::now();
-                if now >= next {
+                if t.requested {
+                    t.requested = false;
                     break;
                 }
-                stop = inner
-                    .wake
-                    .wait_timeout(stop, next - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                let now = Instant::now();
+                match next {
+                    Some(n) if now >= n => break,
+                    Some(n) => {
+                        t = inner
+                            .wake
+                            .wait_timeout(t, n - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                    None => t = inner.wake.wait(t).unwrap_or_else(|e| e.into_inner()),
+                }
             }
         }
-        next += period;
-        // A checkpoint slower than the period pushes the next one back rather than bunching up.
-        let now = Instant::now();
-        if next < now {
-            next = now + period;
+        if let (Some(p), Some(n)) = (period, next.as_mut()) {
+            *n += p;
+            // A checkpoint slower than the period pushes the next one back rather than bunching up.
+            let now = Instant::now();
+            if *n < now {
+                *n = now + p;
+            }
         }
         if let Err(e) = checkpoint(inner) {
             if inner.vm.outcome().is_some() {

@@ -22,9 +22,20 @@ struct Inner {
     open: Vec<u8>,
     /// Sealed by a checkpoint, waiting for its acknowledgement.
     sealed: BTreeMap<u64, Vec<u8>>,
+    /// Bytes in `open` and `sealed`.
+    held: u64,
     released_bytes: u64,
     discarded_bytes: u64,
+    refused_bytes: u64,
+    /// Called when held output passes [`SOFT_LIMIT`]: asks for a checkpoint now.
+    pressure: Option<Box<dyn Fn() + Send>>,
 }
+
+/// Held output past which a checkpoint is asked for at once.
+pub const SOFT_LIMIT: u64 = 4 << 20;
+/// Held output past which guest writes are refused (the console returns EIO): the guest cannot
+/// make the VMM buffer without bound while its checkpoints are not acknowledged.
+pub const HARD_LIMIT: u64 = 64 << 20;
 
 /// Counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -35,6 +46,8 @@ pub struct OutputStats {
     pub discarded_bytes: u64,
     /// Bytes held now.
     pub held_bytes: u64,
+    /// Guest writes refused because too much was held ([`HARD_LIMIT`]).
+    pub refused_bytes: u64,
 }
 
 impl OutputCommit {
@@ -46,8 +59,11 @@ impl OutputCommit {
                 holding: false,
                 open: Vec::new(),
                 sealed: BTreeMap::new(),
+                held: 0,
                 released_bytes: 0,
                 discarded_bytes: 0,
+                refused_bytes: 0,
+                pressure: None,
             }),
         })
     }
@@ -71,10 +87,11 @@ impl OutputCommit {
         let mut g = self.lock();
         g.holding = false;
         let sealed = std::mem::take(&mut g.sealed);
+        let open = std::mem::take(&mut g.open);
+        g.held = 0;
         for (_, bytes) in sealed {
             Self::emit(&mut g, &bytes)?;
         }
-        let open = std::mem::take(&mut g.open);
         Self::emit(&mut g, &open)
     }
 
@@ -101,6 +118,7 @@ impl OutputCommit {
         let mut g = self.lock();
         let later = g.sealed.split_off(&(epoch + 1));
         let ready = std::mem::replace(&mut g.sealed, later);
+        g.held -= ready.values().map(|v| v.len() as u64).sum::<u64>();
         for (_, bytes) in ready {
             Self::emit(&mut g, &bytes)?;
         }
@@ -112,19 +130,23 @@ impl OutputCommit {
         let mut g = self.lock();
         let later = g.sealed.split_off(&(epoch + 1));
         let open = std::mem::take(&mut g.open);
-        g.discarded_bytes +=
-            open.len() as u64 + later.values().map(|v| v.len() as u64).sum::<u64>();
+        let dropped = open.len() as u64 + later.values().map(|v| v.len() as u64).sum::<u64>();
+        g.discarded_bytes += dropped;
+        g.held -= dropped;
     }
 
-    /// Drops everything held and passes output through from now on (the VM went back to a
-    /// point before the held output, and protection restarts from there).
-    pub fn discard_all(&self) {
+    /// Drops everything held (the VM goes back to a point before it); still holding.
+    pub fn discard_held(&self) {
         let mut g = self.lock();
-        let sealed = std::mem::take(&mut g.sealed);
-        let open = std::mem::take(&mut g.open);
-        g.discarded_bytes +=
-            open.len() as u64 + sealed.values().map(|v| v.len() as u64).sum::<u64>();
-        g.holding = false;
+        g.sealed.clear();
+        g.open.clear();
+        g.discarded_bytes += g.held;
+        g.held = 0;
+    }
+
+    /// Sets (or clears) what to call when held output passes [`SOFT_LIMIT`].
+    pub fn on_pressure(&self, f: Option<Box<dyn Fn() + Send>>) {
+        self.lock().pressure = f;
     }
 
     /// Counters.
@@ -133,8 +155,8 @@ impl OutputCommit {
         OutputStats {
             released_bytes: g.released_bytes,
             discarded_bytes: g.discarded_bytes,
-            held_bytes: g.open.len() as u64
-                + g.sealed.values().map(|v| v.len() as u64).sum::<u64>(),
+            held_bytes: g.held,
+            refused_bytes: g.refused_bytes,
         }
     }
 }
@@ -145,7 +167,22 @@ impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut g = self.0.lock();
         if g.holding {
+            let len = buf.len() as u64;
+            if g.held + len > HARD_LIMIT {
+                g.refused_bytes += len;
+                return Err(io::Error::other(
+                    "too much output held for unacknowledged checkpoints",
+                ));
+            }
+            let before = g.held;
             g.open.extend_from_slice(buf);
+            g.held += len;
+            if before <= SOFT_LIMIT
+                && g.held > SOFT_LIMIT
+                && let Some(f) = &g.pressure
+            {
+                f();
+            }
         } else {
             g.out.write_all(buf)?;
             g.released_bytes += buf.len() as u64;
@@ -173,6 +210,40 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn held_output_asks_for_a_checkpoint_then_refuses() {
+        let oc = OutputCommit::new(Box::new(Sink::default()));
+        let asked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let a = asked.clone();
+        oc.on_pressure(Some(Box::new(move || {
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })));
+        oc.hold();
+        let mut w = oc.writer();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut refused = 0;
+        for _ in 0..70 {
+            if w.write_all(&chunk).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "asked once when crossing the soft limit"
+        );
+        assert_eq!(refused, 70 - (HARD_LIMIT >> 20) as usize);
+        let s = oc.stats();
+        assert_eq!(
+            (s.held_bytes, s.refused_bytes),
+            (HARD_LIMIT, (refused as u64) << 20)
+        );
+        oc.seal(1);
+        oc.release(1).unwrap();
+        assert_eq!(oc.stats().held_bytes, 0);
+        assert!(w.write_all(b"more").is_ok(), "room again once released");
     }
 
     #[test]

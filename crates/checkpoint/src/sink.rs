@@ -56,6 +56,15 @@ impl SnapshotDir {
             sink: dir.display().to_string(),
             reason: format!("cannot create the directory: {e}"),
         })?;
+        // Files a crash left half-written (they never got their final name) are garbage.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".snap.tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let seq = list(dir)?.last().map_or(0, |(s, _)| *s);
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -107,7 +116,7 @@ impl Sink for SnapshotDir {
             epoch: cp.epoch,
             kind,
             mem_size: cp.mem_size,
-            created_unix_ns: cp.state.devices.clock_ns,
+            created_unix_ns: rebound_vmm::persist::unix_ns(),
         };
         let sections = cp.state.sections().map_err(|e| self.err(e))?;
         self.seq += 1;
@@ -142,8 +151,12 @@ impl Sink for SnapshotDir {
         for (old, _) in old_chain {
             let _ = std::fs::remove_file(old);
         }
-        if self.chain.len() > self.max_chain {
-            self.compact()?;
+        if self.chain.len() > self.max_chain
+            && let Err(e) = self.compact()
+        {
+            // The checkpoint itself is durable; only the housekeeping failed (it is retried at
+            // the next commit).
+            tracing::warn!("cannot compact {}: {e}", self.dir.display());
         }
         Ok(())
     }
@@ -182,6 +195,35 @@ pub fn newest_chain(dir: &Path) -> Result<Vec<PathBuf>, Error> {
             reason: "no full snapshot in the directory".into(),
         })?;
     Ok(files[start..].iter().map(|(_, p)| p.clone()).collect())
+}
+
+/// The newest checkpoint epoch in a snapshot directory (0 if none).
+pub fn newest_epoch(dir: &Path) -> Result<u64, Error> {
+    let mut newest = 0;
+    for (_, path) in list(dir)? {
+        let s = Snapshot::open(&path, Verify::Metadata).map_err(|e| Error::Sink {
+            sink: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        newest = newest.max(s.meta().epoch);
+    }
+    Ok(newest)
+}
+
+/// Deletes the snapshot files written after `last` (by sequence): the timeline abandoned by a
+/// rollback to `last`.
+pub fn prune_after(dir: &Path, last: &Path) -> Result<(), Error> {
+    let files = list(dir)?;
+    let Some(at) = files.iter().position(|(_, p)| p == last) else {
+        return Ok(());
+    };
+    for (_, p) in &files[at + 1..] {
+        std::fs::remove_file(p).map_err(|e| Error::Sink {
+            sink: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The chain in a snapshot directory that ends at checkpoint `epoch`: the last full snapshot at

@@ -40,6 +40,18 @@ impl Default for MachineConfig {
     }
 }
 
+/// How to load a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Run at once (else it stays paused until resumed).
+    pub resume: bool,
+    /// What the guest's `GENERATION` hypercall returns from now on (default: a new value, as for
+    /// any restore).
+    pub generation: Option<u64>,
+    /// The disk to attach if the snapshot had a file-backed one (required then).
+    pub disk: Option<PathBuf>,
+}
+
 /// How a VM is protected by the checkpoint engine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Protection {
@@ -198,14 +210,8 @@ impl Instance {
     }
 
     /// Restores the VM from a snapshot chain (a full snapshot, then its diffs in order), every
-    /// file validated first. It starts paused unless `resume`. `generation` is what the guest's
-    /// `GENERATION` hypercall returns from now on (default: a new value, as for any restore).
-    pub fn restore(
-        &self,
-        chain: &[PathBuf],
-        resume: bool,
-        generation: Option<u64>,
-    ) -> Result<Arc<Vm>> {
+    /// file validated first (see [`Load`]).
+    pub fn restore(&self, chain: &[PathBuf], load: &Load) -> Result<Arc<Vm>> {
         let mut slot = lock(&self.vm);
         if slot.is_some() {
             return Err(Error::State(
@@ -217,8 +223,9 @@ impl Instance {
             .map(|p| Snapshot::open(p, Verify::Full))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let options = RestoreOptions {
-            generation: generation.unwrap_or_else(rebound_vmm::persist::new_id),
-            paused: !resume,
+            generation: load.generation.unwrap_or_else(rebound_vmm::persist::new_id),
+            paused: !load.resume,
+            disk: load.disk.clone(),
         };
         let vm = Vm::restore_with(&snaps, self.output.writer(), options)?;
         Ok(self.install(&mut slot, vm))
@@ -286,10 +293,16 @@ impl Instance {
         };
         config.validate()?;
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let mut first = 1;
         if let Some(dir) = &p.snapshot_dir {
             sinks.push(Box::new(SnapshotDir::new(dir, p.max_chain)?));
+            // Protection resumed over an existing directory continues its epoch numbers.
+            first = rebound_checkpoint::sink::newest_epoch(dir)? + 1;
         }
-        *engine = Some((Engine::start(vm, self.output.clone(), config, sinks)?, p));
+        *engine = Some((
+            Engine::start_from(vm, self.output.clone(), config, sinks, first)?,
+            p,
+        ));
         Ok(())
     }
 
@@ -352,13 +365,25 @@ impl Instance {
             .iter()
             .map(|p| Snapshot::open(p, Verify::Full))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        // Everything that can be checked is, before protection or the VM is touched.
+        rebound_vmm::persist::check_rewind(&vm, &snaps)?;
         if let Some((old, _)) = engine.take() {
+            // Stops checkpoints (a checkpoint of the abandoned timeline must not run into the
+            // freeze below) and drops held output; new output stays held.
             old.abandon();
         }
-        {
-            let frozen = vm.freeze()?;
+        let rewound = vm.freeze().map_err(Error::from).and_then(|frozen| {
             frozen.rewind(&snaps)?;
-            frozen.thaw()?;
+            // What the guest wrote between the abandon and the freeze is the abandoned timeline's.
+            self.output.discard_held();
+            Ok(frozen.thaw()?)
+        });
+        if let Err(e) = rewound {
+            let _ = self.output.pass_through();
+            return Err(e);
+        }
+        if let Some(last) = chain.last() {
+            rebound_checkpoint::sink::prune_after(&dir, last)?;
         }
         let config = EngineConfig {
             interval: protection.interval_ms.map(Duration::from_millis),
@@ -366,10 +391,15 @@ impl Instance {
         };
         let sinks: Vec<Box<dyn Sink>> =
             vec![Box::new(SnapshotDir::new(&dir, protection.max_chain)?)];
-        *engine = Some((
-            Engine::start(vm, self.output.clone(), config, sinks)?,
-            protection,
-        ));
+        let first = rebound_checkpoint::sink::newest_epoch(&dir)? + 1;
+        let started = Engine::start_from(vm, self.output.clone(), config, sinks, first);
+        match started {
+            Ok(e) => *engine = Some((e, protection)),
+            Err(e) => {
+                let _ = self.output.pass_through();
+                return Err(e.into());
+            }
+        }
         tracing::info!(epoch, "VM rolled back to a named checkpoint");
         Ok(epoch)
     }

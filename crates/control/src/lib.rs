@@ -4,7 +4,7 @@
 
 pub mod instance;
 
-pub use instance::{Instance, InstanceState, MachineConfig, Protection};
+pub use instance::{Instance, InstanceState, Load, MachineConfig, Protection};
 
 /// Errors of the controller: the VMM's or the checkpoint engine's, or a request that does not
 /// fit the instance's state.

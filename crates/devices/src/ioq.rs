@@ -562,11 +562,21 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
     /// Call with the queue paused (or its worker not started). The state is checked first: a
     /// snapshot file is input, and a bad one must not make the VMM write outside the guest.
     fn restore(&self, state: IoqState) -> Result<(), IoqStateError> {
-        let mut rings = lock(&self.rings);
-        if state.rings.len() != rings.len() {
+        self.check(&state)?;
+        *lock(&self.rings) = state.rings;
+        self.install_timers(state.timers);
+        Ok(())
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
+    /// Whether `state` could be restored into this queue (nothing is changed).
+    pub fn check(&self, state: &IoqState) -> Result<(), IoqStateError> {
+        let vcpus = lock(&self.rings).len();
+        if state.rings.len() != vcpus {
             return Err(IoqStateError::VcpuCount {
                 found: state.rings.len(),
-                expected: rings.len(),
+                expected: vcpus,
             });
         }
         let rings_ok = state.rings.iter().flatten().all(|r| {
@@ -575,15 +585,13 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
                 && self.writable(r.gpa, abi_io::ring_size(r.entries))
         });
         let timers_ok = state.timers.len() <= MAX_PENDING_TIMERS
-            && state.timers.iter().all(|&(v, ind, _)| {
-                (v as usize) < rings.len() && ind % 8 == 0 && self.writable(ind, 8)
-            });
+            && state
+                .timers
+                .iter()
+                .all(|&(v, ind, _)| (v as usize) < vcpus && ind % 8 == 0 && self.writable(ind, 8));
         if !rings_ok || !timers_ok {
             return Err(IoqStateError::BadAddress);
         }
-        *rings = state.rings;
-        drop(rings);
-        self.install_timers(state.timers);
         Ok(())
     }
 }

@@ -101,6 +101,9 @@ struct RestoreArgs {
     /// Restore the newest chain of a snapshot directory (written by --snapshot-dir).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// The disk image to attach, if the VM had one (a snapshot does not choose host files).
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
     /// What the guest's GENERATION hypercall returns (default: a new value).
     #[arg(long, value_name = "N")]
     generation: Option<u64>,
@@ -316,7 +319,12 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         start_api(sock, instance.clone())?;
     }
     let t0 = Instant::now();
-    instance.restore(&chain, true, args.generation)?;
+    let load = rebound_control::Load {
+        resume: true,
+        generation: args.generation,
+        disk: args.disk.clone(),
+    };
+    instance.restore(&chain, &load)?;
     eprintln!(
         "rebound: restored from {} snapshot(s) in {:.1} ms",
         chain.len(),

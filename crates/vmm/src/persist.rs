@@ -111,6 +111,14 @@ pub struct SnapshotInfo {
     pub total_us: u64,
 }
 
+/// Now, in nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// A new snapshot id: unique enough across processes and time.
 pub fn new_id() -> u64 {
     let t = std::time::SystemTime::now()
@@ -148,16 +156,18 @@ impl Vm {
     pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
         const CONSUMER: &str = "snapshot-api";
         let t0 = std::time::Instant::now();
+        if kind == Kind::Full {
+            self.enable_dirty_tracking()?;
+        }
+        // Everything from the parent's id to recording this snapshot's happens inside one freeze:
+        // freezes take turns, so two snapshots cannot both claim the same parent.
+        let frozen = self.freeze()?;
         let parent = match kind {
             Kind::Full => None,
             Kind::Diff => Some(self.last_snapshot_id().ok_or_else(|| {
                 Error::State("a diff snapshot needs a full snapshot of this VM first".into())
             })?),
         };
-        if kind == Kind::Full {
-            self.enable_dirty_tracking()?;
-        }
-        let frozen = self.freeze()?;
         let dirty = self.take_dirty(CONSUMER)?;
         let meta = SnapshotMeta {
             id: new_id(),
@@ -165,10 +175,9 @@ impl Vm {
             epoch: 0,
             kind,
             mem_size: frozen.mem_size(),
-            created_unix_ns: frozen.state().devices.clock_ns,
+            created_unix_ns: unix_ns(),
         };
         let written = write_snapshot(&frozen, path, &meta, (kind == Kind::Diff).then_some(&dirty));
-        let pause = frozen.pause_time();
         let stats = match written {
             Ok(s) => s,
             Err(e) => {
@@ -178,9 +187,8 @@ impl Vm {
             }
         };
         let paused_for = t0.elapsed();
-        frozen.thaw()?;
         self.set_last_snapshot_id(meta.id);
-        let _ = pause;
+        frozen.thaw()?;
         Ok(SnapshotInfo {
             id: meta.id,
             parent,
@@ -260,17 +268,17 @@ impl Frozen<'_> {
     /// that hold data now but not in the snapshot are zeroed), vCPUs and devices. The chain must
     /// be validated and describe this VM (same memory size and vCPUs).
     pub fn rewind(&self, chain: &[Snapshot]) -> Result<()> {
-        let state = read_chain(chain)?;
-        let vm = self.vm().descriptor();
-        if state.vm.mem_size != vm.mem_size || state.vm.vcpus != vm.vcpus {
-            return Err(Error::Restore(format!(
-                "the snapshot is of a VM with {} MiB and {} vCPUs; this one has {} MiB and {} vCPUs",
-                state.vm.mem_size >> 20,
-                state.vm.vcpus,
-                vm.mem_size >> 20,
-                vm.vcpus
-            )));
+        // Everything is checked before memory is touched; after that only a read error of an
+        // already verified file can fail, and then the VM is ended (its memory is half-written).
+        let state = check_rewind(self.vm(), chain)?;
+        if let Err(e) = self.rewind_memory(chain) {
+            self.vm().fail(format!("rollback failed half-way: {e}"));
+            return Err(e);
         }
+        self.restore_state(&state)
+    }
+
+    fn rewind_memory(&self, chain: &[Snapshot]) -> Result<()> {
         let mut stored = rebound_snapshot::DirtySet::new(self.mem_size() / PAGE_SIZE);
         for s in chain {
             for r in s.runs() {
@@ -291,6 +299,24 @@ impl Frozen<'_> {
                 self.write_memory(r.first * PAGE_SIZE, &buf)?;
             }
         }
-        self.restore_state(&state)
+        Ok(())
     }
+}
+
+/// Checks that a validated chain is a state of `vm` (same memory size and vCPUs, state that
+/// fits its devices) and returns that state. Nothing is changed.
+pub fn check_rewind(vm: &Vm, chain: &[Snapshot]) -> Result<SavedState> {
+    let state = read_chain(chain)?;
+    let d = vm.descriptor();
+    if state.vm.mem_size != d.mem_size || state.vm.vcpus != d.vcpus {
+        return Err(Error::Restore(format!(
+            "the snapshot is of a VM with {} MiB and {} vCPUs; this one has {} MiB and {} vCPUs",
+            state.vm.mem_size >> 20,
+            state.vm.vcpus,
+            d.mem_size >> 20,
+            d.vcpus
+        )));
+    }
+    vm.check_state(&state)?;
+    Ok(state)
 }

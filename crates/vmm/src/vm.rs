@@ -29,6 +29,9 @@ use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
 use crate::wait::{Request, RunControl, Waiters};
 use crate::{Error, Result, boot, kick, vcpu, vstate};
 
+/// The dirty-page account of the pages a restored VM wrote.
+const WRITTEN_SINCE_RESTORE: &str = "written-since-restore";
+
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -166,10 +169,16 @@ pub struct Vm {
     vm_fd: VmFd,
     shared: Arc<VmShared>,
     io_thread: Mutex<Option<JoinHandle<()>>>,
-    pause_lock: Mutex<()>,
+    /// Who holds the vCPUs stopped: the owner (`pause`) and a freeze. They run only when neither.
+    holds: Mutex<Holds>,
+    /// Held by a [`Frozen`] for its whole life: freezes (checkpoints, snapshots, rollbacks) take
+    /// turns, so none sees the VM resumed under it.
+    freeze_lock: Mutex<()>,
     descriptor: VmDescriptor,
     dirty: Mutex<DirtyTracking>,
     last_snapshot: Mutex<Option<u64>>,
+    /// For a restored VM: every page written since the restore (see `Frozen::data_pages`).
+    written_since_restore: Mutex<DirtySet>,
     /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
     /// VM's life.
     backing: memory::Backing,
@@ -181,6 +190,15 @@ pub struct Vm {
 struct DirtyTracking {
     enabled: bool,
     consumers: HashMap<String, DirtySet>,
+}
+
+/// Why the vCPUs are stopped.
+#[derive(Default)]
+struct Holds {
+    /// The owner paused the VM.
+    user: bool,
+    /// A [`Frozen`] exists.
+    frozen: bool,
 }
 
 /// How a VM's vCPUs start.
@@ -207,12 +225,15 @@ struct Parts {
 }
 
 /// How to restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreOptions {
     /// What `GENERATION` returns from now on.
     pub generation: u64,
     /// Start paused.
     pub paused: bool,
+    /// The disk to attach, if the snapshot had a file-backed one (required then: the snapshot
+    /// is not trusted to choose a host file).
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
@@ -312,6 +333,7 @@ impl Vm {
             RestoreOptions {
                 generation,
                 paused: false,
+                disk: None,
             },
         )
     }
@@ -323,7 +345,11 @@ impl Vm {
         console: Box<dyn Write + Send>,
         options: RestoreOptions,
     ) -> Result<Vm> {
-        let RestoreOptions { generation, paused } = options;
+        let RestoreOptions {
+            generation,
+            paused,
+            disk: disk_path,
+        } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
         let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
@@ -336,11 +362,20 @@ impl Vm {
                 read_only,
                 size,
             }) => {
-                let d = Disk::open(path, *read_only)?;
+                // The snapshot only says which disk the VM had: a snapshot file is input, and it
+                // must not get to open host files. The caller names the disk.
+                let chosen = disk_path.ok_or_else(|| {
+                    Error::Restore(format!(
+                        "the snapshot was taken with disk {}: name the disk to attach explicitly \
+                         (rebound restore --disk, or disk_path in PUT /snapshot/load)",
+                        path.display()
+                    ))
+                })?;
+                let d = Disk::open(&chosen, *read_only)?;
                 if d.size() != *size {
                     return Err(Error::Restore(format!(
                         "disk {} is {} bytes; the snapshot was taken with {} bytes",
-                        path.display(),
+                        chosen.display(),
                         d.size(),
                         size
                     )));
@@ -459,16 +494,25 @@ impl Vm {
             vm_fd,
             shared: shared.clone(),
             io_thread: Mutex::new(None),
-            pause_lock: Mutex::new(()),
+            holds: Mutex::new(Holds::default()),
+            freeze_lock: Mutex::new(()),
             descriptor,
             dirty: Mutex::new(DirtyTracking::default()),
             last_snapshot: Mutex::new(None),
+            written_since_restore: Mutex::new(DirtySet::new(layout.mem_size() / PAGE_SIZE)),
             backing: mem_file,
         };
 
         if paused {
+            // The owner's pause: checkpoints and snapshots of it thaw back to paused.
             shared.control.set(Request::Pause);
             shared.ioq.pause();
+        }
+        lock(&vm.holds).user = paused;
+        if matches!(vm.backing, memory::Backing::Private { .. }) {
+            vm.enable_dirty_tracking()?;
+            // Opens the account from now on (nothing was written yet).
+            vm.take_dirty(WRITTEN_SINCE_RESTORE)?;
         }
         let io = shared.clone();
         *lock(&vm.io_thread) = Some(spawn("rebound-io".into(), move || {
@@ -518,22 +562,45 @@ impl Vm {
         }
     }
 
-    /// Stops every vCPU outside the guest and idles the devices; returns how long it took.
+    /// Stops every vCPU outside the guest and idles the devices (the owner's pause: it lasts
+    /// until [`resume`](Self::resume), across freezes); returns how long it took.
     pub fn pause(&self) -> Result<Duration> {
-        let _g = lock(&self.pause_lock);
+        let mut h = lock(&self.holds);
+        let took = self.stop_vcpus("paused")?;
+        h.user = true;
+        Ok(took)
+    }
+
+    /// Lets a paused VM run again (once no freeze holds it).
+    pub fn resume(&self) -> Result<()> {
+        let mut h = lock(&self.holds);
+        if self.state() == VmState::Exited {
+            return Err(Error::State(
+                "the VM has exited; it cannot be resumed".into(),
+            ));
+        }
+        h.user = false;
+        if !h.frozen {
+            self.start_vcpus();
+        }
+        Ok(())
+    }
+
+    /// Gets every vCPU out of the guest and parks the I/O thread. Call with `holds` locked.
+    fn stop_vcpus(&self, what: &str) -> Result<Duration> {
         match self.state() {
             VmState::Running => {}
             VmState::Paused => {
-                // Already asked; make sure every vCPU got there (a VM restored paused).
+                // Already stopped; make sure every vCPU got there (a VM restored paused).
                 if !self.shared.control.wait_quiet(PAUSE_TIMEOUT) {
                     return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
                 }
                 return Ok(Duration::ZERO);
             }
             VmState::Exited => {
-                return Err(Error::State(
-                    "the VM has exited; it cannot be paused".into(),
-                ));
+                return Err(Error::State(format!(
+                    "the VM has exited; it cannot be {what}"
+                )));
             }
         }
         let t0 = Instant::now();
@@ -550,27 +617,34 @@ impl Vm {
         Ok(took)
     }
 
-    /// Lets a paused VM run again.
-    pub fn resume(&self) -> Result<()> {
-        let _g = lock(&self.pause_lock);
-        match self.state() {
-            VmState::Paused => {
-                self.shared.ioq.resume();
-                self.shared.control.set(Request::Run);
-                Ok(())
-            }
-            VmState::Running => Ok(()),
-            VmState::Exited => Err(Error::State(
-                "the VM has exited; it cannot be resumed".into(),
-            )),
+    /// Lets the vCPUs and the I/O thread run. Call with `holds` locked.
+    fn start_vcpus(&self) {
+        if self.state() == VmState::Paused {
+            self.shared.ioq.resume();
+            self.shared.control.set(Request::Run);
+        }
+    }
+
+    /// A freeze ended: run again unless the owner paused the VM.
+    fn release_freeze(&self) {
+        let mut h = lock(&self.holds);
+        h.frozen = false;
+        if !h.user && self.state() != VmState::Exited {
+            self.start_vcpus();
         }
     }
 
     /// Pauses the VM and captures its state: every vCPU's registers and the devices'. Memory is
-    /// readable through the returned [`Frozen`] until it is thawed.
+    /// readable through the returned [`Frozen`] until it is thawed or dropped. A second freeze
+    /// waits for the first to end; the owner's `resume` does not run the VM while frozen.
     pub fn freeze(&self) -> Result<Frozen<'_>> {
-        let was_paused = self.state() == VmState::Paused;
-        let took = self.pause()?;
+        let guard = lock(&self.freeze_lock);
+        let took = {
+            let mut h = lock(&self.holds);
+            let took = self.stop_vcpus("frozen")?;
+            h.frozen = true;
+            took
+        };
         let captured = (|| {
             let mut vcpus = Vec::new();
             for (id, slot) in self.shared.vcpu_slots.iter().enumerate() {
@@ -602,12 +676,11 @@ impl Vm {
                 vm: self,
                 state,
                 pause: took,
-                resume: !was_paused,
+                released: false,
+                _turn: guard,
             }),
             Err(e) => {
-                if !was_paused {
-                    let _ = self.resume();
-                }
+                self.release_freeze();
                 Err(e)
             }
         }
@@ -693,6 +766,39 @@ impl Vm {
         lock(&self.dirty).consumers.contains_key(consumer)
     }
 
+    /// Whether `state` could be put into this VM (one state per vCPU, device state that fits):
+    /// checked before anything is changed, so a bad state changes nothing.
+    pub fn check_state(&self, state: &SavedState) -> Result<()> {
+        let n = self.shared.vcpu_slots.len();
+        let mut seen = vec![false; n];
+        for s in &state.vcpus {
+            match seen.get_mut(s.id as usize) {
+                Some(seen) if !*seen => *seen = true,
+                _ => {
+                    return Err(Error::Restore(format!(
+                        "vCPU state {} is duplicated or out of range",
+                        s.id
+                    )));
+                }
+            }
+        }
+        if state.vcpus.len() != n {
+            return Err(Error::Restore(format!(
+                "{} vCPU states for {n} vCPUs",
+                state.vcpus.len()
+            )));
+        }
+        self.shared
+            .ioq
+            .check(&state.devices.ioq)
+            .map_err(|e| Error::Restore(e.to_string()))
+    }
+
+    /// Ends the VM with a failure (state that can no longer be trusted).
+    pub fn fail(&self, error: String) {
+        self.shared.finish(VmOutcome::Failed { error });
+    }
+
     /// Host address and length of guest memory (for write-protecting it).
     pub fn host_memory_range(&self) -> (u64, u64) {
         let base = vm_memory::GuestMemoryBackend::get_host_address(
@@ -760,8 +866,9 @@ pub struct Frozen<'a> {
     vm: &'a Vm,
     state: SavedState,
     pause: Duration,
-    /// False if the VM was already paused by its owner: thawing leaves it paused.
-    resume: bool,
+    released: bool,
+    /// This freeze's turn (see `Vm::freeze_lock`); dropped after the freeze is released.
+    _turn: MutexGuard<'a, ()>,
 }
 
 impl Frozen<'_> {
@@ -794,7 +901,17 @@ impl Frozen<'_> {
 
     /// Pages that may hold data (every other page is zero).
     pub fn data_pages(&self) -> DirtySet {
-        memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size())
+        let mut set = memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size());
+        if matches!(self.vm.backing, memory::Backing::Private { .. }) {
+            // A restored VM's copy-on-write pages may be swapped out, where `mincore` does not
+            // see them: the pages written since the restore are tracked as well.
+            let mut written = lock(&self.vm.written_since_restore);
+            if let Ok(w) = self.vm.take_dirty(WRITTEN_SINCE_RESTORE) {
+                written.union(&w);
+            }
+            set.union(&written);
+        }
+        set
     }
 
     /// All of guest memory as one slice.
@@ -817,20 +934,9 @@ impl Frozen<'_> {
     /// Puts the VM back into `state` (vCPUs apply it as they resume; devices now). Memory is the
     /// caller's to restore.
     pub fn restore_state(&self, state: &SavedState) -> Result<()> {
-        if state.vcpus.len() != self.vm.shared.vcpu_slots.len() {
-            return Err(Error::Restore(format!(
-                "{} vCPU states for {} vCPUs",
-                state.vcpus.len(),
-                self.vm.shared.vcpu_slots.len()
-            )));
-        }
+        self.vm.check_state(state)?;
         for s in &state.vcpus {
-            let slot = self
-                .vm
-                .shared
-                .vcpu_slots
-                .get(s.id as usize)
-                .ok_or_else(|| Error::Restore(format!("no vCPU {}", s.id)))?;
+            let slot = &self.vm.shared.vcpu_slots[s.id as usize];
             *lock(&slot.restore) = Some(s.clone());
             // The state is the vCPU's from now on. A freeze that comes before the vCPU thread has
             // woken and applied it must see it, not the registers it had before the rollback.
@@ -848,17 +954,18 @@ impl Frozen<'_> {
         Ok(())
     }
 
-    /// Lets the VM run again (unless its owner had paused it).
+    /// Lets the VM run again (unless its owner paused it).
     pub fn thaw(mut self) -> Result<()> {
-        let resume = std::mem::replace(&mut self.resume, false);
-        if resume { self.vm.resume() } else { Ok(()) }
+        self.released = true;
+        self.vm.release_freeze();
+        Ok(())
     }
 }
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        if self.resume {
-            let _ = self.vm.resume();
+        if !self.released {
+            self.vm.release_freeze();
         }
     }
 }

@@ -70,3 +70,45 @@ fn repeated_pause_resume_keeps_the_guest_correct() {
     assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
     assert!(out.text().contains("0 bad"), "{}", out.text());
 }
+
+#[test]
+fn freezes_take_turns_and_respect_the_owners_pause() {
+    let (vm, out) = launch(&config("ticks 5", 1, None));
+    assert!(wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= 3));
+    let frozen = vm.freeze().expect("freeze");
+    let n = ticks(&out.text());
+    // The owner's resume does not run a frozen VM.
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ticks(&out.text()), n, "ran while frozen");
+    std::thread::scope(|s| {
+        let second = s.spawn(|| {
+            let t0 = std::time::Instant::now();
+            let f = vm.freeze().expect("second freeze");
+            let waited = t0.elapsed();
+            f.thaw().unwrap();
+            waited
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            !second.is_finished(),
+            "a second freeze did not wait for the first"
+        );
+        frozen.thaw().unwrap();
+        assert!(second.join().unwrap() >= Duration::from_millis(100));
+    });
+    assert!(
+        wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= n + 3),
+        "did not run after the thaws"
+    );
+    // The owner's pause outlasts a freeze and thaw.
+    vm.pause().unwrap();
+    vm.freeze().unwrap().thaw().unwrap();
+    let m = ticks(&out.text());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ticks(&out.text()), m, "a thaw undid the owner's pause");
+    vm.resume().unwrap();
+    assert!(wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= m + 3));
+    vm.stop();
+    vm.wait();
+}

@@ -158,3 +158,50 @@ fn bad_snapshots_are_refused_before_anything_runs() {
         assert!(e.contains(want), "{e:?} should mention {want:?}");
     }
 }
+
+#[test]
+fn a_snapshot_does_not_choose_the_host_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let disk = rebound_vmm::DiskConfig::File {
+        path: img.clone(),
+        read_only: false,
+    };
+    let (vm, _out) = launch(&config("ticks 5", 1, Some(disk)));
+    std::thread::sleep(Duration::from_millis(30));
+    let path = snap_path(dir.path(), "d.snap");
+    vm.snapshot(&path, Kind::Full).unwrap();
+    vm.stop();
+    vm.wait();
+    let options = |disk| rebound_vmm::vm::RestoreOptions {
+        generation: 0,
+        paused: false,
+        disk,
+    };
+    let e = Vm::restore_with(&open(&[&path]), Box::new(std::io::sink()), options(None))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("name the disk to attach explicitly"),
+        "{e}"
+    );
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, vec![0u8; 4096]).unwrap();
+    let e = Vm::restore_with(
+        &open(&[&path]),
+        Box::new(std::io::sink()),
+        options(Some(small)),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("the snapshot was taken with"), "{e}");
+    let r = Vm::restore_with(
+        &open(&[&path]),
+        Box::new(std::io::sink()),
+        options(Some(img)),
+    )
+    .unwrap();
+    r.stop();
+    r.wait();
+}
