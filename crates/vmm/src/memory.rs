@@ -111,27 +111,37 @@ fn data_ranges(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Pages resident in the mapping (written copy-on-write pages, or cached file pages).
-fn resident_pages(mem: &GuestMemory, size: u64, set: &mut DirtySet) {
-    let Ok(host) = mem.get_host_address(GuestAddress(0)) else {
-        return;
+/// Pages of the mapping that are present or swapped out (copy-on-write pages the guest wrote,
+/// or file pages mapped in), from `/proc/self/pagemap`. Unlike `mincore`, this also sees
+/// written pages the host swapped out. On any error every page is taken as holding data.
+fn mapped_pages(mem: &GuestMemory, size: u64, set: &mut DirtySet) {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pages = size.div_ceil(PAGE);
+    let all = |set: &mut DirtySet| (0..pages).for_each(|p| set.insert(p));
+    let (Ok(host), Ok(map)) = (
+        mem.get_host_address(GuestAddress(0)),
+        File::open("/proc/self/pagemap"),
+    ) else {
+        return all(set);
     };
-    let pages = size.div_ceil(PAGE) as usize;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `host` is the start of a live mapping of `size` bytes owned by `mem`, and `vec`
-    // has one byte per page of it, as mincore requires.
-    let r = unsafe { libc::mincore(host.cast(), size as usize, vec.as_mut_ptr()) };
-    if r != 0 {
-        // Unknown: say every page may hold data.
-        for p in 0..pages as u64 {
-            set.insert(p);
+    let first = host as u64 / PAGE;
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut p = 0;
+    while p < pages {
+        let n = (pages - p).min(4096);
+        let chunk = &mut buf[..(n * 8) as usize];
+        if map.read_exact_at(chunk, (first + p) * 8).is_err() {
+            return all(set);
         }
-        return;
-    }
-    for (p, v) in vec.iter().enumerate() {
-        if v & 1 != 0 {
-            set.insert(p as u64);
+        for (i, e) in chunk.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            if entry & (PRESENT | SWAPPED) != 0 {
+                set.insert(p + i as u64);
+            }
         }
+        p += n;
     }
 }
 
@@ -144,7 +154,7 @@ pub fn data_pages(mem: &GuestMemory, backing: &Backing, size: u64) -> DirtySet {
     let (file, offset) = match backing {
         Backing::Memfd(f) => (f, 0),
         Backing::Private { file, offset } => {
-            resident_pages(mem, size, &mut set);
+            mapped_pages(mem, size, &mut set);
             (file, *offset)
         }
     };

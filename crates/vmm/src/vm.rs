@@ -29,9 +29,6 @@ use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
 use crate::wait::{Request, RunControl, Waiters};
 use crate::{Error, Result, boot, kick, vcpu, vstate};
 
-/// The dirty-page account of the pages a restored VM wrote.
-const WRITTEN_SINCE_RESTORE: &str = "written-since-restore";
-
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -177,8 +174,6 @@ pub struct Vm {
     descriptor: VmDescriptor,
     dirty: Mutex<DirtyTracking>,
     last_snapshot: Mutex<Option<u64>>,
-    /// For a restored VM: every page written since the restore (see `Frozen::data_pages`).
-    written_since_restore: Mutex<DirtySet>,
     /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
     /// VM's life.
     backing: memory::Backing,
@@ -499,7 +494,6 @@ impl Vm {
             descriptor,
             dirty: Mutex::new(DirtyTracking::default()),
             last_snapshot: Mutex::new(None),
-            written_since_restore: Mutex::new(DirtySet::new(layout.mem_size() / PAGE_SIZE)),
             backing: mem_file,
         };
 
@@ -509,11 +503,6 @@ impl Vm {
             shared.ioq.pause();
         }
         lock(&vm.holds).user = paused;
-        if matches!(vm.backing, memory::Backing::Private { .. }) {
-            vm.enable_dirty_tracking()?;
-            // Opens the account from now on (nothing was written yet).
-            vm.take_dirty(WRITTEN_SINCE_RESTORE)?;
-        }
         let io = shared.clone();
         *lock(&vm.io_thread) = Some(spawn("rebound-io".into(), move || {
             if let Err(e) = io.ioq.run() {
@@ -901,17 +890,7 @@ impl Frozen<'_> {
 
     /// Pages that may hold data (every other page is zero).
     pub fn data_pages(&self) -> DirtySet {
-        let mut set = memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size());
-        if matches!(self.vm.backing, memory::Backing::Private { .. }) {
-            // A restored VM's copy-on-write pages may be swapped out, where `mincore` does not
-            // see them: the pages written since the restore are tracked as well.
-            let mut written = lock(&self.vm.written_since_restore);
-            if let Ok(w) = self.vm.take_dirty(WRITTEN_SINCE_RESTORE) {
-                written.union(&w);
-            }
-            set.union(&written);
-        }
-        set
+        memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size())
     }
 
     /// All of guest memory as one slice.

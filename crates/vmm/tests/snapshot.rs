@@ -205,3 +205,44 @@ fn a_snapshot_does_not_choose_the_host_disk() {
     r.stop();
     r.wait();
 }
+
+#[test]
+fn a_restored_vm_snapshots_the_pages_it_wrote_over_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, _out) = launch(&config("ticks 5", 1, None));
+    std::thread::sleep(Duration::from_millis(30));
+    let a = snap_path(dir.path(), "a.snap");
+    vm.snapshot(&a, Kind::Full).unwrap();
+    vm.stop();
+    vm.wait();
+    let (r, _rout) = restore(&[&a], 0);
+    // A page that is a hole in the snapshot (high in guest memory), written after the restore.
+    let page = (60u64 << 20) / 4096;
+    let stored = |s: &Snapshot| {
+        s.runs()
+            .iter()
+            .any(|run| (run.first..run.first + run.count).contains(&page))
+    };
+    assert!(
+        !stored(&Snapshot::open(&a, Verify::Full).unwrap()),
+        "the page must be a hole in the first snapshot"
+    );
+    {
+        let f = r.freeze().unwrap();
+        f.write_memory(page * 4096, &[0x5a; 4096]).unwrap();
+        assert!(
+            f.data_pages().contains(page),
+            "a written page counts as holding data"
+        );
+        f.thaw().unwrap();
+    }
+    let b = snap_path(dir.path(), "b.snap");
+    r.snapshot(&b, Kind::Full).unwrap();
+    r.stop();
+    r.wait();
+    let s = Snapshot::open(&b, Verify::Full).unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.read_memory(page * 4096, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x5a; 4096]);
+    assert!(stored(&s), "the written page is stored");
+}
