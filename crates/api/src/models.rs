@@ -241,3 +241,31 @@ pub struct RollbackParams {
     /// A checkpoint kept in the protection's snapshot directory.
     pub epoch: u64,
 }
+
+/// `PUT /state-dir` (Rebound extension, before `InstanceStart`): keep the VM in a state
+/// directory so it survives this process (crash recovery, live update).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StateDirConfig {
+    /// A new directory on tmpfs (e.g. under /dev/shm).
+    pub path: String,
+}
+
+/// `PUT /update` (Rebound extension): hand the VM to a new VMM binary.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateParams {
+    /// The new binary (default: this one's path).
+    #[serde(default)]
+    pub binary: Option<String>,
+}
+
+/// `PUT /faults` (Rebound extension): host fault injection for tests and operators.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultParams {
+    /// A host CPU.
+    pub cpu: usize,
+    /// true: mark it failed (for every Rebound process on the host); false: repaired.
+    pub failed: bool,
+}

@@ -11,6 +11,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use rebound_control::host_faults::{HostFaults, Placement};
 use rebound_control::{Instance, InstanceState, Load, MachineConfig, Protection};
 use rebound_vmm::{DiskConfig, GuestImage};
 use serde::de::DeserializeOwned;
@@ -380,6 +381,64 @@ async fn put_rollback(State(s): State<ApiState>, body: Bytes) -> Reply {
     Ok(Json(serde_json::json!({"epoch": epoch})).into_response())
 }
 
+async fn put_state_dir(State(s): State<ApiState>, Body(c): Body<StateDirConfig>) -> Reply {
+    s.instance.set_state_dir(std::path::Path::new(&c.path))?;
+    no_content()
+}
+
+async fn get_survival(State(s): State<ApiState>) -> Reply {
+    Ok(Json(s.instance.survival()).into_response())
+}
+
+async fn put_placement(State(s): State<ApiState>, Body(p): Body<Placement>) -> Reply {
+    let instance = s.instance.clone();
+    blocking(move || instance.set_placement(p)).await?;
+    no_content()
+}
+
+async fn put_update(State(s): State<ApiState>, body: Bytes) -> Reply {
+    let p: UpdateParams = if body.iter().all(u8::is_ascii_whitespace) {
+        UpdateParams::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?
+    };
+    let survival = s.instance.survival();
+    if survival.state_dir.is_none() {
+        return Err(ApiError::bad(
+            "live update needs the VM in a state directory (PUT /state-dir before starting)",
+        ));
+    }
+    if s.instance.protection().is_none() {
+        return Err(ApiError::bad("live update needs the VM protected"));
+    }
+    let instance = s.instance.clone();
+    // The hand-over replaces this process: answer first. The guest keeps running until the
+    // hand-over pauses it, so the wait is not downtime.
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Err(e) = instance.live_update(p.binary.map(PathBuf::from)) {
+            tracing::error!("live update failed: {e}");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "updating"})),
+    )
+        .into_response())
+}
+
+async fn put_faults(Body(f): Body<FaultParams>) -> Reply {
+    let faults = HostFaults::from_env();
+    let r = if f.failed {
+        faults.fail_cpu(f.cpu)
+    } else {
+        faults.repair_cpu(f.cpu)
+    };
+    r.map_err(|e| ApiError::bad(format!("cannot record the fault: {e}")))?;
+    no_content()
+}
+
 async fn invalid(method: Method, uri: Uri) -> ApiError {
     ApiError::bad(format!(
         "Invalid request method and/or path: {method} {}",
@@ -417,6 +476,11 @@ pub fn router(instance: Arc<Instance>) -> Router {
         )
         .route("/checkpoint", put(put_checkpoint))
         .route("/rollback", put(put_rollback))
+        .route("/state-dir", put(put_state_dir))
+        .route("/survival", get(get_survival))
+        .route("/placement", put(put_placement))
+        .route("/update", put(put_update))
+        .route("/faults", put(put_faults))
         .fallback(invalid)
         .method_not_allowed_fallback(invalid)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -15,6 +15,8 @@ use serde::Serialize;
 use crate::Error;
 use crate::output::{OutputCommit, OutputStats};
 use crate::sink::{CheckpointData, Sink};
+use crate::state_dir::{OutputRecord, StateDir};
+use crate::strategy::pre_image::PreImage;
 use crate::strategy::{FrozenSource, PageSource, Strategy, StrategyKind};
 
 /// Shortest checkpoint interval accepted.
@@ -142,6 +144,8 @@ pub struct EngineStats {
     pub last_error: Option<String>,
     /// Rollbacks done.
     pub rollbacks: u64,
+    /// Why protection was given up (the VM runs on unprotected), if it was.
+    pub lost: Option<String>,
     /// Held and released output.
     pub output: OutputStats,
 }
@@ -153,7 +157,19 @@ struct Inner {
     work: Mutex<Work>,
     ticker_state: Mutex<TickerState>,
     wake: Condvar,
+    /// Why protection was given up, if it was.
+    broken: Mutex<Option<String>>,
     stats: Mutex<StatsInner>,
+}
+
+/// How an engine starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Number of the first checkpoint (0 is taken as 1).
+    pub first_epoch: u64,
+    /// The VM's state directory: old page contents are journaled there for crash recovery
+    /// (pre-image strategy only).
+    pub state_dir: Option<StateDir>,
 }
 
 /// What the checkpoint thread is asked to do.
@@ -179,16 +195,21 @@ struct Commit<'a> {
     mem_size: u64,
     source: &'a dyn PageSource,
     data: Option<&'a DirtySet>,
+    output: &'a OutputRecord,
 }
 
-fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner>) -> bool {
+/// Commits to every sink; `Ok(false)` if one did not acknowledge, `Err(Lost)` if one can no
+/// longer protect the VM at all (its state directory cannot be written).
+fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner>) -> Result<bool> {
     let mut ok = true;
+    let mut lost = None;
     let Commit {
         epoch,
         state,
         mem_size,
         source,
         data,
+        output,
     } = *c;
     for slot in sinks.iter_mut() {
         let cp = CheckpointData {
@@ -199,6 +220,7 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
             full: slot.needs_full,
             data,
             source,
+            output,
         };
         match slot.sink.commit(&cp) {
             Ok(()) => {
@@ -211,10 +233,32 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
                 let mut s = lock(stats);
                 s.sink_errors += 1;
                 s.last_error = Some(e.to_string());
+                if let Error::Lost(_) = e {
+                    lost = Some(e);
+                }
             }
         }
     }
-    ok
+    match lost {
+        Some(e) => Err(e),
+        None => Ok(ok),
+    }
+}
+
+/// Protection cannot go on (`e`): every sink is told (a state directory marks itself
+/// unrecoverable), the strategy frees what it holds, held output is released, and the VM runs
+/// on unprotected. The reason stays in the engine's counters.
+fn give_up(inner: &Inner, strategy: &mut dyn Strategy, sinks: &mut [SinkSlot], e: &Error) {
+    let reason = e.to_string();
+    tracing::error!("protection given up, the VM runs on unprotected: {reason}");
+    for s in sinks.iter_mut() {
+        s.sink.lost(&reason);
+    }
+    strategy.give_up();
+    *lock(&inner.broken) = Some(reason);
+    if let Err(err) = inner.output.pass_through() {
+        tracing::error!("cannot release held output: {err}");
+    }
 }
 
 impl Engine {
@@ -227,23 +271,34 @@ impl Engine {
         config: EngineConfig,
         sinks: Vec<Box<dyn Sink>>,
     ) -> Result<Engine> {
-        Self::start_from(vm, output, config, sinks, 1)
+        Self::start_from(vm, output, config, sinks, StartOptions::default())
     }
 
-    /// [`start`](Self::start) with the first checkpoint numbered `first_epoch` (protection
-    /// resumed over a snapshot directory keeps its epochs unique).
+    /// [`start`](Self::start) with options: the first checkpoint's number (protection resumed
+    /// over a directory keeps its epochs unique) and an undo journal for crash recovery.
     pub fn start_from(
         vm: Arc<Vm>,
         output: Arc<OutputCommit>,
         config: EngineConfig,
         sinks: Vec<Box<dyn Sink>>,
-        first_epoch: u64,
+        opts: StartOptions,
     ) -> Result<Engine> {
         config.validate()?;
-        let first_epoch = first_epoch.max(1);
+        let first_epoch = opts.first_epoch.max(1);
         let mem_size = vm.descriptor().mem_size;
         let pages = mem_size / PAGE_SIZE;
-        let mut strategy = config.strategy.build(mem_size);
+        let mut strategy: Box<dyn Strategy> = match (&opts.state_dir, config.strategy) {
+            (None, kind) => kind.build(mem_size),
+            (Some(dir), StrategyKind::PreImage) => {
+                Box::new(PreImage::durable(mem_size, dir.clone()))
+            }
+            (Some(_), kind) => {
+                return Err(Error::Config(format!(
+                    "crash recovery needs the pre_image strategy (memory stays in place and is undone from its journal), not {}",
+                    kind.name()
+                )));
+            }
+        };
         let mut slots: Vec<SinkSlot> = sinks
             .into_iter()
             .map(|sink| SinkSlot {
@@ -255,23 +310,30 @@ impl Engine {
         let stats = Mutex::new(StatsInner::default());
         let t0 = Instant::now();
         let frozen = vm.freeze().map_err(vm_err)?;
-        strategy.start(&frozen)?;
+        strategy.start(&frozen, first_epoch)?;
         // Hold output only once protection can work: a failed start must not keep it forever.
         output.hold();
         let state = frozen.state().clone();
         let data = frozen.data_pages();
         let source = FrozenSource(&frozen);
+        let out = output.sealed_record(first_epoch);
         let c = Commit {
             epoch: first_epoch,
             state: &state,
             mem_size,
             source: &source,
             data: Some(&data),
+            output: &out,
         };
         let ok = commit_sinks(&mut slots, &c, &stats);
         let pause = t0.elapsed();
         frozen.thaw().map_err(vm_err)?;
-        if !ok {
+        if !matches!(ok, Ok(true)) {
+            if ok.is_err() {
+                for s in slots.iter_mut() {
+                    s.sink.lost("protection could not start");
+                }
+            }
             // Protection without a working sink would hold output forever: refuse to start.
             let _ = output.pass_through();
             let reason = lock(&stats).last_error.clone().unwrap_or_default();
@@ -301,6 +363,7 @@ impl Engine {
             ticker_state: Mutex::new(TickerState::default()),
             wake: Condvar::new(),
             stats,
+            broken: Mutex::new(None),
         });
         // Held output past its soft limit asks for a checkpoint now (weakly: the output
         // outlives the engine).
@@ -333,14 +396,28 @@ impl Engine {
     pub fn rollback(&self) -> Result<u64> {
         let inner = &self.inner;
         let mut w = lock(&inner.work);
-        let Work { strategy, last, .. } = &mut *w;
+        check_protected(inner)?;
+        let Work {
+            strategy,
+            last,
+            sinks,
+            ..
+        } = &mut *w;
         let (epoch, state) = last.clone().ok_or(Error::NoCheckpoint)?;
         let frozen = inner.vm.freeze().map_err(vm_err)?;
         let dirty = strategy.dirty(&frozen)?;
-        strategy.rollback(&frozen, &dirty)?;
+        // Memory is back to the checkpoint even when the journal could not start over after
+        // it (that only ends protection), so the rollback completes either way.
+        let lost = match strategy.rollback(&frozen, &dirty) {
+            Err(e @ Error::Lost(_)) => Some(e),
+            r => r.map(|()| None)?,
+        };
         frozen.restore_state(&state).map_err(vm_err)?;
         inner.output.discard_after(epoch);
         frozen.thaw().map_err(vm_err)?;
+        if let Some(e) = lost {
+            give_up(inner, strategy.as_mut(), sinks, &e);
+        }
         lock(&inner.stats).rollbacks += 1;
         tracing::info!(epoch, pages = dirty.count(), "VM rolled back");
         Ok(epoch)
@@ -374,6 +451,7 @@ impl Engine {
             sink_errors: s.sink_errors,
             last_error: s.last_error.clone(),
             rollbacks: s.rollbacks,
+            lost: lock(&self.inner.broken).clone(),
             output: self.inner.output.stats(),
         }
     }
@@ -386,6 +464,12 @@ impl Engine {
             let _ = t.join();
         }
         self.inner.output.on_pressure(None);
+        // The VM goes on without checkpoints: what the sinks hold stops describing it.
+        let mut w = lock(&self.inner.work);
+        for s in w.sinks.iter_mut() {
+            s.sink.lost("protection was stopped");
+        }
+        w.strategy.give_up();
     }
 
     /// Stops protecting and drops held output, but keeps holding new output: the VM is about to
@@ -452,6 +536,10 @@ fn tick(inner: &Inner) {
             }
         }
         if let Err(e) = checkpoint(inner) {
+            if lock(&inner.broken).is_some() {
+                tracing::error!("protection given up: {e}");
+                return;
+            }
             if inner.vm.outcome().is_some() {
                 // The guest is gone: nothing can roll back any more, so nothing stays held.
                 let _ = inner.output.pass_through();
@@ -464,8 +552,16 @@ fn tick(inner: &Inner) {
     }
 }
 
+fn check_protected(inner: &Inner) -> Result<()> {
+    match &*lock(&inner.broken) {
+        Some(reason) => Err(Error::Lost(reason.clone())),
+        None => Ok(()),
+    }
+}
+
 fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let mut w = lock(&inner.work);
+    check_protected(inner)?;
     let Work {
         strategy,
         sinks,
@@ -474,7 +570,15 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     } = &mut *w;
     let t0 = Instant::now();
     let frozen = inner.vm.freeze().map_err(vm_err)?;
-    let dirty = strategy.dirty(&frozen)?;
+    let dirty = match strategy.dirty(&frozen) {
+        Ok(d) => d,
+        Err(e @ Error::Lost(_)) => {
+            drop(frozen);
+            give_up(inner, strategy.as_mut(), sinks, &e);
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let tcap = Instant::now();
     strategy.capture(&frozen, &dirty)?;
     let capture = tcap.elapsed();
@@ -489,7 +593,8 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         .iter()
         .any(|s| s.needs_full)
         .then(|| frozen.data_pages());
-    let (_, state) = last.insert((e, frozen.state().clone()));
+    let state = frozen.state().clone();
+    let output = inner.output.sealed_record(e);
     let mut acked = true;
     let mut commit = Duration::ZERO;
     let asynchronous = strategy.async_source().is_some();
@@ -498,13 +603,36 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         let source = FrozenSource(&frozen);
         let c = Commit {
             epoch: e,
-            state,
+            state: &state,
             mem_size,
             source: &source,
             data: data.as_ref(),
+            output: &output,
         };
-        acked = commit_sinks(sinks, &c, &inner.stats);
+        acked = match commit_sinks(sinks, &c, &inner.stats) {
+            Ok(a) => a,
+            Err(e) => {
+                give_up(inner, strategy.as_mut(), sinks, &e);
+                drop(frozen);
+                return Err(e);
+            }
+        };
         commit = tc.elapsed();
+    }
+    if strategy.moves_on_commit() {
+        // The rollback point (and the pre-image undo log) move only past an acknowledged
+        // checkpoint; an unacknowledged one is retried at the next epoch from the same base.
+        if acked {
+            if let Err(err) = strategy.committed(e, &dirty) {
+                if let Error::Lost(_) = err {
+                    give_up(inner, strategy.as_mut(), sinks, &err);
+                }
+                return Err(err);
+            }
+            *last = Some((e, state.clone()));
+        }
+    } else {
+        *last = Some((e, state.clone()));
     }
     let pause = t0.elapsed();
     frozen.thaw().map_err(vm_err)?;
@@ -512,12 +640,19 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         let tc = Instant::now();
         let c = Commit {
             epoch: e,
-            state,
+            state: &state,
             mem_size,
             source,
             data: data.as_ref(),
+            output: &output,
         };
-        acked = commit_sinks(sinks, &c, &inner.stats);
+        acked = match commit_sinks(sinks, &c, &inner.stats) {
+            Ok(a) => a,
+            Err(e) => {
+                give_up(inner, strategy.as_mut(), sinks, &e);
+                return Err(e);
+            }
+        };
         commit = tc.elapsed();
         strategy.settle();
     }

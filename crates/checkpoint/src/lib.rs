@@ -7,8 +7,11 @@
 //! repeats or loses output. See `docs/checkpoint.md`.
 
 pub mod engine;
+pub mod faults;
 pub mod output;
+pub mod recovery;
 pub mod sink;
+pub mod state_dir;
 pub mod strategy;
 mod uffd;
 
@@ -33,6 +36,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Protection can no longer guarantee recovery (a journal write failed): it must stop.
+    #[error("protection lost: {0}")]
+    Lost(String),
     /// There is no checkpoint to go back to.
     #[error("no checkpoint has been taken yet")]
     NoCheckpoint,

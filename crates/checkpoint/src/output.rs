@@ -53,6 +53,12 @@ pub struct OutputStats {
 impl OutputCommit {
     /// Output to `out`, passing through until [`hold`](Self::hold).
     pub fn new(out: Box<dyn Write + Send>) -> Arc<Self> {
+        Self::new_at(out, 0)
+    }
+
+    /// Like [`new`](Self::new) for an output stream that already holds `released` bytes (a VM
+    /// taken over from a state directory): offsets in records continue from there.
+    pub fn new_at(out: Box<dyn Write + Send>, released: u64) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 out,
@@ -60,7 +66,7 @@ impl OutputCommit {
                 open: Vec::new(),
                 sealed: BTreeMap::new(),
                 held: 0,
-                released_bytes: 0,
+                released_bytes: released,
                 discarded_bytes: 0,
                 refused_bytes: 0,
                 pressure: None,
@@ -149,6 +155,20 @@ impl OutputCommit {
         self.lock().pressure = f;
     }
 
+    /// What acknowledging checkpoint `epoch` releases: every byte sealed up to it and not yet
+    /// released (earlier checkpoints may not have been acknowledged), from the released offset.
+    pub fn sealed_record(&self, epoch: u64) -> crate::state_dir::OutputRecord {
+        let g = self.lock();
+        let mut bytes = Vec::new();
+        for (_, v) in g.sealed.range(..=epoch) {
+            bytes.extend_from_slice(v);
+        }
+        crate::state_dir::OutputRecord {
+            offset: g.released_bytes,
+            bytes,
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> OutputStats {
         let g = self.lock();
@@ -210,6 +230,25 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_record_carries_everything_unreleased_up_to_its_epoch() {
+        let oc = OutputCommit::new_at(Box::new(Sink::default()), 100);
+        let mut w = oc.writer();
+        oc.hold();
+        w.write_all(b"ab").unwrap();
+        oc.seal(1);
+        w.write_all(b"cd").unwrap();
+        oc.seal(2);
+        w.write_all(b"ef").unwrap();
+        // Checkpoint 1 was not acknowledged: checkpoint 2's record releases "abcd" at 100.
+        let r = oc.sealed_record(2);
+        assert_eq!((r.offset, r.bytes.as_slice()), (100, &b"abcd"[..]));
+        oc.release(2).unwrap();
+        oc.seal(3);
+        let r = oc.sealed_record(3);
+        assert_eq!((r.offset, r.bytes.as_slice()), (104, &b"ef"[..]));
     }
 
     #[test]

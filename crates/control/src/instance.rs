@@ -1,12 +1,14 @@
 //! One VM's controller.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rebound_checkpoint::engine::CheckpointReport;
-use rebound_checkpoint::sink::{Sink, SnapshotDir};
+use rebound_checkpoint::engine::{CheckpointReport, StartOptions};
+use rebound_checkpoint::sink::{Preserved, Sink, SnapshotDir};
+use rebound_checkpoint::state_dir::{Claim, ConsoleLog, StateDir};
 use rebound_checkpoint::{Engine, EngineConfig, EngineStats, OutputCommit, StrategyKind};
 use rebound_snapshot::format::Verify;
 use rebound_snapshot::{Kind, Snapshot};
@@ -16,6 +18,7 @@ use rebound_vmm::vm::RestoreOptions;
 use rebound_vmm::{ConfigError, DiskConfig, GuestImage, Vm, VmConfig, VmOutcome, VmState};
 use serde::Serialize;
 
+use crate::host_faults::{CpuFaultEvent, Placement, RecoveryAttribute};
 use crate::{Error, Result};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +68,75 @@ pub struct Protection {
     pub max_chain: usize,
 }
 
+/// Protection for a VM in a state directory when none is given: a checkpoint every 50 ms with
+/// the pre-image strategy (the only one that can recover memory in place).
+pub fn default_protection() -> Protection {
+    Protection {
+        interval_ms: Some(50),
+        strategy: StrategyKind::PreImage,
+        snapshot_dir: None,
+        max_chain: 16,
+    }
+}
+
+/// What a new VMM process needs to take a VM over in a live update. The VM is paused, its
+/// last checkpoint committed in `state_dir`; memory stays where it is.
+#[derive(Clone, Debug)]
+pub struct Handover {
+    /// The VM's state directory.
+    pub state_dir: PathBuf,
+    /// `CLOCK_MONOTONIC` when the guest was paused (the new process measures downtime).
+    pub paused_at_ns: u64,
+    /// The protection to go on with.
+    pub protection: Protection,
+    /// The checkpoint committed last.
+    pub epoch: u64,
+    /// Whether the guest should run once taken over (it was not paused by its user).
+    pub resume: bool,
+    /// The VM's disk image, if it has one outside the state directory.
+    pub disk: Option<PathBuf>,
+    /// The program to take over (None: the updater's default).
+    pub binary: Option<PathBuf>,
+    /// Where the vCPUs run and the recovery attribute.
+    pub placement: Placement,
+}
+
+/// Starts the new VMM program for a live update (e.g. with `exec`). It returns only if that
+/// failed, with why; the VM then resumes here.
+pub type Updater = Box<dyn Fn(&Handover) -> std::io::Error + Send + Sync>;
+
+/// How this VM has survived so far (`GET /` reports it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Survival {
+    /// The state directory, if the VM lives in one.
+    pub state_dir: Option<PathBuf>,
+    /// The checkpoint this process took the VM over at (recovery or live update).
+    pub resumed_from_epoch: Option<u64>,
+    /// Pages written back from the undo journal at that takeover.
+    pub undone_pages: Option<usize>,
+    /// Guest paused to guest running in the live update that started this process, in
+    /// microseconds.
+    pub update_downtime_us: Option<f64>,
+    /// Where the vCPUs run and the recovery attribute.
+    pub placement: Placement,
+    /// The host CPUs each vCPU may run on now.
+    pub vcpu_cpus: Vec<Vec<usize>>,
+    /// Host CPU faults the VM went through.
+    pub cpu_faults: Vec<CpuFaultEvent>,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: comparable across an `exec` on the same host, unlike
+/// `Instant`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The instance's life, as the API reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InstanceState {
@@ -102,7 +174,18 @@ struct Pending {
 pub struct Instance {
     id: String,
     pending: Mutex<Pending>,
-    output: Arc<OutputCommit>,
+    /// The user's console, until the VM is built and output commit wraps it.
+    console: Mutex<Option<Box<dyn Write + Send>>>,
+    output: Mutex<Option<Arc<OutputCommit>>>,
+    /// The preserved region, if the VM lives in one, and this process's claim on it.
+    state_dir: Mutex<Option<(StateDir, Claim)>>,
+    /// The VM was just recovered at this epoch: its records still describe it.
+    recovered: Mutex<Option<u64>>,
+    survival: Mutex<Survival>,
+    updater: Mutex<Option<Updater>>,
+    placement: Mutex<Placement>,
+    /// Protection to start with the VM.
+    start_protection: Mutex<Option<Protection>>,
     vm: Mutex<Option<Arc<Vm>>>,
     started: Condvar,
     engine: Mutex<Option<(Engine, Protection)>>,
@@ -114,11 +197,54 @@ impl Instance {
         Self {
             id: id.to_string(),
             pending: Mutex::new(Pending::default()),
-            output: OutputCommit::new(console),
+            console: Mutex::new(Some(console)),
+            output: Mutex::new(None),
+            state_dir: Mutex::new(None),
+            recovered: Mutex::new(None),
+            survival: Mutex::new(Survival::default()),
+            updater: Mutex::new(None),
+            placement: Mutex::new(Placement::default()),
+            start_protection: Mutex::new(None),
             vm: Mutex::new(None),
             started: Condvar::new(),
             engine: Mutex::new(None),
         }
+    }
+
+    fn output(&self) -> Result<Arc<OutputCommit>> {
+        lock(&self.output)
+            .clone()
+            .ok_or_else(|| Error::State("the instance is not started".into()))
+    }
+
+    fn take_console(&self) -> Result<Box<dyn Write + Send>> {
+        lock(&self.console)
+            .take()
+            .ok_or_else(|| Error::State("the instance was already started once".into()))
+    }
+
+    /// Puts the VM in a preserved region (a new directory on tmpfs): its memory, committed
+    /// checkpoints and released output live there, so it survives this process (crash
+    /// recovery with [`recover`](Self::recover), live update). Protection with the pre-image
+    /// strategy starts with the VM.
+    pub fn set_state_dir(&self, path: &Path) -> Result<()> {
+        self.before_start("the state directory")?;
+        let dir = StateDir::create(path)?;
+        let claim = dir.claim()?;
+        *lock(&self.state_dir) = Some((dir, claim));
+        Ok(())
+    }
+
+    /// Protection to start with the VM (instead of after it).
+    pub fn set_start_protection(&self, p: Option<Protection>) -> Result<()> {
+        self.before_start("the protection to start with")?;
+        *lock(&self.start_protection) = p;
+        Ok(())
+    }
+
+    /// The state directory, if the VM lives in one.
+    pub fn state_dir(&self) -> Option<StateDir> {
+        lock(&self.state_dir).as_ref().map(|(d, _)| d.clone())
     }
 
     /// The instance id.
@@ -180,9 +306,120 @@ impl Instance {
 
     fn install(&self, slot: &mut Option<Arc<Vm>>, vm: Vm) -> Arc<Vm> {
         let vm = Arc::new(vm);
+        if let Err(e) = self.place(&vm, &BTreeSet::new()) {
+            tracing::warn!("cannot place the vCPUs: {e}");
+        }
         *slot = Some(vm.clone());
         self.started.notify_all();
         vm
+    }
+
+    /// Pins the vCPUs as the placement says, avoiding `failed` CPUs.
+    fn place(&self, vm: &Vm, failed: &BTreeSet<usize>) -> Result<()> {
+        let p = lock(&self.placement).clone();
+        if p.cpus.is_empty() && failed.is_empty() {
+            return Ok(());
+        }
+        for i in 0..vm.descriptor().vcpus as usize {
+            if let Some(cpus) = p.cpus_for(i, failed) {
+                vm.pin_vcpu(i, &cpus)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets where the vCPUs run and the recovery attribute (applied at once if running).
+    pub fn set_placement(&self, p: Placement) -> Result<()> {
+        p.validate().map_err(Error::State)?;
+        *lock(&self.placement) = p;
+        if let Some(vm) = self.vm() {
+            self.place(&vm, &crate::host_faults::HostFaults::from_env().failed())?;
+        }
+        Ok(())
+    }
+
+    /// Host CPUs in `failed` are out of service: if vCPUs of this VM run there, the VM is
+    /// interrupted and treated as its recovery attribute says. Returns what was done, if the VM
+    /// was touched.
+    pub fn on_cpu_fault(&self, failed: &BTreeSet<usize>) -> Result<Option<CpuFaultEvent>> {
+        let Some(vm) = self.vm() else { return Ok(None) };
+        if vm.outcome().is_some() {
+            return Ok(None);
+        }
+        let now = vm.vcpu_cpus()?;
+        let vcpus: Vec<usize> = (0..now.len())
+            .filter(|&i| now[i].iter().any(|c| failed.contains(c)))
+            .collect();
+        if vcpus.is_empty() {
+            return Ok(None);
+        }
+        let cpus: Vec<usize> = now
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|c| failed.contains(c))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let p = lock(&self.placement).clone();
+        let nowhere = (0..now.len()).any(|i| p.cpus_for(i, failed).is_none());
+        let mut action = if nowhere {
+            RecoveryAttribute::Stop
+        } else {
+            p.recovery
+        };
+        if action == RecoveryAttribute::RestartFromCheckpoint && lock(&self.engine).is_none() {
+            action = RecoveryAttribute::Stop;
+        }
+        let detail = match action {
+            RecoveryAttribute::Resume | RecoveryAttribute::Failover => {
+                // The save area: the vCPUs' state, taken while they are stopped off the failed
+                // CPU, loaded again once they are moved.
+                let frozen = vm.freeze()?;
+                let saved = frozen.state().clone();
+                self.place(&vm, failed)?;
+                frozen.restore_state(&saved)?;
+                frozen.thaw()?;
+                format!("vCPUs moved to {:?}", vm.vcpu_cpus()?)
+            }
+            RecoveryAttribute::RestartFromCheckpoint => {
+                self.place(&vm, failed)?;
+                let epoch = self.rollback()?;
+                format!(
+                    "vCPUs moved to {:?}, back to checkpoint {epoch}",
+                    vm.vcpu_cpus()?
+                )
+            }
+            RecoveryAttribute::Stop => {
+                let area = p
+                    .save_area
+                    .clone()
+                    .or_else(|| self.state_dir().map(|d| d.path().join("save-area.snap")));
+                let saved = match &area {
+                    Some(path) => match vm.snapshot(path, Kind::Full) {
+                        Ok(_) => format!("state saved to {}", path.display()),
+                        Err(e) => format!("state could not be saved to {}: {e}", path.display()),
+                    },
+                    None => "no save area configured: state not saved".to_string(),
+                };
+                let why = if nowhere {
+                    "no healthy CPU left"
+                } else {
+                    "recovery attribute stop"
+                };
+                let reason = format!("host CPU {cpus:?} failed ({why}); {saved}");
+                vm.stop_for_host_fault(reason.clone());
+                reason
+            }
+        };
+        let ev = CpuFaultEvent {
+            cpus,
+            vcpus,
+            action: action.name().to_string(),
+            detail,
+        };
+        lock(&self.survival).cpu_faults.push(ev.clone());
+        Ok(Some(ev))
     }
 
     /// Builds and starts the VM.
@@ -205,8 +442,196 @@ impl Instance {
                 disk: p.disk.clone(),
             }
         };
-        let vm = Vm::launch(&config, self.output.writer())?;
-        Ok(self.install(&mut slot, vm))
+        let dir = self.state_dir();
+        let mut config = config;
+        if let (Some(dir), Some(DiskConfig::Scratch { size_mib })) = (&dir, &config.disk) {
+            // A scratch disk must outlive the process with the VM: it becomes a file in the
+            // state directory (not rolled back with memory: see docs/survival.md).
+            let path = dir.scratch_disk();
+            let f = std::fs::File::create(&path)
+                .and_then(|f| f.set_len(size_mib << 20))
+                .map_err(|e| Error::State(format!("cannot create {}: {e}", path.display())));
+            f?;
+            config.disk = Some(DiskConfig::File {
+                path,
+                read_only: false,
+            });
+        }
+        let console = self.take_console()?;
+        let vm = match &dir {
+            None => {
+                let output = OutputCommit::new(console);
+                let vm = Vm::launch(&config, output.writer())?;
+                *lock(&self.output) = Some(output);
+                vm
+            }
+            Some(dir) => {
+                // Released output goes to the directory's console log (written at known
+                // offsets, so recovery neither loses nor repeats any), mirrored to the console.
+                let log = ConsoleLog::open(&dir.console_log(), 0, Some(console)).map_err(|e| {
+                    Error::State(format!("cannot open {}: {e}", dir.console_log().display()))
+                })?;
+                let output = OutputCommit::new(Box::new(log));
+                let vm = Vm::launch_preserved(&config, output.writer(), &dir.memory())?;
+                *lock(&self.output) = Some(output);
+                vm
+            }
+        };
+        let vm = self.install(&mut slot, vm);
+        drop(slot);
+        let protection = lock(&self.start_protection)
+            .take()
+            .or_else(|| dir.as_ref().map(|_| default_protection()));
+        if let Some(p) = protection {
+            self.protect(p)?;
+        }
+        Ok(vm)
+    }
+
+    /// Takes over the VM preserved in `path` after the process that ran it ended (a crash, or
+    /// a live update): undoes what the guest did after its last committed checkpoint, puts back
+    /// the output that checkpoint released, and resumes it there, protected again. Returns the
+    /// epoch it resumed from.
+    pub fn recover(&self, path: &Path, load: &Load, protection: Option<Protection>) -> Result<u64> {
+        let mut slot = lock(&self.vm);
+        if slot.is_some() {
+            return Err(Error::State(
+                "a VM can only be recovered into an instance that has not started".into(),
+            ));
+        }
+        let dir = StateDir::open(path)?;
+        let claim = dir.claim()?;
+        let prepared = rebound_checkpoint::recovery::prepare(&dir)?;
+        let console = self.take_console()?;
+        let log = ConsoleLog::open(&dir.console_log(), prepared.output_end, Some(console))
+            .map_err(|e| {
+                Error::State(format!("cannot open {}: {e}", dir.console_log().display()))
+            })?;
+        let output = OutputCommit::new_at(Box::new(log), prepared.output_end);
+        // A disk kept in the state directory (a scratch disk) is taken from there.
+        let disk = load.disk.clone().or_else(|| match &prepared.state.vm.disk {
+            Some(rebound_vmm::persist::DiskDescriptor::File { path, .. })
+                if path.starts_with(dir.path()) =>
+            {
+                Some(path.clone())
+            }
+            _ => None,
+        });
+        let options = RestoreOptions {
+            generation: prepared.state.devices.generation,
+            paused: true,
+            disk,
+        };
+        let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
+        *lock(&self.output) = Some(output);
+        {
+            let mut s = lock(&self.survival);
+            s.resumed_from_epoch = Some(prepared.epoch);
+            s.undone_pages = Some(prepared.undone_pages);
+        }
+        *lock(&self.state_dir) = Some((dir, claim));
+        *lock(&self.recovered) = Some(prepared.epoch);
+        let vm = self.install(&mut slot, vm);
+        drop(slot);
+        // Protected again before the guest runs a single instruction.
+        self.protect(protection.unwrap_or_else(default_protection))?;
+        if load.resume {
+            vm.resume()?;
+        }
+        tracing::info!(
+            epoch = prepared.epoch,
+            undone_pages = prepared.undone_pages,
+            "VM recovered"
+        );
+        Ok(prepared.epoch)
+    }
+
+    /// How the VM has survived so far.
+    pub fn survival(&self) -> Survival {
+        let mut s = lock(&self.survival).clone();
+        s.state_dir = self.state_dir().map(|d| d.path().to_path_buf());
+        s.placement = lock(&self.placement).clone();
+        s.vcpu_cpus = self
+            .vm()
+            .and_then(|vm| vm.vcpu_cpus().ok())
+            .unwrap_or_default();
+        s
+    }
+
+    /// Records that this process took the VM over in a live update whose old process paused
+    /// the guest at `paused_at_ns` (`CLOCK_MONOTONIC`); returns the downtime.
+    pub fn note_update(&self, paused_at_ns: u64) -> Duration {
+        let downtime = Duration::from_nanos(monotonic_ns().saturating_sub(paused_at_ns));
+        lock(&self.survival).update_downtime_us = Some(downtime.as_secs_f64() * 1e6);
+        tracing::info!(?downtime, "live update complete");
+        downtime
+    }
+
+    /// Sets how a live update starts the new VMM program.
+    pub fn set_updater(&self, f: Updater) {
+        *lock(&self.updater) = Some(f);
+    }
+
+    /// Live update: pauses the VM, commits a last checkpoint to its state directory and hands
+    /// the VM to a new VMM program (the updater); memory is not copied, the new process maps
+    /// it again. Returns only if the hand-over failed, after resuming the VM here.
+    pub fn live_update(&self, binary: Option<PathBuf>) -> Result<()> {
+        let dir = self.state_dir().ok_or_else(|| {
+            Error::State("live update needs the VM in a state directory (--state)".into())
+        })?;
+        let vm = self.started_vm()?;
+        if vm.outcome().is_some() {
+            return Err(Error::State("the VM has ended".into()));
+        }
+        let updater = lock(&self.updater);
+        let updater = updater
+            .as_ref()
+            .ok_or_else(|| Error::State("this process cannot start a new VMM program".into()))?;
+        let was_paused = vm.state() == VmState::Paused;
+        let engine = lock(&self.engine);
+        let (engine, protection) = engine
+            .as_ref()
+            .ok_or_else(|| Error::State("live update needs the VM protected".into()))?;
+        vm.pause()?;
+        let paused_at_ns = monotonic_ns();
+        // The checkpoint the new process resumes from: everything up to here is committed and
+        // its output released, and the paused guest makes no more.
+        let report = match engine.checkpoint() {
+            Ok(r) if r.acked => r,
+            other => {
+                if !was_paused {
+                    let _ = vm.resume();
+                }
+                return Err(match other {
+                    Err(e) => e.into(),
+                    Ok(_) => Error::State("the last checkpoint was not committed".into()),
+                });
+            }
+        };
+        let handover = Handover {
+            state_dir: dir.path().to_path_buf(),
+            paused_at_ns,
+            protection: protection.clone(),
+            epoch: report.epoch,
+            resume: !was_paused,
+            disk: match &vm.descriptor().disk {
+                Some(rebound_vmm::persist::DiskDescriptor::File { path, .. })
+                    if !path.starts_with(dir.path()) =>
+                {
+                    Some(path.clone())
+                }
+                _ => None,
+            },
+            binary,
+            placement: lock(&self.placement).clone(),
+        };
+        tracing::info!(epoch = report.epoch, "live update: handing the VM over");
+        let e = updater(&handover);
+        tracing::error!("live update failed, the VM resumes here: {e}");
+        if !was_paused {
+            vm.resume()?;
+        }
+        Err(Error::State(format!("cannot start the new VMM: {e}")))
     }
 
     /// Restores the VM from a snapshot chain (a full snapshot, then its diffs in order), every
@@ -227,7 +652,9 @@ impl Instance {
             paused: !load.resume,
             disk: load.disk.clone(),
         };
-        let vm = Vm::restore_with(&snaps, self.output.writer(), options)?;
+        let output = OutputCommit::new(self.take_console()?);
+        let vm = Vm::restore_with(&snaps, output.writer(), options)?;
+        *lock(&self.output) = Some(output);
         Ok(self.install(&mut slot, vm))
     }
 
@@ -259,6 +686,9 @@ impl Instance {
         let outcome = vm.wait();
         if let Some((engine, _)) = lock(&self.engine).take() {
             engine.stop();
+        }
+        if let Some(dir) = self.state_dir() {
+            dir.end(&format!("the VM ended: {outcome}"));
         }
         Ok(outcome)
     }
@@ -292,18 +722,44 @@ impl Instance {
             strategy: p.strategy,
         };
         config.validate()?;
-        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        let mut first = 1;
-        if let Some(dir) = &p.snapshot_dir {
-            sinks.push(Box::new(SnapshotDir::new(dir, p.max_chain)?));
-            // Protection resumed over an existing directory continues its epoch numbers.
-            first = rebound_checkpoint::sink::newest_epoch(dir)? + 1;
-        }
+        let (sinks, opts) = self.sinks(&p)?;
         *engine = Some((
-            Engine::start_from(vm, self.output.clone(), config, sinks, first)?,
+            Engine::start_from(vm, self.output()?, config, sinks, opts)?,
             p,
         ));
         Ok(())
+    }
+
+    /// The sinks protection `p` commits to, and where its epochs start.
+    fn sinks(&self, p: &Protection) -> Result<(Vec<Box<dyn Sink>>, StartOptions)> {
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let mut opts = StartOptions {
+            first_epoch: 1,
+            state_dir: None,
+        };
+        if let Some(dir) = &p.snapshot_dir {
+            sinks.push(Box::new(SnapshotDir::new(dir, p.max_chain)?));
+            // Protection resumed over an existing directory continues its epoch numbers.
+            opts.first_epoch = rebound_checkpoint::sink::newest_epoch(dir)? + 1;
+        }
+        if let Some(dir) = self.state_dir() {
+            if p.strategy != StrategyKind::PreImage {
+                return Err(Error::State(format!(
+                    "a VM in a state directory is protected with the pre_image strategy (its memory stays in place and is undone from a journal), not {}",
+                    p.strategy.name()
+                )));
+            }
+            let newest = dir.records()?.last().map_or(0, |(e, _)| *e);
+            // Only a VM recovered a moment ago (still paused) is what its newest record says;
+            // otherwise the records are stale and go before protection starts afresh.
+            if lock(&self.recovered).take() != Some(newest) {
+                dir.purge_records();
+            }
+            opts.first_epoch = opts.first_epoch.max(newest + 1);
+            opts.state_dir = Some(dir.clone());
+            sinks.push(Box::new(Preserved::new(dir)));
+        }
+        Ok((sinks, opts))
     }
 
     /// Stops protecting the VM (held output is released).
@@ -375,11 +831,13 @@ impl Instance {
         let rewound = vm.freeze().map_err(Error::from).and_then(|frozen| {
             frozen.rewind(&snaps)?;
             // What the guest wrote between the abandon and the freeze is the abandoned timeline's.
-            self.output.discard_held();
+            self.output()?.discard_held();
             Ok(frozen.thaw()?)
         });
         if let Err(e) = rewound {
-            let _ = self.output.pass_through();
+            if let Ok(o) = self.output() {
+                let _ = o.pass_through();
+            }
             return Err(e);
         }
         if let Some(last) = chain.last() {
@@ -389,15 +847,16 @@ impl Instance {
             interval: protection.interval_ms.map(Duration::from_millis),
             strategy: protection.strategy,
         };
-        let sinks: Vec<Box<dyn Sink>> =
-            vec![Box::new(SnapshotDir::new(&dir, protection.max_chain)?)];
-        let first = rebound_checkpoint::sink::newest_epoch(&dir)? + 1;
-        let started = Engine::start_from(vm, self.output.clone(), config, sinks, first);
+        let started = self.sinks(&protection).and_then(|(sinks, opts)| {
+            Ok(Engine::start_from(vm, self.output()?, config, sinks, opts)?)
+        });
         match started {
             Ok(e) => *engine = Some((e, protection)),
             Err(e) => {
-                let _ = self.output.pass_through();
-                return Err(e.into());
+                if let Ok(o) = self.output() {
+                    let _ = o.pass_through();
+                }
+                return Err(e);
             }
         }
         tracing::info!(epoch, "VM rolled back to a named checkpoint");

@@ -2,9 +2,13 @@
 //! then started or restored from a snapshot, paused and resumed, snapshotted, protected by the
 //! checkpoint engine and rolled back. The API server and the CLI drive VMs only through it.
 
+pub mod host_faults;
 pub mod instance;
 
-pub use instance::{Instance, InstanceState, Load, MachineConfig, Protection};
+pub use instance::{
+    Handover, Instance, InstanceState, Load, MachineConfig, Protection, Survival, Updater,
+    default_protection, monotonic_ns,
+};
 
 /// Errors of the controller: the VMM's or the checkpoint engine's, or a request that does not
 /// fit the instance's state.

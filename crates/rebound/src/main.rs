@@ -14,11 +14,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use rebound_checkpoint::StrategyKind;
+use rebound_control::host_faults::{self, HostFaults, Placement, RecoveryAttribute};
 use rebound_control::{Instance, MachineConfig, Protection};
 use rebound_vmm::{DiskConfig, GuestImage};
 use tracing_subscriber::EnvFilter;
 
 mod client;
+mod survive;
 
 /// Rebound: a micro-VM monitor whose VMs survive failures.
 ///
@@ -63,8 +65,105 @@ enum Command {
         #[arg(long)]
         epoch: Option<u64>,
     },
+    /// Take over a VM from its state directory after the process running it died (resumes
+    /// it from its last committed checkpoint) and run it until it exits.
+    Recover(RecoverArgs),
+    /// Live update: hand a running VM (one with --state) to a new Rebound binary, without
+    /// copying its memory (through its API socket).
+    Update {
+        /// The new binary (default: the one the running VMM was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// Fault injection for tests and operators.
+    #[command(subcommand)]
+    Fault(FaultCommand),
     /// List the guests bundled in this binary.
     Guests,
+}
+
+#[derive(Subcommand, Debug)]
+enum FaultCommand {
+    /// Mark a host CPU failed for every Rebound process on this host (their VMs on it are
+    /// treated as their recovery attribute says), or repaired with --repair.
+    Cpu {
+        /// The host CPU.
+        cpu: usize,
+        /// Mark it healthy again.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+/// Where the vCPUs run and what happens when a host CPU under them fails.
+#[derive(Args, Debug, Default, Clone)]
+pub(crate) struct PlacementArgs {
+    /// Host CPUs for the vCPUs (vCPU i on the i-th, round robin), e.g. 0,1. Default: anywhere.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// What to do when a host CPU under the VM fails: resume, restart_from_checkpoint, stop
+    /// (failover is not available yet).
+    #[arg(long, value_name = "ATTR", default_value = "resume", value_parser = parse_recovery)]
+    recovery: RecoveryAttribute,
+    /// Where `stop` saves the VM (a snapshot file; default: in the state directory).
+    #[arg(long, value_name = "PATH")]
+    save_area: Option<PathBuf>,
+}
+
+fn parse_recovery(s: &str) -> std::result::Result<RecoveryAttribute, String> {
+    RecoveryAttribute::ALL
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown recovery attribute (choose: {})",
+                RecoveryAttribute::ALL.map(|k| k.name()).join(", ")
+            )
+        })
+}
+
+impl PlacementArgs {
+    pub(crate) fn placement(&self) -> Placement {
+        Placement {
+            cpus: self.cpus.clone(),
+            recovery: self.recovery,
+            save_area: self.save_area.clone(),
+        }
+    }
+
+    /// Sets the placement and watches the host's CPU faults for `instance`.
+    pub(crate) fn apply(&self, instance: &Arc<Instance>) -> Result<()> {
+        instance.set_placement(self.placement())?;
+        host_faults::watch(instance, HostFaults::from_env())?;
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    /// The VM's state directory.
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// The disk image to attach, if the VM had one outside its state directory.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Checkpoint period in milliseconds (5-10000) once recovered.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    protect_ms: u64,
+    /// Keep the VM paused once recovered (resume it through the API).
+    #[arg(long)]
+    paused: bool,
+    /// Print the VM's metrics as JSON on stderr when it ends.
+    #[arg(long)]
+    metrics: bool,
+    /// Restart the VMM (recovering the VM) whenever it dies.
+    #[arg(long)]
+    supervise: bool,
+    #[command(flatten)]
+    placement: PlacementArgs,
+    /// Live update hand-over: CLOCK_MONOTONIC (ns) when the old process paused the guest.
+    #[arg(long, value_name = "NS", hide = true)]
+    update_paused_at: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,6 +211,8 @@ struct RestoreArgs {
     metrics: bool,
     #[command(flatten)]
     protect: ProtectArgs,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 #[derive(Args, Debug, Default)]
@@ -119,9 +220,9 @@ struct ProtectArgs {
     /// Run protected: take a checkpoint every this many milliseconds (5-10000).
     #[arg(long, value_name = "MS")]
     protect_ms: Option<u64>,
-    /// Capture strategy when protected.
-    #[arg(long, value_name = "STRATEGY", default_value = "double_buffered", value_parser = parse_strategy)]
-    strategy: StrategyKind,
+    /// Capture strategy when protected [default: double_buffered; pre_image with --state].
+    #[arg(long, value_name = "STRATEGY", value_parser = parse_strategy)]
+    strategy: Option<StrategyKind>,
     /// When protected, also write every checkpoint to this snapshot directory.
     #[arg(long, value_name = "DIR", requires = "protect_ms")]
     snapshot_dir: Option<PathBuf>,
@@ -143,10 +244,23 @@ impl ProtectArgs {
     fn protection(&self) -> Option<Protection> {
         self.protect_ms.map(|ms| Protection {
             interval_ms: Some(ms),
-            strategy: self.strategy,
+            strategy: self.strategy.unwrap_or(StrategyKind::DoubleBuffered),
             snapshot_dir: self.snapshot_dir.clone(),
             max_chain: 16,
         })
+    }
+
+    /// Protection for a VM in a state directory (pre-image, every 50 ms unless told).
+    fn preserved(&self) -> Protection {
+        let mut p = rebound_control::default_protection();
+        if let Some(ms) = self.protect_ms {
+            p.interval_ms = Some(ms);
+        }
+        if let Some(s) = self.strategy {
+            p.strategy = s;
+        }
+        p.snapshot_dir = self.snapshot_dir.clone();
+        p
     }
 }
 
@@ -193,8 +307,21 @@ struct RunArgs {
     #[arg(long)]
     metrics: bool,
 
+    /// Keep the VM in this state directory (on tmpfs, e.g. under /dev/shm): it survives a
+    /// crash of this process (`rebound recover --state DIR`) and can be live-updated. Runs
+    /// protected (pre_image, every 50 ms unless --protect-ms says otherwise).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+
+    /// With --state: restart the VMM (recovering the VM) whenever it dies.
+    #[arg(long, requires = "state")]
+    supervise: bool,
+
     #[command(flatten)]
     protect: ProtectArgs,
+
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 fn main() {
@@ -234,15 +361,33 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<i32> {
-    match cli.command {
+fn run(mut cli: Cli) -> Result<i32> {
+    match cli.command.take() {
+        Some(Command::Fault(FaultCommand::Cpu { cpu, repair })) => {
+            let faults = HostFaults::from_env();
+            if repair {
+                faults.repair_cpu(cpu)?;
+                eprintln!("rebound: host CPU {cpu} marked healthy");
+            } else {
+                faults.fail_cpu(cpu)?;
+                eprintln!("rebound: host CPU {cpu} marked failed");
+            }
+            Ok(0)
+        }
         Some(Command::Guests) => {
             for name in rebound_guests::NAMES {
                 println!("{name}");
             }
             Ok(0)
         }
-        Some(Command::Run(args)) => run_guest(&cli.id, cli.api_sock.as_deref(), args),
+        Some(Command::Run(args)) if args.supervise => survive::supervise_run(&cli, &args),
+        Some(Command::Run(args)) => run_guest(&cli, args),
+        Some(Command::Recover(args)) if args.supervise => survive::supervise_recover(&cli, &args),
+        Some(Command::Recover(args)) => survive::recover(&cli, args),
+        Some(Command::Update { binary }) => {
+            let sock = need_sock(cli.api_sock.as_deref())?;
+            survive::request_update(sock, binary)
+        }
         Some(Command::Restore(args)) => restore(&cli.id, cli.api_sock.as_deref(), args),
         Some(Command::Snapshot(SnapshotCommand::Create { path, diff })) => {
             let sock = need_sock(cli.api_sock.as_deref())?;
@@ -293,8 +438,7 @@ fn run(cli: Cli) -> Result<i32> {
             serve_only(&cli.id, cli.api_sock.as_deref().unwrap_or(Path::new("")))
         }
         None => run_guest(
-            &cli.id,
-            None,
+            &cli,
             RunArgs {
                 mem_mib: 128,
                 vcpus: 1,
@@ -315,6 +459,7 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         None => args.chain.clone(),
     };
     let instance = Arc::new(Instance::new(id, console()));
+    args.placement.apply(&instance)?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
@@ -336,12 +481,13 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
     finish(&instance, t0, args.metrics)
 }
 
-fn console() -> Box<dyn Write + Send> {
+pub(crate) fn console() -> Box<dyn Write + Send> {
     Box::new(std::io::stdout())
 }
 
 /// Runs a guest from the command line (optionally with the API alongside) until it ends.
-fn run_guest(id: &str, api_sock: Option<&Path>, args: RunArgs) -> Result<i32> {
+fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
+    let (id, api_sock) = (cli.id.as_str(), cli.api_sock.as_deref());
     let (image, is_demo) = match (&args.guest, &args.bundled) {
         (Some(path), _) => (GuestImage::from_path(path)?, false),
         (None, Some(name)) => {
@@ -371,12 +517,20 @@ fn run_guest(id: &str, api_sock: Option<&Path>, args: RunArgs) -> Result<i32> {
     })?;
     instance.set_boot_source(image, args.args.clone())?;
     instance.set_disk(disk)?;
+    args.placement.apply(&instance)?;
+    if let Some(dir) = &args.state {
+        instance.set_state_dir(dir)?;
+        instance.set_start_protection(Some(args.protect.preserved()))?;
+        survive::allow_update(cli, &instance);
+    }
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
     let t0 = Instant::now();
     instance.start()?;
-    if let Some(p) = args.protect.protection() {
+    if args.state.is_none()
+        && let Some(p) = args.protect.protection()
+    {
         instance.protect(p)?;
     }
     finish(&instance, t0, args.metrics)
@@ -385,6 +539,7 @@ fn run_guest(id: &str, api_sock: Option<&Path>, args: RunArgs) -> Result<i32> {
 /// Serves the API and runs whatever it starts, Firecracker style.
 fn serve_only(id: &str, sock: &Path) -> Result<i32> {
     let instance = Arc::new(Instance::new(id, console()));
+    host_faults::watch(&instance, HostFaults::from_env())?;
     start_api(sock, instance.clone())?;
     eprintln!(
         "rebound: API on {}; configure, then PUT /actions InstanceStart",
@@ -394,7 +549,7 @@ fn serve_only(id: &str, sock: &Path) -> Result<i32> {
     finish(&instance, Instant::now(), false)
 }
 
-fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> Result<i32> {
+pub(crate) fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> Result<i32> {
     let outcome = instance.wait()?;
     let m = instance.metrics().context("the VM has no metrics")?;
     let _ = std::io::stdout().flush();
@@ -418,7 +573,7 @@ fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> Result<i32> 
 }
 
 /// Binds the API socket (replacing a stale one) and serves it on a thread of its own.
-fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
+pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
     if sock.exists() {
         if UnixStream::connect(sock).is_ok() {
             bail!("another process is serving {}", sock.display());

@@ -5,6 +5,7 @@
 //! drives for the API and CLI. Every vCPU exit is handled in one place, [`vcpu`]'s run loop, which
 //! dispatches hypercalls to [`hypercall`] and guest faults to [`fault`].
 
+pub mod affinity;
 pub mod boot;
 pub mod config;
 pub mod fault;
@@ -46,6 +47,9 @@ pub enum Error {
     /// Guest memory could not be created or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// vCPU placement on host CPUs failed.
+    #[error("vCPU placement: {0}")]
+    Affinity(String),
     /// Writing machine state into guest memory failed.
     #[error(transparent)]
     Arch(#[from] rebound_arch::Error),

@@ -37,6 +37,50 @@ pub fn create(size: u64) -> Result<(GuestMemory, Backing)> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|e| Error::Memory(format!("cannot size guest memory to {size} bytes: {e}")))?;
+    map_shared(file, size)
+}
+
+/// Creates `size` bytes of zeroed guest memory in a new file at `path` (a preserved region: the
+/// memory outlives this process).
+pub fn create_file(path: &std::path::Path, size: u64) -> Result<(GuestMemory, Backing)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            Error::Memory(format!(
+                "cannot create guest memory {}: {e}",
+                path.display()
+            ))
+        })?;
+    file.set_len(size)
+        .map_err(|e| Error::Memory(format!("cannot size guest memory to {size} bytes: {e}")))?;
+    map_shared(file, size)
+}
+
+/// Maps an existing guest memory file (a preserved region taken over by a new process).
+pub fn open_file(path: &std::path::Path, size: u64) -> Result<(GuestMemory, Backing)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::Memory(format!("cannot open guest memory {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Memory(e.to_string()))?
+        .len();
+    if len != size {
+        return Err(Error::Memory(format!(
+            "guest memory {} is {len} bytes; the VM has {size}",
+            path.display()
+        )));
+    }
+    map_shared(file, size)
+}
+
+/// Maps `size` bytes of `file` shared: guest writes land in the file.
+fn map_shared(file: File, size: u64) -> Result<(GuestMemory, Backing)> {
     let backing = file
         .try_clone()
         .map_err(|e| Error::Memory(format!("cannot duplicate the memfd: {e}")))?;
@@ -46,7 +90,7 @@ pub fn create(size: u64) -> Result<(GuestMemory, Backing)> {
         Some(FileOffset::new(backing, 0)),
     )])
     .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest memory: {e}")))?;
-    Ok((mem, Backing::Memfd(file)))
+    Ok((mem, Backing::Shared(file)))
 }
 
 /// Maps `size` bytes of `file` at `offset` as guest memory, copy-on-write (`MAP_PRIVATE`): guest
@@ -74,8 +118,9 @@ pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, 
 
 /// The file behind guest memory.
 pub enum Backing {
-    /// A memfd mapped shared: its data ranges are exactly the pages ever written.
-    Memfd(File),
+    /// A memfd or a preserved-region file, mapped shared: its data ranges are exactly the pages
+    /// ever written.
+    Shared(File),
     /// A snapshot's memory image mapped copy-on-write from `offset`.
     Private {
         /// The snapshot file.
@@ -152,7 +197,7 @@ const PAGE: u64 = 4096;
 pub fn data_pages(mem: &GuestMemory, backing: &Backing, size: u64) -> DirtySet {
     let mut set = DirtySet::new(size / PAGE);
     let (file, offset) = match backing {
-        Backing::Memfd(f) => (f, 0),
+        Backing::Shared(f) => (f, 0),
         Backing::Private { file, offset } => {
             mapped_pages(mem, size, &mut set);
             (file, *offset)

@@ -61,6 +61,11 @@ pub enum VmOutcome {
         /// What failed.
         error: String,
     },
+    /// Stopped because host resources it ran on failed (recovery attribute `stop`).
+    HostFault {
+        /// What failed, and where the VM's state was saved.
+        reason: String,
+    },
 }
 
 impl VmOutcome {
@@ -73,6 +78,8 @@ impl VmOutcome {
             VmOutcome::Faulted(_) => 139,
             VmOutcome::Stopped => 0,
             VmOutcome::Failed { .. } => 1,
+            // EX_TEMPFAIL: the VM can be started again from its saved state.
+            VmOutcome::HostFault { .. } => 75,
         }
     }
 }
@@ -87,6 +94,7 @@ impl std::fmt::Display for VmOutcome {
             VmOutcome::Faulted(r) => write!(f, "guest fault: {r}"),
             VmOutcome::Stopped => write!(f, "VM stopped"),
             VmOutcome::Failed { error } => write!(f, "VMM failure: {error}"),
+            VmOutcome::HostFault { reason } => write!(f, "VM stopped by a host fault: {reason}"),
         }
     }
 }
@@ -245,6 +253,45 @@ fn kvm() -> Result<&'static (Kvm, CpuId)> {
     Ok(KVM.get_or_init(|| (kvm, cpuid)))
 }
 
+/// The disk a saved VM had, for a restored or adopted one: a file-backed disk only at a path
+/// the caller names (saved state is input and must not get to open host files), with the size
+/// it had; a scratch disk comes back empty.
+fn reopen_disk(
+    saved: Option<&DiskDescriptor>,
+    chosen: Option<std::path::PathBuf>,
+) -> Result<Option<Disk>> {
+    match saved {
+        None => Ok(None),
+        Some(DiskDescriptor::File {
+            path,
+            read_only,
+            size,
+        }) => {
+            let chosen = chosen.ok_or_else(|| {
+                Error::Restore(format!(
+                    "the VM was saved with disk {}: name the disk to attach explicitly \
+                     (--disk, or disk_path in PUT /snapshot/load)",
+                    path.display()
+                ))
+            })?;
+            let d = Disk::open(&chosen, *read_only)?;
+            if d.size() != *size {
+                return Err(Error::Restore(format!(
+                    "disk {} is {} bytes; the VM was saved with {} bytes",
+                    chosen.display(),
+                    d.size(),
+                    size
+                )));
+            }
+            Ok(Some(d))
+        }
+        Some(DiskDescriptor::Scratch { size }) => {
+            tracing::warn!("a scratch disk is not saved: the restored VM gets an empty one");
+            Ok(Some(Disk::scratch(*size)?))
+        }
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
@@ -259,9 +306,30 @@ fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> Result<JoinHandle<
 impl Vm {
     /// Builds the VM described by `config` and starts it; guest console output goes to `console`.
     pub fn launch(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
+        Self::launch_in(config, console, None)
+    }
+
+    /// [`launch`](Self::launch) with guest memory in a new file at `memory` (a preserved region
+    /// a later process can take over with [`adopt`](Self::adopt)).
+    pub fn launch_preserved(
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+        memory: &std::path::Path,
+    ) -> Result<Vm> {
+        Self::launch_in(config, console, Some(memory))
+    }
+
+    fn launch_in(
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+        memory_path: Option<&std::path::Path>,
+    ) -> Result<Vm> {
         let launched = Instant::now();
         let layout = config.validate()?;
-        let (mem, mem_file) = memory::create(layout.mem_size())?;
+        let (mem, mem_file) = match memory_path {
+            None => memory::create(layout.mem_size())?,
+            Some(p) => memory::create_file(p, layout.mem_size())?,
+        };
         let (disk, disk_desc) = match &config.disk {
             None => (None, None),
             Some(DiskConfig::File { path, read_only }) => {
@@ -350,40 +418,7 @@ impl Vm {
         let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
             .map_err(|e| Error::Restore(e.to_string()))?;
         let (mem, mem_file) = crate::persist::map_chain(chain, state.vm.mem_size)?;
-        let disk = match &state.vm.disk {
-            None => None,
-            Some(DiskDescriptor::File {
-                path,
-                read_only,
-                size,
-            }) => {
-                // The snapshot only says which disk the VM had: a snapshot file is input, and it
-                // must not get to open host files. The caller names the disk.
-                let chosen = disk_path.ok_or_else(|| {
-                    Error::Restore(format!(
-                        "the snapshot was taken with disk {}: name the disk to attach explicitly \
-                         (rebound restore --disk, or disk_path in PUT /snapshot/load)",
-                        path.display()
-                    ))
-                })?;
-                let d = Disk::open(&chosen, *read_only)?;
-                if d.size() != *size {
-                    return Err(Error::Restore(format!(
-                        "disk {} is {} bytes; the snapshot was taken with {} bytes",
-                        chosen.display(),
-                        d.size(),
-                        size
-                    )));
-                }
-                Some(d)
-            }
-            Some(DiskDescriptor::Scratch { size }) => {
-                tracing::warn!(
-                    "the snapshot's scratch disk is not saved: the restored VM gets an empty one"
-                );
-                Some(Disk::scratch(*size)?)
-            }
-        };
+        let disk = reopen_disk(state.vm.disk.as_ref(), disk_path)?;
         let parts = Parts {
             layout,
             mem,
@@ -395,6 +430,42 @@ impl Vm {
             generation,
             ioq_state: Some(state.devices.ioq),
             paused,
+        };
+        Self::build(parts, console, launched)
+    }
+
+    /// Takes over a VM from a preserved region: its memory file at `memory` (mapped shared, not
+    /// copied) and its saved state. The guest continues where the state was saved, with the same
+    /// generation (it is the same VM).
+    pub fn adopt(
+        memory: &std::path::Path,
+        state: SavedState,
+        console: Box<dyn Write + Send>,
+        options: RestoreOptions,
+    ) -> Result<Vm> {
+        let launched = Instant::now();
+        let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
+            .map_err(|e| Error::Restore(e.to_string()))?;
+        if state.vcpus.len() != state.vm.vcpus as usize {
+            return Err(Error::Restore(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                state.vm.vcpus
+            )));
+        }
+        let (mem, mem_file) = memory::open_file(memory, state.vm.mem_size)?;
+        let disk = reopen_disk(state.vm.disk.as_ref(), options.disk)?;
+        let parts = Parts {
+            layout,
+            mem,
+            mem_file,
+            disk,
+            descriptor: state.vm,
+            start: Start::Restore { vcpus: state.vcpus },
+            clock_base_ns: state.devices.clock_ns,
+            generation: state.devices.generation,
+            ioq_state: Some(state.devices.ioq),
+            paused: options.paused,
         };
         Self::build(parts, console, launched)
     }
@@ -806,6 +877,29 @@ impl Vm {
     /// Stops the VM (outcome `Stopped` unless it already ended).
     pub fn stop(&self) {
         self.shared.finish(VmOutcome::Stopped);
+    }
+
+    /// Stops the VM because host resources it ran on failed.
+    pub fn stop_for_host_fault(&self, reason: String) {
+        self.shared.finish(VmOutcome::HostFault { reason });
+    }
+
+    /// The host CPUs each vCPU's thread may run on, by vCPU (empty once the VM has ended).
+    pub fn vcpu_cpus(&self) -> Result<Vec<Vec<usize>>> {
+        lock(&self.shared.vcpu_threads)
+            .iter()
+            .map(|t| crate::affinity::get(t).map_err(|e| Error::Affinity(e.to_string())))
+            .collect()
+    }
+
+    /// Lets vCPU `id` run only on host CPUs `cpus`.
+    pub fn pin_vcpu(&self, id: usize, cpus: &[usize]) -> Result<()> {
+        let threads = lock(&self.shared.vcpu_threads);
+        let t = threads
+            .get(id)
+            .ok_or_else(|| Error::Affinity(format!("no vCPU {id}")))?;
+        crate::affinity::set(t, cpus)
+            .map_err(|e| Error::Affinity(format!("vCPU {id} to CPUs {cpus:?}: {e}")))
     }
 
     /// Waits for the VM to end and returns how it ended.

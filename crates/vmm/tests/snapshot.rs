@@ -195,7 +195,7 @@ fn a_snapshot_does_not_choose_the_host_disk() {
     )
     .err()
     .unwrap();
-    assert!(e.to_string().contains("the snapshot was taken with"), "{e}");
+    assert!(e.to_string().contains("the VM was saved with"), "{e}");
     let r = Vm::restore_with(
         &open(&[&path]),
         Box::new(std::io::sink()),

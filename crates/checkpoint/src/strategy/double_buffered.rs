@@ -32,7 +32,7 @@ impl Strategy for DoubleBuffered {
         StrategyKind::DoubleBuffered
     }
 
-    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error> {
+    fn start(&mut self, frozen: &Frozen<'_>, _epoch: u64) -> Result<(), Error> {
         start_shadow(&mut self.shadow, frozen)
     }
 

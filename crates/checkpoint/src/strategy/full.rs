@@ -25,7 +25,7 @@ impl Strategy for Full {
         StrategyKind::Full
     }
 
-    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error> {
+    fn start(&mut self, frozen: &Frozen<'_>, _epoch: u64) -> Result<(), Error> {
         self.shadow.copy_all(frozen);
         Ok(())
     }

@@ -74,8 +74,8 @@ pub trait Strategy: Send {
     /// Which one.
     fn kind(&self) -> StrategyKind;
 
-    /// Takes the baseline when protection starts.
-    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error>;
+    /// Takes the baseline when protection starts; `epoch` is the first checkpoint's.
+    fn start(&mut self, frozen: &Frozen<'_>, epoch: u64) -> Result<(), Error>;
 
     /// The pages written since the last checkpoint (or since `start`).
     fn dirty(&mut self, frozen: &Frozen<'_>) -> Result<DirtySet, Error>;
@@ -92,7 +92,21 @@ pub trait Strategy: Send {
     /// After an asynchronous commit: fold what was captured into the rollback image.
     fn settle(&mut self) {}
 
+    /// Whether the rollback point moves only once the sinks acknowledged a checkpoint (the
+    /// strategy keeps state relative to the last acknowledged one: the pre-image undo log).
+    fn moves_on_commit(&self) -> bool {
+        false
+    }
+
+    /// Every sink acknowledged checkpoint `epoch` (`dirty` = its pages); called while paused.
+    fn committed(&mut self, _epoch: u64, _dirty: &DirtySet) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Makes memory equal to the last checkpoint's. `dirty` = pages written since it.
+    /// Protection is given up: free what the strategy holds (shadow, write protection) now.
+    fn give_up(&mut self) {}
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error>;
 }
 

@@ -49,7 +49,7 @@ impl Strategy for PostImage {
         StrategyKind::PostImage
     }
 
-    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error> {
+    fn start(&mut self, frozen: &Frozen<'_>, _epoch: u64) -> Result<(), Error> {
         start_shadow(&mut self.shadow, frozen)
     }
 

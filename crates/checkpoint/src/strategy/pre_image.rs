@@ -7,6 +7,10 @@
 //! On this project's PVM hosts a write-protect fault costs 70-145 us (versus 21-25 us for the
 //! first write after a dirty-log harvest), so this strategy pays per written page and wins when
 //! few pages are written per epoch or memory is large.
+//!
+//! **Durable** (with a state directory): each old page is also appended to the undo journal
+//! file before the write is allowed, and the journal is reset only after the checkpoint's record
+//! is committed. After a crash, memory minus the journal is the last committed checkpoint.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +21,9 @@ use rebound_snapshot::{DirtySet, PAGE_SIZE};
 use rebound_vmm::vm::Frozen;
 
 use super::{Strategy, StrategyKind, write_page};
-use crate::Error;
+use crate::state_dir::{StateDir, UndoJournal};
 use crate::uffd::Uffd;
+use crate::{Error, faults};
 
 type UndoLog = HashMap<u64, Box<[u8]>>;
 
@@ -29,16 +34,47 @@ fn lock(m: &Mutex<UndoLog>) -> MutexGuard<'_, UndoLog> {
 /// Pre-image undo log.
 pub struct PreImage {
     pages: u64,
+    state_dir: Option<StateDir>,
     running: Option<Running>,
+}
+
+/// The journal file shared with the fault handler, and the first error writing it.
+#[derive(Default)]
+struct Journal {
+    file: Option<UndoJournal>,
+    dir: Option<StateDir>,
+    error: Option<String>,
+}
+
+impl Journal {
+    /// The journal can no longer undo what the guest does: the state directory is marked
+    /// unrecoverable *before* the write that could not be journaled is let through.
+    fn fail(&mut self, what: &str, e: std::io::Error) -> String {
+        let reason = format!("the undo journal could not be {what}: {e}");
+        tracing::error!("{reason}");
+        if let Some(dir) = &self.dir {
+            dir.mark_lost(&reason);
+        }
+        self.error.get_or_insert_with(|| reason.clone());
+        self.file = None;
+        reason
+    }
 }
 
 struct Running {
     uffd: Arc<Uffd>,
     base: u64,
     undo: Arc<Mutex<UndoLog>>,
+    journal: Arc<Mutex<Journal>>,
+    /// The committed checkpoint the undo log and journal are relative to.
+    epoch: u64,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     handler: Option<JoinHandle<()>>,
+}
+
+fn lock_journal(m: &Mutex<Journal>) -> MutexGuard<'_, Journal> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl PreImage {
@@ -46,6 +82,16 @@ impl PreImage {
     pub fn new(mem_size: u64) -> Self {
         Self {
             pages: mem_size / PAGE_SIZE,
+            state_dir: None,
+            running: None,
+        }
+    }
+
+    /// Also journals old pages to the state directory's undo file, for recovery after a crash.
+    pub fn durable(mem_size: u64, dir: StateDir) -> Self {
+        Self {
+            pages: mem_size / PAGE_SIZE,
+            state_dir: Some(dir),
             running: None,
         }
     }
@@ -72,6 +118,7 @@ fn handle_faults(
     base: u64,
     len: u64,
     undo: Arc<Mutex<UndoLog>>,
+    journal: Arc<Mutex<Journal>>,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) {
@@ -93,11 +140,24 @@ fn handle_faults(
                 continue;
             }
             let p = (page_addr - base) / PAGE_SIZE;
-            lock(&undo).entry(p).or_insert_with(|| {
+            let mut log = lock(&undo);
+            if !log.contains_key(&p) {
                 // SAFETY: the page is inside guest memory and still write-protected: the writer
-                // that faulted waits until the protection is lifted just below.
-                unsafe { copy_protected_page(page_addr) }
-            });
+                // that faulted waits until the protection is lifted below.
+                let old = unsafe { copy_protected_page(page_addr) };
+                let mut j = lock_journal(&journal);
+                if let Some(file) = j.file.as_mut()
+                    && let Err(e) = file.append(p, &old)
+                {
+                    // The guest must not wait forever: the write goes on unjournaled, and the
+                    // engine gives protection up at the next checkpoint.
+                    j.fail("written", e);
+                }
+                drop(j);
+                faults::point("journal-append");
+                log.insert(p, old);
+            }
+            drop(log);
             if let Err(e) = uffd.protect(page_addr, PAGE_SIZE, false) {
                 tracing::error!("cannot lift write protection at {page_addr:#x}: {e}");
             }
@@ -139,8 +199,21 @@ impl Strategy for PreImage {
         StrategyKind::PreImage
     }
 
-    fn start(&mut self, frozen: &Frozen<'_>) -> Result<(), Error> {
+    fn start(&mut self, frozen: &Frozen<'_>, epoch: u64) -> Result<(), Error> {
         let (base, len) = frozen.vm().host_memory_range();
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        if let Some(dir) = &self.state_dir {
+            let path = dir.undo();
+            let j = UndoJournal::create(&path, epoch).map_err(|e| {
+                Error::Lost(format!(
+                    "cannot create the undo journal {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let mut g = lock_journal(&journal);
+            g.file = Some(j);
+            g.dir = Some(dir.clone());
+        }
         let uffd = Arc::new(Uffd::register(base, len).map_err(|e| {
             Error::Strategy(format!("userfaultfd write-protect is unavailable: {e}"))
         })?);
@@ -150,16 +223,24 @@ impl Strategy for PreImage {
         let busy = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let handler = {
-            let (u, un, b, s) = (uffd.clone(), undo.clone(), busy.clone(), stop.clone());
+            let (u, un, j, b, s) = (
+                uffd.clone(),
+                undo.clone(),
+                journal.clone(),
+                busy.clone(),
+                stop.clone(),
+            );
             std::thread::Builder::new()
                 .name("rebound-uffd".into())
-                .spawn(move || handle_faults(u, base, len, un, b, s))
+                .spawn(move || handle_faults(u, base, len, un, j, b, s))
                 .map_err(|e| Error::Strategy(format!("cannot start the fault handler: {e}")))?
         };
         self.running = Some(Running {
             uffd,
             base,
             undo,
+            journal,
+            epoch,
             busy,
             stop,
             handler: Some(handler),
@@ -170,6 +251,9 @@ impl Strategy for PreImage {
     fn dirty(&mut self, _frozen: &Frozen<'_>) -> Result<DirtySet, Error> {
         let r = self.running()?;
         r.drain();
+        if let Some(e) = &lock_journal(&r.journal).error {
+            return Err(Error::Lost(e.clone()));
+        }
         let mut set = DirtySet::new(self.pages);
         for &p in lock(&r.undo).keys() {
             set.insert(p);
@@ -177,11 +261,44 @@ impl Strategy for PreImage {
         Ok(set)
     }
 
-    fn capture(&mut self, _frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
-        let r = self.running()?;
-        r.reprotect(dirty)?;
-        lock(&r.undo).clear();
+    fn capture(&mut self, _frozen: &Frozen<'_>, _dirty: &DirtySet) -> Result<(), Error> {
+        // Nothing to copy: memory stays in place. The undo log moves on in `committed`.
         Ok(())
+    }
+
+    fn moves_on_commit(&self) -> bool {
+        true
+    }
+
+    fn give_up(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            r.stop.store(true, Ordering::Release);
+            if let Some(h) = r.handler.take() {
+                let _ = h.join();
+            }
+            // Dropping the userfaultfd unregisters the range and releases any blocked writer.
+        }
+    }
+
+    fn committed(&mut self, epoch: u64, dirty: &DirtySet) -> Result<(), Error> {
+        let r = self
+            .running
+            .as_mut()
+            .ok_or_else(|| Error::Strategy("pre-image strategy not started".into()))?;
+        // The journal is reset only now that the checkpoint is committed: a crash before this
+        // point recovers the previous checkpoint with the journal, a crash after it this one.
+        {
+            let mut j = lock_journal(&r.journal);
+            if let Some(file) = j.file.as_mut()
+                && let Err(e) = file.reset(epoch)
+            {
+                return Err(Error::Lost(j.fail("reset", e)));
+            }
+        }
+        faults::point("after-journal-reset");
+        r.epoch = epoch;
+        lock(&r.undo).clear();
+        r.reprotect(dirty)
     }
 
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
@@ -192,18 +309,20 @@ impl Strategy for PreImage {
             // Pages in the undo log are unprotected, so these writes do not fault.
             write_page(frozen, *p, old)?;
         }
+        // Memory is the committed checkpoint again: the journal can start over from it.
+        let mut j = lock_journal(&r.journal);
+        if let Some(file) = j.file.as_mut()
+            && let Err(e) = file.reset(r.epoch)
+        {
+            return Err(Error::Lost(j.fail("reset", e)));
+        }
+        drop(j);
         r.reprotect(dirty)
     }
 }
 
 impl Drop for PreImage {
     fn drop(&mut self) {
-        if let Some(mut r) = self.running.take() {
-            r.stop.store(true, Ordering::Release);
-            if let Some(h) = r.handler.take() {
-                let _ = h.join();
-            }
-            // Dropping the userfaultfd unregisters the range and releases any blocked writer.
-        }
+        self.give_up();
     }
 }

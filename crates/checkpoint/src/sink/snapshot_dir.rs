@@ -1,43 +1,14 @@
-//! Sinks: where checkpoints go. A sink acknowledges a checkpoint by returning from
-//! [`Sink::commit`] once it is durable (written and fsynced) or received. This module has the
-//! snapshot-directory sink; the crash-recovery shadow and the remote standby implement the same
-//! trait.
+//! The snapshot-directory sink: every checkpoint as a snapshot file (a full one, then diffs,
+//! merged into a new full file once the chain is long), restorable with `rebound restore --dir`.
 
 use std::path::{Path, PathBuf};
 
 use rebound_snapshot::format::{self, Verify};
-use rebound_snapshot::{DirtySet, Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
-use rebound_vmm::persist::{SavedState, new_id};
+use rebound_snapshot::{Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
+use rebound_vmm::persist::new_id;
 
+use super::{CheckpointData, Sink};
 use crate::Error;
-use crate::strategy::PageSource;
-
-/// One checkpoint, as a sink sees it.
-pub struct CheckpointData<'a> {
-    /// Its epoch number.
-    pub epoch: u64,
-    /// vCPU, device and VM state.
-    pub state: &'a SavedState,
-    /// Guest memory size in bytes.
-    pub mem_size: u64,
-    /// Pages changed since this sink's previous commit (ignored when `full`).
-    pub pages: &'a DirtySet,
-    /// The sink has nothing yet (or asked for everything): send all of memory.
-    pub full: bool,
-    /// With `full`: the pages that may hold data (all others are zero).
-    pub data: Option<&'a DirtySet>,
-    /// Page contents as of the checkpoint.
-    pub source: &'a dyn PageSource,
-}
-
-/// A checkpoint destination.
-pub trait Sink: Send {
-    /// A name for messages and metrics.
-    fn name(&self) -> String;
-
-    /// Stores or sends `cp`; returning `Ok` acknowledges it (durable or received).
-    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error>;
-}
 
 /// Writes each checkpoint as a snapshot file in a directory: a full one first, then diffs,
 /// merged into a new full file (without touching the VM) once the chain is `max_chain` long.

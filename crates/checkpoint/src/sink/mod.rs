@@ -1,0 +1,51 @@
+//! Sinks: where checkpoints go. A sink acknowledges a checkpoint by returning from
+//! [`Sink::commit`] once it is durable (written and fsynced) or received.
+//!
+//! - [`snapshot_dir`]: snapshot files in a directory (restore, clone, named rollback).
+//! - [`preserved`]: the VM's state directory (crash recovery and live update).
+//! - The remote standby implements the same trait.
+
+pub mod preserved;
+pub mod snapshot_dir;
+
+use rebound_snapshot::DirtySet;
+use rebound_vmm::persist::SavedState;
+
+pub use preserved::Preserved;
+pub use snapshot_dir::{SnapshotDir, chain_to_epoch, newest_chain, newest_epoch, prune_after};
+
+use crate::Error;
+use crate::state_dir::OutputRecord;
+use crate::strategy::PageSource;
+
+/// One checkpoint, as a sink sees it.
+pub struct CheckpointData<'a> {
+    /// Its epoch number.
+    pub epoch: u64,
+    /// vCPU, device and VM state.
+    pub state: &'a SavedState,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Pages changed since this sink's previous commit (ignored when `full`).
+    pub pages: &'a DirtySet,
+    /// The sink has nothing yet (or asked for everything): send all of memory.
+    pub full: bool,
+    /// With `full`: the pages that may hold data (all others are zero).
+    pub data: Option<&'a DirtySet>,
+    /// Page contents as of the checkpoint.
+    pub source: &'a dyn PageSource,
+    /// The output this checkpoint releases, and where it goes in the output stream.
+    pub output: &'a OutputRecord,
+}
+
+/// A checkpoint destination.
+pub trait Sink: Send {
+    /// A name for messages and metrics.
+    fn name(&self) -> String;
+
+    /// Stores or sends `cp`; returning `Ok` acknowledges it (durable or received).
+    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error>;
+
+    /// Protection was given up (`reason`): what this sink holds can no longer be relied on.
+    fn lost(&mut self, _reason: &str) {}
+}

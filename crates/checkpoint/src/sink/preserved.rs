@@ -1,0 +1,70 @@
+//! The preserved-region sink: commits each checkpoint to the VM's state directory as a record
+//! (VM, vCPU and device state plus the output it releases, in the snapshot file format without
+//! memory pages: memory stays in place and the pre-image strategy's journal undoes it). The
+//! record's atomic appearance is the commit.
+
+use rebound_snapshot::format::{self, SectionData};
+use rebound_snapshot::{Kind, SnapshotMeta};
+use rebound_vmm::persist::new_id;
+
+use super::{CheckpointData, Sink};
+use crate::state_dir::{OUTPUT_SECTION, StateDir};
+use crate::{Error, faults};
+
+/// Commits checkpoints to a state directory, keeping the newest two records.
+pub struct Preserved {
+    dir: StateDir,
+}
+
+impl Preserved {
+    /// A sink for `dir`.
+    pub fn new(dir: StateDir) -> Self {
+        Self { dir }
+    }
+
+    /// A state directory that cannot be written cannot protect the VM at all: the error
+    /// ends protection (the engine lets the VM run on unprotected and says why).
+    fn err(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Lost(format!("{}: {reason}", self.name()))
+    }
+}
+
+impl Sink for Preserved {
+    fn name(&self) -> String {
+        format!("state-dir:{}", self.dir.path().display())
+    }
+
+    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        faults::point("before-record");
+        faults::check_write("checkpoint record").map_err(|e| self.err(e))?;
+        let mut sections = cp.state.sections().map_err(|e| self.err(e))?;
+        sections.push(SectionData::encode(OUTPUT_SECTION, 1, cp.output).map_err(|e| self.err(e))?);
+        let meta = SnapshotMeta {
+            id: new_id(),
+            parent: None,
+            epoch: cp.epoch,
+            kind: Kind::Full,
+            mem_size: cp.state.vm.mem_size,
+            created_unix_ns: rebound_vmm::persist::unix_ns(),
+        };
+        let path = self.dir.record(cp.epoch);
+        format::Writer::create(&path, &meta, &sections)
+            .and_then(format::Writer::finish)
+            .map_err(|e| self.err(e))?;
+        faults::point("after-record");
+        // The directory describes the VM again (protection started afresh after a loss).
+        self.dir.clear_lost();
+        // Recovery needs only the newest record; one more is kept for inspection.
+        let records = self.dir.records()?;
+        if records.len() > 2 {
+            for (_, old) in &records[..records.len() - 2] {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(())
+    }
+
+    fn lost(&mut self, reason: &str) {
+        self.dir.mark_lost(reason);
+    }
+}

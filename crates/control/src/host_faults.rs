@@ -1,0 +1,220 @@
+//! Host CPU faults: where a VM's vCPUs run, what to do when a host CPU under them fails (the
+//! VM's recovery attribute), and the host-wide record of failed CPUs that every Rebound process
+//! on the host watches.
+//!
+//! The record is a directory (`$REBOUND_HOST_DIR`, default `/dev/shm/rebound-host`) holding
+//! `cpu-N` for each failed CPU: failing a CPU (`rebound fault cpu N`, `PUT /faults`, or a
+//! machine-check handler of the operator's) is creating that file, and each VMM reacts for its
+//! own VM within one poll period. VMs whose vCPUs do not run on the failed CPU are not touched.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Instance;
+
+/// How often each VMM looks at the host's failed CPUs.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// What to do with a VM when host resources it runs on fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryAttribute {
+    /// Save the vCPUs' state, move them to a healthy CPU, load it there and continue.
+    #[default]
+    Resume,
+    /// Move to a healthy CPU and go back to the last checkpoint (the VM must be protected;
+    /// otherwise it is stopped).
+    RestartFromCheckpoint,
+    /// Save the VM's state to its save area and stop it.
+    Stop,
+    /// Move the VM to a standby host (not available yet).
+    Failover,
+}
+
+impl RecoveryAttribute {
+    /// The attribute's name in the API and CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecoveryAttribute::Resume => "resume",
+            RecoveryAttribute::RestartFromCheckpoint => "restart_from_checkpoint",
+            RecoveryAttribute::Stop => "stop",
+            RecoveryAttribute::Failover => "failover",
+        }
+    }
+
+    /// All attributes.
+    pub const ALL: [RecoveryAttribute; 4] = [
+        RecoveryAttribute::Resume,
+        RecoveryAttribute::RestartFromCheckpoint,
+        RecoveryAttribute::Stop,
+        RecoveryAttribute::Failover,
+    ];
+}
+
+/// Where a VM's vCPUs run and what happens when that fails.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Host CPUs for the vCPUs: vCPU i runs on `cpus[i % len]`. Empty: anywhere.
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// What to do when a host CPU under the VM fails.
+    #[serde(default)]
+    pub recovery: RecoveryAttribute,
+    /// Where `stop` saves the VM (a snapshot file). Default: `save-area.snap` in the VM's
+    /// state directory, if it has one.
+    #[serde(default)]
+    pub save_area: Option<PathBuf>,
+}
+
+impl Placement {
+    /// Checks the CPUs exist for this process and the attribute is available.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.recovery == RecoveryAttribute::Failover {
+            return Err(
+                "recovery \"failover\" needs a standby host, which this release cannot use yet"
+                    .into(),
+            );
+        }
+        let usable = rebound_vmm::affinity::usable();
+        if let Some(c) = self.cpus.iter().find(|c| !usable.contains(c)) {
+            return Err(format!(
+                "cpus: host CPU {c} is not usable here (usable: {usable:?})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CPUs vCPU `i` may run on, avoiding `failed`; None: anywhere healthy.
+    pub fn cpus_for(&self, i: usize, failed: &BTreeSet<usize>) -> Option<Vec<usize>> {
+        let healthy: Vec<usize> = self
+            .cpus
+            .iter()
+            .copied()
+            .filter(|c| !failed.contains(c))
+            .collect();
+        if !healthy.is_empty() {
+            return Some(vec![healthy[i % healthy.len()]]);
+        }
+        let survivors: Vec<usize> = rebound_vmm::affinity::usable()
+            .into_iter()
+            .filter(|c| !failed.contains(c))
+            .collect();
+        if survivors.is_empty() {
+            return None;
+        }
+        if self.cpus.is_empty() {
+            // Unpinned: anywhere healthy.
+            Some(survivors)
+        } else {
+            // Every chosen CPU failed: one healthy CPU each, spread.
+            Some(vec![survivors[i % survivors.len()]])
+        }
+    }
+}
+
+/// One host CPU fault as a VM lived it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuFaultEvent {
+    /// The failed CPUs that touched the VM.
+    pub cpus: Vec<usize>,
+    /// Its vCPUs that ran there.
+    pub vcpus: Vec<usize>,
+    /// What was done (the recovery attribute, or `stop` when it could not apply).
+    pub action: String,
+    /// Details: where the vCPUs went, the checkpoint returned to, where the state was saved.
+    pub detail: String,
+}
+
+/// The host's record of failed CPUs.
+#[derive(Clone, Debug)]
+pub struct HostFaults {
+    dir: PathBuf,
+}
+
+impl HostFaults {
+    /// The record at `$REBOUND_HOST_DIR`, default `/dev/shm/rebound-host`.
+    pub fn from_env() -> Self {
+        let dir = std::env::var_os("REBOUND_HOST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/dev/shm/rebound-host"));
+        Self { dir }
+    }
+
+    /// The record in `dir`.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn file(&self, cpu: usize) -> PathBuf {
+        self.dir.join(format!("cpu-{cpu}"))
+    }
+
+    /// Marks host CPU `cpu` failed, for every Rebound process on the host.
+    pub fn fail_cpu(&self, cpu: usize) -> io::Result<()> {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no CPU {cpu}"),
+            ));
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.file(cpu), b"failed\n")
+    }
+
+    /// Marks host CPU `cpu` healthy again (VMs already moved stay where they are).
+    pub fn repair_cpu(&self, cpu: usize) -> io::Result<()> {
+        match std::fs::remove_file(self.file(cpu)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The failed CPUs.
+    pub fn failed(&self) -> BTreeSet<usize> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu-")?.parse().ok())
+            .collect()
+    }
+}
+
+/// Watches `faults` for `instance`'s VM until the instance is dropped or its VM ends.
+pub fn watch(instance: &Arc<Instance>, faults: HostFaults) -> io::Result<()> {
+    let weak: Weak<Instance> = Arc::downgrade(instance);
+    std::thread::Builder::new()
+        .name("rebound-hostfaults".into())
+        .spawn(move || {
+            let mut handled = BTreeSet::new();
+            loop {
+                std::thread::sleep(POLL);
+                let Some(instance) = weak.upgrade() else {
+                    return;
+                };
+                let Some(vm) = instance.vm() else { continue };
+                if vm.outcome().is_some() {
+                    return;
+                }
+                let failed = faults.failed();
+                if failed.difference(&handled).next().is_some() {
+                    match instance.on_cpu_fault(&failed) {
+                        Ok(Some(ev)) => tracing::warn!(?ev, "host CPU fault handled"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!("cannot handle the host CPU fault: {e}"),
+                    }
+                }
+                handled = failed;
+            }
+        })?;
+    Ok(())
+}
