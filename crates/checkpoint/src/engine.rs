@@ -159,6 +159,9 @@ struct Inner {
     wake: Condvar,
     /// Why protection was given up, if it was.
     broken: Mutex<Option<String>>,
+    /// The VM lives in a state directory: its final output is released by its owner, after
+    /// recording the end there (see `Instance::wait`), never by the ticker.
+    preserved: bool,
     stats: Mutex<StatsInner>,
 }
 
@@ -285,6 +288,7 @@ impl Engine {
     ) -> Result<Engine> {
         config.validate()?;
         let first_epoch = opts.first_epoch.max(1);
+        let preserved = opts.state_dir.is_some();
         let mem_size = vm.descriptor().mem_size;
         let pages = mem_size / PAGE_SIZE;
         let mut strategy: Box<dyn Strategy> = match (&opts.state_dir, config.strategy) {
@@ -364,6 +368,7 @@ impl Engine {
             wake: Condvar::new(),
             stats,
             broken: Mutex::new(None),
+            preserved,
         });
         // Held output past its soft limit asks for a checkpoint now (weakly: the output
         // outlives the engine).
@@ -542,7 +547,9 @@ fn tick(inner: &Inner) {
             }
             if inner.vm.outcome().is_some() {
                 // The guest is gone: nothing can roll back any more, so nothing stays held.
-                let _ = inner.output.pass_through();
+                if !inner.preserved {
+                    let _ = inner.output.pass_through();
+                }
                 return;
             }
             tracing::error!("checkpoint failed: {e}");

@@ -78,14 +78,14 @@ pub fn arm(spec: &str) -> Result<(), String> {
 /// A kill point: the process dies here (SIGKILL, no cleanup) if armed and its count is reached.
 pub fn point(name: &str) {
     let mut g = plan();
-    if let Some(Some((point, left))) = g.as_mut().map(|p| p.kill.as_mut()) {
-        if point == name {
-            *left -= 1;
-            if *left == 0 {
-                tracing::warn!(point = name, "fault injection: killing the process");
-                // SAFETY: sends a signal to this process; nothing is touched afterwards.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            }
+    if let Some(Some((point, left))) = g.as_mut().map(|p| p.kill.as_mut())
+        && point == name
+    {
+        *left -= 1;
+        if *left == 0 {
+            tracing::warn!(point = name, "fault injection: killing the process");
+            // SAFETY: sends a signal to this process; nothing is touched afterwards.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
 }

@@ -39,6 +39,14 @@ pub enum Error {
     /// Protection can no longer guarantee recovery (a journal write failed): it must stop.
     #[error("protection lost: {0}")]
     Lost(String),
+    /// The VM in a state directory had ended: there is nothing to recover.
+    #[error("the VM already ended ({reason}); its output is complete in the console log")]
+    Ended {
+        /// How it ended.
+        reason: String,
+        /// Its exit code.
+        code: i32,
+    },
     /// There is no checkpoint to go back to.
     #[error("no checkpoint has been taken yet")]
     NoCheckpoint,

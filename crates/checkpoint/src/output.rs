@@ -169,6 +169,21 @@ impl OutputCommit {
         }
     }
 
+    /// Everything not yet released (sealed or not), from the released offset: what the VM's
+    /// end releases.
+    pub fn unreleased_record(&self) -> crate::state_dir::OutputRecord {
+        let g = self.lock();
+        let mut bytes = Vec::new();
+        for v in g.sealed.values() {
+            bytes.extend_from_slice(v);
+        }
+        bytes.extend_from_slice(&g.open);
+        crate::state_dir::OutputRecord {
+            offset: g.released_bytes,
+            bytes,
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> OutputStats {
         let g = self.lock();

@@ -50,6 +50,12 @@ fn err(dir: &StateDir, reason: impl std::fmt::Display) -> Error {
 
 /// Puts the directory's memory and console log back to its newest committed checkpoint.
 pub fn prepare(dir: &StateDir) -> Result<Prepared, Error> {
+    if let Some((reason, code, output)) = dir.ended() {
+        // Its last output may not have reached the log before the process died.
+        replay_output(&dir.console_log(), &output)
+            .map_err(|e| err(dir, format!("cannot restore the console log: {e}")))?;
+        return Err(Error::Ended { reason, code });
+    }
     if let Some(reason) = dir.lost() {
         return Err(err(
             dir,

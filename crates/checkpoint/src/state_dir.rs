@@ -71,7 +71,12 @@ impl StateDir {
         dir.check_tmpfs()?;
         // What an ended VM left behind.
         dir.purge_records();
-        for f in [dir.undo(), dir.console_log(), dir.path.join("lost")] {
+        for f in [
+            dir.undo(),
+            dir.console_log(),
+            dir.path.join("lost"),
+            dir.path.join("ended"),
+        ] {
             let _ = std::fs::remove_file(f);
         }
         Ok(dir)
@@ -215,6 +220,46 @@ impl StateDir {
         let _ = std::fs::remove_file(self.path.join("lost"));
     }
 
+    /// Records that the VM ended (`reason`, exit `code`) and the output its end releases,
+    /// atomically: from here on recovery only puts that output back. Written before the output
+    /// is released, so a crash in between loses none of it and repeats none.
+    pub fn write_ended(&self, reason: &str, code: i32, out: &OutputRecord) -> io::Result<()> {
+        let mut b = Vec::with_capacity(40 + reason.len() + out.bytes.len());
+        b.extend_from_slice(&ENDED_MAGIC);
+        b.extend_from_slice(&code.to_le_bytes());
+        b.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        b.extend_from_slice(reason.as_bytes());
+        b.extend_from_slice(&out.offset.to_le_bytes());
+        b.extend_from_slice(&(out.bytes.len() as u64).to_le_bytes());
+        b.extend_from_slice(&out.bytes);
+        b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+        let tmp = self.path.join(".ended.tmp");
+        std::fs::write(&tmp, &b)?;
+        std::fs::rename(&tmp, self.path.join("ended"))
+    }
+
+    /// How the VM ended and what its end released, if it ended.
+    pub fn ended(&self) -> Option<(String, i32, OutputRecord)> {
+        let b = std::fs::read(self.path.join("ended")).ok()?;
+        let (body, crc) = b.split_at_checked(b.len().checked_sub(4)?)?;
+        if crc32c::crc32c(body).to_le_bytes() != crc || !body.starts_with(&ENDED_MAGIC) {
+            return None;
+        }
+        let mut r = &body[ENDED_MAGIC.len()..];
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (a, rest) = r.split_at_checked(n)?;
+            r = rest;
+            Some(a)
+        };
+        let code = i32::from_le_bytes(take(4)?.try_into().ok()?);
+        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let reason = String::from_utf8_lossy(take(len)?).into_owned();
+        let offset = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let n = u64::from_le_bytes(take(8)?.try_into().ok()?) as usize;
+        let bytes = take(n)?.to_vec();
+        Some((reason, code, OutputRecord { offset, bytes }))
+    }
+
     /// The VM ended: nothing is left to recover. Frees its memory (tmpfs is RAM) and keeps the
     /// console log and the reason.
     pub fn end(&self, reason: &str) {
@@ -236,6 +281,10 @@ pub struct Claim {
     _file: File,
 }
 
+/// A journaled page: its number and old contents.
+pub type UndoEntry = (u64, Vec<u8>);
+
+const ENDED_MAGIC: [u8; 8] = *b"RBNDEND1";
 const UNDO_MAGIC: [u8; 8] = *b"RBNDUNDO";
 const UNDO_HEADER: u64 = 24;
 const UNDO_ENTRY: u64 = 16 + PAGE_SIZE;
@@ -313,7 +362,7 @@ impl UndoJournal {
 
     /// Reads a journal: its base epoch and its complete entries (a torn last entry is dropped:
     /// its page had not been allowed to change yet).
-    pub fn read(path: &Path) -> io::Result<Option<(u64, Vec<(u64, Vec<u8>)>)>> {
+    pub fn read(path: &Path) -> io::Result<Option<(u64, Vec<UndoEntry>)>> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -390,7 +439,9 @@ impl Write for ConsoleLog {
     }
 }
 
-/// Writes an output record's bytes at its offset and cuts the log after them (recovery).
+/// Writes an output record's bytes at its offset and cuts the log after them (recovery). The
+/// bytes go first, over the same bytes if they were already there, so the log never loses a
+/// byte it showed, even if this is interrupted.
 pub fn replay_output(path: &Path, out: &OutputRecord) -> io::Result<u64> {
     let file = OpenOptions::new()
         .read(true)
@@ -398,8 +449,8 @@ pub fn replay_output(path: &Path, out: &OutputRecord) -> io::Result<u64> {
         .create(true)
         .truncate(false)
         .open(path)?;
-    file.set_len(out.offset)?;
     file.write_all_at(&out.bytes, out.offset)?;
+    file.set_len(out.offset + out.bytes.len() as u64)?;
     Ok(out.offset + out.bytes.len() as u64)
 }
 

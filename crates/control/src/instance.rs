@@ -684,10 +684,25 @@ impl Instance {
     pub fn wait(&self) -> Result<VmOutcome> {
         let vm = self.started_vm()?;
         let outcome = vm.wait();
+        let dir = self.state_dir();
+        if let (Some(dir), Ok(output)) = (&dir, self.output()) {
+            // The end is recorded with the output it releases before any of it is released.
+            let r = dir.write_ended(
+                &outcome.to_string(),
+                outcome.exit_code(),
+                &output.unreleased_record(),
+            );
+            if let Err(e) = r {
+                tracing::error!(
+                    "cannot record the VM's end in {}: {e}",
+                    dir.path().display()
+                );
+            }
+        }
         if let Some((engine, _)) = lock(&self.engine).take() {
             engine.stop();
         }
-        if let Some(dir) = self.state_dir() {
+        if let Some(dir) = dir {
             dir.end(&format!("the VM ended: {outcome}"));
         }
         Ok(outcome)

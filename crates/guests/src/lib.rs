@@ -28,6 +28,24 @@ pub mod testguest {
         y ^ (y >> 29)
     }
 
+    /// What `seq N REPORT` prints when its generation never changes (no restore or clone
+    /// changed it): a line every REPORT steps, then the result.
+    pub fn seq_output(n: u64, report: u64) -> String {
+        use std::fmt::Write;
+        let mut hist = vec![0u64; 4096];
+        let (mut x, mut line, mut out) = (1u64, 0u64, String::new());
+        for i in 0..n {
+            x = step(x, i) ^ hist[(i % 4096) as usize];
+            hist[(i % 4096) as usize] = x >> 7;
+            if i % report == report - 1 {
+                let _ = writeln!(out, "seq line {line} at {} x={x:016x}", i + 1);
+                line += 1;
+            }
+        }
+        let _ = writeln!(out, "seq done {n} result={x:016x}");
+        out
+    }
+
     /// `seq N`'s value after `n` steps, with each reported (generation, step) mixed in.
     pub fn seq_expected(n: u64, gens: &[(u64, u64)]) -> u64 {
         let mut hist = vec![0u64; 4096];

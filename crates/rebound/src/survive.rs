@@ -35,9 +35,24 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
     };
     let mut protection = rebound_control::default_protection();
     protection.interval_ms = Some(args.protect_ms);
-    let epoch = instance
-        .recover(&args.state, &load, Some(protection))
-        .with_context(|| format!("cannot recover the VM in {}", args.state.display()))?;
+    let epoch = match instance.recover(&args.state, &load, Some(protection)) {
+        Ok(epoch) => epoch,
+        Err(rebound_control::Error::Checkpoint(rebound_checkpoint::Error::Ended {
+            reason,
+            code,
+        })) => {
+            // It ended before its VMM did: nothing to resume, and its output is complete.
+            eprintln!(
+                "rebound: the VM in {} had already ended: {reason}",
+                args.state.display()
+            );
+            return Ok(code);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot recover the VM in {}", args.state.display()));
+        }
+    };
     match args.update_paused_at {
         Some(ns) => {
             let downtime = instance.note_update(ns);

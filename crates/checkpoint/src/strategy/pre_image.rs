@@ -141,7 +141,7 @@ fn handle_faults(
             }
             let p = (page_addr - base) / PAGE_SIZE;
             let mut log = lock(&undo);
-            if !log.contains_key(&p) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = log.entry(p) {
                 // SAFETY: the page is inside guest memory and still write-protected: the writer
                 // that faulted waits until the protection is lifted below.
                 let old = unsafe { copy_protected_page(page_addr) };
@@ -155,7 +155,7 @@ fn handle_faults(
                 }
                 drop(j);
                 faults::point("journal-append");
-                log.insert(p, old);
+                slot.insert(old);
             }
             drop(log);
             if let Err(e) = uffd.protect(page_addr, PAGE_SIZE, false) {
