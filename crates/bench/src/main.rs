@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -9,6 +9,7 @@ mod checkpoint;
 mod dirty_log;
 mod floor;
 mod qemu;
+mod survive;
 
 use std::time::{Duration, Instant};
 
@@ -251,7 +252,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|all]... [--runs N]"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|all]... [--runs N]\n(recovery, update and protected run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -269,6 +270,9 @@ fn main() -> Result<()> {
             "slowdown",
             "snapshot",
             "dirtylog",
+            "recovery",
+            "update",
+            "protected",
         ]
         .map(String::from)
         .to_vec();
@@ -284,6 +288,12 @@ fn main() -> Result<()> {
             "slowdown" => checkpoint::slowdown()?,
             "snapshot" => checkpoint::snapshots()?,
             "dirtylog" => checkpoint::dirty_log()?,
+            "recovery" => survive::recovery(&[256, 4096], runs.min(10))?,
+            "update" => {
+                survive::update(&[256, 4096], runs.min(10))?;
+                survive::qemu_update(&[256, 4096])?;
+            }
+            "protected" => survive::protected_overhead(runs.min(5))?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

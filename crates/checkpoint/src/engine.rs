@@ -318,7 +318,13 @@ impl Engine {
         // Hold output only once protection can work: a failed start must not keep it forever.
         output.hold();
         let state = frozen.state().clone();
-        let data = frozen.data_pages();
+        // Which pages hold data matters only to sinks that store memory (finding out walks
+        // the whole memory file).
+        let data = if slots.iter().any(|s| s.sink.stores_memory()) {
+            frozen.data_pages()
+        } else {
+            DirtySet::new(pages)
+        };
         let source = FrozenSource(&frozen);
         let out = output.sealed_record(first_epoch);
         let c = Commit {
@@ -598,7 +604,7 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let mem_size = frozen.mem_size();
     let data = sinks
         .iter()
-        .any(|s| s.needs_full)
+        .any(|s| s.needs_full && s.sink.stores_memory())
         .then(|| frozen.data_pages());
     let state = frozen.state().clone();
     let output = inner.output.sealed_record(e);

@@ -99,6 +99,26 @@ fn main(cpu: Cpu) -> i32 {
             println!("hcbench {} {}", n, t1 - t0);
             0
         }
+        "warm" => {
+            // Touches MIB MiB, says so, then keeps writing K of those pages round and round:
+            // a VM with a working set that is never idle.
+            let mib = arg(&cpu, 1, 16) as usize;
+            let k = (arg(&cpu, 2, 64) as usize).clamp(1, mib * 256);
+            let mut v: Vec<u8> = vec![0; mib << 20];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            println!("warm ready {} MiB", mib);
+            let mut n = 0u8;
+            loop {
+                n = n.wrapping_add(1);
+                for p in 0..k {
+                    // SAFETY: `p * 4096` is inside `v`; volatile so every write happens.
+                    unsafe { core::ptr::write_volatile(v.as_mut_ptr().add(p * 4096), n) };
+                }
+                hypercall::yield_now();
+            }
+        }
         "touch" => {
             let mib = arg(&cpu, 1, 16) as usize;
             let mut v: Vec<u8> = vec![0; mib << 20];

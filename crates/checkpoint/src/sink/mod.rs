@@ -46,6 +46,12 @@ pub trait Sink: Send {
     /// Stores or sends `cp`; returning `Ok` acknowledges it (durable or received).
     fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error>;
 
+    /// Whether the sink stores guest memory (a state directory does not: memory stays in
+    /// place).
+    fn stores_memory(&self) -> bool {
+        true
+    }
+
     /// Protection was given up (`reason`): what this sink holds can no longer be relied on.
     fn lost(&mut self, _reason: &str) {}
 }

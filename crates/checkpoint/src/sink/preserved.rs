@@ -64,6 +64,10 @@ impl Sink for Preserved {
         Ok(())
     }
 
+    fn stores_memory(&self) -> bool {
+        false
+    }
+
     fn lost(&mut self, reason: &str) {
         self.dir.mark_lost(reason);
     }
