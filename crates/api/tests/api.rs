@@ -288,7 +288,8 @@ fn firecracker_flow_start_pause_resume_metrics() {
 fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
     let s = Server::start();
     // Before start.
-    let cases: Vec<(&str, &str, &[u8], &str)> = vec![
+    let cases: Vec<(&str, &str, &[u8], &str)> =
+        vec![
         (
             "PUT",
             "/machine-config",
@@ -395,6 +396,14 @@ fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
             "Invalid request method and/or path",
         ),
         ("PUT", "/machine-config", b"", "invalid request body"),
+        ("PUT", "/placement", br#"{"cpus": [999]}"#, "not usable here"),
+        ("PUT", "/placement", br#"{"recovery": "failover"}"#, "standby host"),
+        ("PUT", "/placement", br#"{"recovery": "teleport"}"#, "unknown variant"),
+        ("PUT", "/faults", br#"{"cpu": -1, "failed": true}"#, "invalid request body"),
+        ("PUT", "/faults", br#"{"cpu": 0}"#, "missing field"),
+        ("PUT", "/state-dir", br#"{"path": "/proc/rebound-x"}"#, "cannot create"),
+        ("PUT", "/update", b"", "state directory"),
+        ("PUT", "/update", br#"{"binary": 5}"#, "invalid request body"),
     ];
     for (method, path, body, want) in &cases {
         let (st, text) = s.raw(method, path, body);
@@ -420,6 +429,10 @@ fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
                 "mem_size_mib",
                 "does not match",
                 "path_on_host",
+                "not usable here",
+                "standby host",
+                "cannot create",
+                "state directory",
             ];
             assert!(
                 beyond_schema.iter().any(|w| want.contains(w)),
@@ -646,4 +659,50 @@ fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
         204
     );
     assert_eq!(u.call("GET", "/", None).1["state"], "Running");
+}
+
+#[test]
+fn a_vm_in_a_state_directory_through_the_api() {
+    let s = Server::start();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = shm.path().join("vm");
+    let calls = [
+        ("PUT", "/state-dir", json!({"path": dir})),
+        (
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 32}),
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            json!({"kernel_image_path": "bundled:testguest", "boot_args": "ticks 20"}),
+        ),
+        (
+            "PUT",
+            "/placement",
+            json!({"cpus": [0], "recovery": "restart_from_checkpoint"}),
+        ),
+        ("PUT", "/actions", json!({"action_type": "InstanceStart"})),
+    ];
+    for (method, path, body) in calls {
+        let (st, e) = s.call(method, path, Some(body.clone()));
+        assert_eq!(st, 204, "{method} {path} {body}: {e}");
+    }
+    // Protected from the start, with the strategy crash recovery needs.
+    let (_, p) = s.call("GET", "/protection", None);
+    assert_eq!(p["config"]["strategy"], "pre_image", "{p}");
+    let (_, v) = s.call("GET", "/survival", None);
+    assert_eq!(v["state_dir"], json!(dir), "{v}");
+    assert_eq!(v["vcpu_cpus"], json!([[0]]), "{v}");
+    assert_eq!(v["placement"]["recovery"], "restart_from_checkpoint");
+    assert!(dir.join("memory").exists() && dir.join("console.log").exists());
+    // Too late for a state directory now.
+    let (st, e) = s.call(
+        "PUT",
+        "/state-dir",
+        Some(json!({"path": shm.path().join("other")})),
+    );
+    assert_eq!(st, 400, "{e}");
+    s.instance.vm().unwrap().stop();
 }

@@ -509,6 +509,45 @@ mod tests {
     }
 
     #[test]
+    fn the_end_record_round_trips_and_a_damaged_one_is_ignored() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = StateDir::create(&shm.path().join("vm")).unwrap();
+        assert!(d.ended().is_none());
+        let out = OutputRecord {
+            offset: 7,
+            bytes: b"bye\n".to_vec(),
+        };
+        d.write_ended("guest exited with status 3", 3, &out)
+            .unwrap();
+        assert_eq!(
+            d.ended(),
+            Some(("guest exited with status 3".into(), 3, out))
+        );
+        let path = d.path().join("ended");
+        let mut b = std::fs::read(&path).unwrap();
+        b[12] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        assert!(d.ended().is_none());
+        std::fs::write(&path, b"RBNDEND1").unwrap();
+        assert!(d.ended().is_none());
+    }
+
+    #[test]
+    fn marking_lost_leaves_nothing_recovery_could_trust() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = StateDir::create(&shm.path().join("vm")).unwrap();
+        let mut j = UndoJournal::create(&d.undo(), 4).unwrap();
+        j.append(1, &[9; 4096]).unwrap();
+        std::fs::write(d.record(4), b"x").unwrap();
+        d.mark_lost("disk full");
+        assert_eq!(d.lost().as_deref(), Some("disk full"));
+        assert!(d.records().unwrap().is_empty());
+        assert!(UndoJournal::read(&d.undo()).unwrap().is_none());
+        d.clear_lost();
+        assert!(d.lost().is_none());
+    }
+
+    #[test]
     fn a_state_directory_must_be_on_tmpfs_and_fresh() {
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let d = StateDir::create(&shm.path().join("vm")).unwrap();

@@ -565,3 +565,37 @@ fn a_failed_host_cpu_is_handled_per_recovery_attribute_and_spares_other_vms() {
 fn rebound_vmm_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// State written by an older Rebound loads in this one (docs/survival.md, "Version rules"):
+/// a state directory left by Rebound 0.1 (`seq 200000000 2000000` in 8 MiB, killed with
+/// SIGKILL mid-run) recovers, and the guest finishes with exactly the uninterrupted output.
+#[test]
+fn a_state_directory_from_rebound_0_1_recovers() {
+    let tmp = shm();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/state-v0.1.tar.gz"
+    );
+    let st = Command::new("tar")
+        .arg("-xzf")
+        .arg(fixture)
+        .arg("-C")
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dir = tmp.path().join("state");
+    let expected = seq_output(200_000_000, 2_000_000);
+    let mut seen = String::new();
+    check_released(&mut seen, &dir, &expected, "the fixture");
+    assert!(!seen.is_empty() && seen.len() < expected.len());
+    let stderr = finish(
+        recover_in(&dir, &[]).spawn().unwrap(),
+        "recovery of the 0.1 state",
+    );
+    assert!(
+        stderr.contains("recovered the VM from checkpoint 25"),
+        "{stderr}"
+    );
+    assert_eq!(log_of(&dir), expected);
+}
