@@ -2,8 +2,8 @@
 //! configures.
 //!
 //! Guest console output goes to stdout; Rebound's own messages go to stderr. The exit code is
-//! the guest's exit status, 101 if the guest panicked, 139 if it faulted, 1 if Rebound itself
-//! failed and 2 for bad arguments.
+//! the guest's exit status, 101 if the guest panicked, 139 if it faulted, 75 if a host fault
+//! stopped it, 1 if Rebound itself failed and 2 for bad arguments.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
