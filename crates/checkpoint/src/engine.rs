@@ -215,6 +215,11 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
         output,
     } = *c;
     for slot in sinks.iter_mut() {
+        if !ok && slot.sink.is_commit_point() {
+            // The commit point records the checkpoint as the one to recover: only once every
+            // other sink has it.
+            continue;
+        }
         let cp = CheckpointData {
             epoch,
             state,
@@ -311,6 +316,8 @@ impl Engine {
                 needs_full: true,
             })
             .collect();
+        // Commit points last (see `Sink::is_commit_point`).
+        slots.sort_by_key(|s| s.sink.is_commit_point());
         let stats = Mutex::new(StatsInner::default());
         let t0 = Instant::now();
         let frozen = vm.freeze().map_err(vm_err)?;
@@ -339,10 +346,10 @@ impl Engine {
         let pause = t0.elapsed();
         frozen.thaw().map_err(vm_err)?;
         if !matches!(ok, Ok(true)) {
-            if ok.is_err() {
-                for s in slots.iter_mut() {
-                    s.sink.lost("protection could not start");
-                }
+            // A sink may hold a valid first checkpoint while the VM runs on unprotected: it
+            // must not be taken for one.
+            for s in slots.iter_mut() {
+                s.sink.lost("protection could not start");
             }
             // Protection without a working sink would hold output forever: refuse to start.
             let _ = output.pass_through();
@@ -420,8 +427,13 @@ impl Engine {
         // Memory is back to the checkpoint even when the journal could not start over after
         // it (that only ends protection), so the rollback completes either way.
         let lost = match strategy.rollback(&frozen, &dirty) {
+            Ok(()) => None,
             Err(e @ Error::Lost(_)) => Some(e),
-            r => r.map(|()| None)?,
+            Err(e) => {
+                // Memory may be partly rolled back: the VM cannot be trusted to go on.
+                inner.vm.fail(format!("rollback failed midway: {e}"));
+                return Err(e);
+            }
         };
         frozen.restore_state(&state).map_err(vm_err)?;
         inner.output.discard_after(epoch);
@@ -670,7 +682,11 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         strategy.settle();
     }
     if acked && let Err(err) = inner.output.release(e) {
-        tracing::error!("cannot release output: {err}");
+        // Released output that could not be written where it goes: what the outside saw can
+        // no longer be matched by a recovery.
+        let lost = Error::Lost(format!("cannot release output: {err}"));
+        give_up(inner, strategy.as_mut(), sinks, &lost);
+        return Err(lost);
     }
     let report = CheckpointReport {
         epoch: e,

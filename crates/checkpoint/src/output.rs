@@ -95,10 +95,12 @@ impl OutputCommit {
         let sealed = std::mem::take(&mut g.sealed);
         let open = std::mem::take(&mut g.open);
         g.held = 0;
-        for (_, bytes) in sealed {
-            Self::emit(&mut g, &bytes)?;
+        let mut first = Ok(());
+        for bytes in sealed.into_values().chain(std::iter::once(open)) {
+            let r = Self::emit(&mut g, &bytes);
+            first = first.and(r);
         }
-        Self::emit(&mut g, &open)
+        first
     }
 
     fn emit(g: &mut Inner, bytes: &[u8]) -> io::Result<()> {
@@ -125,10 +127,14 @@ impl OutputCommit {
         let later = g.sealed.split_off(&(epoch + 1));
         let ready = std::mem::replace(&mut g.sealed, later);
         g.held -= ready.values().map(|v| v.len() as u64).sum::<u64>();
+        // Every batch is offered even after a failure (a failing output may still show the
+        // rest elsewhere); the first error is returned.
+        let mut first = Ok(());
         for (_, bytes) in ready {
-            Self::emit(&mut g, &bytes)?;
+            let r = Self::emit(&mut g, &bytes);
+            first = first.and(r);
         }
-        Ok(())
+        first
     }
 
     /// The VM went back to checkpoint `epoch`: output written after it will be produced again.

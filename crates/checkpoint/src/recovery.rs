@@ -49,7 +49,10 @@ fn err(dir: &StateDir, reason: impl std::fmt::Display) -> Error {
 }
 
 /// Puts the directory's memory and console log back to its newest committed checkpoint.
+///
+/// The caller must hold the directory's claim ([`StateDir::claim`]).
 pub fn prepare(dir: &StateDir) -> Result<Prepared, Error> {
+    dir.remove_temporaries();
     if let Some((reason, code, output)) = dir.ended() {
         // Its last output may not have reached the log before the process died.
         replay_output(&dir.console_log(), &output)

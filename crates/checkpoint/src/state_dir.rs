@@ -93,6 +93,17 @@ impl StateDir {
         Ok(dir)
     }
 
+    /// Removes temporary files of writes a crash cut short (only by the directory's owner).
+    pub fn remove_temporaries(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
     fn check_tmpfs(&self) -> Result<(), Error> {
         let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes())
             .map_err(|_| err(&self.path, "the path contains a NUL byte"))?;
@@ -361,7 +372,8 @@ impl UndoJournal {
     }
 
     /// Reads a journal: its base epoch and its complete entries (a torn last entry is dropped:
-    /// its page had not been allowed to change yet).
+    /// its page had not been allowed to change yet). None if it has no valid header; an error
+    /// if a complete entry is damaged.
     pub fn read(path: &Path) -> io::Result<Option<(u64, Vec<UndoEntry>)>> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -382,7 +394,12 @@ impl UndoJournal {
             let crc = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
             let data = &e[16..];
             if entry_crc(base, page, data) != crc {
-                break;
+                // A crash leaves at most a short last entry (dropped above); a whole entry
+                // that fails its checksum is damage, and undoing only part would be worse.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("entry {} is damaged", entries.len()),
+                ));
             }
             entries.push((page, data.to_vec()));
         }
@@ -397,6 +414,10 @@ pub struct ConsoleLog {
     offset: u64,
     /// Also shown here (best effort; not exactly-once).
     mirror: Option<Box<dyn Write + Send>>,
+    /// The directory to mark lost if the log cannot be written.
+    dir: Option<StateDir>,
+    /// A write failed: the log no longer matches what was released; only the mirror gets more.
+    broken: bool,
 }
 
 impl ConsoleLog {
@@ -417,18 +438,45 @@ impl ConsoleLog {
             file,
             offset,
             mirror,
+            dir: None,
+            broken: false,
         })
+    }
+
+    /// Marks `dir` unrecoverable if the log cannot be written (released output would be
+    /// missing from it).
+    pub fn guarding(mut self, dir: StateDir) -> Self {
+        self.dir = Some(dir);
+        self
     }
 }
 
 impl Write for ConsoleLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write_all_at(buf, self.offset)?;
-        self.offset += buf.len() as u64;
+        let logged = if self.broken {
+            Ok(())
+        } else {
+            faults::check_write("console log")
+                .and_then(|()| self.file.write_all_at(buf, self.offset))
+        };
         if let Some(m) = &mut self.mirror {
             let _ = m.write_all(buf);
         }
-        Ok(buf.len())
+        match logged {
+            Ok(()) => {
+                self.offset += buf.len() as u64;
+                Ok(buf.len())
+            }
+            Err(e) => {
+                // Reported once (the engine gives protection up); the mirror still shows
+                // everything.
+                self.broken = true;
+                if let Some(d) = &self.dir {
+                    d.mark_lost(&format!("the console log could not be written: {e}"));
+                }
+                Err(e)
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -449,8 +497,12 @@ pub fn replay_output(path: &Path, out: &OutputRecord) -> io::Result<u64> {
         .create(true)
         .truncate(false)
         .open(path)?;
+    let end = out
+        .offset
+        .checked_add(out.bytes.len() as u64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "output offset out of range"))?;
     file.write_all_at(&out.bytes, out.offset)?;
-    file.set_len(out.offset + out.bytes.len() as u64)?;
+    file.set_len(end)?;
     Ok(out.offset + out.bytes.len() as u64)
 }
 
@@ -475,10 +527,15 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(UNDO_HEADER + UNDO_ENTRY + 100).unwrap();
         assert_eq!(UndoJournal::read(&path).unwrap().unwrap().1.len(), 1);
-        // A corrupt entry ends the journal there.
+        // A damaged complete entry is an error, not a shorter journal.
         f.set_len(UNDO_HEADER + UNDO_ENTRY).unwrap();
         f.write_all_at(&[0xff], UNDO_HEADER + 20).unwrap();
-        assert_eq!(UndoJournal::read(&path).unwrap().unwrap().1.len(), 0);
+        assert!(
+            UndoJournal::read(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("damaged")
+        );
         j.reset(8).unwrap();
         assert_eq!(UndoJournal::read(&path).unwrap().unwrap(), (8, vec![]));
         std::fs::write(&path, b"garbage").unwrap();

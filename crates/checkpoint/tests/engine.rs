@@ -312,3 +312,73 @@ fn rolling_back_one_vm_leaves_another_alone() {
     assert_eq!(a_out.text(), want);
     assert_eq!(b_out.text(), want);
 }
+
+/// A sink that fails while told to.
+struct Flaky(Arc<std::sync::atomic::AtomicBool>);
+
+impl rebound_checkpoint::sink::Sink for Flaky {
+    fn name(&self) -> String {
+        "flaky".into()
+    }
+    fn commit(
+        &mut self,
+        _: &rebound_checkpoint::sink::CheckpointData<'_>,
+    ) -> Result<(), rebound_checkpoint::Error> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(rebound_checkpoint::Error::Sink {
+                sink: "flaky".into(),
+                reason: "told to fail".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A commit point that records the epochs it was given.
+struct Point(Arc<std::sync::Mutex<Vec<u64>>>);
+
+impl rebound_checkpoint::sink::Sink for Point {
+    fn name(&self) -> String {
+        "point".into()
+    }
+    fn commit(
+        &mut self,
+        cp: &rebound_checkpoint::sink::CheckpointData<'_>,
+    ) -> Result<(), rebound_checkpoint::Error> {
+        self.0.lock().unwrap().push(cp.epoch);
+        Ok(())
+    }
+    fn is_commit_point(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn an_unacknowledged_checkpoint_never_reaches_the_commit_point() {
+    let (vm, oc, _out) = launch("ticks 2");
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Given first, committed last.
+    let sinks: Vec<Box<dyn rebound_checkpoint::sink::Sink>> =
+        vec![Box::new(Point(seen.clone())), Box::new(Flaky(fail.clone()))];
+    let config = EngineConfig {
+        interval: None,
+        strategy: StrategyKind::PostImage,
+    };
+    let engine = Engine::start(vm.clone(), oc, config, sinks).unwrap();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = engine.checkpoint().unwrap();
+    assert!(!r.acked);
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let r2 = engine.checkpoint().unwrap();
+    assert!(r2.acked);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![1, r2.epoch],
+        "epoch {} must be skipped",
+        r.epoch
+    );
+    vm.stop();
+    vm.wait();
+    engine.stop();
+}

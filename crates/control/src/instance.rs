@@ -468,9 +468,11 @@ impl Instance {
             Some(dir) => {
                 // Released output goes to the directory's console log (written at known
                 // offsets, so recovery neither loses nor repeats any), mirrored to the console.
-                let log = ConsoleLog::open(&dir.console_log(), 0, Some(console)).map_err(|e| {
-                    Error::State(format!("cannot open {}: {e}", dir.console_log().display()))
-                })?;
+                let log = ConsoleLog::open(&dir.console_log(), 0, Some(console))
+                    .map_err(|e| {
+                        Error::State(format!("cannot open {}: {e}", dir.console_log().display()))
+                    })?
+                    .guarding(dir.clone());
                 let output = OutputCommit::new(Box::new(log));
                 let vm = Vm::launch_preserved(&config, output.writer(), &dir.memory())?;
                 *lock(&self.output) = Some(output);
@@ -504,9 +506,8 @@ impl Instance {
         let prepared = rebound_checkpoint::recovery::prepare(&dir)?;
         let console = self.take_console()?;
         let log = ConsoleLog::open(&dir.console_log(), prepared.output_end, Some(console))
-            .map_err(|e| {
-                Error::State(format!("cannot open {}: {e}", dir.console_log().display()))
-            })?;
+            .map_err(|e| Error::State(format!("cannot open {}: {e}", dir.console_log().display())))?
+            .guarding(dir.clone());
         let output = OutputCommit::new_at(Box::new(log), prepared.output_end);
         // A disk kept in the state directory (a scratch disk) is taken from there.
         let disk = load.disk.clone().or_else(|| match &prepared.state.vm.disk {
@@ -533,8 +534,17 @@ impl Instance {
         *lock(&self.recovered) = Some(prepared.epoch);
         let vm = self.install(&mut slot, vm);
         drop(slot);
-        // Protected again before the guest runs a single instruction.
-        self.protect(protection.unwrap_or_else(default_protection))?;
+        // Protected again before the guest runs a single instruction. If that fails (the state
+        // directory cannot be written), the VM goes on unprotected, as it would have in the
+        // old process, and the directory says it cannot be recovered again.
+        if let Err(e) = self.protect(protection.unwrap_or_else(default_protection)) {
+            if let Some(dir) = self.state_dir() {
+                dir.mark_lost(&format!(
+                    "protection could not start again after recovery: {e}"
+                ));
+            }
+            tracing::error!("the recovered VM runs unprotected: {e}");
+        }
         if load.resume {
             vm.resume()?;
         }

@@ -271,7 +271,9 @@ fn a_failing_state_directory_leaves_the_vm_running_unprotected_and_unrecoverable
                 text(&out.stderr)
             );
             assert_eq!(text(&out.stdout), expected);
-            assert_eq!(log_of(&dir), expected);
+            // The log may stop where its own write failed; it never shows anything else.
+            let mut seen = String::new();
+            check_released(&mut seen, &dir, &expected, errno);
         }
     }
 }

@@ -30,8 +30,9 @@ fn from_set(set: &libc::cpu_set_t) -> Vec<usize> {
 /// Lets `thread` run only on `cpus`.
 pub fn set(thread: &JoinHandle<()>, cpus: &[usize]) -> io::Result<()> {
     let set = to_set(cpus)?;
-    // SAFETY: the pthread is alive (we hold its JoinHandle) and `set` is a valid cpu_set_t of
-    // the size passed.
+    // SAFETY: the JoinHandle is not joined, so the pthread_t still names a valid thread
+    // descriptor, and `set` is a valid cpu_set_t of the size passed. (A thread that has already
+    // exited has no kernel id left: callers check `is_finished` first.)
     let r = unsafe {
         libc::pthread_setaffinity_np(
             thread.as_pthread_t(),

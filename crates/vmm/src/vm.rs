@@ -888,7 +888,11 @@ impl Vm {
     pub fn vcpu_cpus(&self) -> Result<Vec<Vec<usize>>> {
         lock(&self.shared.vcpu_threads)
             .iter()
-            .map(|t| crate::affinity::get(t).map_err(|e| Error::Affinity(e.to_string())))
+            // A finished thread's handle no longer names it (glibc reuses the id).
+            .map(|t| match t.is_finished() {
+                true => Ok(Vec::new()),
+                false => crate::affinity::get(t).map_err(|e| Error::Affinity(e.to_string())),
+            })
             .collect()
     }
 
@@ -897,7 +901,8 @@ impl Vm {
         let threads = lock(&self.shared.vcpu_threads);
         let t = threads
             .get(id)
-            .ok_or_else(|| Error::Affinity(format!("no vCPU {id}")))?;
+            .filter(|t| !t.is_finished())
+            .ok_or_else(|| Error::Affinity(format!("no running vCPU {id}")))?;
         crate::affinity::set(t, cpus)
             .map_err(|e| Error::Affinity(format!("vCPU {id} to CPUs {cpus:?}: {e}")))
     }

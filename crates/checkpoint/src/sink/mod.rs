@@ -52,6 +52,13 @@ pub trait Sink: Send {
         true
     }
 
+    /// Whether committing to this sink makes the checkpoint the one recovery resumes (a state
+    /// directory's record): such a sink comes last and is skipped when another sink failed,
+    /// so an unacknowledged checkpoint never becomes the recovery point.
+    fn is_commit_point(&self) -> bool {
+        false
+    }
+
     /// Protection was given up (`reason`): what this sink holds can no longer be relied on.
     fn lost(&mut self, _reason: &str) {}
 }

@@ -54,18 +54,26 @@ impl Sink for Preserved {
         faults::point("after-record");
         // The directory describes the VM again (protection started afresh after a loss).
         self.dir.clear_lost();
-        // Recovery needs only the newest record; one more is kept for inspection.
-        let records = self.dir.records()?;
-        if records.len() > 2 {
-            for (_, old) in &records[..records.len() - 2] {
-                let _ = std::fs::remove_file(old);
+        // Recovery needs only the newest record; one more is kept for inspection. The record is
+        // committed whatever happens here.
+        match self.dir.records() {
+            Ok(records) if records.len() > 2 => {
+                for (_, old) in &records[..records.len() - 2] {
+                    let _ = std::fs::remove_file(old);
+                }
             }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot prune old checkpoint records: {e}"),
         }
         Ok(())
     }
 
     fn stores_memory(&self) -> bool {
         false
+    }
+
+    fn is_commit_point(&self) -> bool {
+        true
     }
 
     fn lost(&mut self, reason: &str) {

@@ -49,7 +49,7 @@ struct Journal {
 impl Journal {
     /// The journal can no longer undo what the guest does: the state directory is marked
     /// unrecoverable *before* the write that could not be journaled is let through.
-    fn fail(&mut self, what: &str, e: std::io::Error) -> String {
+    fn fail(&mut self, what: &str, e: impl std::fmt::Display) -> String {
         let reason = format!("the undo journal could not be {what}: {e}");
         tracing::error!("{reason}");
         if let Some(dir) = &self.dir {
@@ -298,7 +298,10 @@ impl Strategy for PreImage {
         faults::point("after-journal-reset");
         r.epoch = epoch;
         lock(&r.undo).clear();
-        r.reprotect(dirty)
+        // Pages left writable would change unjournaled: that ends protection.
+        r.reprotect(dirty).map_err(|e| {
+            Error::Lost(lock_journal(&r.journal).fail("kept (write protection failed)", e))
+        })
     }
 
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
@@ -317,7 +320,9 @@ impl Strategy for PreImage {
             return Err(Error::Lost(j.fail("reset", e)));
         }
         drop(j);
-        r.reprotect(dirty)
+        r.reprotect(dirty).map_err(|e| {
+            Error::Lost(lock_journal(&r.journal).fail("kept (write protection failed)", e))
+        })
     }
 }
 
