@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -24,6 +24,9 @@ pub mod port {
     pub const DOORBELL: u16 = 0x0514;
     /// Written only by the VMM-provided exception stubs (CPL0) to report a guest fault.
     pub const FAULT: u16 = 0x0518;
+    /// `out dx, eax` (any value) (ABI 1.2): "I set bits in my members' `notify` masks of shared
+    /// regions: wake those VMs". Absorbed by an ioeventfd (~3 us); see [`super::share`].
+    pub const SHARE_DOORBELL: u16 = 0x051C;
 }
 
 /// Hypercall numbers.
@@ -51,8 +54,16 @@ pub mod nr {
     /// `() -> generation` (ABI 1.1): 0 after a fresh boot; a new value each time the VM is
     /// restored from a snapshot or cloned, so a guest can tell it was (and which clone it is).
     pub const GENERATION: u32 = 9;
+    /// `(region, slots) -> woken` (ABI 1.2): wake the members of shared region `region` (an
+    /// index into the [`super::share::ShareTable`]) whose bits are set in `slots`. For members
+    /// that cannot write the region (read-only); others use [`super::port::SHARE_DOORBELL`].
+    pub const SHARE_NOTIFY: u32 = 10;
+    /// `(region) -> recovered` (ABI 1.2): have the VMM check every member of shared region
+    /// `region` and release what members that died hold (their locks come back marked
+    /// inconsistent). Returns how many members were recovered.
+    pub const SHARE_RECOVER: u32 = 11;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 12;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -67,6 +78,8 @@ pub mod nr {
             PANIC => "panic",
             IO_SETUP => "io_setup",
             GENERATION => "generation",
+            SHARE_NOTIFY => "share_notify",
+            SHARE_RECOVER => "share_recover",
             _ => "unknown",
         }
     }
@@ -214,6 +227,169 @@ pub mod io {
     }
 }
 
+/// Shared memory between VMs (ABI 1.2): named regions the VMM maps into a window of
+/// guest-physical (and, identity-mapped, virtual) space, read-write or read-only per VM.
+///
+/// Each region starts with [`HEADER_SIZE`] bytes the VMMs and guests agree on:
+///
+/// ```text
+/// +0x0000  RegionHeader (magic, size, name)
+/// +0x1000  members: MAX_MEMBERS x Member (64 bytes): one slot per VM attached
+/// +0x2000  locks: MAX_LOCKS x LockEntry (32 bytes): the lock table the VMMs can recover
+/// +0x4000  data: the guests' own (queues, caches, anything)
+/// ```
+///
+/// Guests find their regions in the read-only [`ShareTable`] page at [`TABLE_ADDR`].
+pub mod share {
+    /// Guest-physical (= virtual) start of the window regions are mapped in: 64 GiB, above
+    /// any guest memory.
+    pub const WINDOW_BASE: u64 = 64 << 30;
+    /// Size of the window.
+    pub const WINDOW_SIZE: u64 = 16 << 30;
+    /// Regions are placed and sized in multiples of this (the window's page size).
+    pub const ALIGN: u64 = 2 << 20;
+    /// The read-only page listing this VM's regions.
+    pub const TABLE_ADDR: u64 = 0x1F_0000;
+    /// Most regions one VM can attach.
+    pub const MAX_REGIONS: usize = 16;
+    /// Most VMs attached to one region.
+    pub const MAX_MEMBERS: usize = 64;
+    /// Locks in a region's lock table.
+    pub const MAX_LOCKS: usize = 256;
+    /// `RegionHeader::magic`: "RBNDSHR1".
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"RBNDSHR1");
+    /// `ShareTable::magic`: "RBNDSHTB".
+    pub const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"RBNDSHTB");
+    /// Offset of the member slots.
+    pub const MEMBERS_OFFSET: u64 = 0x1000;
+    /// Offset of the lock table.
+    pub const LOCKS_OFFSET: u64 = 0x2000;
+    /// Bytes before the data area.
+    pub const HEADER_SIZE: u64 = 0x4000;
+
+    /// `ShareEntry::flags`: this VM may write the region.
+    pub const WRITABLE: u32 = 1;
+    /// `ShareEntry::flags`: a persistent cache owned by this VM's identity.
+    pub const CACHE: u32 = 2;
+
+    /// Lock word: holder slot + 1 in the low byte (0: free) ...
+    pub const LOCK_HOLDER_MASK: u64 = 0xff;
+    /// ... a member holding the lock (or reading under it) died or was rolled back: the data it
+    /// protects may be inconsistent. Reported to, and cleared by, the next holder ...
+    pub const LOCK_INCONSISTENT: u64 = 1 << 8;
+    /// ... and a count of recoveries above (diagnostic).
+    pub const LOCK_RECOVERY_SHIFT: u32 = 32;
+
+    /// The start of a region.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RegionHeader {
+        /// [`MAGIC`].
+        pub magic: u64,
+        /// Layout version (1).
+        pub version: u32,
+        /// Reserved.
+        pub flags: u32,
+        /// Region size in bytes.
+        pub size: u64,
+        /// Name, NUL-padded.
+        pub name: [u8; 32],
+        /// Identity owning a persistent cache (NUL-padded; empty for plain regions).
+        pub owner: [u8; 32],
+        /// Hash of the guest image that filled a persistent cache.
+        pub image_hash: u64,
+        /// Times a VM attached (diagnostic).
+        pub attaches: u64,
+    }
+
+    /// One VM's slot in a region. The guest writes `busy` and `notify`; VMMs the rest.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Member {
+        /// Id of the VM holding the slot (0: free).
+        pub vm_id: u64,
+        /// 1 while the VM's dispatcher runs tasks, 0 while it is idle (about to block).
+        pub busy: u32,
+        /// Bumped (and futex-woken) by whoever wakes this VM.
+        pub doorbell: u32,
+        /// Slots this VM wants woken (its guest sets bits, then rings the doorbell port).
+        pub notify: u64,
+        /// Times this VM was woken (counted by the waker's VMM).
+        pub wakeups: u64,
+        /// The holder's host process id (diagnostic).
+        pub pid: u32,
+        /// [`WRITABLE`] if the holder may write the region.
+        pub rights: u32,
+        /// Reserved.
+        pub reserved: [u64; 3],
+    }
+
+    /// A lock in the lock table.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct LockEntry {
+        /// Holder and flags (see `LOCK_*`).
+        pub word: u64,
+        /// Members holding it shared (bit per slot).
+        pub readers: u64,
+        /// Members waiting for it (bit per slot): wake them on release.
+        pub waiters: u64,
+        /// Reserved.
+        pub reserved: u64,
+    }
+
+    /// One region as this VM sees it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ShareEntry {
+        /// Name, NUL-padded.
+        pub name: [u8; 32],
+        /// Guest address of the region (its [`RegionHeader`]).
+        pub addr: u64,
+        /// Size in bytes.
+        pub size: u64,
+        /// [`WRITABLE`], [`CACHE`].
+        pub flags: u32,
+        /// This VM's member slot in the region.
+        pub slot: u32,
+    }
+
+    /// The page at [`TABLE_ADDR`]: the regions attached to this VM. `generation` changes when a
+    /// region is attached or detached while the VM runs.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ShareTable {
+        /// [`TABLE_MAGIC`].
+        pub magic: u64,
+        /// Changes on every attach or detach.
+        pub generation: u32,
+        /// Entries in use.
+        pub count: u32,
+        /// This VM's id in every region's member slots.
+        pub vm_id: u64,
+        /// The regions.
+        pub entries: [ShareEntry; MAX_REGIONS],
+    }
+
+    /// Offset of member `slot` in a region.
+    pub const fn member_offset(slot: usize) -> u64 {
+        MEMBERS_OFFSET + (slot as u64) * core::mem::size_of::<Member>() as u64
+    }
+
+    /// Offset of lock `index` in a region.
+    pub const fn lock_offset(index: usize) -> u64 {
+        LOCKS_OFFSET + (index as u64) * core::mem::size_of::<LockEntry>() as u64
+    }
+
+    const _: () = assert!(core::mem::size_of::<Member>() == 64);
+    const _: () = assert!(core::mem::size_of::<LockEntry>() == 32);
+    const _: () = assert!(core::mem::size_of::<RegionHeader>() <= MEMBERS_OFFSET as usize);
+    const _: () = assert!(member_offset(MAX_MEMBERS) <= LOCKS_OFFSET);
+    const _: () = assert!(lock_offset(MAX_LOCKS) <= HEADER_SIZE);
+    const _: () = assert!(core::mem::size_of::<ShareTable>() <= 4096);
+    const _: () = assert!(MAX_MEMBERS <= 64, "bitmaps are u64");
+}
+
 /// Encoding of the completion indicator word.
 pub mod completion {
     /// Set once the request is complete; the low 32 bits then hold the result.
@@ -243,6 +419,7 @@ const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_ARGS_OFFSE
 // A 32-bit `out` covers four ports of the I/O bitmap: keep the ports a dword apart.
 const _: () = assert!(port::DOORBELL >= port::HYPERCALL + 4);
 const _: () = assert!(port::FAULT >= port::DOORBELL + 4);
+const _: () = assert!(port::SHARE_DOORBELL >= port::FAULT + 4);
 
 // SAFETY: plain `repr(C)` structs of integers: every byte pattern is a valid value and there is
 // no padding (sizes are checked in the tests below).
@@ -257,6 +434,12 @@ mod byte_valued {
     unsafe impl ByteValued for super::io::IoRingHeader {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::io::IoRequest {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::share::ShareTable {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::share::ShareEntry {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::share::RegionHeader {}
 }
 
 #[cfg(test)]

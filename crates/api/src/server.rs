@@ -323,6 +323,7 @@ async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoad
                     resume: p.resume_vm,
                     generation: p.generation,
                     disk: p.disk_path.map(PathBuf::from),
+                    same_vm: false,
                 },
             )
             .map(|_| ())

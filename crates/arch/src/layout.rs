@@ -6,14 +6,17 @@
 //! 0x00005000  GDT, IDT, exception stubs                           supervisor-only
 //! 0x00008000  page directories, one per GiB (up to 64)            supervisor-only
 //! 0x00048000  per vCPU: TSS with I/O bitmap (3 pages) + exception stack (1 page)
+//! 0x000E0000  page directories of the shared-region window (16)   supervisor-only
 //! 0x00100000  BootInfo + command line                             user, read-only
 //! 0x00101000  per vCPU: VcpuPage (hypercall block, gs base)       user, read-write
+//! 0x001F0000  ShareTable: the VM's shared regions                 user, read-only
 //! 0x00200000  per vCPU: 64 KiB stack slot, lowest page a guard    user, read-write
 //! 0x00400000  guest image, then heap to the end of memory         user, read-write
+//! 64 GiB      shared-region window (16 GiB, 2 MiB pages)          user; read-only per slot
 //! ```
 //! The guest may never make the VMM write below [`USER_START`] (see [`Layout::is_guest_writable`]).
 
-use rebound_abi::{BOOT_INFO_ADDR, IMAGE_BASE, PAGE_SIZE};
+use rebound_abi::{BOOT_INFO_ADDR, IMAGE_BASE, PAGE_SIZE, share};
 
 use crate::Error;
 
@@ -37,6 +40,12 @@ pub const STUB_SIZE: u64 = 16;
 pub const PDS: u64 = 0x8000;
 /// Most GiB of guest memory the layout maps.
 pub const MAX_GIB: u64 = 64;
+/// Page directories mapping the shared-region window, one per GiB.
+pub const SHARE_PDS: u64 = 0xE_0000;
+/// GiB the shared-region window spans.
+pub const SHARE_GIB: u64 = share::WINDOW_SIZE >> 30;
+/// The guest's table of shared regions (read-only to it).
+pub const SHARE_TABLE: u64 = share::TABLE_ADDR;
 /// Per-vCPU TSS + exception stack areas.
 pub const TSS_AREAS: u64 = PDS + MAX_GIB * PAGE_SIZE;
 /// Bytes per vCPU in the TSS area: TSS + I/O bitmap (3 pages), exception stack (1 page).
@@ -66,7 +75,12 @@ pub const MEM_ALIGN: u64 = 2 << 20;
 const _: () = assert!(PDS + MAX_GIB * PAGE_SIZE <= TSS_AREAS);
 const _: () = assert!(TSS_SIZE + IOMAP_SIZE < 3 * PAGE_SIZE);
 const _: () = assert!(STUBS + 32 * STUB_SIZE <= PDS);
-const _: () = assert!(TSS_AREAS + MAX_VCPUS as u64 * TSS_AREA_SIZE <= BOOT_INFO_ADDR);
+const _: () = assert!(TSS_AREAS + MAX_VCPUS as u64 * TSS_AREA_SIZE <= SHARE_PDS);
+const _: () = assert!(SHARE_PDS + SHARE_GIB * PAGE_SIZE <= BOOT_INFO_ADDR);
+const _: () = assert!(VCPU_PAGES + MAX_VCPUS as u64 * PAGE_SIZE <= SHARE_TABLE);
+const _: () = assert!(SHARE_TABLE + PAGE_SIZE <= STACKS);
+const _: () = assert!(share::WINDOW_BASE >= MAX_GIB << 30);
+const _: () = assert!(share::WINDOW_BASE.is_multiple_of(1 << 30));
 
 /// The layout of one VM: a function of its memory size and vCPU count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,10 +163,12 @@ impl Layout {
     /// Whether the guest may have the VMM write `len` bytes at `addr` (I/O buffers, completion
     /// indicators, rings): only user memory, never the VMM-owned system area or boot info.
     pub fn is_guest_writable(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
         addr >= USER_START
-            && addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.mem_size)
+            && end <= self.mem_size
+            && (end <= SHARE_TABLE || addr >= SHARE_TABLE + PAGE_SIZE)
     }
 
     /// Whether `len` bytes at `addr` lie inside guest memory (what the VMM may read for the guest).
@@ -192,6 +208,9 @@ mod tests {
         assert!(l.is_guest_writable(USER_START, 8));
         assert!(!l.is_guest_writable((64 << 20) - 4, 8));
         assert!(!l.is_guest_writable(u64::MAX - 2, 8));
+        assert!(!l.is_guest_writable(SHARE_TABLE + 8, 8));
+        assert!(!l.is_guest_writable(SHARE_TABLE - 8, 16));
+        assert!(l.is_guest_writable(SHARE_TABLE + PAGE_SIZE, 8));
         assert!(l.is_guest_readable(0, 64 << 20));
         assert!(!l.is_guest_readable(1, 64 << 20));
     }

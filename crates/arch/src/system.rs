@@ -2,7 +2,7 @@
 //! stubs, per-vCPU TSS (with the I/O bitmap that lets CPL3 code reach hypercall ports) and the
 //! boot information page.
 
-use rebound_abi::{BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BootInfo, PAGE_SIZE, VcpuPage, port};
+use rebound_abi::{BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BootInfo, PAGE_SIZE, VcpuPage, port, share};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory};
 
 use crate::layout::*;
@@ -78,6 +78,17 @@ fn page_tables(layout: &Layout) -> Vec<(u64, [u64; 512])> {
     {
         *e = (PDS + i as u64 * PAGE_SIZE) | TABLE;
     }
+    // The shared-region window: mapped whole, user read-write; which parts hold memory, and
+    // whether writes land, is up to the KVM memory slots of the regions attached.
+    let first = (share::WINDOW_BASE >> 30) as usize;
+    for g in 0..SHARE_GIB {
+        pdpt[first + g as usize] = (SHARE_PDS + g * PAGE_SIZE) | TABLE;
+        let mut pd = [0u64; 512];
+        for (j, e) in pd.iter_mut().enumerate() {
+            *e = (share::WINDOW_BASE + (g << 30) + ((j as u64) << 21)) | USER_PAGE | PTE_PS;
+        }
+        tables.push((SHARE_PDS + g * PAGE_SIZE, pd));
+    }
     tables.push((PDPT, pdpt));
 
     for d in 0..layout.page_directories() {
@@ -101,7 +112,7 @@ fn page_tables(layout: &Layout) -> Vec<(u64, [u64; 512])> {
         let addr = i as u64 * PAGE_SIZE;
         *e = match addr {
             0 => 0,
-            BOOT_INFO_ADDR => addr | USER_RO_PAGE,
+            BOOT_INFO_ADDR | SHARE_TABLE => addr | USER_RO_PAGE,
             a if a < BOOT_INFO_ADDR => addr | SUPERVISOR_PAGE,
             _ => addr | USER_PAGE,
         };

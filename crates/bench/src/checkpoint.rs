@@ -259,6 +259,7 @@ pub fn snapshots() -> Result<()> {
                 generation: 1,
                 paused: false,
                 disk: None,
+                same_vm: false,
             },
         )?;
         let restore = t0.elapsed();
@@ -291,6 +292,7 @@ pub fn snapshots() -> Result<()> {
                     generation: 2 + g,
                     paused: false,
                     disk: None,
+                    same_vm: false,
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

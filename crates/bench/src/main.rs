@@ -41,6 +41,8 @@ pub(crate) fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
         image: GuestImage::from_bytes("testguest", rebound_guests::TESTGUEST),
         boot_args: args.into(),
         disk: None,
+        shared: Vec::new(),
+        cache: None,
     }
 }
 

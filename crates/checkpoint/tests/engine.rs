@@ -19,6 +19,8 @@ fn config(args: &str) -> VmConfig {
         image: GuestImage::from_bytes("testguest", rebound_guests::TESTGUEST),
         boot_args: args.into(),
         disk: None,
+        shared: Vec::new(),
+        cache: None,
     }
 }
 

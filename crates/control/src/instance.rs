@@ -53,6 +53,9 @@ pub struct Load {
     pub generation: Option<u64>,
     /// The disk to attach if the snapshot had a file-backed one (required then).
     pub disk: Option<PathBuf>,
+    /// Recovery only: the same VM goes on from its very last state (a live update), so it
+    /// keeps what it holds in shared regions.
+    pub same_vm: bool,
 }
 
 /// How a VM is protected by the checkpoint engine.
@@ -270,6 +273,8 @@ impl Instance {
             image: GuestImage::from_bytes("", b""),
             boot_args: String::new(),
             disk: None,
+            shared: Vec::new(),
+            cache: None,
         };
         probe.validate().map_err(rebound_vmm::Error::from)?;
         lock(&self.pending).machine = m;
@@ -440,6 +445,8 @@ impl Instance {
                 image,
                 boot_args: p.boot_args.clone(),
                 disk: p.disk.clone(),
+                shared: Vec::new(),
+                cache: None,
             }
         };
         let dir = self.state_dir();
@@ -522,6 +529,7 @@ impl Instance {
             generation: prepared.state.devices.generation,
             paused: true,
             disk,
+            same_vm: load.same_vm,
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
         *lock(&self.output) = Some(output);
@@ -661,6 +669,7 @@ impl Instance {
             generation: load.generation.unwrap_or_else(rebound_vmm::persist::new_id),
             paused: !load.resume,
             disk: load.disk.clone(),
+            same_vm: false,
         };
         let output = OutputCommit::new(self.take_console()?);
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;

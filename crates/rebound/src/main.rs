@@ -468,6 +468,7 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         resume: true,
         generation: args.generation,
         disk: args.disk.clone(),
+        same_vm: false,
     };
     instance.restore(&chain, &load)?;
     eprintln!(

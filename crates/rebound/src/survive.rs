@@ -32,6 +32,9 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
         resume: !args.paused,
         generation: None,
         disk: args.disk.clone(),
+        // A live update hands over the very last state; a crash recovery goes back to a
+        // checkpoint, so what the VM held in shared regions since then is released.
+        same_vm: args.update_paused_at.is_some(),
     };
     let mut protection = rebound_control::default_protection();
     protection.interval_ms = Some(args.protect_ms);

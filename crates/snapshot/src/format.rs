@@ -706,6 +706,11 @@ impl Snapshot {
         &self.path
     }
 
+    /// Whether the file has a section of `kind` (optional sections).
+    pub fn has_section(&self, kind: u32) -> bool {
+        self.sections.iter().any(|(k, _, _)| *k == kind)
+    }
+
     /// Decodes section `kind`, refusing versions newer than `supported`.
     pub fn decode<T: DeserializeOwned>(&self, kind: u32, supported: u32) -> Result<T> {
         let name = section::name(kind);

@@ -111,6 +111,10 @@ pub struct VmConfig {
     pub boot_args: String,
     /// The disk, if any.
     pub disk: Option<DiskConfig>,
+    /// Shared regions to attach.
+    pub shared: Vec<crate::share::ShareConfig>,
+    /// This VM's persistent cache.
+    pub cache: Option<crate::share::CacheConfig>,
 }
 
 /// Host RAM in bytes, from /proc/meminfo (None if it cannot be read).
@@ -176,6 +180,8 @@ mod tests {
             image: GuestImage::from_bytes("x", b""),
             boot_args: String::new(),
             disk: None,
+            shared: Vec::new(),
+            cache: None,
         }
     }
 

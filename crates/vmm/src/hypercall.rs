@@ -61,6 +61,18 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
             (0, Flow::Stop)
         }
         nr::IO_SETUP => (vm.ioq.register(vcpu, args[0], args[1]), Flow::Continue),
+        nr::SHARE_NOTIFY => (
+            vm.shares
+                .notify(args[0], args[1])
+                .map_or(errno::EINVAL, |n| n as i64),
+            Flow::Continue,
+        ),
+        nr::SHARE_RECOVER => (
+            vm.shares
+                .recover(args[0])
+                .map_or(errno::EINVAL, |n| n as i64),
+            Flow::Continue,
+        ),
         nr::GENERATION => (
             vm.generation.load(std::sync::atomic::Ordering::Relaxed) as i64,
             Flow::Continue,

@@ -14,6 +14,7 @@ mod kick;
 pub mod memory;
 pub mod metrics;
 pub mod persist;
+pub mod share;
 mod vcpu;
 pub mod vm;
 mod vstate;
@@ -47,6 +48,9 @@ pub enum Error {
     /// Guest memory could not be created or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// Shared regions: a bad name, a missing or damaged region, no free slot.
+    #[error("shared memory: {0}")]
+    Share(String),
     /// vCPU placement on host CPUs failed.
     #[error("vCPU placement: {0}")]
     Affinity(String),

@@ -22,6 +22,9 @@ use crate::{Error, Result};
 const VM_VERSION: u32 = 1;
 const VCPUS_VERSION: u32 = 1;
 const DEVICES_VERSION: u32 = 1;
+const SHARED_VERSION: u32 = 1;
+/// Section kind of the shared regions attached (optional: older files have none).
+pub const SHARED_SECTION: u32 = 6;
 
 /// The VM as configured: enough to rebuild it around restored memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,16 +82,26 @@ pub struct SavedState {
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DevicesState,
+    /// Shared regions attached (re-attached by name).
+    pub shared: Vec<crate::share::ShareRecord>,
 }
 
 impl SavedState {
     /// The sections that store it.
     pub fn sections(&self) -> Result<Vec<SectionData>> {
-        Ok(vec![
+        let mut s = vec![
             SectionData::encode(section::VM, VM_VERSION, &self.vm)?,
             SectionData::encode(section::VCPUS, VCPUS_VERSION, &self.vcpus)?,
             SectionData::encode(section::DEVICES, DEVICES_VERSION, &self.devices)?,
-        ])
+        ];
+        if !self.shared.is_empty() {
+            s.push(SectionData::encode(
+                SHARED_SECTION,
+                SHARED_VERSION,
+                &self.shared,
+            )?);
+        }
+        Ok(s)
     }
 }
 
@@ -236,7 +249,17 @@ pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
             rebound_abi::ABI_MINOR
         )));
     }
-    Ok(SavedState { vm, vcpus, devices })
+    let shared = if last.has_section(SHARED_SECTION) {
+        last.decode(SHARED_SECTION, SHARED_VERSION)?
+    } else {
+        Vec::new()
+    };
+    Ok(SavedState {
+        vm,
+        vcpus,
+        devices,
+        shared,
+    })
 }
 
 /// Guest memory for a validated chain: the full snapshot mapped copy-on-write, each diff's pages

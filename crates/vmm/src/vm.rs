@@ -26,6 +26,9 @@ use crate::fault::FaultReport;
 use crate::memory::{self, GuestMemory};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
+use crate::share::{
+    AttachmentInfo, CacheConfig, ShareConfig, ShareCounters, ShareDir, ShareRecord, Shares,
+};
 use crate::wait::{Request, RunControl, Waiters};
 use crate::{Error, Result, boot, kick, vcpu, vstate};
 
@@ -127,6 +130,8 @@ pub(crate) struct VmShared {
     pub(crate) vcpu_slots: Vec<VcpuSlot>,
     outcome: Mutex<Option<VmOutcome>>,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Shared regions attached.
+    pub(crate) shares: Arc<Shares>,
 }
 
 /// What a vCPU thread exchanges with the controller while parked: it publishes its captured
@@ -225,6 +230,11 @@ struct Parts {
     ioq_state: Option<rebound_devices::ioq::IoqState>,
     /// Start with the vCPUs parked (resume to run).
     paused: bool,
+    /// Shared regions to attach before the guest runs.
+    shared: Vec<ShareRecord>,
+    /// Keep the VM's id and what it holds in shared regions (a live update: the same VM goes
+    /// on); otherwise a new id, and what the old one held is released.
+    same_vm: bool,
 }
 
 /// How to restore.
@@ -237,6 +247,8 @@ pub struct RestoreOptions {
     /// The disk to attach, if the snapshot had a file-backed one (required then: the snapshot
     /// is not trusted to choose a host file).
     pub disk: Option<std::path::PathBuf>,
+    /// The same VM goes on (live update): it keeps its id and what it holds in shared regions.
+    pub same_vm: bool,
 }
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
@@ -376,6 +388,26 @@ impl Vm {
             generation: 0,
             ioq_state: None,
             paused: false,
+            shared: config
+                .shared
+                .iter()
+                .map(|c| ShareRecord {
+                    config: c.clone(),
+                    slot: u32::MAX,
+                    cache: None,
+                    vm_id: 0,
+                })
+                .chain(config.cache.iter().map(|c| ShareRecord {
+                    config: ShareConfig {
+                        name: c.name.clone(),
+                        read_only: false,
+                    },
+                    slot: u32::MAX,
+                    cache: Some(c.clone()),
+                    vm_id: 0,
+                }))
+                .collect(),
+            same_vm: false,
         };
         Self::build(parts, console, launched)
     }
@@ -397,6 +429,7 @@ impl Vm {
                 generation,
                 paused: false,
                 disk: None,
+                same_vm: false,
             },
         )
     }
@@ -412,6 +445,7 @@ impl Vm {
             generation,
             paused,
             disk: disk_path,
+            same_vm,
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
@@ -430,6 +464,8 @@ impl Vm {
             generation,
             ioq_state: Some(state.devices.ioq),
             paused,
+            shared: state.shared,
+            same_vm,
         };
         Self::build(parts, console, launched)
     }
@@ -466,6 +502,8 @@ impl Vm {
             generation: state.devices.generation,
             ioq_state: Some(state.devices.ioq),
             paused: options.paused,
+            shared: state.shared,
+            same_vm: options.same_vm,
         };
         Self::build(parts, console, launched)
     }
@@ -482,6 +520,8 @@ impl Vm {
             generation,
             ioq_state,
             paused,
+            shared: share_records,
+            same_vm,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -504,6 +544,19 @@ impl Vm {
             .register_ioevent(
                 ioq.doorbell(),
                 &IoEventAddress::Pio(u64::from(port::DOORBELL)),
+                NoDatamatch,
+            )
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        let vm_id = share_records
+            .iter()
+            .map(|r| r.vm_id)
+            .find(|&id| same_vm && id != 0)
+            .unwrap_or_else(crate::persist::new_id);
+        let shares = Arc::new(Shares::new(ShareDir::from_env(), vm_id)?);
+        vm_fd
+            .register_ioevent(
+                shares.doorbell(),
+                &IoEventAddress::Pio(u64::from(port::SHARE_DOORBELL)),
                 NoDatamatch,
             )
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
@@ -555,6 +608,7 @@ impl Vm {
             vcpu_slots: (0..layout.vcpus()).map(|_| VcpuSlot::default()).collect(),
             outcome: Mutex::new(None),
             vcpu_threads: Mutex::new(Vec::new()),
+            shares,
         });
         let vm = Vm {
             vm_fd,
@@ -568,6 +622,21 @@ impl Vm {
             backing: mem_file,
         };
 
+        // Shared regions are in place (and the guest's table written) before it runs.
+        shared.shares.rewrite_table(&shared.mem)?;
+        for r in &share_records {
+            let prefer = (r.slot != u32::MAX).then_some(r.slot as usize);
+            let keep = same_vm && r.vm_id == vm.shared.shares.vm_id();
+            shared.shares.attach(
+                &vm.vm_fd,
+                &shared.mem,
+                &shared.waiters,
+                &r.config,
+                r.cache.as_ref(),
+                prefer,
+                keep,
+            )?;
+        }
         if paused {
             // The owner's pause: checkpoints and snapshots of it thaw back to paused.
             shared.control.set(Request::Pause);
@@ -729,6 +798,7 @@ impl Vm {
                     clock_ns: self.shared.clock_ns(),
                     generation: self.shared.generation.load(Ordering::Relaxed),
                 },
+                shared: self.shared.shares.records(),
             })
         })();
         match captured {
@@ -879,6 +949,47 @@ impl Vm {
         self.shared.finish(VmOutcome::Stopped);
     }
 
+    /// Attaches a shared region (or, with `cache`, this VM's persistent cache) while the VM
+    /// runs; the guest sees it in its share table.
+    pub fn attach_shared(&self, config: &ShareConfig, cache: Option<&CacheConfig>) -> Result<()> {
+        if self.outcome().is_some() {
+            return Err(Error::State("the VM has ended".into()));
+        }
+        self.shared.shares.attach(
+            &self.vm_fd,
+            &self.shared.mem,
+            &self.shared.waiters,
+            config,
+            cache,
+            None,
+            false,
+        )?;
+        Ok(())
+    }
+
+    /// Detaches shared region `name`.
+    pub fn detach_shared(&self, name: &str) -> Result<()> {
+        self.shared
+            .shares
+            .detach(&self.vm_fd, &self.shared.mem, name)
+    }
+
+    /// The shared regions attached.
+    pub fn shared_regions(&self) -> Vec<AttachmentInfo> {
+        self.shared.shares.list()
+    }
+
+    /// Sharing counters: doorbells, wake-ups sent and received, members recovered.
+    pub fn share_counters(&self) -> &ShareCounters {
+        self.shared.shares.counters()
+    }
+
+    /// The VM went back in time: what it held in shared regions (locks) is released, marked
+    /// inconsistent for the next holder. Returns how many locks.
+    pub fn release_shared_holdings(&self) -> usize {
+        self.shared.shares.release_own_holdings()
+    }
+
     /// Stops the VM because host resources it ran on failed.
     pub fn stop_for_host_fault(&self, reason: String) {
         self.shared.finish(VmOutcome::HostFault { reason });
@@ -917,6 +1028,7 @@ impl Vm {
         if let Some(t) = lock(&self.io_thread).take() {
             let _ = t.join();
         }
+        self.shared.shares.shutdown();
         lock(&self.shared.outcome)
             .clone()
             .unwrap_or(VmOutcome::Stopped)

@@ -201,6 +201,15 @@ impl Waiters {
     }
 }
 
+impl Waiters {
+    /// Wakes every vCPU (an event for the whole VM, e.g. a message from another VM).
+    pub fn notify_all(&self) {
+        for id in 0..self.slots.len() {
+            self.notify(id as u32);
+        }
+    }
+}
+
 impl Notify for Waiters {
     fn notify(&self, vcpu: u32) {
         if let Some(w) = self.slots.get(vcpu as usize) {

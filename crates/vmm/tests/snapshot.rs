@@ -178,6 +178,7 @@ fn a_snapshot_does_not_choose_the_host_disk() {
         generation: 0,
         paused: false,
         disk,
+        same_vm: false,
     };
     let e = Vm::restore_with(&open(&[&path]), Box::new(std::io::sink()), options(None))
         .err()

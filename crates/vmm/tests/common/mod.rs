@@ -14,6 +14,8 @@ pub fn config(args: &str, vcpus: u32, disk: Option<DiskConfig>) -> VmConfig {
         image: GuestImage::from_bytes("testguest", rebound_guests::TESTGUEST),
         boot_args: args.to_string(),
         disk,
+        shared: Vec::new(),
+        cache: None,
     }
 }
 
