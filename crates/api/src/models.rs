@@ -269,3 +269,33 @@ pub struct FaultParams {
     /// true: mark it failed (for every Rebound process on the host); false: repaired.
     pub failed: bool,
 }
+
+/// `PUT /shared/{name}` (Rebound extension): attach a shared region.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedAttach {
+    /// The VM may only read it.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `PUT /identity` (Rebound extension, before start): the VM's identity and persistent cache.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The identity.
+    pub identity: String,
+    /// Its persistent cache.
+    #[serde(default)]
+    pub cache: Option<CacheParams>,
+}
+
+/// A persistent cache.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheParams {
+    /// Region name.
+    pub name: String,
+    /// Size in MiB (used when it is created).
+    pub size_mib: u64,
+}

@@ -440,6 +440,44 @@ async fn put_faults(Body(f): Body<FaultParams>) -> Reply {
     no_content()
 }
 
+async fn get_shared(State(s): State<ApiState>) -> Reply {
+    Ok(Json(s.instance.shared()).into_response())
+}
+
+async fn put_shared(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Reply {
+    let p: SharedAttach = if body.iter().all(u8::is_ascii_whitespace) {
+        SharedAttach::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?
+    };
+    let instance = s.instance.clone();
+    let config = rebound_vmm::share::ShareConfig {
+        name,
+        read_only: p.read_only,
+    };
+    blocking(move || instance.attach_shared(config)).await?;
+    no_content()
+}
+
+async fn delete_shared(State(s): State<ApiState>, Path(name): Path<String>) -> Reply {
+    let instance = s.instance.clone();
+    blocking(move || instance.detach_shared(&name)).await?;
+    no_content()
+}
+
+async fn put_identity(State(s): State<ApiState>, Body(c): Body<IdentityConfig>) -> Reply {
+    s.instance.set_identity(Some(rebound_control::Identity {
+        name: c.identity,
+        cache: c.cache.map(|c| (c.name, c.size_mib)),
+    }))?;
+    no_content()
+}
+
 async fn invalid(method: Method, uri: Uri) -> ApiError {
     ApiError::bad(format!(
         "Invalid request method and/or path: {method} {}",
@@ -482,6 +520,9 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/placement", put(put_placement))
         .route("/update", put(put_update))
         .route("/faults", put(put_faults))
+        .route("/shared", get(get_shared))
+        .route("/shared/{name}", put(put_shared).delete(delete_shared))
+        .route("/identity", put(put_identity))
         .fallback(invalid)
         .method_not_allowed_fallback(invalid)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

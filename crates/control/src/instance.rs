@@ -15,6 +15,7 @@ use rebound_snapshot::{Kind, Snapshot};
 use rebound_vmm::metrics::MetricsSnapshot;
 use rebound_vmm::persist::SnapshotInfo;
 use rebound_vmm::vm::RestoreOptions;
+use rebound_vmm::share::{CacheConfig, ShareConfig};
 use rebound_vmm::{ConfigError, DiskConfig, GuestImage, Vm, VmConfig, VmOutcome, VmState};
 use serde::Serialize;
 
@@ -171,6 +172,17 @@ struct Pending {
     image: Option<GuestImage>,
     boot_args: String,
     disk: Option<DiskConfig>,
+    shared: Vec<ShareConfig>,
+    identity: Option<Identity>,
+}
+
+/// A VM identity, and the persistent cache that goes with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// The identity (a name).
+    pub name: String,
+    /// Its persistent cache: region name and size in MiB.
+    pub cache: Option<(String, u64)>,
 }
 
 /// One VM's controller.
@@ -299,6 +311,70 @@ impl Instance {
         let mut p = lock(&self.pending);
         p.image = Some(image);
         p.boot_args = boot_args;
+        Ok(())
+    }
+
+    /// Attaches shared region `config.name`: at start if not started, at once if running.
+    pub fn attach_shared(&self, config: ShareConfig) -> Result<()> {
+        rebound_vmm::share::check_name("region", &config.name).map_err(rebound_vmm::Error::from)?;
+        if let Some(vm) = self.vm() {
+            return Ok(vm.attach_shared(&config, None)?);
+        }
+        let mut p = lock(&self.pending);
+        if p.shared.iter().any(|s| s.name == config.name) {
+            return Err(Error::State(format!("region {} is already attached", config.name)));
+        }
+        p.shared.push(config);
+        Ok(())
+    }
+
+    /// Detaches shared region `name` (from the configuration if not started).
+    pub fn detach_shared(&self, name: &str) -> Result<()> {
+        if let Some(vm) = self.vm() {
+            return Ok(vm.detach_shared(name)?);
+        }
+        let mut p = lock(&self.pending);
+        let before = p.shared.len();
+        p.shared.retain(|s| s.name != name);
+        if p.shared.len() == before {
+            return Err(Error::State(format!("region {name} is not attached")));
+        }
+        Ok(())
+    }
+
+    /// Shared regions: attached (running) or configured.
+    pub fn shared(&self) -> serde_json::Value {
+        match self.vm() {
+            Some(vm) => {
+                let c = vm.share_counters();
+                let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                serde_json::json!({
+                    "regions": vm.shared_regions(),
+                    "doorbells": ld(&c.doorbells),
+                    "wakeups_sent": ld(&c.wakeups_sent),
+                    "wakeups_received": ld(&c.wakeups_received),
+                    "recoveries": ld(&c.recoveries),
+                })
+            }
+            None => serde_json::json!({ "configured": lock(&self.pending).shared }),
+        }
+    }
+
+    /// Sets the VM's identity and persistent cache (before start). The identity is recorded
+    /// in the state directory, if any.
+    pub fn set_identity(&self, identity: Option<Identity>) -> Result<()> {
+        self.before_start("the identity")?;
+        if let Some(id) = &identity {
+            let check = |what, n: &str| rebound_vmm::share::check_name(what, n).map_err(rebound_vmm::Error::from);
+            check("identity", &id.name)?;
+            if let Some((name, size)) = &id.cache {
+                check("cache", name)?;
+                if *size == 0 || size % 2 != 0 {
+                    return Err(Error::State(format!("cache {name}: size {size} MiB must be a non-zero multiple of 2")));
+                }
+            }
+        }
+        lock(&self.pending).identity = identity;
         Ok(())
     }
 
@@ -439,14 +515,22 @@ impl Instance {
                 .image
                 .clone()
                 .ok_or_else(|| Error::State("no boot source: PUT /boot-source first".into()))?;
+            let image_hash = image.hash();
             VmConfig {
                 vcpu_count: p.machine.vcpu_count,
                 mem_size_mib: p.machine.mem_size_mib,
                 image,
                 boot_args: p.boot_args.clone(),
                 disk: p.disk.clone(),
-                shared: Vec::new(),
-                cache: None,
+                shared: p.shared.clone(),
+                cache: p.identity.as_ref().and_then(|id| {
+                    id.cache.as_ref().map(|(name, size_mib)| CacheConfig {
+                        name: name.clone(),
+                        size_mib: *size_mib,
+                        identity: id.name.clone(),
+                        image_hash: image_hash,
+                    })
+                }),
             }
         };
         let dir = self.state_dir();
@@ -832,7 +916,20 @@ impl Instance {
 
     /// Rolls the VM back to its last checkpoint; returns that checkpoint's epoch.
     pub fn rollback(&self) -> Result<u64> {
-        self.with_engine(Engine::rollback)
+        let epoch = self.with_engine(Engine::rollback)?;
+        self.after_rollback();
+        Ok(epoch)
+    }
+
+    /// Shared memory is not rolled back: what the VM held there since is released (its locks
+    /// come back marked inconsistent for the next holder).
+    fn after_rollback(&self) {
+        if let Some(vm) = self.vm() {
+            let n = vm.release_shared_holdings();
+            if n > 0 {
+                tracing::info!(locks = n, "released shared locks held by the rolled-back VM");
+            }
+        }
     }
 
     /// Rolls the VM back, in place, to an earlier checkpoint `epoch` kept in the protection's
@@ -893,6 +990,7 @@ impl Instance {
                 return Err(e);
             }
         }
+        self.after_rollback();
         tracing::info!(epoch, "VM rolled back to a named checkpoint");
         Ok(epoch)
     }

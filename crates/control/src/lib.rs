@@ -6,7 +6,7 @@ pub mod host_faults;
 pub mod instance;
 
 pub use instance::{
-    Handover, Instance, InstanceState, Load, MachineConfig, Protection, Survival, Updater,
+    Handover, Identity, Instance, InstanceState, Load, MachineConfig, Protection, Survival, Updater,
     default_protection, monotonic_ns,
 };
 

@@ -8,6 +8,7 @@
 //! returns as soon as an I/O of this vCPU completes.
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::future::Future;
@@ -131,6 +132,17 @@ struct Task {
     state: Arc<TaskState>,
 }
 
+/// Work that comes from outside the dispatcher's tasks (e.g. a queue in memory another VM
+/// fills). The dispatcher polls every source on each round, with no exit; a source with work
+/// wakes the tasks waiting on it. Sources are also told when the dispatcher goes idle, so they
+/// can tell the outside (another VM deciding whether to wake this one).
+pub trait Source {
+    /// Whether the source has work (it wakes its waiting tasks itself).
+    fn poll(&self) -> bool;
+    /// The dispatcher is about to block (`true`), or runs again (`false`).
+    fn idle(&self, _idle: bool) {}
+}
+
 /// What the dispatcher did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -146,6 +158,7 @@ pub struct Stats {
 #[derive(Default)]
 pub struct Dispatcher {
     tasks: Vec<Task>,
+    sources: Vec<Rc<dyn Source>>,
     stats: Stats,
 }
 
@@ -163,12 +176,23 @@ impl Dispatcher {
         });
     }
 
+    /// Adds a source of outside work, polled on every round.
+    pub fn add_source(&mut self, source: Rc<dyn Source>) {
+        self.sources.push(source);
+    }
+
     /// Runs every task to completion, blocking the vCPU in the VMM when none can run.
     pub fn run(&mut self) -> Stats {
-        self.run_with(|waiting_on_io| {
-            // With I/O outstanding the VMM wakes us when it completes; tasks parked on other
-            // wakers (e.g. from another vCPU) are re-checked every millisecond.
-            crate::hypercall::block(if waiting_on_io { u64::MAX } else { 1_000_000 });
+        let has_sources = !self.sources.is_empty();
+        self.run_with(move |waiting_on_io| {
+            // With I/O outstanding the VMM wakes us when it completes, and a VM with sources
+            // is woken by whoever gives it work; tasks parked on other wakers (e.g. from
+            // another vCPU) are re-checked every millisecond.
+            crate::hypercall::block(match (waiting_on_io, has_sources) {
+                (_, true) => 100_000_000,
+                (true, false) => u64::MAX,
+                (false, false) => 1_000_000,
+            });
         })
     }
 
@@ -176,6 +200,9 @@ impl Dispatcher {
     /// completion indicator.
     pub fn run_with(&mut self, mut idle: impl FnMut(bool)) -> Stats {
         while !self.tasks.is_empty() {
+            for s in &self.sources {
+                s.poll();
+            }
             let mut ran = false;
             let mut waiting_on_io = false;
             let mut i = 0;
@@ -205,8 +232,19 @@ impl Dispatcher {
                 }
             }
             if !ran {
-                self.stats.blocks += 1;
-                idle(waiting_on_io);
+                // Idle: say so, then look once more (work that came just before we said so
+                // would otherwise wait for the next wake-up that nobody sends).
+                for s in &self.sources {
+                    s.idle(true);
+                }
+                let work = self.sources.iter().fold(false, |w, s| s.poll() | w);
+                if !work {
+                    self.stats.blocks += 1;
+                    idle(waiting_on_io);
+                }
+                for s in &self.sources {
+                    s.idle(false);
+                }
             }
         }
         self.stats

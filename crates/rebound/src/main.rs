@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use rebound_checkpoint::StrategyKind;
 use rebound_control::host_faults::{self, HostFaults, Placement, RecoveryAttribute};
 use rebound_control::{Instance, MachineConfig, Protection};
+use rebound_vmm::share::{ShareConfig, ShareDir};
 use rebound_vmm::{DiskConfig, GuestImage};
 use tracing_subscriber::EnvFilter;
 
@@ -78,8 +79,47 @@ enum Command {
     /// Fault injection for tests and operators.
     #[command(subcommand)]
     Fault(FaultCommand),
+    /// Shared memory regions between VMs (in $REBOUND_SHARE_DIR, default
+    /// /dev/shm/rebound-shared).
+    #[command(subcommand)]
+    Share(ShareCommand),
     /// List the guests bundled in this binary.
     Guests,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShareCommand {
+    /// Create a region.
+    Create {
+        /// Its name (letters, digits, '_', '.', '-').
+        name: String,
+        /// Size in MiB (a multiple of 2).
+        #[arg(long, value_name = "MIB", default_value_t = 4)]
+        size_mib: u64,
+    },
+    /// List regions and the VMs attached to them (JSON).
+    List,
+    /// Remove a region (refused while a live VM is attached, unless --force).
+    Remove {
+        /// The region.
+        name: String,
+        /// Remove it even if VMs are attached (they keep their mapping).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach a region to a running VM (through its --api-sock).
+    Attach {
+        /// The region.
+        name: String,
+        /// The VM may only read it.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Detach a region from a running VM (through its --api-sock).
+    Detach {
+        /// The region.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -317,6 +357,19 @@ struct RunArgs {
     #[arg(long, requires = "state")]
     supervise: bool,
 
+    /// Attach a shared region: NAME (read-write) or NAME:ro (read-only). Repeatable.
+    #[arg(long = "share", value_name = "NAME[:ro]")]
+    shares: Vec<String>,
+
+    /// The VM's identity (what its persistent cache belongs to).
+    #[arg(long, value_name = "ID")]
+    identity: Option<String>,
+
+    /// A persistent cache for the identity: NAME:MIB. Created on first use, kept when the VM
+    /// ends, attached again when a VM with the same identity (and guest image) starts.
+    #[arg(long, value_name = "NAME:MIB", requires = "identity")]
+    cache: Option<String>,
+
     #[command(flatten)]
     protect: ProtectArgs,
 
@@ -374,6 +427,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Some(Command::Share(cmd)) => share_command(cli.api_sock.as_deref(), cmd),
         Some(Command::Guests) => {
             for name in rebound_guests::NAMES {
                 println!("{name}");
@@ -448,6 +502,29 @@ fn run(mut cli: Cli) -> Result<i32> {
     }
 }
 
+fn share_command(sock: Option<&Path>, cmd: ShareCommand) -> Result<i32> {
+    let dir = ShareDir::from_env();
+    match cmd {
+        ShareCommand::Create { name, size_mib } => {
+            dir.create(&name, size_mib)?;
+            eprintln!("rebound: region {name} ({size_mib} MiB) created in {}", dir.path().display());
+        }
+        ShareCommand::List => println!("{}", serde_json::to_string_pretty(&dir.list()?)?),
+        ShareCommand::Remove { name, force } => {
+            dir.remove(&name, force)?;
+            eprintln!("rebound: region {name} removed");
+        }
+        ShareCommand::Attach { name, read_only } => {
+            let body = serde_json::json!({ "read_only": read_only });
+            client::call(need_sock(sock)?, "PUT", &format!("/shared/{name}"), Some(&body))?;
+        }
+        ShareCommand::Detach { name } => {
+            client::call(need_sock(sock)?, "DELETE", &format!("/shared/{name}"), None)?;
+        }
+    }
+    Ok(0)
+}
+
 fn need_sock(sock: Option<&Path>) -> Result<&Path> {
     sock.context("this command talks to a running Rebound: give its --api-sock")
 }
@@ -518,6 +595,34 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
     })?;
     instance.set_boot_source(image, args.args.clone())?;
     instance.set_disk(disk)?;
+    for s in &args.shares {
+        let (name, read_only) = match s.split_once(':') {
+            Some((n, "ro")) => (n, true),
+            Some((n, "rw")) => (n, false),
+            Some(_) => bail!("--share {s}: use NAME or NAME:ro"),
+            None => (s.as_str(), false),
+        };
+        instance.attach_shared(ShareConfig {
+            name: name.to_string(),
+            read_only,
+        })?;
+    }
+    if let Some(id) = &args.identity {
+        let cache = match &args.cache {
+            None => None,
+            Some(c) => {
+                let (name, mib) = c
+                    .split_once(':')
+                    .and_then(|(n, m)| Some((n.to_string(), m.parse::<u64>().ok()?)))
+                    .with_context(|| format!("--cache {c}: use NAME:MIB"))?;
+                Some((name, mib))
+            }
+        };
+        instance.set_identity(Some(rebound_control::Identity {
+            name: id.clone(),
+            cache,
+        }))?;
+    }
     args.placement.apply(&instance)?;
     if let Some(dir) = &args.state {
         instance.set_state_dir(dir)?;

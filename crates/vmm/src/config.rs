@@ -46,6 +46,11 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
+    /// A stable hash of the image's bytes (what a persistent cache records as its filler).
+    pub fn hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&self.bytes)
+    }
+
     /// Guest images larger than this are refused before reading (no guest needs more).
     pub const MAX_SIZE: u64 = 1 << 30;
 

@@ -504,10 +504,37 @@ impl Region {
                 n += 1;
             }
         }
-        if n > 0 {
+        let orphans = self.release_orphans();
+        if n > 0 || orphans > 0 {
             self.wake_all_others(me);
         }
         n
+    }
+
+    /// Releases locks whose recorded holder or readers are no member at all (a free slot, or
+    /// garbage a guest wrote): nobody would ever release them otherwise.
+    fn release_orphans(&self) -> usize {
+        let mut released = 0;
+        let live: u64 = (0..share::MAX_MEMBERS)
+            .filter(|&s| self.member_vm(s) != 0)
+            .fold(0, |m, s| m | (1 << s));
+        for i in 0..share::MAX_LOCKS {
+            let word = self.lock_field(i, std::mem::offset_of!(LockEntry, word));
+            let readers = self.lock_field(i, std::mem::offset_of!(LockEntry, readers));
+            let stray = readers.fetch_and(live, Ordering::AcqRel) & !live;
+            let w = word.load(Ordering::Acquire);
+            let holder = w & share::LOCK_HOLDER_MASK;
+            let orphan = holder != 0 && (holder > share::MAX_MEMBERS as u64 || live & (1 << (holder - 1)) == 0);
+            if orphan || stray != 0 {
+                let keep = if orphan { 0 } else { holder };
+                let recoveries = (w >> share::LOCK_RECOVERY_SHIFT).wrapping_add(1);
+                let new = keep | share::LOCK_INCONSISTENT | (recoveries << share::LOCK_RECOVERY_SHIFT);
+                if word.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    released += 1;
+                }
+            }
+        }
+        released
     }
 
     fn clear_member(&self, slot: usize) {

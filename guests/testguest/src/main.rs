@@ -5,6 +5,8 @@
 
 extern crate alloc;
 
+mod sharing;
+
 use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -130,10 +132,13 @@ fn main(cpu: Cpu) -> i32 {
                 hypercall::block(u64::MAX);
             }
         }
-        other => {
-            println!("unknown mode {other:?}");
-            2
-        }
+        other => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d)) {
+            Some(code) => code,
+            None => {
+                println!("unknown mode {other:?}");
+                2
+            }
+        },
     }
 }
 

@@ -1,0 +1,691 @@
+//! Shared memory with other VMs (ABI 1.2): regions, wake-ups that interrupt a VM only when it
+//! is idle, locks the VMM can recover, and message queues.
+//!
+//! Everything here is plain memory and atomic instructions: taking a free lock, sending a
+//! message to a busy VM or receiving one costs no exit. Only waking an idle VM rings a doorbell
+//! (an ioeventfd, ~3 us), and only waiting blocks in the VMM.
+//!
+//! Other VMs are not trusted: whatever this module reads from a region (queue positions,
+//! sequence numbers, lengths, lock words) is checked, and a queue that makes no sense is
+//! reported as [`Corrupt`] rather than followed.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use rebound_abi::share::{
+    self, LOCK_HOLDER_MASK, LOCK_INCONSISTENT, LockEntry, Member, ShareEntry, ShareTable,
+};
+use rebound_abi::{nr, port};
+
+use crate::hypercall;
+
+/// Something in a region does not make sense (another VM wrote garbage there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Corrupt;
+
+fn table() -> &'static ShareTable {
+    // SAFETY: the VMM maps the share table page read-only at TABLE_ADDR in every VM (ABI 1.2)
+    // and only the VMM writes it.
+    unsafe { &*(share::TABLE_ADDR as *const ShareTable) }
+}
+
+/// This VM's id in member slots (0 if the VMM has no shared regions for it).
+pub fn vm_id() -> u64 {
+    let t = table();
+    if t.magic == share::TABLE_MAGIC { t.vm_id } else { 0 }
+}
+
+/// Changes whenever a region is attached or detached.
+pub fn generation() -> u32 {
+    // SAFETY: see `table`; read volatile because the VMM changes it while the guest runs.
+    unsafe { core::ptr::read_volatile(&raw const (*(share::TABLE_ADDR as *const ShareTable)).generation) }
+}
+
+/// The regions attached to this VM.
+pub fn regions() -> impl Iterator<Item = Region> {
+    let t = table();
+    let count = if t.magic == share::TABLE_MAGIC {
+        (t.count as usize).min(share::MAX_REGIONS)
+    } else {
+        0
+    };
+    (0..count).filter_map(|i| {
+        // SAFETY: as in `table`; volatile: a hot attach rewrites entries.
+        let e: ShareEntry = unsafe { core::ptr::read_volatile(&raw const table().entries[i]) };
+        (e.size != 0).then(|| Region { entry: e, index: i })
+    })
+}
+
+/// The region named `name`.
+pub fn find(name: &str) -> Option<Region> {
+    regions().find(|r| r.name() == name)
+}
+
+/// Marks this VM busy (its dispatcher runs tasks) or idle (about to block) in every region:
+/// others wake it only when idle.
+pub fn set_busy(busy: bool) {
+    for r in regions() {
+        r.member(r.slot()).busy().store(busy as u32, Ordering::SeqCst);
+    }
+    fence(Ordering::SeqCst);
+}
+
+/// One region as this VM sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    entry: ShareEntry,
+    index: usize,
+}
+
+/// One member slot's shared fields.
+pub struct MemberRef {
+    base: *mut u8,
+}
+
+impl MemberRef {
+    fn u64(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: `base` is a member slot inside a mapped region (see `Region::member`);
+        // offsets come from the `Member` layout and are 8-aligned.
+        unsafe { AtomicU64::from_ptr(self.base.add(offset).cast()) }
+    }
+
+    fn u32(&self, offset: usize) -> &AtomicU32 {
+        // SAFETY: as above, 4-aligned.
+        unsafe { AtomicU32::from_ptr(self.base.add(offset).cast()) }
+    }
+
+    /// The VM holding the slot (0: free).
+    pub fn vm_id(&self) -> u64 {
+        self.u64(core::mem::offset_of!(Member, vm_id)).load(Ordering::Acquire)
+    }
+
+    fn busy(&self) -> &AtomicU32 {
+        self.u32(core::mem::offset_of!(Member, busy))
+    }
+
+    fn notify(&self) -> &AtomicU64 {
+        self.u64(core::mem::offset_of!(Member, notify))
+    }
+
+    /// Whether the VM in the slot is running tasks (not idle).
+    pub fn is_busy(&self) -> bool {
+        self.busy().load(Ordering::SeqCst) != 0
+    }
+
+    /// Times the VM in the slot was woken.
+    pub fn wakeups(&self) -> u64 {
+        self.u64(core::mem::offset_of!(Member, wakeups)).load(Ordering::Relaxed)
+    }
+}
+
+impl Region {
+    /// The region's name.
+    pub fn name(&self) -> &str {
+        let n = self.entry.name.iter().position(|&b| b == 0).unwrap_or(32);
+        core::str::from_utf8(&self.entry.name[..n]).unwrap_or("")
+    }
+
+    /// Its index in the share table (what the `SHARE_*` hypercalls take).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Its address in this VM.
+    pub fn base(&self) -> *mut u8 {
+        self.entry.addr as *mut u8
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.entry.size
+    }
+
+    /// Whether this VM may write it.
+    pub fn writable(&self) -> bool {
+        self.entry.flags & share::WRITABLE != 0
+    }
+
+    /// Whether it is this VM's persistent cache.
+    pub fn is_cache(&self) -> bool {
+        self.entry.flags & share::CACHE != 0
+    }
+
+    /// This VM's member slot.
+    pub fn slot(&self) -> usize {
+        (self.entry.slot as usize).min(share::MAX_MEMBERS - 1)
+    }
+
+    /// Member slot `slot` (clamped to the table).
+    pub fn member(&self, slot: usize) -> MemberRef {
+        let slot = slot.min(share::MAX_MEMBERS - 1);
+        MemberRef {
+            // SAFETY: member slots lie inside the region's header, which is mapped.
+            base: unsafe { self.base().add(share::member_offset(slot) as usize) },
+        }
+    }
+
+    /// The other VMs attached: their slots.
+    pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..share::MAX_MEMBERS).filter(move |&s| s != self.slot() && self.member(s).vm_id() != 0)
+    }
+
+    /// The data area (after the header): address and length.
+    pub fn data(&self) -> (*mut u8, usize) {
+        // SAFETY: regions are at least HEADER_SIZE long (the VMM checks).
+        let p = unsafe { self.base().add(share::HEADER_SIZE as usize) };
+        (p, (self.size() - share::HEADER_SIZE) as usize)
+    }
+
+    /// The `u64` at byte `offset` of the data area, if in bounds and aligned.
+    pub fn word(&self, offset: usize) -> Option<&AtomicU64> {
+        let (p, len) = self.data();
+        if offset % 8 != 0 || offset.checked_add(8)? > len {
+            return None;
+        }
+        // SAFETY: in bounds of the mapped data area and 8-aligned (checked above).
+        Some(unsafe { AtomicU64::from_ptr(p.add(offset).cast()) })
+    }
+
+    /// Wakes the VM in `slot`, whether busy or not.
+    pub fn wake(&self, slot: usize) {
+        if slot >= share::MAX_MEMBERS {
+            return;
+        }
+        if self.writable() {
+            self.member(self.slot()).notify().fetch_or(1 << slot, Ordering::SeqCst);
+            ring_doorbell();
+        } else {
+            hypercall::raw(nr::SHARE_NOTIFY, &[self.index as u64, 1 << slot]);
+        }
+    }
+
+    /// Wakes the VM in `slot` only if it is idle; returns whether it rang. Call after making
+    /// the work visible (e.g. after a queue push): a VM that is busy will find it when its
+    /// dispatcher next looks.
+    pub fn wake_if_idle(&self, slot: usize) -> bool {
+        fence(Ordering::SeqCst);
+        if self.member(slot).is_busy() {
+            return false;
+        }
+        self.wake(slot);
+        true
+    }
+
+    /// Has the VMM recover members whose VMMs died (their locks come back marked
+    /// inconsistent); returns how many.
+    pub fn recover(&self) -> u64 {
+        hypercall::raw(nr::SHARE_RECOVER, &[self.index as u64]).max(0) as u64
+    }
+
+    /// Lock `index` of the region's lock table.
+    pub fn lock(&self, index: usize) -> Lock {
+        Lock {
+            region: *self,
+            index: index.min(share::MAX_LOCKS - 1),
+        }
+    }
+
+    /// A queue at byte `offset` of the data area (see [`Queue`]).
+    pub fn queue(&self, offset: usize) -> Result<Queue, Corrupt> {
+        Queue::at(self, offset)
+    }
+}
+
+fn ring_doorbell() {
+    // SAFETY: an `out` to the shared-region doorbell port, reachable from CPL3 through the TSS
+    // I/O bitmap; it touches no memory.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port::SHARE_DOORBELL, in("eax") 0u32, options(nostack, preserves_flags));
+    }
+}
+
+/// How a lock was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// As the last holder left it.
+    Clean,
+    /// A holder died or was rolled back while holding it: what it protects may be half-done.
+    Inconsistent,
+}
+
+/// A lock in a region's lock table: exclusive, or shared-read / exclusive-write. The word
+/// records which member holds it, so the VMM can release it if that member dies.
+#[derive(Clone, Copy, Debug)]
+pub struct Lock {
+    region: Region,
+    index: usize,
+}
+
+/// Spins before blocking on a contended lock.
+const SPINS: u32 = 200;
+/// Blocks (of [`WAIT_NS`]) before asking the VMM whether the holder is alive.
+const WAITS_BEFORE_RECOVER: u32 = 5;
+/// One wait on a contended lock.
+const WAIT_NS: u64 = 2_000_000;
+
+impl Lock {
+    fn field(&self, offset: usize) -> &AtomicU64 {
+        let at = share::lock_offset(self.index) as usize + offset;
+        // SAFETY: the lock table lies in the region's mapped header; offsets are 8-aligned.
+        unsafe { AtomicU64::from_ptr(self.region.base().add(at).cast()) }
+    }
+
+    fn word(&self) -> &AtomicU64 {
+        self.field(core::mem::offset_of!(LockEntry, word))
+    }
+
+    fn readers(&self) -> &AtomicU64 {
+        self.field(core::mem::offset_of!(LockEntry, readers))
+    }
+
+    fn waiters(&self) -> &AtomicU64 {
+        self.field(core::mem::offset_of!(LockEntry, waiters))
+    }
+
+    fn me(&self) -> u64 {
+        self.region.slot() as u64 + 1
+    }
+
+    /// Takes the lock if it is free (no exit).
+    pub fn try_lock(&self) -> Option<Acquired> {
+        let w = self.word().load(Ordering::Acquire);
+        if w & LOCK_HOLDER_MASK != 0 {
+            return None;
+        }
+        let new = (w & !LOCK_HOLDER_MASK & !LOCK_INCONSISTENT) | self.me();
+        self.word()
+            .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| {
+                if w & LOCK_INCONSISTENT != 0 { Acquired::Inconsistent } else { Acquired::Clean }
+            })
+    }
+
+    /// Takes the lock exclusively, waiting (in the VMM, not spinning) while another VM holds
+    /// it or reads under it.
+    pub fn lock(&self) -> Acquired {
+        let got = self.wait_for(|| self.try_lock());
+        // Readers that came in before us leave; no new ones enter while we hold the word.
+        self.wait_for(|| (self.readers().load(Ordering::SeqCst) & !self.my_bit() == 0).then_some(()));
+        got
+    }
+
+    /// Releases an exclusive hold (what was inconsistent is consistent again).
+    pub fn unlock(&self) {
+        let mut w = self.word().load(Ordering::Acquire);
+        while w & LOCK_HOLDER_MASK == self.me() {
+            let new = w & !LOCK_HOLDER_MASK & !LOCK_INCONSISTENT;
+            match self.word().compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        self.wake_waiters();
+    }
+
+    /// Whether this VM holds the lock exclusively (false after the VMM released it for us).
+    pub fn held(&self) -> bool {
+        self.word().load(Ordering::Acquire) & LOCK_HOLDER_MASK == self.me()
+    }
+
+    fn my_bit(&self) -> u64 {
+        1 << self.region.slot()
+    }
+
+    /// Takes the lock shared (readers exclude writers, not each other).
+    pub fn read_lock(&self) -> Acquired {
+        self.wait_for(|| {
+            self.readers().fetch_or(self.my_bit(), Ordering::SeqCst);
+            let w = self.word().load(Ordering::SeqCst);
+            if w & LOCK_HOLDER_MASK == 0 {
+                Some(if w & LOCK_INCONSISTENT != 0 { Acquired::Inconsistent } else { Acquired::Clean })
+            } else {
+                self.readers().fetch_and(!self.my_bit(), Ordering::SeqCst);
+                None
+            }
+        })
+    }
+
+    /// Releases a shared hold.
+    pub fn read_unlock(&self) {
+        self.readers().fetch_and(!self.my_bit(), Ordering::SeqCst);
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
+        let mask = self.waiters().load(Ordering::SeqCst) & !self.my_bit();
+        if mask != 0 {
+            if self.region.writable() {
+                self.region.member(self.region.slot()).notify().fetch_or(mask, Ordering::SeqCst);
+                ring_doorbell();
+            } else {
+                hypercall::raw(nr::SHARE_NOTIFY, &[self.region.index as u64, mask]);
+            }
+        }
+    }
+
+    /// Spins, then blocks in the VMM between tries; every few waits asks the VMM to recover
+    /// dead members (a dead holder's lock comes back).
+    fn wait_for<T>(&self, mut attempt: impl FnMut() -> Option<T>) -> T {
+        for _ in 0..SPINS {
+            if let Some(t) = attempt() {
+                return t;
+            }
+            core::hint::spin_loop();
+        }
+        let mut waits = 0u32;
+        loop {
+            self.waiters().fetch_or(self.my_bit(), Ordering::SeqCst);
+            if let Some(t) = attempt() {
+                self.waiters().fetch_and(!self.my_bit(), Ordering::SeqCst);
+                return t;
+            }
+            hypercall::block(WAIT_NS);
+            waits += 1;
+            if waits % WAITS_BEFORE_RECOVER == 0 {
+                self.region.recover();
+            }
+        }
+    }
+}
+
+/// Bytes of message a queue cell carries.
+pub const MESSAGE_MAX: usize = 48;
+const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"RBNDQUE1");
+const CELL: usize = 64;
+const QUEUE_HEADER: usize = 192;
+/// Attempts before a queue whose positions keep moving nonsensically is declared corrupt.
+const QUEUE_TRIES: u32 = 1000;
+
+/// A bounded multi-producer multi-consumer queue of small messages in a region (cells with
+/// sequence numbers, Vyukov's design): push and pop are a few atomic instructions, no exit.
+///
+/// Layout at its offset: magic, capacity (a power of two), enqueue position, dequeue position
+/// (each on its own cache line), then `capacity` cells of 64 bytes: sequence, length, payload.
+#[derive(Clone, Copy, Debug)]
+pub struct Queue {
+    base: *mut u8,
+    capacity: u64,
+}
+
+/// A message: up to [`MESSAGE_MAX`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    len: u8,
+    bytes: [u8; MESSAGE_MAX],
+}
+
+impl Message {
+    /// A message holding `bytes` (cut at [`MESSAGE_MAX`]).
+    pub fn new(bytes: &[u8]) -> Self {
+        let n = bytes.len().min(MESSAGE_MAX);
+        let mut m = Message { len: n as u8, bytes: [0; MESSAGE_MAX] };
+        m.bytes[..n].copy_from_slice(&bytes[..n]);
+        m
+    }
+
+    /// A message of `words` little-endian `u64`s (up to 6).
+    pub fn words(words: &[u64]) -> Self {
+        let mut b = [0u8; MESSAGE_MAX];
+        let n = words.len().min(MESSAGE_MAX / 8);
+        for (i, w) in words.iter().take(n).enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        Message::new(&b[..n * 8])
+    }
+
+    /// Its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// Word `i` (0 if the message is shorter).
+    pub fn word(&self, i: usize) -> u64 {
+        let b = self.bytes();
+        b.get(i * 8..i * 8 + 8)
+            .map_or(0, |w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+    }
+}
+
+impl Queue {
+    /// Bytes a queue of `capacity` cells occupies.
+    pub const fn bytes(capacity: u64) -> usize {
+        QUEUE_HEADER + capacity as usize * CELL
+    }
+
+    fn u64(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: offsets below `bytes(capacity)`, inside the region (checked in `at`/`init`),
+        // 8-aligned.
+        unsafe { AtomicU64::from_ptr(self.base.add(offset).cast()) }
+    }
+
+    fn enq(&self) -> &AtomicU64 {
+        self.u64(64)
+    }
+
+    fn deq(&self) -> &AtomicU64 {
+        self.u64(128)
+    }
+
+    fn cell_seq(&self, pos: u64) -> &AtomicU64 {
+        self.u64(QUEUE_HEADER + (pos & (self.capacity - 1)) as usize * CELL)
+    }
+
+    fn cell(&self, pos: u64) -> *mut u8 {
+        // SAFETY: a cell inside the queue's bytes (masked index).
+        unsafe { self.base.add(QUEUE_HEADER + (pos & (self.capacity - 1)) as usize * CELL) }
+    }
+
+    fn place(region: &Region, offset: usize, capacity: u64) -> Result<*mut u8, Corrupt> {
+        let (p, len) = region.data();
+        if !capacity.is_power_of_two() || capacity > 1 << 20 || offset % 64 != 0 {
+            return Err(Corrupt);
+        }
+        if offset.checked_add(Self::bytes(capacity)).is_none_or(|end| end > len) {
+            return Err(Corrupt);
+        }
+        // SAFETY: in bounds of the data area (checked above).
+        Ok(unsafe { p.add(offset) })
+    }
+
+    /// Makes an empty queue of `capacity` cells (a power of two) at `offset` of the data area.
+    /// Only while no other VM uses it (its owner, at start).
+    pub fn init(region: &Region, offset: usize, capacity: u64) -> Result<Queue, Corrupt> {
+        let base = Self::place(region, offset, capacity)?;
+        let q = Queue { base, capacity };
+        q.u64(8).store(capacity, Ordering::Relaxed);
+        q.enq().store(0, Ordering::Relaxed);
+        q.deq().store(0, Ordering::Relaxed);
+        for i in 0..capacity {
+            q.cell_seq(i).store(i, Ordering::Relaxed);
+        }
+        q.u64(0).store(QUEUE_MAGIC, Ordering::Release);
+        Ok(q)
+    }
+
+    /// The queue at `offset`, as its header describes it.
+    pub fn at(region: &Region, offset: usize) -> Result<Queue, Corrupt> {
+        let head = Self::place(region, offset, 1)?;
+        // SAFETY: the first words of a placed queue are in bounds (checked by `place`).
+        let (magic, capacity) = unsafe {
+            (
+                AtomicU64::from_ptr(head.cast()).load(Ordering::Acquire),
+                AtomicU64::from_ptr(head.add(8).cast()).load(Ordering::Acquire),
+            )
+        };
+        if magic != QUEUE_MAGIC {
+            return Err(Corrupt);
+        }
+        let base = Self::place(region, offset, capacity)?;
+        Ok(Queue { base, capacity })
+    }
+
+    /// Appends a message; `Ok(false)` if full.
+    pub fn push(&self, m: &Message) -> Result<bool, Corrupt> {
+        let mut pos = self.enq().load(Ordering::Relaxed);
+        for _ in 0..QUEUE_TRIES {
+            let seq = self.cell_seq(pos).load(Ordering::Acquire);
+            let dif = seq.wrapping_sub(pos) as i64;
+            if dif == 0 {
+                match self.enq().compare_exchange_weak(pos, pos.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        let c = self.cell(pos);
+                        // SAFETY: the cell is ours until we publish its sequence below; the
+                        // payload lies inside it.
+                        unsafe {
+                            core::ptr::write_volatile(c.add(8), m.len);
+                            core::ptr::copy_nonoverlapping(m.bytes.as_ptr(), c.add(16), MESSAGE_MAX);
+                        }
+                        self.cell_seq(pos).store(pos.wrapping_add(1), Ordering::Release);
+                        return Ok(true);
+                    }
+                    Err(now) => pos = now,
+                }
+            } else if dif < 0 {
+                return Ok(false);
+            } else {
+                pos = self.enq().load(Ordering::Relaxed);
+            }
+        }
+        Err(Corrupt)
+    }
+
+    /// Takes the oldest message, if any.
+    pub fn pop(&self) -> Result<Option<Message>, Corrupt> {
+        let mut pos = self.deq().load(Ordering::Relaxed);
+        for _ in 0..QUEUE_TRIES {
+            let seq = self.cell_seq(pos).load(Ordering::Acquire);
+            let dif = seq.wrapping_sub(pos.wrapping_add(1)) as i64;
+            if dif == 0 {
+                match self.deq().compare_exchange_weak(pos, pos.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        let c = self.cell(pos);
+                        let mut m = Message { len: 0, bytes: [0; MESSAGE_MAX] };
+                        // SAFETY: the cell is ours until we hand it back below.
+                        unsafe {
+                            m.len = core::ptr::read_volatile(c.add(8));
+                            core::ptr::copy_nonoverlapping(c.add(16), m.bytes.as_mut_ptr(), MESSAGE_MAX);
+                        }
+                        self.cell_seq(pos).store(pos.wrapping_add(self.capacity), Ordering::Release);
+                        if m.len as usize > MESSAGE_MAX {
+                            return Err(Corrupt);
+                        }
+                        return Ok(Some(m));
+                    }
+                    Err(now) => pos = now,
+                }
+            } else if dif < 0 {
+                return Ok(None);
+            } else {
+                pos = self.deq().load(Ordering::Relaxed);
+            }
+        }
+        Err(Corrupt)
+    }
+
+    /// Whether a message is waiting (a cheap check for dispatchers).
+    pub fn has_message(&self) -> bool {
+        let pos = self.deq().load(Ordering::Relaxed);
+        self.cell_seq(pos).load(Ordering::Acquire) == pos.wrapping_add(1)
+    }
+}
+
+/// A VM's own inbox: a [`Queue`] in a region that other VMs push to and only this VM pops,
+/// as a dispatcher [`Source`](crate::dispatch::Source): tasks `recv` from it, and while the
+/// dispatcher is idle the VM is marked idle so senders wake it (and only then).
+pub struct Inbox {
+    queue: Queue,
+    wakers: core::cell::RefCell<alloc::vec::Vec<core::task::Waker>>,
+    corrupt: core::cell::Cell<u64>,
+}
+
+impl Inbox {
+    /// The inbox of member `slot` when each member's inbox is `stride` bytes from `offset`.
+    pub fn offset_of(offset: usize, stride: usize, slot: usize) -> usize {
+        offset + stride * slot
+    }
+
+    /// This VM's inbox at `offset` of the region's data area, made empty (at start, before
+    /// others send).
+    pub fn create(region: &Region, offset: usize, capacity: u64) -> Result<alloc::rc::Rc<Inbox>, Corrupt> {
+        let queue = Queue::init(region, offset, capacity)?;
+        Ok(alloc::rc::Rc::new(Inbox {
+            queue,
+            wakers: core::cell::RefCell::new(alloc::vec::Vec::new()),
+            corrupt: core::cell::Cell::new(0),
+        }))
+    }
+
+    /// Times the queue was found corrupt (and reset).
+    pub fn corruptions(&self) -> u64 {
+        self.corrupt.get()
+    }
+
+    /// Takes a message now, if one is waiting. A queue another VM made nonsense of is reset
+    /// (its messages are lost, this VM goes on) and counted.
+    pub fn try_recv(&self) -> Option<Message> {
+        match self.queue.pop() {
+            Ok(m) => m,
+            Err(Corrupt) => {
+                self.corrupt.set(self.corrupt.get() + 1);
+                self.reset();
+                None
+            }
+        }
+    }
+
+    fn reset(&self) {
+        let q = &self.queue;
+        q.u64(8).store(q.capacity, Ordering::Relaxed);
+        q.enq().store(0, Ordering::Relaxed);
+        q.deq().store(0, Ordering::Relaxed);
+        for i in 0..q.capacity {
+            q.cell_seq(i).store(i, Ordering::Relaxed);
+        }
+        q.u64(0).store(QUEUE_MAGIC, Ordering::Release);
+    }
+
+    /// Waits for the next message.
+    pub fn recv(self: &alloc::rc::Rc<Self>) -> impl core::future::Future<Output = Message> + '_ {
+        core::future::poll_fn(move |cx| match self.try_recv() {
+            Some(m) => core::task::Poll::Ready(m),
+            None => {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                core::task::Poll::Pending
+            }
+        })
+    }
+}
+
+impl crate::dispatch::Source for Inbox {
+    fn poll(&self) -> bool {
+        let ready = self.queue.has_message()
+            || self.queue.at_magic() != QUEUE_MAGIC;
+        if ready {
+            for w in self.wakers.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        ready
+    }
+
+    fn idle(&self, idle: bool) {
+        set_busy(!idle);
+    }
+}
+
+impl Queue {
+    fn at_magic(&self) -> u64 {
+        self.u64(0).load(Ordering::Acquire)
+    }
+}
+
+/// Sends `m` to the inbox of member `slot` (at `offset`), waking that VM only if it is idle.
+/// Returns whether the message was queued (`false`: the inbox is full) and whether a wake-up
+/// was rung.
+pub fn send(region: &Region, inbox_offset: usize, slot: usize, m: &Message) -> Result<(bool, bool), Corrupt> {
+    let q = Queue::at(region, inbox_offset)?;
+    if !q.push(m)? {
+        return Ok((false, false));
+    }
+    Ok((true, region.wake_if_idle(slot)))
+}
