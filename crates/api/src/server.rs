@@ -444,11 +444,7 @@ async fn get_shared(State(s): State<ApiState>) -> Reply {
     Ok(Json(s.instance.shared()).into_response())
 }
 
-async fn put_shared(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Reply {
+async fn put_shared(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> Reply {
     let p: SharedAttach = if body.iter().all(u8::is_ascii_whitespace) {
         SharedAttach::default()
     } else {

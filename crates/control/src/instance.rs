@@ -14,8 +14,8 @@ use rebound_snapshot::format::Verify;
 use rebound_snapshot::{Kind, Snapshot};
 use rebound_vmm::metrics::MetricsSnapshot;
 use rebound_vmm::persist::SnapshotInfo;
-use rebound_vmm::vm::RestoreOptions;
 use rebound_vmm::share::{CacheConfig, ShareConfig};
+use rebound_vmm::vm::RestoreOptions;
 use rebound_vmm::{ConfigError, DiskConfig, GuestImage, Vm, VmConfig, VmOutcome, VmState};
 use serde::Serialize;
 
@@ -316,13 +316,16 @@ impl Instance {
 
     /// Attaches shared region `config.name`: at start if not started, at once if running.
     pub fn attach_shared(&self, config: ShareConfig) -> Result<()> {
-        rebound_vmm::share::check_name("region", &config.name).map_err(rebound_vmm::Error::from)?;
+        rebound_vmm::share::check_name("region", &config.name)?;
         if let Some(vm) = self.vm() {
             return Ok(vm.attach_shared(&config, None)?);
         }
         let mut p = lock(&self.pending);
         if p.shared.iter().any(|s| s.name == config.name) {
-            return Err(Error::State(format!("region {} is already attached", config.name)));
+            return Err(Error::State(format!(
+                "region {} is already attached",
+                config.name
+            )));
         }
         p.shared.push(config);
         Ok(())
@@ -347,7 +350,8 @@ impl Instance {
         match self.vm() {
             Some(vm) => {
                 let c = vm.share_counters();
-                let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let ld =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 serde_json::json!({
                     "regions": vm.shared_regions(),
                     "doorbells": ld(&c.doorbells),
@@ -365,12 +369,14 @@ impl Instance {
     pub fn set_identity(&self, identity: Option<Identity>) -> Result<()> {
         self.before_start("the identity")?;
         if let Some(id) = &identity {
-            let check = |what, n: &str| rebound_vmm::share::check_name(what, n).map_err(rebound_vmm::Error::from);
+            let check = |what, n: &str| rebound_vmm::share::check_name(what, n);
             check("identity", &id.name)?;
             if let Some((name, size)) = &id.cache {
                 check("cache", name)?;
                 if *size == 0 || size % 2 != 0 {
-                    return Err(Error::State(format!("cache {name}: size {size} MiB must be a non-zero multiple of 2")));
+                    return Err(Error::State(format!(
+                        "cache {name}: size {size} MiB must be a non-zero multiple of 2"
+                    )));
                 }
             }
         }
@@ -528,7 +534,7 @@ impl Instance {
                         name: name.clone(),
                         size_mib: *size_mib,
                         identity: id.name.clone(),
-                        image_hash: image_hash,
+                        image_hash,
                     })
                 }),
             }
@@ -927,7 +933,10 @@ impl Instance {
         if let Some(vm) = self.vm() {
             let n = vm.release_shared_holdings();
             if n > 0 {
-                tracing::info!(locks = n, "released shared locks held by the rolled-back VM");
+                tracing::info!(
+                    locks = n,
+                    "released shared locks held by the rolled-back VM"
+                );
             }
         }
     }

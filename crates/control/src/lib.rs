@@ -6,8 +6,8 @@ pub mod host_faults;
 pub mod instance;
 
 pub use instance::{
-    Handover, Identity, Instance, InstanceState, Load, MachineConfig, Protection, Survival, Updater,
-    default_protection, monotonic_ns,
+    Handover, Identity, Instance, InstanceState, Load, MachineConfig, Protection, Survival,
+    Updater, default_protection, monotonic_ns,
 };
 
 /// Errors of the controller: the VMM's or the checkpoint engine's, or a request that does not

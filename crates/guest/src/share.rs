@@ -31,13 +31,19 @@ fn table() -> &'static ShareTable {
 /// This VM's id in member slots (0 if the VMM has no shared regions for it).
 pub fn vm_id() -> u64 {
     let t = table();
-    if t.magic == share::TABLE_MAGIC { t.vm_id } else { 0 }
+    if t.magic == share::TABLE_MAGIC {
+        t.vm_id
+    } else {
+        0
+    }
 }
 
 /// Changes whenever a region is attached or detached.
 pub fn generation() -> u32 {
     // SAFETY: see `table`; read volatile because the VMM changes it while the guest runs.
-    unsafe { core::ptr::read_volatile(&raw const (*(share::TABLE_ADDR as *const ShareTable)).generation) }
+    unsafe {
+        core::ptr::read_volatile(&raw const (*(share::TABLE_ADDR as *const ShareTable)).generation)
+    }
 }
 
 /// The regions attached to this VM.
@@ -51,7 +57,7 @@ pub fn regions() -> impl Iterator<Item = Region> {
     (0..count).filter_map(|i| {
         // SAFETY: as in `table`; volatile: a hot attach rewrites entries.
         let e: ShareEntry = unsafe { core::ptr::read_volatile(&raw const table().entries[i]) };
-        (e.size != 0).then(|| Region { entry: e, index: i })
+        (e.size != 0).then_some(Region { entry: e, index: i })
     })
 }
 
@@ -64,7 +70,9 @@ pub fn find(name: &str) -> Option<Region> {
 /// others wake it only when idle.
 pub fn set_busy(busy: bool) {
     for r in regions() {
-        r.member(r.slot()).busy().store(busy as u32, Ordering::SeqCst);
+        r.member(r.slot())
+            .busy()
+            .store(busy as u32, Ordering::SeqCst);
     }
     fence(Ordering::SeqCst);
 }
@@ -95,7 +103,8 @@ impl MemberRef {
 
     /// The VM holding the slot (0: free).
     pub fn vm_id(&self) -> u64 {
-        self.u64(core::mem::offset_of!(Member, vm_id)).load(Ordering::Acquire)
+        self.u64(core::mem::offset_of!(Member, vm_id))
+            .load(Ordering::Acquire)
     }
 
     fn busy(&self) -> &AtomicU32 {
@@ -113,7 +122,8 @@ impl MemberRef {
 
     /// Times the VM in the slot was woken.
     pub fn wakeups(&self) -> u64 {
-        self.u64(core::mem::offset_of!(Member, wakeups)).load(Ordering::Relaxed)
+        self.u64(core::mem::offset_of!(Member, wakeups))
+            .load(Ordering::Relaxed)
     }
 }
 
@@ -178,7 +188,7 @@ impl Region {
     /// The `u64` at byte `offset` of the data area, if in bounds and aligned.
     pub fn word(&self, offset: usize) -> Option<&AtomicU64> {
         let (p, len) = self.data();
-        if offset % 8 != 0 || offset.checked_add(8)? > len {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > len {
             return None;
         }
         // SAFETY: in bounds of the mapped data area and 8-aligned (checked above).
@@ -191,7 +201,9 @@ impl Region {
             return;
         }
         if self.writable() {
-            self.member(self.slot()).notify().fetch_or(1 << slot, Ordering::SeqCst);
+            self.member(self.slot())
+                .notify()
+                .fetch_or(1 << slot, Ordering::SeqCst);
             ring_doorbell();
         } else {
             hypercall::raw(nr::SHARE_NOTIFY, &[self.index as u64, 1 << slot]);
@@ -296,7 +308,11 @@ impl Lock {
             .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
             .ok()
             .map(|_| {
-                if w & LOCK_INCONSISTENT != 0 { Acquired::Inconsistent } else { Acquired::Clean }
+                if w & LOCK_INCONSISTENT != 0 {
+                    Acquired::Inconsistent
+                } else {
+                    Acquired::Clean
+                }
             })
     }
 
@@ -305,7 +321,9 @@ impl Lock {
     pub fn lock(&self) -> Acquired {
         let got = self.wait_for(|| self.try_lock());
         // Readers that came in before us leave; no new ones enter while we hold the word.
-        self.wait_for(|| (self.readers().load(Ordering::SeqCst) & !self.my_bit() == 0).then_some(()));
+        self.wait_for(|| {
+            (self.readers().load(Ordering::SeqCst) & !self.my_bit() == 0).then_some(())
+        });
         got
     }
 
@@ -314,7 +332,10 @@ impl Lock {
         let mut w = self.word().load(Ordering::Acquire);
         while w & LOCK_HOLDER_MASK == self.me() {
             let new = w & !LOCK_HOLDER_MASK & !LOCK_INCONSISTENT;
-            match self.word().compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .word()
+                .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break,
                 Err(now) => w = now,
             }
@@ -337,7 +358,11 @@ impl Lock {
             self.readers().fetch_or(self.my_bit(), Ordering::SeqCst);
             let w = self.word().load(Ordering::SeqCst);
             if w & LOCK_HOLDER_MASK == 0 {
-                Some(if w & LOCK_INCONSISTENT != 0 { Acquired::Inconsistent } else { Acquired::Clean })
+                Some(if w & LOCK_INCONSISTENT != 0 {
+                    Acquired::Inconsistent
+                } else {
+                    Acquired::Clean
+                })
             } else {
                 self.readers().fetch_and(!self.my_bit(), Ordering::SeqCst);
                 None
@@ -355,7 +380,10 @@ impl Lock {
         let mask = self.waiters().load(Ordering::SeqCst) & !self.my_bit();
         if mask != 0 {
             if self.region.writable() {
-                self.region.member(self.region.slot()).notify().fetch_or(mask, Ordering::SeqCst);
+                self.region
+                    .member(self.region.slot())
+                    .notify()
+                    .fetch_or(mask, Ordering::SeqCst);
                 ring_doorbell();
             } else {
                 hypercall::raw(nr::SHARE_NOTIFY, &[self.region.index as u64, mask]);
@@ -381,7 +409,7 @@ impl Lock {
             }
             hypercall::block(WAIT_NS);
             waits += 1;
-            if waits % WAITS_BEFORE_RECOVER == 0 {
+            if waits.is_multiple_of(WAITS_BEFORE_RECOVER) {
                 self.region.recover();
             }
         }
@@ -418,7 +446,10 @@ impl Message {
     /// A message holding `bytes` (cut at [`MESSAGE_MAX`]).
     pub fn new(bytes: &[u8]) -> Self {
         let n = bytes.len().min(MESSAGE_MAX);
-        let mut m = Message { len: n as u8, bytes: [0; MESSAGE_MAX] };
+        let mut m = Message {
+            len: n as u8,
+            bytes: [0; MESSAGE_MAX],
+        };
         m.bytes[..n].copy_from_slice(&bytes[..n]);
         m
     }
@@ -441,8 +472,9 @@ impl Message {
     /// Word `i` (0 if the message is shorter).
     pub fn word(&self, i: usize) -> u64 {
         let b = self.bytes();
-        b.get(i * 8..i * 8 + 8)
-            .map_or(0, |w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        b.get(i * 8..i * 8 + 8).map_or(0, |w| {
+            u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+        })
     }
 }
 
@@ -472,15 +504,21 @@ impl Queue {
 
     fn cell(&self, pos: u64) -> *mut u8 {
         // SAFETY: a cell inside the queue's bytes (masked index).
-        unsafe { self.base.add(QUEUE_HEADER + (pos & (self.capacity - 1)) as usize * CELL) }
+        unsafe {
+            self.base
+                .add(QUEUE_HEADER + (pos & (self.capacity - 1)) as usize * CELL)
+        }
     }
 
     fn place(region: &Region, offset: usize, capacity: u64) -> Result<*mut u8, Corrupt> {
         let (p, len) = region.data();
-        if !capacity.is_power_of_two() || capacity > 1 << 20 || offset % 64 != 0 {
+        if !capacity.is_power_of_two() || capacity > 1 << 20 || !offset.is_multiple_of(64) {
             return Err(Corrupt);
         }
-        if offset.checked_add(Self::bytes(capacity)).is_none_or(|end| end > len) {
+        if offset
+            .checked_add(Self::bytes(capacity))
+            .is_none_or(|end| end > len)
+        {
             return Err(Corrupt);
         }
         // SAFETY: in bounds of the data area (checked above).
@@ -519,28 +557,53 @@ impl Queue {
         Ok(Queue { base, capacity })
     }
 
+    /// Whether the header still describes this queue (another VM may have written over it).
+    fn header_ok(&self) -> bool {
+        self.u64(0).load(Ordering::Acquire) == QUEUE_MAGIC
+            && self.u64(8).load(Ordering::Acquire) == self.capacity
+    }
+
     /// Appends a message; `Ok(false)` if full.
     pub fn push(&self, m: &Message) -> Result<bool, Corrupt> {
+        if !self.header_ok() {
+            return Err(Corrupt);
+        }
         let mut pos = self.enq().load(Ordering::Relaxed);
         for _ in 0..QUEUE_TRIES {
             let seq = self.cell_seq(pos).load(Ordering::Acquire);
             let dif = seq.wrapping_sub(pos) as i64;
             if dif == 0 {
-                match self.enq().compare_exchange_weak(pos, pos.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed) {
+                match self.enq().compare_exchange_weak(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => {
                         let c = self.cell(pos);
                         // SAFETY: the cell is ours until we publish its sequence below; the
                         // payload lies inside it.
                         unsafe {
                             core::ptr::write_volatile(c.add(8), m.len);
-                            core::ptr::copy_nonoverlapping(m.bytes.as_ptr(), c.add(16), MESSAGE_MAX);
+                            core::ptr::copy_nonoverlapping(
+                                m.bytes.as_ptr(),
+                                c.add(16),
+                                MESSAGE_MAX,
+                            );
                         }
-                        self.cell_seq(pos).store(pos.wrapping_add(1), Ordering::Release);
+                        self.cell_seq(pos)
+                            .store(pos.wrapping_add(1), Ordering::Release);
                         return Ok(true);
                     }
                     Err(now) => pos = now,
                 }
             } else if dif < 0 {
+                // Full: the cell still holds (or is being given) the message from one lap
+                // ago. Any other sequence is not one this protocol writes.
+                let lap = pos.wrapping_sub(self.capacity);
+                if seq != lap && seq != lap.wrapping_add(1) {
+                    return Err(Corrupt);
+                }
                 return Ok(false);
             } else {
                 pos = self.enq().load(Ordering::Relaxed);
@@ -551,21 +614,37 @@ impl Queue {
 
     /// Takes the oldest message, if any.
     pub fn pop(&self) -> Result<Option<Message>, Corrupt> {
+        if !self.header_ok() {
+            return Err(Corrupt);
+        }
         let mut pos = self.deq().load(Ordering::Relaxed);
         for _ in 0..QUEUE_TRIES {
             let seq = self.cell_seq(pos).load(Ordering::Acquire);
             let dif = seq.wrapping_sub(pos.wrapping_add(1)) as i64;
             if dif == 0 {
-                match self.deq().compare_exchange_weak(pos, pos.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed) {
+                match self.deq().compare_exchange_weak(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => {
                         let c = self.cell(pos);
-                        let mut m = Message { len: 0, bytes: [0; MESSAGE_MAX] };
+                        let mut m = Message {
+                            len: 0,
+                            bytes: [0; MESSAGE_MAX],
+                        };
                         // SAFETY: the cell is ours until we hand it back below.
                         unsafe {
                             m.len = core::ptr::read_volatile(c.add(8));
-                            core::ptr::copy_nonoverlapping(c.add(16), m.bytes.as_mut_ptr(), MESSAGE_MAX);
+                            core::ptr::copy_nonoverlapping(
+                                c.add(16),
+                                m.bytes.as_mut_ptr(),
+                                MESSAGE_MAX,
+                            );
                         }
-                        self.cell_seq(pos).store(pos.wrapping_add(self.capacity), Ordering::Release);
+                        self.cell_seq(pos)
+                            .store(pos.wrapping_add(self.capacity), Ordering::Release);
                         if m.len as usize > MESSAGE_MAX {
                             return Err(Corrupt);
                         }
@@ -574,6 +653,13 @@ impl Queue {
                     Err(now) => pos = now,
                 }
             } else if dif < 0 {
+                // Empty: the cell is free for this lap, or a taker of the last lap has not
+                // handed it back yet. Anything else was written by someone not following the
+                // protocol.
+                let taken = pos.wrapping_sub(self.capacity).wrapping_add(1);
+                if seq != pos && seq != taken {
+                    return Err(Corrupt);
+                }
                 return Ok(None);
             } else {
                 pos = self.deq().load(Ordering::Relaxed);
@@ -606,7 +692,11 @@ impl Inbox {
 
     /// This VM's inbox at `offset` of the region's data area, made empty (at start, before
     /// others send).
-    pub fn create(region: &Region, offset: usize, capacity: u64) -> Result<alloc::rc::Rc<Inbox>, Corrupt> {
+    pub fn create(
+        region: &Region,
+        offset: usize,
+        capacity: u64,
+    ) -> Result<alloc::rc::Rc<Inbox>, Corrupt> {
         let queue = Queue::init(region, offset, capacity)?;
         Ok(alloc::rc::Rc::new(Inbox {
             queue,
@@ -658,8 +748,8 @@ impl Inbox {
 
 impl crate::dispatch::Source for Inbox {
     fn poll(&self) -> bool {
-        let ready = self.queue.has_message()
-            || self.queue.at_magic() != QUEUE_MAGIC;
+        // A header someone wrote over counts as ready: `try_recv` finds it and resets it.
+        let ready = self.queue.has_message() || !self.queue.header_ok();
         if ready {
             for w in self.wakers.borrow_mut().drain(..) {
                 w.wake();
@@ -673,16 +763,15 @@ impl crate::dispatch::Source for Inbox {
     }
 }
 
-impl Queue {
-    fn at_magic(&self) -> u64 {
-        self.u64(0).load(Ordering::Acquire)
-    }
-}
-
 /// Sends `m` to the inbox of member `slot` (at `offset`), waking that VM only if it is idle.
 /// Returns whether the message was queued (`false`: the inbox is full) and whether a wake-up
 /// was rung.
-pub fn send(region: &Region, inbox_offset: usize, slot: usize, m: &Message) -> Result<(bool, bool), Corrupt> {
+pub fn send(
+    region: &Region,
+    inbox_offset: usize,
+    slot: usize,
+    m: &Message,
+) -> Result<(bool, bool), Corrupt> {
     let q = Queue::at(region, inbox_offset)?;
     if !q.push(m)? {
         return Ok((false, false));

@@ -507,7 +507,10 @@ fn share_command(sock: Option<&Path>, cmd: ShareCommand) -> Result<i32> {
     match cmd {
         ShareCommand::Create { name, size_mib } => {
             dir.create(&name, size_mib)?;
-            eprintln!("rebound: region {name} ({size_mib} MiB) created in {}", dir.path().display());
+            eprintln!(
+                "rebound: region {name} ({size_mib} MiB) created in {}",
+                dir.path().display()
+            );
         }
         ShareCommand::List => println!("{}", serde_json::to_string_pretty(&dir.list()?)?),
         ShareCommand::Remove { name, force } => {
@@ -516,7 +519,12 @@ fn share_command(sock: Option<&Path>, cmd: ShareCommand) -> Result<i32> {
         }
         ShareCommand::Attach { name, read_only } => {
             let body = serde_json::json!({ "read_only": read_only });
-            client::call(need_sock(sock)?, "PUT", &format!("/shared/{name}"), Some(&body))?;
+            client::call(
+                need_sock(sock)?,
+                "PUT",
+                &format!("/shared/{name}"),
+                Some(&body),
+            )?;
         }
         ShareCommand::Detach { name } => {
             client::call(need_sock(sock)?, "DELETE", &format!("/shared/{name}"), None)?;

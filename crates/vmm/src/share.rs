@@ -524,12 +524,17 @@ impl Region {
             let stray = readers.fetch_and(live, Ordering::AcqRel) & !live;
             let w = word.load(Ordering::Acquire);
             let holder = w & share::LOCK_HOLDER_MASK;
-            let orphan = holder != 0 && (holder > share::MAX_MEMBERS as u64 || live & (1 << (holder - 1)) == 0);
+            let orphan = holder != 0
+                && (holder > share::MAX_MEMBERS as u64 || live & (1 << (holder - 1)) == 0);
             if orphan || stray != 0 {
                 let keep = if orphan { 0 } else { holder };
                 let recoveries = (w >> share::LOCK_RECOVERY_SHIFT).wrapping_add(1);
-                let new = keep | share::LOCK_INCONSISTENT | (recoveries << share::LOCK_RECOVERY_SHIFT);
-                if word.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                let new =
+                    keep | share::LOCK_INCONSISTENT | (recoveries << share::LOCK_RECOVERY_SHIFT);
+                if word
+                    .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     released += 1;
                 }
             }
@@ -642,6 +647,16 @@ pub struct AttachmentInfo {
     pub wakeups: u64,
 }
 
+/// How a VM comes back to a region it was attached to before (restore, live update).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rejoin {
+    /// The member slot it had, taken again if free.
+    pub slot: Option<usize>,
+    /// Same VM (live update): the slot still recorded with its id, and the locks it holds,
+    /// stay its own instead of being recovered.
+    pub keep_holdings: bool,
+}
+
 /// Counters of the sharing paths.
 #[derive(Default)]
 pub struct ShareCounters {
@@ -699,7 +714,8 @@ impl Shares {
     }
 
     /// Attaches a region (or a persistent cache) to the VM: maps it, claims a member slot
-    /// (`prefer` if free), adds the KVM slot and updates the guest's table. Returns the index.
+    /// (the one of `rejoin` if free), adds the KVM slot and updates the guest's table.
+    /// Returns the index.
     pub fn attach(
         self: &Arc<Self>,
         vm_fd: &VmFd,
@@ -707,9 +723,12 @@ impl Shares {
         waiters: &Arc<Waiters>,
         config: &ShareConfig,
         cache: Option<&CacheConfig>,
-        prefer: Option<usize>,
-        keep_holdings: bool,
+        rejoin: Rejoin,
     ) -> Result<usize> {
+        let Rejoin {
+            slot: prefer,
+            keep_holdings,
+        } = rejoin;
         check_name("region", &config.name)?;
         if let Some(c) = cache {
             check_name("identity", &c.identity)?;
@@ -1044,6 +1063,12 @@ impl Shares {
         for a in table.iter_mut().flatten() {
             a.release(true);
         }
+    }
+}
+
+impl Drop for Shares {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

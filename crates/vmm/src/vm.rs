@@ -27,7 +27,7 @@ use crate::memory::{self, GuestMemory};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
 use crate::share::{
-    AttachmentInfo, CacheConfig, ShareConfig, ShareCounters, ShareDir, ShareRecord, Shares,
+    AttachmentInfo, CacheConfig, Rejoin, ShareConfig, ShareCounters, ShareDir, ShareRecord, Shares,
 };
 use crate::wait::{Request, RunControl, Waiters};
 use crate::{Error, Result, boot, kick, vcpu, vstate};
@@ -610,6 +610,24 @@ impl Vm {
             vcpu_threads: Mutex::new(Vec::new()),
             shares,
         });
+        // Shared regions are in place (and the guest's table written) before it runs. A
+        // failure here drops everything built so far; no vCPU thread exists yet.
+        shared.shares.rewrite_table(&shared.mem)?;
+        for r in &share_records {
+            let prefer = (r.slot != u32::MAX).then_some(r.slot as usize);
+            let keep = same_vm && r.vm_id == shared.shares.vm_id();
+            shared.shares.attach(
+                &vm_fd,
+                &shared.mem,
+                &shared.waiters,
+                &r.config,
+                r.cache.as_ref(),
+                Rejoin {
+                    slot: prefer,
+                    keep_holdings: keep,
+                },
+            )?;
+        }
         let vm = Vm {
             vm_fd,
             shared: shared.clone(),
@@ -622,21 +640,6 @@ impl Vm {
             backing: mem_file,
         };
 
-        // Shared regions are in place (and the guest's table written) before it runs.
-        shared.shares.rewrite_table(&shared.mem)?;
-        for r in &share_records {
-            let prefer = (r.slot != u32::MAX).then_some(r.slot as usize);
-            let keep = same_vm && r.vm_id == vm.shared.shares.vm_id();
-            shared.shares.attach(
-                &vm.vm_fd,
-                &shared.mem,
-                &shared.waiters,
-                &r.config,
-                r.cache.as_ref(),
-                prefer,
-                keep,
-            )?;
-        }
         if paused {
             // The owner's pause: checkpoints and snapshots of it thaw back to paused.
             shared.control.set(Request::Pause);
@@ -961,8 +964,7 @@ impl Vm {
             &self.shared.waiters,
             config,
             cache,
-            None,
-            false,
+            Rejoin::default(),
         )?;
         Ok(())
     }

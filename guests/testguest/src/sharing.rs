@@ -21,7 +21,7 @@ const CACHE_SLOTS: usize = 64;
 const CACHE_SLOT: usize = 4096 + 64;
 const CACHE_WORDS: usize = 512;
 
-fn sarg<'a>(cpu: &'a Cpu, i: usize) -> &'a str {
+fn sarg(cpu: &Cpu, i: usize) -> &str {
     cpu.args().split_whitespace().nth(i).unwrap_or("")
 }
 
@@ -38,9 +38,9 @@ fn inbox_of(slot: usize) -> usize {
     INBOX_STRIDE * slot
 }
 
-/// A peer whose inbox is ready (spins politely until one is).
+/// A peer whose inbox is ready (waits up to 30 s for one).
 fn wait_peer_inbox(r: &Region) -> usize {
-    loop {
+    for _ in 0..30_000 {
         for p in r.peers() {
             if Queue::at(r, inbox_of(p)).is_ok() {
                 return p;
@@ -48,6 +48,8 @@ fn wait_peer_inbox(r: &Region) -> usize {
         }
         hypercall::block(1_000_000);
     }
+    println!("no peer with an inbox came");
+    hypercall::exit(3)
 }
 
 fn word(r: &Region, offset: usize) -> &core::sync::atomic::AtomicU64 {
@@ -122,6 +124,16 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
                 hypercall::block(u64::MAX);
             }
         }
+        "locktake" => {
+            // Takes a lock (waiting for it, recovering it if need be) and says how it was left.
+            let Some(r) = region(cpu) else { return Some(2) };
+            let i = arg(2, 0) as usize;
+            let l = r.lock(i);
+            let how = l.lock();
+            println!("took lock {i} ({how:?})");
+            l.unlock();
+            0
+        }
         "lockwait" => {
             let Some(r) = region(cpu) else { return Some(2) };
             let l = r.lock(arg(2, 0) as usize);
@@ -132,11 +144,18 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
             }
             println!("lock is held; waiting");
             let how = l.lock();
-            println!("acquired {}", if how == Acquired::Inconsistent { "inconsistent" } else { "clean" });
+            println!(
+                "acquired {}",
+                if how == Acquired::Inconsistent {
+                    "inconsistent"
+                } else {
+                    "clean"
+                }
+            );
             l.unlock();
             0
         }
-        "hostile" => hostile(cpu),
+        "share-hostile" => hostile(cpu),
         "cache-writer" => cache_writer(cpu, arg(2, 1000)),
         "cache-reader" => cache_reader(cpu, arg(2, 100_000)),
         "pcache" => pcache(cpu),
@@ -197,7 +216,11 @@ fn pong(cpu: &Cpu, count: u64, always: bool) -> i32 {
             }
         }
     });
-    println!("pong done {count} rings={} corrupt={}", rings.get(), inbox.corruptions());
+    println!(
+        "pong done {count} rings={} corrupt={}",
+        rings.get(),
+        inbox.corruptions()
+    );
     0
 }
 
@@ -251,16 +274,28 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool) -> i32 {
     let ib = inbox.clone();
     run_inbox(&inbox, async move {
         let mut next = vec![0u64; 64];
-        for _ in 0..total {
+        // Lossy: run until `total` messages arrived after a corruption was noticed.
+        let mut counted = 0;
+        while counted < total {
             let m = ib.recv().await;
+            if !lossy || ib.corruptions() > 0 {
+                counted += 1;
+            }
             let (from, seq) = (m.word(0) as usize, m.word(1));
             if from >= 64 {
                 println!("sink dropped a message from no member ({from})");
                 continue;
             }
-            let ok = if lossy && ib.corruptions() > 0 { seq >= next[from] } else { seq == next[from] };
+            let ok = if lossy && ib.corruptions() > 0 {
+                seq >= next[from]
+            } else {
+                seq == next[from]
+            };
             if !ok {
-                println!("sink ERROR from slot {from}: expected {}, got {seq}", next[from]);
+                println!(
+                    "sink ERROR from slot {from}: expected {}, got {seq}",
+                    next[from]
+                );
                 hypercall::exit(1);
             }
             next[from] = seq + 1;
@@ -322,7 +357,9 @@ impl Source for WorkQueue {
 
 fn workq_put(cpu: &Cpu, n: u64, takers: u64) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
-    let Ok(q) = Queue::init(&r, WORK_OFFSET, WORK_CAPACITY) else { return 2 };
+    let Ok(q) = Queue::init(&r, WORK_OFFSET, WORK_CAPACITY) else {
+        return 2;
+    };
     // Takers announce themselves by incrementing a word once they look at the queue.
     while word(&r, APP + 8).load(Ordering::SeqCst) < takers {
         hypercall::block(1_000_000);
@@ -354,7 +391,10 @@ fn workq_take(cpu: &Cpu) -> i32 {
         }
         hypercall::block(1_000_000);
     };
-    let src = Rc::new(WorkQueue { q, wakers: core::cell::RefCell::new(alloc::vec::Vec::new()) });
+    let src = Rc::new(WorkQueue {
+        q,
+        wakers: core::cell::RefCell::new(alloc::vec::Vec::new()),
+    });
     word(&r, APP + 8).fetch_add(1, Ordering::SeqCst);
     let result = Rc::new(core::cell::Cell::new((0u64, 0u64)));
     let (s2, res) = (src.clone(), result.clone());
@@ -476,7 +516,8 @@ fn cache_writer(cpu: &Cpu, rounds: u64) -> i32 {
         word(&r, at + 8).store(block, Ordering::Relaxed);
         word(&r, at + 16).store(version, Ordering::Relaxed);
         for i in 0..CACHE_WORDS {
-            word(&r, at + 64 + 8 * i).store(cache_word(block, version, i as u64), Ordering::Relaxed);
+            word(&r, at + 64 + 8 * i)
+                .store(cache_word(block, version, i as u64), Ordering::Relaxed);
         }
         seq.fetch_add(1, Ordering::Release); // even: whole
         lock.unlock();
@@ -492,7 +533,9 @@ fn cache_reader(cpu: &Cpu, reads: u64) -> i32 {
     let (mut ok, mut retries, mut empty) = (0u64, 0u64, 0u64);
     let mut x = r.slot() as u64 + 1;
     while ok + empty < reads {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let at = cache_slot(&r, (x >> 33) as usize % CACHE_SLOTS);
         let seq = word(&r, at);
         let s1 = seq.load(Ordering::Acquire);
@@ -504,7 +547,8 @@ fn cache_reader(cpu: &Cpu, reads: u64) -> i32 {
         let version = word(&r, at + 16).load(Ordering::Relaxed);
         let mut whole = true;
         for i in 0..CACHE_WORDS {
-            whole &= word(&r, at + 64 + 8 * i).load(Ordering::Relaxed) == cache_word(block, version, i as u64);
+            whole &= word(&r, at + 64 + 8 * i).load(Ordering::Relaxed)
+                == cache_word(block, version, i as u64);
         }
         core::sync::atomic::fence(Ordering::Acquire);
         if seq.load(Ordering::Relaxed) != s1 {
