@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -9,6 +9,7 @@ mod checkpoint;
 mod dirty_log;
 mod floor;
 mod qemu;
+mod sharing;
 mod survive;
 
 use std::time::{Duration, Instant};
@@ -254,7 +255,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|all]... [--runs N]\n(recovery, update and protected run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -275,6 +276,7 @@ fn main() -> Result<()> {
             "recovery",
             "update",
             "protected",
+            "sharing",
         ]
         .map(String::from)
         .to_vec();
@@ -296,6 +298,10 @@ fn main() -> Result<()> {
                 survive::qemu_update(&[256, 4096])?;
             }
             "protected" => survive::protected_overhead(runs.min(5))?,
+            "sharing" => {
+                sharing::messaging(20_000)?;
+                sharing::lock(10_000_000)?;
+            }
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

@@ -17,7 +17,7 @@ const WORKING_SET_MIB: u64 = 128;
 /// Pages it keeps writing once warm (each epoch's undo journal holds up to this many).
 const HOT_PAGES: u64 = 64;
 
-fn rebound_bin() -> Result<PathBuf> {
+pub(crate) fn rebound_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("rebound");
     if !bin.exists() {

@@ -280,6 +280,19 @@ impl StateDir {
         let _ = std::fs::remove_file(self.memory());
     }
 
+    /// Records the VM's identity (what its persistent cache belongs to), atomically. Kept when
+    /// the VM ends, like the console log: it says whose cache the VM had.
+    pub fn write_identity(&self, record: &str) -> io::Result<()> {
+        let tmp = self.path.join(".identity.tmp");
+        std::fs::write(&tmp, record)?;
+        std::fs::rename(&tmp, self.path.join("identity"))
+    }
+
+    /// The identity recorded by [`write_identity`](Self::write_identity), if any.
+    pub fn identity(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join("identity")).ok()
+    }
+
     /// Why the directory cannot be recovered, if it cannot.
     pub fn lost(&self) -> Option<String> {
         std::fs::read_to_string(self.path.join("lost")).ok()

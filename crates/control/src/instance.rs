@@ -185,6 +185,20 @@ pub struct Identity {
     pub cache: Option<(String, u64)>,
 }
 
+impl Identity {
+    /// What the state directory records of it (JSON).
+    fn record(&self, image_hash: u64) -> String {
+        serde_json::json!({
+            "identity": self.name,
+            "cache": self.cache.as_ref().map(|(name, size_mib)| {
+                serde_json::json!({ "name": name, "size_mib": size_mib })
+            }),
+            "image_hash": format!("{image_hash:016x}"),
+        })
+        .to_string()
+    }
+}
+
 /// One VM's controller.
 pub struct Instance {
     id: String,
@@ -515,6 +529,7 @@ impl Instance {
         if slot.is_some() {
             return Err(Error::State("the instance is already started".into()));
         }
+        let identity = lock(&self.pending).identity.clone();
         let config = {
             let p = lock(&self.pending);
             let image = p
@@ -553,6 +568,18 @@ impl Instance {
                 path,
                 read_only: false,
             });
+        }
+        if let (Some(dir), Some(id)) = (&dir, &identity) {
+            let hash = config
+                .cache
+                .as_ref()
+                .map_or_else(|| config.image.hash(), |c| c.image_hash);
+            dir.write_identity(&id.record(hash)).map_err(|e| {
+                Error::State(format!(
+                    "cannot record the identity in {}: {e}",
+                    dir.path().display()
+                ))
+            })?;
         }
         let console = self.take_console()?;
         let vm = match &dir {

@@ -427,8 +427,8 @@ const QUEUE_TRIES: u32 = 1000;
 /// A bounded multi-producer multi-consumer queue of small messages in a region (cells with
 /// sequence numbers, Vyukov's design): push and pop are a few atomic instructions, no exit.
 ///
-/// Layout at its offset: magic, capacity (a power of two), enqueue position, dequeue position
-/// (each on its own cache line), then `capacity` cells of 64 bytes: sequence, length, payload.
+/// Layout at its offset: magic, capacity (a power of two), a damaged flag, enqueue position,
+/// dequeue position (each on its own cache line), then `capacity` cells of 64 bytes: sequence, length, payload.
 #[derive(Clone, Copy, Debug)]
 pub struct Queue {
     base: *mut u8,
@@ -530,14 +530,20 @@ impl Queue {
     pub fn init(region: &Region, offset: usize, capacity: u64) -> Result<Queue, Corrupt> {
         let base = Self::place(region, offset, capacity)?;
         let q = Queue { base, capacity };
-        q.u64(8).store(capacity, Ordering::Relaxed);
-        q.enq().store(0, Ordering::Relaxed);
-        q.deq().store(0, Ordering::Relaxed);
-        for i in 0..capacity {
-            q.cell_seq(i).store(i, Ordering::Relaxed);
-        }
-        q.u64(0).store(QUEUE_MAGIC, Ordering::Release);
+        q.format();
         Ok(q)
+    }
+
+    /// Writes an empty queue over whatever is there.
+    fn format(&self) {
+        self.u64(8).store(self.capacity, Ordering::Relaxed);
+        self.enq().store(0, Ordering::Relaxed);
+        self.deq().store(0, Ordering::Relaxed);
+        for i in 0..self.capacity {
+            self.cell_seq(i).store(i, Ordering::Relaxed);
+        }
+        self.damaged().store(0, Ordering::Relaxed);
+        self.u64(0).store(QUEUE_MAGIC, Ordering::Release);
     }
 
     /// The queue at `offset`, as its header describes it.
@@ -557,14 +563,30 @@ impl Queue {
         Ok(Queue { base, capacity })
     }
 
-    /// Whether the header still describes this queue (another VM may have written over it).
+    /// Set by a sender that found the queue corrupt (0: not damaged).
+    fn damaged(&self) -> &AtomicU64 {
+        self.u64(16)
+    }
+
+    /// Whether the header still describes this queue (another VM may have written over it,
+    /// or a sender found it damaged beyond what its owner can see).
     fn header_ok(&self) -> bool {
         self.u64(0).load(Ordering::Acquire) == QUEUE_MAGIC
             && self.u64(8).load(Ordering::Acquire) == self.capacity
+            && self.damaged().load(Ordering::Acquire) == 0
     }
 
-    /// Appends a message; `Ok(false)` if full.
+    /// Appends a message; `Ok(false)` if full. A queue found corrupt is flagged damaged, so
+    /// that its owner (who may see nothing wrong from its end) resets it.
     pub fn push(&self, m: &Message) -> Result<bool, Corrupt> {
+        let r = self.try_push(m);
+        if r.is_err() {
+            self.damaged().store(1, Ordering::Release);
+        }
+        r
+    }
+
+    fn try_push(&self, m: &Message) -> Result<bool, Corrupt> {
         if !self.header_ok() {
             return Err(Corrupt);
         }
@@ -724,14 +746,7 @@ impl Inbox {
     }
 
     fn reset(&self) {
-        let q = &self.queue;
-        q.u64(8).store(q.capacity, Ordering::Relaxed);
-        q.enq().store(0, Ordering::Relaxed);
-        q.deq().store(0, Ordering::Relaxed);
-        for i in 0..q.capacity {
-            q.cell_seq(i).store(i, Ordering::Relaxed);
-        }
-        q.u64(0).store(QUEUE_MAGIC, Ordering::Release);
+        self.queue.format();
     }
 
     /// Waits for the next message.
@@ -772,9 +787,14 @@ pub fn send(
     slot: usize,
     m: &Message,
 ) -> Result<(bool, bool), Corrupt> {
-    let q = Queue::at(region, inbox_offset)?;
-    if !q.push(m)? {
-        return Ok((false, false));
+    // A damaged inbox is its owner's to reset: make sure it looks.
+    let pushed = Queue::at(region, inbox_offset).and_then(|q| q.push(m));
+    match pushed {
+        Err(Corrupt) => {
+            region.wake(slot);
+            Err(Corrupt)
+        }
+        Ok(false) => Ok((false, false)),
+        Ok(true) => Ok((true, region.wake_if_idle(slot))),
     }
-    Ok((true, region.wake_if_idle(slot)))
 }

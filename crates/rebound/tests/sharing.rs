@@ -429,12 +429,22 @@ fn a_persistent_cache_outlives_its_vm_and_refuses_strangers() {
         out.contains("cache cold") && out.contains("cache now 1"),
         "{out}"
     );
-    let (code, out, err) = s.run("pcache", &opts);
+    // The second run lives in a state directory, which records whose cache it had.
+    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let state_dir = state.path().join("vm");
+    let state_arg = state_dir.to_str().unwrap();
+    let (code, out, err) = s.run("pcache", &[&opts[..], &["--state", state_arg]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("cache warm: 1 runs before") && out.contains("cache now 2"),
         "{out}"
     );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state_dir.join("identity")).unwrap())
+            .unwrap();
+    assert_eq!(record["identity"], "web1", "{record}");
+    assert_eq!(record["cache"]["name"], "web1-cache", "{record}");
+    assert_eq!(record["cache"]["size_mib"], 4, "{record}");
     // Another identity may not take it.
     let (code, _, err) = s.run("pcache", &["--identity", "web2", "--cache", "web1-cache:4"]);
     assert_eq!(code, 1);
@@ -463,7 +473,8 @@ fn a_hostile_guest_hurts_only_what_it_may_write() {
     s.create("h", 4);
     let mut sink = s.spawn("sink h 2000 lossy", &["--share", "h"]);
     sink.expect("sink ready");
-    let source = s.spawn("source h 1000000", &["--share", "h"]);
+    // The source sends until the sink has gone (it notices when the inbox fills up).
+    let source = s.spawn("source h 1000000000000", &["--share", "h"]);
     std::thread::sleep(Duration::from_millis(200));
     let (code, out, err) = s.run("share-hostile h", &["--share", "h"]);
     assert_eq!(code, 0, "{out}{err}");

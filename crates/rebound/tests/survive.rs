@@ -434,21 +434,27 @@ fn live_update_hands_the_vm_to_another_binary_without_copying_memory() {
     assert_eq!(text(&out.stdout), expected);
 }
 
+/// The host CPUs vCPU 0's thread may run on (waiting for the thread: the API socket is up
+/// before the VM has started).
 fn vcpu_cpus_from_proc(pid: u32) -> String {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "rebound-vcpu0" {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
-            return status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .unwrap()
-                .trim()
-                .to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "rebound-vcpu0" {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+                return status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap()
+                    .trim()
+                    .to_string();
+            }
         }
+        std::thread::sleep(Duration::from_millis(10));
     }
     panic!("no vCPU thread in {pid}");
 }

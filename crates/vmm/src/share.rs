@@ -880,10 +880,17 @@ impl Shares {
             // A dead member's leftovers go first (unless it is this very VM going on in a new
             // process after a live update).
             let previous = region.member_vm(s);
-            if previous != 0 && !(keep_holdings && previous == self.vm_id) {
+            let rejoining = keep_holdings && previous == self.vm_id;
+            if previous != 0 && !rejoining {
                 region.release_holdings(s);
                 region.clear_member(s);
                 region.wake_all_others(Some(s));
+            }
+            if !rejoining {
+                // Counted per membership: the last holder's wake-ups are not ours.
+                region
+                    .u64_at(region.member_field(s, std::mem::offset_of!(Member, wakeups)))
+                    .store(0, Ordering::Relaxed);
             }
             region
                 .u64_at(region.member_field(s, std::mem::offset_of!(Member, vm_id)))

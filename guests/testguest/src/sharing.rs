@@ -62,9 +62,17 @@ fn word(r: &Region, offset: usize) -> &core::sync::atomic::AtomicU64 {
     }
 }
 
-/// Dispatches one task that receives from `inbox` until it returns.
-fn run_inbox<F: core::future::Future<Output = ()> + 'static>(inbox: &Rc<Inbox>, task: F) {
+/// Dispatches one task that receives from `inbox` until it returns; `poll` false makes the
+/// dispatcher go idle at once instead of polling briefly first.
+fn run_inbox<F: core::future::Future<Output = ()> + 'static>(
+    inbox: &Rc<Inbox>,
+    poll: bool,
+    task: F,
+) {
     let mut d = Dispatcher::new();
+    if !poll {
+        d.set_poll_spins(0);
+    }
     d.add_source(inbox.clone() as Rc<dyn Source>);
     d.spawn(task);
     d.run();
@@ -107,10 +115,26 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
             println!("saw {v}");
             0
         }
-        "pong" => pong(cpu, arg(2, 100), sarg(cpu, 3) == "always"),
-        "ping" => ping(cpu, arg(2, 100), sarg(cpu, 3) == "always"),
-        "sink" => sink(cpu, arg(2, 100), sarg(cpu, 3) == "lossy"),
-        "source" => source(cpu, arg(2, 100)),
+        // pong|ping REGION COUNT [always|idle] [nopoll]; sink REGION COUNT [lossy|exact] [nopoll]
+        "pong" => pong(
+            cpu,
+            arg(2, 100),
+            sarg(cpu, 3) == "always",
+            sarg(cpu, 4) != "nopoll",
+        ),
+        "ping" => ping(
+            cpu,
+            arg(2, 100),
+            sarg(cpu, 3) == "always",
+            sarg(cpu, 4) != "nopoll",
+        ),
+        "sink" => sink(
+            cpu,
+            arg(2, 100),
+            sarg(cpu, 3) == "lossy",
+            sarg(cpu, 4) != "nopoll",
+        ),
+        "source" => source(cpu, arg(2, 100), sarg(cpu, 3) == "always"),
         "workq-put" => workq_put(cpu, arg(2, 100), arg(3, 1)),
         "workq-take" => workq_take(cpu),
         "lockstress" => lockstress(cpu, arg(2, 1000)),
@@ -179,7 +203,7 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
     })
 }
 
-fn pong(cpu: &Cpu, count: u64, always: bool) -> i32 {
+fn pong(cpu: &Cpu, count: u64, always: bool, poll: bool) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
     let Ok(inbox) = Inbox::create(&r, inbox_of(r.slot()), INBOX_CAPACITY) else {
         println!("cannot make an inbox");
@@ -189,7 +213,7 @@ fn pong(cpu: &Cpu, count: u64, always: bool) -> i32 {
     let ib = inbox.clone();
     let rings = Rc::new(core::cell::Cell::new(0u64));
     let rg = rings.clone();
-    run_inbox(&inbox, async move {
+    run_inbox(&inbox, poll, async move {
         for i in 0..count {
             let m = ib.recv().await;
             if m.word(0) != i {
@@ -217,14 +241,15 @@ fn pong(cpu: &Cpu, count: u64, always: bool) -> i32 {
         }
     });
     println!(
-        "pong done {count} rings={} corrupt={}",
+        "pong done {count} rings={} woken={} corrupt={}",
         rings.get(),
+        r.member(r.slot()).wakeups(),
         inbox.corruptions()
     );
     0
 }
 
-fn ping(cpu: &Cpu, count: u64, always: bool) -> i32 {
+fn ping(cpu: &Cpu, count: u64, always: bool, poll: bool) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
     let Ok(inbox) = Inbox::create(&r, inbox_of(r.slot()), INBOX_CAPACITY) else {
         println!("cannot make an inbox");
@@ -235,7 +260,7 @@ fn ping(cpu: &Cpu, count: u64, always: bool) -> i32 {
     let ib = inbox.clone();
     let stats = Rc::new(core::cell::Cell::new((0u64, 0u64)));
     let st = stats.clone();
-    run_inbox(&inbox, async move {
+    run_inbox(&inbox, poll, async move {
         let t0 = time::monotonic_ns();
         let mut rings = 0;
         for i in 0..count {
@@ -260,11 +285,14 @@ fn ping(cpu: &Cpu, count: u64, always: bool) -> i32 {
         st.set((time::monotonic_ns() - t0, rings));
     });
     let (ns, rings) = stats.get();
-    println!("ping done {count} ns={ns} rings={rings}");
+    println!(
+        "ping done {count} ns={ns} rings={rings} woken={}",
+        r.member(r.slot()).wakeups()
+    );
     0
 }
 
-fn sink(cpu: &Cpu, total: u64, lossy: bool) -> i32 {
+fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
     let Ok(inbox) = Inbox::create(&r, inbox_of(r.slot()), INBOX_CAPACITY) else {
         println!("cannot make an inbox");
@@ -272,12 +300,17 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool) -> i32 {
     };
     println!("sink ready slot={}", r.slot());
     let ib = inbox.clone();
-    run_inbox(&inbox, async move {
+    let first = Rc::new(core::cell::Cell::new(0u64));
+    let fst = first.clone();
+    run_inbox(&inbox, poll, async move {
         let mut next = vec![0u64; 64];
         // Lossy: run until `total` messages arrived after a corruption was noticed.
         let mut counted = 0;
         while counted < total {
             let m = ib.recv().await;
+            if fst.get() == 0 {
+                fst.set(time::monotonic_ns());
+            }
             if !lossy || ib.corruptions() > 0 {
                 counted += 1;
             }
@@ -301,11 +334,19 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool) -> i32 {
             next[from] = seq + 1;
         }
     });
-    println!("sink done {total} corrupt={}", inbox.corruptions());
+    // From the first message to the last: the receiving rate.
+    println!(
+        "sink done {total} corrupt={} ns={} woken={}",
+        inbox.corruptions(),
+        time::monotonic_ns() - first.get(),
+        r.member(r.slot()).wakeups()
+    );
     0
 }
 
-fn source(cpu: &Cpu, n: u64) -> i32 {
+/// Sends `n` numbered messages to the first peer with an inbox; `always` rings its doorbell for
+/// every message instead of only when it is idle (the comparison the benchmark makes).
+fn source(cpu: &Cpu, n: u64, always: bool) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
     let sink = wait_peer_inbox(&r);
     let me = r.slot() as u64;
@@ -314,7 +355,10 @@ fn source(cpu: &Cpu, n: u64) -> i32 {
     while i < n {
         match share::send(&r, inbox_of(sink), sink, &Message::words(&[me, i])) {
             Ok((true, rang)) => {
-                rings += u64::from(rang);
+                if always && !rang {
+                    r.wake(sink);
+                }
+                rings += u64::from(rang || always);
                 i += 1;
             }
             Ok((false, _)) | Err(_) => {
