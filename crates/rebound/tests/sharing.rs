@@ -356,6 +356,28 @@ fn three_vms_contend_for_a_lock_without_losing_an_update() {
 }
 
 #[test]
+fn a_shared_lock_guards_data_that_lives_in_one_vms_own_memory() {
+    // The owner keeps a counter in its private memory and only answers GET and SET; two
+    // clients add to it with GET then SET, under a lock in the region. A lost update would
+    // show as a total below 2 x 400.
+    let s = Share::new();
+    s.create("o", 4);
+    let mut owner = s.spawn("lockowner o 2", &["--share", "o"]);
+    owner.expect("owner ready");
+    let clients: Vec<Guest> = (0..2)
+        .map(|_| s.spawn("lockclient o 400", &["--share", "o"]))
+        .collect();
+    for c in clients {
+        let (code, out) = c.finish();
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("client done 400 inconsistent=0"), "{out}");
+    }
+    let (code, out) = owner.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("owner value=800"), "{out}");
+}
+
+#[test]
 fn a_lock_held_by_a_killed_or_rolled_back_vm_is_recovered() {
     let s = Share::new();
     s.create("k", 4);

@@ -179,6 +179,9 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
             l.unlock();
             0
         }
+        // The data lives in one VM's memory; only the lock (and inboxes) are shared.
+        "lockowner" => lock_owner(cpu, arg(2, 2)),
+        "lockclient" => lock_client(cpu, arg(2, 100)),
         "share-hostile" => hostile(cpu),
         "cache-writer" => cache_writer(cpu, arg(2, 1000)),
         "cache-reader" => cache_reader(cpu, arg(2, 100_000)),
@@ -527,6 +530,107 @@ fn hostile(cpu: &Cpu) -> i32 {
     unsafe { core::ptr::write_volatile(lock_word as *mut u64, 200) };
     r.wake(victim);
     println!("hostile done victim={victim}");
+    0
+}
+
+/// Where the owner of private data announces its slot (+1) to its clients.
+const OWNER_WORD: usize = APP + 1024;
+/// The lock that orders the clients' read-modify-write of the owner's data.
+const OWNER_LOCK: usize = 5;
+const OP_GET: u64 = 1;
+const OP_SET: u64 = 2;
+const OP_DONE: u64 = 3;
+
+/// Keeps a counter in its own (private) memory and serves GET/SET requests from its inbox; ends
+/// when `clients` said DONE. The counter is right only if the clients held the shared lock
+/// across each GET..SET: the owner itself does nothing to order them.
+fn lock_owner(cpu: &Cpu, clients: u64) -> i32 {
+    let Some(r) = region(cpu) else { return 2 };
+    let Ok(inbox) = Inbox::create(&r, inbox_of(r.slot()), INBOX_CAPACITY) else {
+        return 2;
+    };
+    word(&r, OWNER_WORD).store(r.slot() as u64 + 1, Ordering::SeqCst);
+    println!("owner ready slot={}", r.slot());
+    let value = Rc::new(core::cell::Cell::new(0u64));
+    let (ib, v) = (inbox.clone(), value.clone());
+    let rr = r;
+    run_inbox(&inbox, true, async move {
+        let mut done = 0;
+        while done < clients {
+            let m = ib.recv().await;
+            let (op, from) = (m.word(0), m.word(1) as usize);
+            let reply = match op {
+                OP_GET => v.get(),
+                OP_SET => {
+                    v.set(m.word(2));
+                    m.word(2)
+                }
+                OP_DONE => {
+                    done += 1;
+                    continue;
+                }
+                _ => continue, // not a request: ignore it
+            };
+            while !matches!(
+                share::send(&rr, inbox_of(from), from, &Message::words(&[reply])),
+                Ok((true, _))
+            ) {
+                if from >= 64 || rr.member(from).vm_id() == 0 {
+                    break; // no such client (any more)
+                }
+                hypercall::yield_now();
+            }
+        }
+    });
+    word(&r, OWNER_WORD).store(0, Ordering::SeqCst);
+    println!("owner value={}", value.get());
+    0
+}
+
+/// Adds 1 to the owner's counter `n` times: under the shared lock, GET it, then SET it + 1.
+fn lock_client(cpu: &Cpu, n: u64) -> i32 {
+    let Some(r) = region(cpu) else { return 2 };
+    let Ok(inbox) = Inbox::create(&r, inbox_of(r.slot()), INBOX_CAPACITY) else {
+        return 2;
+    };
+    let mut owner = 0;
+    for _ in 0..30_000 {
+        owner = word(&r, OWNER_WORD).load(Ordering::SeqCst) as usize;
+        if owner != 0 {
+            break;
+        }
+        hypercall::block(1_000_000);
+    }
+    if owner == 0 || owner > 64 {
+        println!("client: no owner");
+        return 3;
+    }
+    let owner = owner - 1;
+    let me = r.slot() as u64;
+    let ib = inbox.clone();
+    let inconsistent = Rc::new(core::cell::Cell::new(0u64));
+    let inc = inconsistent.clone();
+    run_inbox(&inbox, true, async move {
+        let call = |words: &[u64]| {
+            let m = Message::words(words);
+            while !matches!(share::send(&r, inbox_of(owner), owner, &m), Ok((true, _))) {
+                hypercall::yield_now();
+            }
+        };
+        let lock = r.lock(OWNER_LOCK);
+        for _ in 0..n {
+            if lock.lock() == Acquired::Inconsistent {
+                inc.set(inc.get() + 1);
+            }
+            call(&[OP_GET, me]);
+            let v = ib.recv().await.word(0);
+            call(&[OP_SET, me, v + 1]);
+            let _ = ib.recv().await;
+            lock.unlock();
+        }
+        call(&[OP_DONE, me]);
+    });
+    println!("client done {n} inconsistent={}", inconsistent.get());
     0
 }
 
