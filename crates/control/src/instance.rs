@@ -103,6 +103,9 @@ pub struct Handover {
     pub binary: Option<PathBuf>,
     /// Where the vCPUs run and the recovery attribute.
     pub placement: Placement,
+    /// Shared-region member slots whose locks stay held across the exec, for the new process
+    /// (the value of `rebound_vmm::share::INHERITED_CLAIMS_ENV`; empty: none).
+    pub share_claims: String,
 }
 
 /// Starts the new VMM program for a live update (e.g. with `exec`). It returns only if that
@@ -759,9 +762,11 @@ impl Instance {
             },
             binary,
             placement: lock(&self.placement).clone(),
+            share_claims: vm.hand_over_share_claims(),
         };
         tracing::info!(epoch = report.epoch, "live update: handing the VM over");
         let e = updater(&handover);
+        vm.keep_share_claims();
         tracing::error!("live update failed, the VM resumes here: {e}");
         if !was_paused {
             vm.resume()?;

@@ -102,6 +102,9 @@ pub fn allow_update(cli: &Cli, instance: &Instance) {
             cmd.arg("--disk").arg(d);
         }
         placement_args(&mut cmd, &h.placement);
+        if !h.share_claims.is_empty() {
+            cmd.env(rebound_vmm::share::INHERITED_CLAIMS_ENV, &h.share_claims);
+        }
         // What the guest printed is in the state directory's log; this is the mirror.
         let _ = std::io::stdout().flush();
         cmd.exec()

@@ -132,6 +132,14 @@ impl Guest {
         }
     }
 
+    /// Whether the VM has said `what` so far (without waiting).
+    fn saw(&mut self, what: &str) -> bool {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.iter().any(|l| l.contains(what))
+    }
+
     fn finish(mut self) -> (i32, String) {
         // A hang fails the test (with what the guest said) instead of stalling the suite.
         let deadline = Instant::now() + LIMIT;
@@ -375,6 +383,70 @@ fn a_shared_lock_guards_data_that_lives_in_one_vms_own_memory() {
     let (code, out) = owner.finish();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("owner value=800"), "{out}");
+}
+
+#[test]
+fn a_live_update_keeps_the_vms_member_slot_and_its_locks() {
+    let s = Share::new();
+    s.create("u", 4);
+    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = state.path().join("vm");
+    let sock = state.path().join("api.sock");
+    let mut holder = s.spawn(
+        "lockhold u 0",
+        &[
+            "--share",
+            "u",
+            "--state",
+            dir.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+    );
+    holder.expect("holding lock 0");
+    // The waiter asks its VMM to recover dead members every few milliseconds, all through
+    // the update: the holder must never look dead, not even between exec and re-attach.
+    let mut waiter = s.spawn("lockwait u 0", &["--share", "u"]);
+    waiter.expect("lock is held; waiting");
+    let recoverer = s.spawn("recover-loop u 3000", &["--share", "u"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = s
+        .cmd()
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("update")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (code, out) = recoverer.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("recovered=0"), "nobody was recovered: {out}");
+    assert!(
+        !waiter.saw("acquired"),
+        "the lock was taken from a VM that was only being updated: {:?}",
+        waiter.seen
+    );
+    let list = s.cmd().args(["share", "list"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let members = list[0]["members"].as_array().unwrap();
+    assert!(
+        members
+            .iter()
+            .any(|m| m["slot"] == 0 && m["alive"] == true && m["pid"] == holder.child.id()),
+        "the updated VMM holds its old slot: {list}"
+    );
+    let holder_pid = holder.child.id();
+    assert_eq!(
+        members.iter().filter(|m| m["pid"] == holder_pid).count(),
+        1,
+        "and no other: {list}"
+    );
+    // And when it really dies, the lock comes back.
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let (code, out) = waiter.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("acquired inconsistent"), "{out}");
 }
 
 #[test]

@@ -864,13 +864,19 @@ impl Shares {
         let order = prefer.into_iter().chain(0..share::MAX_MEMBERS);
         for s in order.filter(|&s| s < share::MAX_MEMBERS) {
             let path = self.dir.slot_file(region.name(), s);
-            let Ok(f) = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-            else {
+            // A live update hands the slot's lock over across exec: nobody saw it free.
+            let inherited = keep_holdings
+                .then(|| take_inherited_claim(region.name(), s, &path))
+                .flatten();
+            let Some(f) = inherited.or_else(|| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .ok()
+            }) else {
                 continue;
             };
             // SAFETY: flock on a descriptor we own; the result is checked.
@@ -1059,6 +1065,36 @@ impl Shares {
         write_table(mem, self.vm_id, &lock(&self.table))
     }
 
+    /// Makes this VM's member-slot claims survive `exec` for a live update: their lock files
+    /// lose close-on-exec, so the locks stay held through the exec, and the new process finds
+    /// them in [`INHERITED_CLAIMS_ENV`], set to the returned value. Undo with
+    /// [`keep_claims`](Self::keep_claims) if the update does not happen.
+    pub fn hand_over_claims(&self) -> String {
+        let table = lock(&self.table);
+        let mut out = Vec::new();
+        for a in table.iter().flatten() {
+            let fd = a._claim.as_raw_fd();
+            if set_cloexec(fd, false).is_ok() {
+                out.push(format!("{}:{}:{fd}", a.config.name, a.slot));
+            }
+        }
+        out.join(",")
+    }
+
+    /// After re-attaching following a live update: inherited claims no attachment took are
+    /// let go.
+    pub fn drop_inherited_claims(&self) {
+        drop_inherited_claims(&self.dir);
+    }
+
+    /// The live update did not happen: claims close on exec again (a child process must not
+    /// keep them, or a dead VM would look alive).
+    pub fn keep_claims(&self) {
+        for a in lock(&self.table).iter().flatten() {
+            let _ = set_cloexec(a._claim.as_raw_fd(), true);
+        }
+    }
+
     /// Stops the threads and releases every member slot (the VM ended).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
@@ -1093,6 +1129,97 @@ impl Attachment {
             self.region.release_holdings(self.slot);
             self.region.clear_member(self.slot);
             self.region.wake_all_others(Some(self.slot));
+        }
+    }
+}
+
+/// Environment variable in which a live update passes member-slot claims to the new process:
+/// `NAME:SLOT:FD` entries, comma-separated.
+pub const INHERITED_CLAIMS_ENV: &str = "REBOUND_SHARE_CLAIMS";
+
+/// Claims inherited from the process before a live update, not yet taken: (region, slot, fd).
+static INHERITED: Mutex<Option<Vec<(String, usize, i32)>>> = Mutex::new(None);
+
+fn set_cloexec(fd: i32, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on a descriptor this process owns; results checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether descriptor `fd` is open on the file at `path` (same device and inode).
+fn fd_is(fd: i32, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    // SAFETY: an all-zero `stat` is valid; fstat fills it or fails (checked).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`; a closed or foreign fd just fails or mismatches.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev == m.dev() && st.st_ino == m.ino()
+}
+
+fn inherited_claims() -> MutexGuard<'static, Option<Vec<(String, usize, i32)>>> {
+    let mut g = lock(&INHERITED);
+    if g.is_none() {
+        let parsed = std::env::var(INHERITED_CLAIMS_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|e| {
+                let mut it = e.rsplitn(3, ':');
+                let fd = it.next()?.parse().ok()?;
+                let slot = it.next()?.parse().ok()?;
+                Some((it.next()?.to_string(), slot, fd))
+            })
+            .collect();
+        *g = Some(parsed);
+    }
+    g
+}
+
+/// The inherited claim on `region`'s member `slot`, if the previous process handed it over.
+fn take_inherited_claim(region: &str, slot: usize, path: &Path) -> Option<File> {
+    let mut g = inherited_claims();
+    let list = g.as_mut()?;
+    let i = list
+        .iter()
+        .position(|(r, s, _)| r == region && *s == slot)?;
+    let (_, _, fd) = list.swap_remove(i);
+    // Only a descriptor open on that very slot file is taken: a number the environment
+    // names is not trusted to be what it says.
+    if !fd_is(fd, path) {
+        return None;
+    }
+    let _ = set_cloexec(fd, true);
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is open on the slot file (checked above), was inherited across exec for
+    // exactly this purpose, and is taken once (removed from the list): nothing else owns it.
+    Some(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Closes inherited claims no region was re-attached with (the new process runs without
+/// them), so their slots read as free to others.
+fn drop_inherited_claims(dir: &ShareDir) {
+    let mut g = inherited_claims();
+    for (region, slot, fd) in g.as_mut().map(std::mem::take).unwrap_or_default() {
+        if fd_is(fd, &dir.slot_file(&region, slot)) {
+            // SAFETY: open on a slot file, inherited for a claim that no attachment took;
+            // nothing in this process uses it.
+            unsafe { libc::close(fd) };
         }
     }
 }

@@ -628,6 +628,9 @@ impl Vm {
                 },
             )?;
         }
+        if same_vm {
+            shared.shares.drop_inherited_claims();
+        }
         let vm = Vm {
             vm_fd,
             shared: shared.clone(),
@@ -984,6 +987,17 @@ impl Vm {
     /// Sharing counters: doorbells, wake-ups sent and received, members recovered.
     pub fn share_counters(&self) -> &ShareCounters {
         self.shared.shares.counters()
+    }
+
+    /// A live update is about to `exec`: the member-slot claims are made to survive it (see
+    /// [`Shares::hand_over_claims`]); the value goes in `share::INHERITED_CLAIMS_ENV`.
+    pub fn hand_over_share_claims(&self) -> String {
+        self.shared.shares.hand_over_claims()
+    }
+
+    /// The live update did not happen: the claims handed over are this process's alone again.
+    pub fn keep_share_claims(&self) {
+        self.shared.shares.keep_claims()
     }
 
     /// The VM went back in time: what it held in shared regions (locks) is released, marked

@@ -182,6 +182,20 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
         // The data lives in one VM's memory; only the lock (and inboxes) are shared.
         "lockowner" => lock_owner(cpu, arg(2, 2)),
         "lockclient" => lock_client(cpu, arg(2, 100)),
+        "recover-loop" => {
+            // Asks the VMM to recover dead members as fast as it can for `ms` milliseconds.
+            let Some(r) = region(cpu) else { return Some(2) };
+            let until = time::monotonic_ns() + arg(2, 1000) * 1_000_000;
+            let (mut calls, mut recovered) = (0u64, 0u64);
+            while time::monotonic_ns() < until {
+                for _ in 0..100 {
+                    recovered += r.recover();
+                }
+                calls += 100;
+            }
+            println!("recover-loop calls={calls} recovered={recovered}");
+            0
+        }
         "share-hostile" => hostile(cpu),
         "cache-writer" => cache_writer(cpu, arg(2, 1000)),
         "cache-reader" => cache_reader(cpu, arg(2, 100_000)),
