@@ -530,12 +530,13 @@ impl Queue {
     pub fn init(region: &Region, offset: usize, capacity: u64) -> Result<Queue, Corrupt> {
         let base = Self::place(region, offset, capacity)?;
         let q = Queue { base, capacity };
-        q.format();
+        q.format(0);
         Ok(q)
     }
 
-    /// Writes an empty queue over whatever is there.
-    fn format(&self) {
+    /// Writes an empty queue owned by VM `owner` over whatever is there.
+    fn format(&self, owner: u64) {
+        self.owner().store(owner, Ordering::Relaxed);
         self.u64(8).store(self.capacity, Ordering::Relaxed);
         self.enq().store(0, Ordering::Relaxed);
         self.deq().store(0, Ordering::Relaxed);
@@ -566,6 +567,11 @@ impl Queue {
     /// Set by a sender that found the queue corrupt (0: not damaged).
     fn damaged(&self) -> &AtomicU64 {
         self.u64(16)
+    }
+
+    /// The VM id of an inbox's owner (0: a queue no one VM owns).
+    fn owner(&self) -> &AtomicU64 {
+        self.u64(24)
     }
 
     /// Whether the header still describes this queue (another VM may have written over it,
@@ -720,6 +726,7 @@ impl Inbox {
         capacity: u64,
     ) -> Result<alloc::rc::Rc<Inbox>, Corrupt> {
         let queue = Queue::init(region, offset, capacity)?;
+        queue.format(vm_id());
         Ok(alloc::rc::Rc::new(Inbox {
             queue,
             wakers: core::cell::RefCell::new(alloc::vec::Vec::new()),
@@ -735,6 +742,13 @@ impl Inbox {
     /// Takes a message now, if one is waiting. A queue another VM made nonsense of is reset
     /// (its messages are lost, this VM goes on) and counted.
     pub fn try_recv(&self) -> Option<Message> {
+        // Someone wrote over the owner (senders would no longer deliver), or this VM is a
+        // restored clone with a new id: make the inbox this VM's again.
+        if self.queue.owner().load(Ordering::Acquire) != vm_id() {
+            self.corrupt.set(self.corrupt.get() + 1);
+            self.reset();
+            return None;
+        }
         match self.queue.pop() {
             Ok(m) => m,
             Err(Corrupt) => {
@@ -746,7 +760,7 @@ impl Inbox {
     }
 
     fn reset(&self) {
-        self.queue.format();
+        self.queue.format(vm_id());
     }
 
     /// Waits for the next message.
@@ -764,7 +778,9 @@ impl Inbox {
 impl crate::dispatch::Source for Inbox {
     fn poll(&self) -> bool {
         // A header someone wrote over counts as ready: `try_recv` finds it and resets it.
-        let ready = self.queue.has_message() || !self.queue.header_ok();
+        let ready = self.queue.has_message()
+            || !self.queue.header_ok()
+            || self.queue.owner().load(Ordering::Acquire) != vm_id();
         if ready {
             for w in self.wakers.borrow_mut().drain(..) {
                 w.wake();
@@ -778,6 +794,14 @@ impl crate::dispatch::Source for Inbox {
     }
 }
 
+/// The inbox of member `slot` at `inbox_offset`, if that member made it: a queue left there by
+/// a VM that held the slot before does not count.
+pub fn inbox_of(region: &Region, inbox_offset: usize, slot: usize) -> Option<Queue> {
+    let q = Queue::at(region, inbox_offset).ok()?;
+    let owner = region.member(slot).vm_id();
+    (owner != 0 && q.owner().load(Ordering::Acquire) == owner).then_some(q)
+}
+
 /// Sends `m` to the inbox of member `slot` (at `offset`), waking that VM only if it is idle.
 /// Returns whether the message was queued (`false`: the inbox is full) and whether a wake-up
 /// was rung.
@@ -787,9 +811,12 @@ pub fn send(
     slot: usize,
     m: &Message,
 ) -> Result<(bool, bool), Corrupt> {
+    // No inbox of this member's (yet): nothing to push to, nobody to wake.
+    let Some(q) = inbox_of(region, inbox_offset, slot) else {
+        return Err(Corrupt);
+    };
     // A damaged inbox is its owner's to reset: make sure it looks.
-    let pushed = Queue::at(region, inbox_offset).and_then(|q| q.push(m));
-    match pushed {
+    match q.push(m) {
         Err(Corrupt) => {
             region.wake(slot);
             Err(Corrupt)

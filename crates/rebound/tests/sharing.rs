@@ -311,7 +311,7 @@ fn messages_arrive_exactly_once_in_ping_pong_and_many_to_one() {
         let line = out
             .lines()
             .find(|l| l.contains("source done 500"))
-            .unwrap_or_else(|| panic!("{out}"));
+            .unwrap_or_else(|| panic!("{out}\nsink: {:?}", sink.seen));
         rings += num(line, "rings=");
     }
     let (code, out) = sink.finish();

@@ -794,25 +794,39 @@ impl Shares {
             .u64_at(std::mem::offset_of!(RegionHeader, attaches) as u64)
             .fetch_add(1, Ordering::Relaxed);
         let kvm_slot = FIRST_KVM_SLOT + index as u32;
-        let r = kvm_userspace_memory_region {
-            slot: kvm_slot,
-            flags: if config.read_only {
-                KVM_MEM_READONLY
-            } else {
-                0
-            },
-            guest_phys_addr: gpa,
-            memory_size: region.size(),
-            userspace_addr: region.host(),
+        // Two KVM slots: the region header's page read-only for every guest (its name, size
+        // and owner are what other VMMs check when they attach), the rest as the VM's rights
+        // say.
+        let body_flags = if config.read_only {
+            KVM_MEM_READONLY
+        } else {
+            0
         };
-        // SAFETY: the region's mapping stays valid for as long as the slot exists: the slot is
+        let header = SlotMap {
+            slot: kvm_slot,
+            gpa,
+            size: HEADER_PAGE,
+            host: region.host(),
+            flags: KVM_MEM_READONLY,
+        };
+        let body = SlotMap {
+            slot: kvm_slot + share::MAX_REGIONS as u32,
+            gpa: gpa + HEADER_PAGE,
+            size: region.size() - HEADER_PAGE,
+            host: region.host() + HEADER_PAGE,
+            flags: body_flags,
+        };
+        // SAFETY: the region's mapping stays valid for as long as the slots exist: they are
         // removed (detach, or the VM fd closing) before the `Region` is dropped.
-        if let Err(source) = unsafe { vm_fd.set_user_memory_region(r) } {
+        if let Err(e) = unsafe { header.add(vm_fd) } {
             region.clear_member(slot);
-            return Err(Error::Kvm {
-                op: "KVM_SET_USER_MEMORY_REGION",
-                source,
-            });
+            return Err(e);
+        }
+        // SAFETY: as above.
+        if let Err(e) = unsafe { body.add(vm_fd) } {
+            let _ = header.remove(vm_fd);
+            region.clear_member(slot);
+            return Err(e);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = {
@@ -920,21 +934,17 @@ impl Shares {
             .iter()
             .position(|a| a.as_ref().is_some_and(|a| a.config.name == name))
             .ok_or_else(|| err(format!("region {name} is not attached")))?;
+        let Some(a) = table[index].as_ref() else {
+            return Err(err(format!("region {name} is not attached")));
+        };
+        // The guest loses the region before anything else happens; if KVM refuses, the
+        // attachment (and its mapping, which a slot may still point at) stays.
+        for slot in [a.kvm_slot + share::MAX_REGIONS as u32, a.kvm_slot] {
+            SlotMap::removal(slot, a.gpa).remove(vm_fd)?;
+        }
         let Some(mut a) = table[index].take() else {
             return Err(err(format!("region {name} is not attached")));
         };
-        let r = kvm_userspace_memory_region {
-            slot: a.kvm_slot,
-            flags: 0,
-            guest_phys_addr: a.gpa,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
-        // SAFETY: deleting a slot (size 0) touches no memory.
-        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|source| Error::Kvm {
-            op: "KVM_SET_USER_MEMORY_REGION",
-            source,
-        })?;
         a.release(true);
         lock(&self.records).retain(|r| r.config.name != name);
         write_table(mem, self.vm_id, &table)?;
@@ -1221,6 +1231,66 @@ fn drop_inherited_claims(dir: &ShareDir) {
             // nothing in this process uses it.
             unsafe { libc::close(fd) };
         }
+    }
+}
+
+/// The region header's page, mapped read-only into every guest.
+const HEADER_PAGE: u64 = share::MEMBERS_OFFSET;
+
+/// A KVM memory slot over part of a region.
+struct SlotMap {
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    flags: u32,
+}
+
+impl SlotMap {
+    /// What deleting slot `slot` takes (size 0).
+    fn removal(slot: u32, gpa: u64) -> Self {
+        Self {
+            slot,
+            gpa,
+            size: 0,
+            host: 0,
+            flags: 0,
+        }
+    }
+
+    /// Adds the slot.
+    ///
+    /// # Safety
+    /// `host .. host + size` must stay mapped for as long as the slot exists.
+    unsafe fn add(&self, vm_fd: &VmFd) -> Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: self.flags,
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.host,
+        };
+        // SAFETY: the caller keeps the memory mapped while the slot exists.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|source| Error::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })
+    }
+
+    /// Deletes slot `self.slot`.
+    fn remove(&self, vm_fd: &VmFd) -> Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: 0,
+            guest_phys_addr: self.gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting a slot (size 0) maps no memory.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|source| Error::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })
     }
 }
 

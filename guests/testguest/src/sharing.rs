@@ -42,7 +42,7 @@ fn inbox_of(slot: usize) -> usize {
 fn wait_peer_inbox(r: &Region) -> usize {
     for _ in 0..30_000 {
         for p in r.peers() {
-            if Queue::at(r, inbox_of(p)).is_ok() {
+            if share::inbox_of(r, inbox_of(p), p).is_some() {
                 return p;
             }
         }
@@ -382,7 +382,10 @@ fn source(cpu: &Cpu, n: u64, always: bool) -> i32 {
                 // Full, or corrupted by another VM (the sink resets it): try again shortly,
                 // unless the sink is gone.
                 if r.member(sink).vm_id() == 0 {
-                    println!("source stopped at {i}: the sink left");
+                    println!(
+                        "source stopped at {i}: the sink (slot {sink}) left; this is slot {}",
+                        r.slot()
+                    );
                     return 0;
                 }
                 full += 1;
@@ -538,6 +541,12 @@ fn hostile(cpu: &Cpu) -> i32 {
         x ^= x << 17;
         // SAFETY: inside the region's writable data area (the victim's inbox).
         unsafe { core::ptr::write_volatile(p.add(off).cast::<u64>(), x) };
+    }
+    // The region header (name, size, owner) is read-only for every guest: these stores are
+    // dropped, and other VMs can still attach the region.
+    for off in (0..64).step_by(8) {
+        // SAFETY: the region header's page, mapped (read-only) in the share window.
+        unsafe { core::ptr::write_volatile(r.base().add(off).cast::<u64>(), x) };
     }
     let lock_word = r.base() as u64 + share_lock_offset(3);
     // SAFETY: lock 3's word in the region header, which this VM may write.
