@@ -7,14 +7,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::survive::rebound_bin;
+use crate::survive::{ShmDir, rebound_bin};
 use crate::{emit, median_p99};
 
 /// Bytes of one message: what a queue cell carries (`rebound_guest::share::MESSAGE_MAX`).
@@ -22,24 +22,20 @@ const MESSAGE: usize = 48;
 /// Runs of the one-way stream per mode (the median rate is reported).
 const STREAM_RUNS: u64 = 3;
 
-/// A share directory of its own under /dev/shm, removed however the benchmark ends.
-struct ShareDir(PathBuf);
-
-impl ShareDir {
-    fn new() -> Self {
-        let p = PathBuf::from(format!(
-            "/dev/shm/rebound-bench-share-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
+/// A share directory of its own (removed however the benchmark ends) holding region `bench`.
+fn share_dir_with_region(bin: &Path) -> Result<ShmDir> {
+    let dir = ShmDir::new("share");
+    let out = Command::new(bin)
+        .env("REBOUND_SHARE_DIR", &dir.0)
+        .args(["share", "create", "bench", "--size-mib", "4"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "cannot create the region: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-}
-
-impl Drop for ShareDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    Ok(dir)
 }
 
 /// A VMM process running the test guest, its stdout lines on a channel; killed on drop.
@@ -197,17 +193,7 @@ fn unix_socket(count: u64, stream: u64) -> Result<(f64, f64)> {
 /// Message latency, rate and wake-ups between two VMs, both modes, beside a Unix socket.
 pub fn messaging(count: u64) -> Result<()> {
     let bin = rebound_bin()?;
-    let dir = ShareDir::new();
-    let out = Command::new(&bin)
-        .env("REBOUND_SHARE_DIR", &dir.0)
-        .args(["share", "create", "bench", "--size-mib", "4"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "cannot create the region: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let dir = share_dir_with_region(&bin)?;
     let idle = between_vms(&bin, &dir.0, count, false, true)?;
     let always = between_vms(&bin, &dir.0, count, true, true)?;
     let idle_nopoll = between_vms(&bin, &dir.0, count, false, false)?;
@@ -320,17 +306,7 @@ fn exits_of(bin: &Path, dir: &Path, args: &str) -> Result<(u64, String)> {
 /// lengths: any exit per operation would show as a difference).
 pub fn lock(ops: u64) -> Result<()> {
     let bin = rebound_bin()?;
-    let dir = ShareDir::new();
-    let out = Command::new(&bin)
-        .env("REBOUND_SHARE_DIR", &dir.0)
-        .args(["share", "create", "bench", "--size-mib", "4"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "cannot create the region: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let dir = share_dir_with_region(&bin)?;
     let (short_exits, _) = exits_of(&bin, &dir.0, &format!("lockbench bench {}", ops / 10))?;
     let (long_exits, out) = exits_of(&bin, &dir.0, &format!("lockbench bench {ops}"))?;
     // "lockbench N NS"

@@ -30,10 +30,10 @@ pub(crate) fn rebound_bin() -> Result<PathBuf> {
 }
 
 /// A state directory under /dev/shm, removed however the benchmark ends.
-struct ShmDir(PathBuf);
+pub(crate) struct ShmDir(pub(crate) PathBuf);
 
 impl ShmDir {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let p = PathBuf::from(format!(
             "/dev/shm/rebound-bench-{}-{tag}",
             std::process::id()

@@ -528,9 +528,19 @@ impl Queue {
     /// Makes an empty queue of `capacity` cells (a power of two) at `offset` of the data area.
     /// Only while no other VM uses it (its owner, at start).
     pub fn init(region: &Region, offset: usize, capacity: u64) -> Result<Queue, Corrupt> {
+        Self::init_owned(region, offset, capacity, 0)
+    }
+
+    /// Like [`init`](Self::init), for an inbox owned by VM `owner`.
+    fn init_owned(
+        region: &Region,
+        offset: usize,
+        capacity: u64,
+        owner: u64,
+    ) -> Result<Queue, Corrupt> {
         let base = Self::place(region, offset, capacity)?;
         let q = Queue { base, capacity };
-        q.format(0);
+        q.format(owner);
         Ok(q)
     }
 
@@ -725,8 +735,7 @@ impl Inbox {
         offset: usize,
         capacity: u64,
     ) -> Result<alloc::rc::Rc<Inbox>, Corrupt> {
-        let queue = Queue::init(region, offset, capacity)?;
-        queue.format(vm_id());
+        let queue = Queue::init_owned(region, offset, capacity, vm_id())?;
         Ok(alloc::rc::Rc::new(Inbox {
             queue,
             wakers: core::cell::RefCell::new(alloc::vec::Vec::new()),
