@@ -564,7 +564,8 @@ fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
     );
     assert!(snap.exists() && diff.exists());
 
-    let p = json!({"interval_ms": 20, "strategy": "double_buffered", "snapshot_dir": dir.path().join("cps")});
+    // A long chain: compaction must not merge epoch 1 away before the named rollback below.
+    let p = json!({"interval_ms": 20, "strategy": "double_buffered", "snapshot_dir": dir.path().join("cps"), "max_chain": 100000});
     assert_eq!(s.call("PUT", "/protection", Some(p.clone())).0, 204);
     assert_eq!(
         s.call("PUT", "/protection", Some(p)).0,

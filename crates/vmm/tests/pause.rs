@@ -81,21 +81,26 @@ fn freezes_take_turns_and_respect_the_owners_pause() {
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(ticks(&out.text()), n, "ran while frozen");
+    let thawing = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let second = s.spawn(|| {
-            let t0 = std::time::Instant::now();
             let f = vm.freeze().expect("second freeze");
-            let waited = t0.elapsed();
+            // Only the first freeze's thaw lets the second one in.
+            let after_thaw = thawing.load(std::sync::atomic::Ordering::SeqCst);
             f.thaw().unwrap();
-            waited
+            after_thaw
         });
         std::thread::sleep(Duration::from_millis(150));
         assert!(
             !second.is_finished(),
             "a second freeze did not wait for the first"
         );
+        thawing.store(true, std::sync::atomic::Ordering::SeqCst);
         frozen.thaw().unwrap();
-        assert!(second.join().unwrap() >= Duration::from_millis(100));
+        assert!(
+            second.join().unwrap(),
+            "the second freeze returned before the first thawed"
+        );
     });
     assert!(
         wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= n + 3),

@@ -61,12 +61,13 @@ fn interrupt_free_io_completes_through_indicators() {
     assert_eq!(m.io.timers, 1);
     // The guest waited for completions by blocking in the VMM and was woken by them.
     assert!(m.block.woken_by_event > 0, "{m:?}");
-    // Doorbells are absorbed by the ioeventfd: far fewer exits than requests.
-    assert!(
-        m.exits.io_out < m.io.requests,
-        "{:?} vs {} requests",
-        m.exits,
-        m.io.requests
+    // Doorbells are absorbed by the ioeventfd: every port-write exit was a hypercall (how
+    // many depends on how the I/O thread and the vCPU interleave), none a doorbell.
+    let hypercalls: u64 = m.hypercalls.values().sum();
+    assert_eq!(
+        m.exits.io_out, hypercalls,
+        "{:?} vs {:?} ({} requests)",
+        m.exits, m.hypercalls, m.io.requests
     );
 }
 
