@@ -585,10 +585,16 @@ impl Instance {
             })?;
         }
         let console = self.take_console()?;
+        let protection = lock(&self.start_protection)
+            .take()
+            .or_else(|| dir.as_ref().map(|_| default_protection()));
+        // A protected VM starts parked and runs once protection has started: no guest
+        // instruction runs unprotected, and a guest that ends at once cannot race the start.
+        let paused = protection.is_some();
         let vm = match &dir {
             None => {
                 let output = OutputCommit::new(console);
-                let vm = Vm::launch(&config, output.writer())?;
+                let vm = Vm::launch_with(&config, output.writer(), None, paused)?;
                 *lock(&self.output) = Some(output);
                 vm
             }
@@ -601,18 +607,20 @@ impl Instance {
                     })?
                     .guarding(dir.clone());
                 let output = OutputCommit::new(Box::new(log));
-                let vm = Vm::launch_preserved(&config, output.writer(), &dir.memory())?;
+                let vm = Vm::launch_with(&config, output.writer(), Some(&dir.memory()), paused)?;
                 *lock(&self.output) = Some(output);
                 vm
             }
         };
         let vm = self.install(&mut slot, vm);
         drop(slot);
-        let protection = lock(&self.start_protection)
-            .take()
-            .or_else(|| dir.as_ref().map(|_| default_protection()));
         if let Some(p) = protection {
-            self.protect(p)?;
+            if let Err(e) = self.protect(p) {
+                // It never ran; it must not run unprotected.
+                vm.stop();
+                return Err(e);
+            }
+            vm.resume()?;
         }
         Ok(vm)
     }

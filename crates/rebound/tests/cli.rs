@@ -1,21 +1,16 @@
 //! The `rebound` binary as users run it: real processes, real sockets, real KVM.
 
-use std::io::{Read, Write};
+mod common;
+
+use common::{http_raw, rebound, text};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn rebound() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rebound"))
-}
 
 fn run(args: &[&str]) -> Output {
     rebound().args(args).output().expect("spawn rebound")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -176,28 +171,6 @@ fn help_is_complete() {
     assert!(text(&run(&["--help"]).stdout).contains("--api-sock"));
 }
 
-/// A minimal HTTP/1.1 client over the API socket.
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn wait_for_socket(sock: &Path, child: &mut Child) {
     let t0 = Instant::now();
     while UnixStream::connect(sock).is_err() {
@@ -224,14 +197,14 @@ fn api_socket_mode_is_driven_like_firecracker() {
         .spawn()
         .unwrap();
     wait_for_socket(&sock, &mut child);
-    let (st, body) = http(&sock, "GET", "/", "");
+    let (st, body) = http_raw(&sock, "GET", "/", "");
     assert_eq!(st, 200);
     assert!(
         body.contains("\"id\":\"vm-7\"") && body.contains("Not started"),
         "{body}"
     );
     assert_eq!(
-        http(
+        http_raw(
             &sock,
             "PUT",
             "/machine-config",
@@ -241,13 +214,13 @@ fn api_socket_mode_is_driven_like_firecracker() {
         204
     );
     assert_eq!(
-        http(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "#).0,
+        http_raw(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "#).0,
         400
     );
     let boot = r#"{"kernel_image_path": "bundled:testguest", "boot_args": "ticks 20 40"}"#;
-    assert_eq!(http(&sock, "PUT", "/boot-source", boot).0, 204);
+    assert_eq!(http_raw(&sock, "PUT", "/boot-source", boot).0, 204);
     assert_eq!(
-        http(
+        http_raw(
             &sock,
             "PUT",
             "/actions",
@@ -256,13 +229,16 @@ fn api_socket_mode_is_driven_like_firecracker() {
         .0,
         204
     );
-    assert_eq!(http(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
-    assert!(http(&sock, "GET", "/", "").1.contains("\"Paused\""));
     assert_eq!(
-        http(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0,
+        http_raw(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#).0,
         204
     );
-    let (st, metrics) = http(&sock, "GET", "/metrics", "");
+    assert!(http_raw(&sock, "GET", "/", "").1.contains("\"Paused\""));
+    assert_eq!(
+        http_raw(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0,
+        204
+    );
+    let (st, metrics) = http_raw(&sock, "GET", "/metrics", "");
     assert_eq!(st, 200);
     assert!(metrics.contains("\"interrupts_injected\":0"), "{metrics}");
     // The guest ends after 40 ticks; the process exits with its status.
@@ -318,7 +294,7 @@ fn a_second_server_on_the_same_socket_is_refused() {
         .spawn()
         .unwrap();
     wait_for_socket(&sock, &mut second);
-    assert_eq!(http(&sock, "GET", "/", "").0, 200);
+    assert_eq!(http_raw(&sock, "GET", "/", "").0, 200);
     second.kill().unwrap();
     second.wait().unwrap();
 }

@@ -4,10 +4,11 @@
 //!
 //! Each test has its own share directory (`REBOUND_SHARE_DIR`) under /dev/shm.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{http, text};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -171,10 +172,6 @@ impl Guest {
     }
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn num(line: &str, key: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
@@ -231,28 +228,6 @@ fn regions_are_shared_between_processes_read_write_or_read_only() {
     assert!(err.contains("header is damaged"), "{err}");
 }
 
-fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut st = UnixStream::connect(sock).unwrap();
-    write!(
-        st,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    st.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (code, serde_json::from_str(body).unwrap_or_default())
-}
-
 #[test]
 fn regions_attach_and_detach_while_the_vm_runs() {
     let s = Share::new();
@@ -260,20 +235,20 @@ fn regions_attach_and_detach_while_the_vm_runs() {
     let sock = s.dir.path().join("api.sock");
     let mut vm = s.spawn("ticks 20", &["--api-sock", sock.to_str().unwrap()]);
     vm.expect("tick 1");
-    let (code, e) = api(&sock, "PUT", "/shared/hot", r#"{"read_only": true}"#);
+    let (code, e) = http(&sock, "PUT", "/shared/hot", r#"{"read_only": true}"#);
     assert_eq!(code, 204, "{e}");
-    let (_, v) = api(&sock, "GET", "/shared", "");
+    let (_, v) = http(&sock, "GET", "/shared", "");
     assert_eq!(v["regions"][0]["name"], "hot", "{v}");
     assert_eq!(v["regions"][0]["read_only"], true);
     let list = s.cmd().args(["share", "list"]).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list[0]["members"][0]["alive"], true, "{list}");
     assert_eq!(list[0]["members"][0]["writable"], false);
-    let (code, _) = api(&sock, "PUT", "/shared/hot", "");
+    let (code, _) = http(&sock, "PUT", "/shared/hot", "");
     assert_eq!(code, 400, "attached twice");
-    let (code, e) = api(&sock, "DELETE", "/shared/hot", "");
+    let (code, e) = http(&sock, "DELETE", "/shared/hot", "");
     assert_eq!(code, 204, "{e}");
-    let (_, v) = api(&sock, "GET", "/shared", "");
+    let (_, v) = http(&sock, "GET", "/shared", "");
     assert_eq!(v["regions"], serde_json::json!([]), "{v}");
     let list = s.cmd().args(["share", "list"]).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
@@ -485,7 +460,7 @@ fn a_lock_held_by_a_killed_or_rolled_back_vm_is_recovered() {
     let mut waiter = s.spawn("lockwait k 1", &["--share", "k"]);
     waiter.expect("lock is held; waiting");
     std::thread::sleep(Duration::from_millis(200));
-    let (code, e) = api(&sock, "PUT", "/rollback", "");
+    let (code, e) = http(&sock, "PUT", "/rollback", "");
     assert_eq!(code, 200, "{e}");
     let (code, out) = waiter.finish();
     assert_eq!(code, 0, "{out}");

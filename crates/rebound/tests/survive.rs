@@ -7,29 +7,17 @@
 //! output (the state directory's console log) must only ever grow, must always be a prefix of
 //! that output (nothing repeated, nothing changed) and, once the guest ends, equal it.
 
-use std::io::{Read, Write};
+mod common;
+
+use common::*;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rebound_guests::testguest::seq_output;
-
-fn rebound() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rebound"));
-    c.env_remove("REBOUND_FAULTS");
-    c
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn shm() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm")
-}
 
 fn log_of(dir: &Path) -> String {
     std::fs::read(dir.join("console.log"))
@@ -43,14 +31,6 @@ fn records(dir: &Path) -> usize {
             .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
             .count()
     })
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn seq_args(n: u64, report: u64) -> String {
@@ -205,33 +185,6 @@ fn kill_points_in_the_commit_path_recover_to_a_committed_checkpoint() {
     }
 }
 
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (status, serde_json::from_str(body).unwrap_or_default())
-}
-
-fn wait_for_socket(sock: &Path) {
-    wait_until("the API socket", Duration::from_secs(10), || {
-        UnixStream::connect(sock).is_ok()
-    });
-}
-
 #[test]
 fn a_failing_state_directory_leaves_the_vm_running_unprotected_and_unrecoverable() {
     let (n, report) = (200_000_000, 2_000_000);
@@ -283,6 +236,38 @@ fn a_failing_state_directory_leaves_the_vm_running_unprotected_and_unrecoverable
             // The log may stop where its own write failed; it never shows anything else.
             let mut seen = String::new();
             check_released(&mut seen, &dir, &expected, errno);
+        }
+    }
+}
+
+/// Protection starts before the guest's first instruction: a guest that ends at once neither
+/// races the start (CI once saw "the VM has exited; it cannot be frozen") nor loses its output.
+#[test]
+fn a_protected_guest_that_ends_at_once_ends_cleanly() {
+    let expected = seq_output(1, 1);
+    for round in 0..8 {
+        let tmp = shm();
+        let dir = tmp.path().join("vm");
+        let (protect, strategy) = [("5", "pre_image"), ("5", "post_image")][round % 2];
+        let mut run = if round < 4 {
+            run_in(&dir, 1, 1, &[])
+        } else {
+            let mut c = rebound();
+            c.args(["run", "--bundled", "testguest", "--mem-mib", "32"])
+                .args(["--args", "seq 1 1", "--strategy", strategy])
+                .stderr(Stdio::piped());
+            c
+        };
+        let out = run
+            .args(["--protect-ms", protect])
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "round {round}: {stderr}");
+        assert_eq!(text(&out.stdout), expected, "round {round}: {stderr}");
+        if round < 4 {
+            assert_eq!(log_of(&dir), expected, "round {round}: the released log");
         }
     }
 }

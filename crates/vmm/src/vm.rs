@@ -318,23 +318,18 @@ fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> Result<JoinHandle<
 impl Vm {
     /// Builds the VM described by `config` and starts it; guest console output goes to `console`.
     pub fn launch(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
-        Self::launch_in(config, console, None)
+        Self::launch_with(config, console, None, false)
     }
 
-    /// [`launch`](Self::launch) with guest memory in a new file at `memory` (a preserved region
-    /// a later process can take over with [`adopt`](Self::adopt)).
-    pub fn launch_preserved(
-        config: &VmConfig,
-        console: Box<dyn Write + Send>,
-        memory: &std::path::Path,
-    ) -> Result<Vm> {
-        Self::launch_in(config, console, Some(memory))
-    }
-
-    fn launch_in(
+    /// [`launch`](Self::launch) with guest memory in a new file at `memory_path` if given (a
+    /// preserved region a later process can take over with [`adopt`](Self::adopt)), and
+    /// with the vCPUs parked before the first guest instruction if `paused` (the owner's pause:
+    /// [`resume`](Self::resume) runs it), so that e.g. protection starts before the guest runs.
+    pub fn launch_with(
         config: &VmConfig,
         console: Box<dyn Write + Send>,
         memory_path: Option<&std::path::Path>,
+        paused: bool,
     ) -> Result<Vm> {
         let launched = Instant::now();
         let layout = config.validate()?;
@@ -387,7 +382,7 @@ impl Vm {
             clock_base_ns: 0,
             generation: 0,
             ioq_state: None,
-            paused: false,
+            paused,
             shared: config
                 .shared
                 .iter()

@@ -1,0 +1,70 @@
+//! What the `rebound` binary's integration tests share: starting the binary, talking HTTP to its
+//! API socket, waiting for things to happen.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The binary under test, without fault injection inherited from the environment.
+pub fn rebound() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rebound"));
+    c.env_remove("REBOUND_FAULTS");
+    c
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A directory on tmpfs (state directories and share directories must be on one).
+pub fn shm() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm")
+}
+
+/// One HTTP/1.1 request over the API socket: the status and the raw body.
+pub fn http_raw(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// One request; the body parsed as JSON (null when empty or not JSON).
+pub fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http_raw(sock, method, path, body);
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+/// Polls `f` every 5 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for the API socket to accept connections.
+pub fn wait_for_socket(sock: &Path) {
+    wait_until("the API socket", Duration::from_secs(10), || {
+        UnixStream::connect(sock).is_ok()
+    });
+}
