@@ -279,16 +279,19 @@ fn messages_arrive_exactly_once_in_ping_pong_and_many_to_one() {
     let sources: Vec<Guest> = (0..3)
         .map(|_| s.spawn("source m 500", &["--share", "m"]))
         .collect();
-    let mut rings = 0;
-    for src in sources {
-        let (code, out) = src.finish();
-        assert_eq!(code, 0, "{out}");
-        let line = out
-            .lines()
-            .find(|l| l.contains("source done 500"))
-            .unwrap_or_else(|| panic!("{out}\nsink: {:?}", sink.seen));
-        rings += num(line, "rings=");
+    let outs: Vec<(i32, String)> = sources.into_iter().map(Guest::finish).collect();
+    if outs
+        .iter()
+        .any(|(code, out)| *code != 0 || !out.contains("source done 500"))
+    {
+        let _ = sink.child.kill();
+        panic!("sources: {outs:#?}\nsink: {}", sink.finish().1);
     }
+    let rings: u64 = outs
+        .iter()
+        .filter_map(|(_, out)| out.lines().find(|l| l.contains("source done 500")))
+        .map(|line| num(line, "rings="))
+        .sum();
     let (code, out) = sink.finish();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("sink done 1500 corrupt=0"), "{out}");

@@ -2,7 +2,7 @@
 //! member inboxes (one per slot), then a shared work queue, then application words.
 
 use alloc::rc::Rc;
-use alloc::vec;
+use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use rebound_guest::dispatch::{Dispatcher, Source};
@@ -320,7 +320,8 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
     let first = Rc::new(core::cell::Cell::new(0u64));
     let fst = first.clone();
     run_inbox(&inbox, poll, async move {
-        let mut next = vec![0u64; 64];
+        // Senders by VM id, not slot: a sender that finished leaves its slot to the next one.
+        let mut next: Vec<(u64, u64)> = Vec::new();
         // Lossy: run until `total` messages arrived after a corruption was noticed.
         let mut counted = 0;
         while counted < total {
@@ -331,24 +332,29 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
             if !lossy || ib.corruptions() > 0 {
                 counted += 1;
             }
-            let (from, seq) = (m.word(0) as usize, m.word(1));
-            if from >= 64 {
-                println!("sink dropped a message from no member ({from})");
-                continue;
-            }
+            let (from, seq) = (m.word(0), m.word(1));
+            let at = match next.iter().position(|&(id, _)| id == from) {
+                Some(at) => at,
+                None if next.len() < 64 => {
+                    next.push((from, 0));
+                    next.len() - 1
+                }
+                None => {
+                    println!("sink dropped a message from a 65th sender ({from:#x})");
+                    continue;
+                }
+            };
+            let want = next[at].1;
             let ok = if lossy && ib.corruptions() > 0 {
-                seq >= next[from]
+                seq >= want
             } else {
-                seq == next[from]
+                seq == want
             };
             if !ok {
-                println!(
-                    "sink ERROR from slot {from}: expected {}, got {seq}",
-                    next[from]
-                );
+                println!("sink ERROR from VM {from:#x}: expected {want}, got {seq}");
                 hypercall::exit(1);
             }
-            next[from] = seq + 1;
+            next[at].1 = seq + 1;
         }
     });
     // From the first message to the last: the receiving rate.
@@ -366,7 +372,7 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
 fn source(cpu: &Cpu, n: u64, always: bool) -> i32 {
     let Some(r) = region(cpu) else { return 2 };
     let sink = wait_peer_inbox(&r);
-    let me = r.slot() as u64;
+    let me = share::vm_id();
     let (mut rings, mut full) = (0u64, 0u64);
     let mut i = 0;
     while i < n {
