@@ -208,8 +208,22 @@ impl StateDir {
     /// Marks the directory unrecoverable (protection was lost, or stopped) with the reason.
     /// Any one of the three steps is enough for recovery to refuse, and the last two need no
     /// space, so this works on a full file system too.
+    ///
+    /// The first reason stays (later failures are usually consequences of it), and it is
+    /// written atomically: a crash while marking never leaves a marker without its reason.
     pub fn mark_lost(&self, reason: &str) {
-        let _ = std::fs::write(self.path.join("lost"), reason);
+        let marker = self.path.join("lost");
+        let recorded = std::fs::read_to_string(&marker).is_ok_and(|r| !r.trim().is_empty());
+        if !recorded {
+            let tmp = self.path.join(".lost.tmp");
+            let written =
+                std::fs::write(&tmp, reason).and_then(|()| std::fs::rename(&tmp, &marker));
+            if written.is_err() {
+                // No space even for the reason: an empty marker still refuses recovery.
+                let _ = std::fs::remove_file(&tmp);
+                let _ = OpenOptions::new().create(true).append(true).open(&marker);
+            }
+        }
         if let Ok(f) = OpenOptions::new().write(true).open(self.undo()) {
             let _ = f.set_len(0);
         }
@@ -295,7 +309,12 @@ impl StateDir {
 
     /// Why the directory cannot be recovered, if it cannot.
     pub fn lost(&self) -> Option<String> {
-        std::fs::read_to_string(self.path.join("lost")).ok()
+        let reason = std::fs::read_to_string(self.path.join("lost")).ok()?;
+        Some(if reason.trim().is_empty() {
+            "protection was lost (the reason could not be recorded)".into()
+        } else {
+            reason
+        })
     }
 }
 
@@ -613,8 +632,16 @@ mod tests {
         assert_eq!(d.lost().as_deref(), Some("disk full"));
         assert!(d.records().unwrap().is_empty());
         assert!(UndoJournal::read(&d.undo()).unwrap().is_none());
+        // The first reason stays: what fails next is a consequence.
+        d.mark_lost("the console log could not be written");
+        assert_eq!(d.lost().as_deref(), Some("disk full"));
         d.clear_lost();
         assert!(d.lost().is_none());
+        // A marker without its reason still refuses recovery, and says so.
+        std::fs::write(d.path().join("lost"), b"").unwrap();
+        assert!(d.lost().unwrap().contains("could not be recorded"));
+        d.mark_lost("EIO");
+        assert_eq!(d.lost().as_deref(), Some("EIO"));
     }
 
     #[test]
