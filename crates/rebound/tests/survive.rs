@@ -10,7 +10,6 @@
 mod common;
 
 use common::*;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -72,7 +71,7 @@ fn check_released(seen: &mut String, dir: &Path, expected: &str, when: &str) {
 }
 
 fn finish(child: Child, what: &str) -> String {
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(child, what, Duration::from_secs(120));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{what}: {stderr}");
     stderr
@@ -225,7 +224,7 @@ fn a_failing_state_directory_leaves_the_vm_running_unprotected_and_unrecoverable
             check_released(&mut seen, &dir, &expected, errno);
         } else {
             // Unprotected, the guest still finishes, and all its output comes out once.
-            let out = child.wait_with_output().unwrap();
+            let out = output_within(child, errno, Duration::from_secs(120));
             assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
             assert!(
                 text(&out.stderr).contains("protection given up"),
@@ -336,7 +335,7 @@ fn the_supervisor_recovers_a_killed_vmm_by_itself() {
     let expected = seq_output(n, report);
     let tmp = shm();
     let dir = tmp.path().join("vm");
-    let mut sup = run_in(&dir, n, report, &["--supervise", "--protect-ms", "20"])
+    let sup = run_in(&dir, n, report, &["--supervise", "--protect-ms", "20"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -369,13 +368,8 @@ fn the_supervisor_recovers_a_killed_vmm_by_itself() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         killed.push(pid);
     }
-    let mut stdout = String::new();
-    sup.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    let out = sup.wait_with_output().unwrap();
+    let out = output_within(sup, "the supervisor", Duration::from_secs(120));
+    let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("recovering the VM (restart 3)"), "{stderr}");
@@ -423,7 +417,7 @@ fn live_update_hands_the_vm_to_another_binary_without_copying_memory() {
     assert_eq!(exe, new_bin);
     assert_eq!(std::fs::metadata(dir.join("memory")).unwrap().ino(), inode);
     let lines_at_update = log_of(&dir).lines().count();
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(child, "the updated VMM", Duration::from_secs(120));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("live update: took the VM over"), "{stderr}");
@@ -545,7 +539,7 @@ fn a_failed_host_cpu_is_handled_per_recovery_attribute_and_spares_other_vms() {
     assert_eq!(vcpu_cpus_from_proc(bystander.id()), "0");
     let _ = s_stop;
 
-    let stop_out = stop.wait_with_output().unwrap();
+    let stop_out = output_within(stop, "stop", Duration::from_secs(120));
     let stderr = text(&stop_out.stderr);
     assert_eq!(stop_out.status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("stopped by a host fault"), "{stderr}");
@@ -554,7 +548,7 @@ fn a_failed_host_cpu_is_handled_per_recovery_attribute_and_spares_other_vms() {
         (resume, "resume", &expected),
         (restart, "restart", &expected),
     ] {
-        let out = child.wait_with_output().unwrap();
+        let out = output_within(child, what, Duration::from_secs(120));
         assert_eq!(out.status.code(), Some(0), "{what}: {}", text(&out.stderr));
         // Output commit: even the VM sent back to a checkpoint printed each line once.
         assert_eq!(&text(&out.stdout), expected, "{what}");

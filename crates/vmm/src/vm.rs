@@ -680,8 +680,19 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Where the VM is in its life.
+    /// Where the VM is in its life, as its owner sees it: `Paused` only by the owner's
+    /// [`pause`](Self::pause); a VM briefly stopped for a checkpoint or snapshot is `Running`.
     pub fn state(&self) -> VmState {
+        let h = lock(&self.holds);
+        match self.vcpu_state() {
+            VmState::Exited => VmState::Exited,
+            _ if h.user => VmState::Paused,
+            _ => VmState::Running,
+        }
+    }
+
+    /// Where the vCPUs are: `Paused` whenever they are stopped (the owner's pause or a freeze).
+    fn vcpu_state(&self) -> VmState {
         if lock(&self.shared.outcome).is_some() || self.shared.control.all_exited() {
             return VmState::Exited;
         }
@@ -704,7 +715,7 @@ impl Vm {
     /// Lets a paused VM run again (once no freeze holds it).
     pub fn resume(&self) -> Result<()> {
         let mut h = lock(&self.holds);
-        if self.state() == VmState::Exited {
+        if self.vcpu_state() == VmState::Exited {
             return Err(Error::State(
                 "the VM has exited; it cannot be resumed".into(),
             ));
@@ -718,7 +729,7 @@ impl Vm {
 
     /// Gets every vCPU out of the guest and parks the I/O thread. Call with `holds` locked.
     fn stop_vcpus(&self, what: &str) -> Result<Duration> {
-        match self.state() {
+        match self.vcpu_state() {
             VmState::Running => {}
             VmState::Paused => {
                 // Already stopped; make sure every vCPU got there (a VM restored paused).
@@ -749,7 +760,7 @@ impl Vm {
 
     /// Lets the vCPUs and the I/O thread run. Call with `holds` locked.
     fn start_vcpus(&self) {
-        if self.state() == VmState::Paused {
+        if self.vcpu_state() == VmState::Paused {
             self.shared.ioq.resume();
             self.shared.control.set(Request::Run);
         }
@@ -759,7 +770,7 @@ impl Vm {
     fn release_freeze(&self) {
         let mut h = lock(&self.holds);
         h.frozen = false;
-        if !h.user && self.state() != VmState::Exited {
+        if !h.user && self.vcpu_state() != VmState::Exited {
             self.start_vcpus();
         }
     }

@@ -76,6 +76,9 @@ fn freezes_take_turns_and_respect_the_owners_pause() {
     let (vm, out) = launch(&config("ticks 5", 1, None));
     assert!(wait_for(&out, Duration::from_secs(10), |o| ticks(o) >= 3));
     let frozen = vm.freeze().expect("freeze");
+    // A checkpoint's freeze is not the owner's pause: a live update taken now must not leave
+    // the VM paused in its new process.
+    assert_eq!(vm.state(), VmState::Running, "a freeze looks like a pause");
     let n = ticks(&out.text());
     // The owner's resume does not run a frozen VM.
     vm.resume().unwrap();
@@ -108,7 +111,9 @@ fn freezes_take_turns_and_respect_the_owners_pause() {
     );
     // The owner's pause outlasts a freeze and thaw.
     vm.pause().unwrap();
-    vm.freeze().unwrap().thaw().unwrap();
+    let f = vm.freeze().unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    f.thaw().unwrap();
     let m = ticks(&out.text());
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(ticks(&out.text()), m, "a thaw undid the owner's pause");

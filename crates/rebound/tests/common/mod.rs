@@ -68,3 +68,42 @@ pub fn wait_for_socket(sock: &Path) {
         UnixStream::connect(sock).is_ok()
     });
 }
+
+/// `child.wait_with_output()`, but a VMM that hangs is killed after `limit` and the test fails
+/// naming `what`, with what it printed, instead of stalling the suite.
+pub fn output_within(
+    child: std::process::Child,
+    what: &str,
+    limit: Duration,
+) -> std::process::Output {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pid = child.id() as i32;
+    let done = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (done, killed) = (done.clone(), killed.clone());
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while !done.load(Ordering::Acquire) {
+                if t0.elapsed() > limit {
+                    killed.store(true, Ordering::Release);
+                    // SAFETY: signals our own child, not yet reaped (`done` is still false).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let out = child.wait_with_output().unwrap();
+    done.store(true, Ordering::Release);
+    let _ = watchdog.join();
+    assert!(
+        !killed.load(Ordering::Acquire),
+        "{what} did not end within {limit:?}; it printed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
