@@ -499,6 +499,12 @@ impl Instance {
                     .save_area
                     .clone()
                     .or_else(|| self.state_dir().map(|d| d.path().join("save-area.snap")));
+                // Paused for good first: a snapshot thaws the VM afterwards, and whatever it
+                // ran (and printed) between the capture and the stop would run again when the
+                // save area is restored.
+                if let Err(e) = vm.pause() {
+                    tracing::warn!("cannot pause the VM before saving it: {e}");
+                }
                 let saved = match &area {
                     Some(path) => match vm.snapshot(path, Kind::Full) {
                         Ok(_) => format!("state saved to {}", path.display()),

@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -336,6 +336,7 @@ fn the_supervisor_recovers_a_killed_vmm_by_itself() {
     let tmp = shm();
     let dir = tmp.path().join("vm");
     let sup = run_in(&dir, n, report, &["--supervise", "--protect-ms", "20"])
+        .process_group(0) // the watchdog in output_within kills its VMMs with it
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -88,8 +88,13 @@ pub fn output_within(
             while !done.load(Ordering::Acquire) {
                 if t0.elapsed() > limit {
                     killed.store(true, Ordering::Release);
-                    // SAFETY: signals our own child, not yet reaped (`done` is still false).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    // SAFETY: signals our own child, not yet reaped (`done` is still false),
+                    // and the process group it leads if it was started in its own (a
+                    // supervisor's VMMs would otherwise keep its output pipe open).
+                    unsafe {
+                        libc::kill(-pid, libc::SIGKILL);
+                        libc::kill(pid, libc::SIGKILL);
+                    }
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
