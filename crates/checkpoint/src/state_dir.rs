@@ -82,12 +82,13 @@ impl StateDir {
         Ok(dir)
     }
 
-    /// Opens an existing state directory (to recover the VM in it).
+    /// Opens an existing state directory (to recover the VM in it, or learn how it ended: an
+    /// ended VM's memory is freed, its end record kept).
     pub fn open(path: &Path) -> Result<Self, Error> {
         let dir = Self {
             path: path.to_path_buf(),
         };
-        if !dir.memory().exists() {
+        if !dir.memory().exists() && dir.ended().is_none() {
             return Err(err(path, "it holds no VM (no memory file)"));
         }
         Ok(dir)
@@ -619,6 +620,23 @@ mod tests {
         assert!(d.ended().is_none());
         std::fs::write(&path, b"RBNDEND1").unwrap();
         assert!(d.ended().is_none());
+    }
+
+    #[test]
+    fn an_ended_vm_can_be_opened_without_its_memory() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = StateDir::create(&shm.path().join("vm")).unwrap();
+        std::fs::write(d.memory(), b"").unwrap();
+        d.write_ended("guest exited with status 0", 0, &OutputRecord::default())
+            .unwrap();
+        d.end("the VM ended");
+        assert!(!d.memory().exists());
+        // Recovery opens it and finds the end (a kill between the end and the process exit).
+        let d = StateDir::open(d.path()).unwrap();
+        assert_eq!(d.ended().map(|e| e.1), Some(0));
+        std::fs::remove_file(d.path().join("ended")).unwrap();
+        let e = StateDir::open(d.path()).err().unwrap();
+        assert!(e.to_string().contains("no memory file"), "{e}");
     }
 
     #[test]

@@ -271,6 +271,23 @@ fn a_protected_guest_that_ends_at_once_ends_cleanly() {
     }
 }
 
+/// A VMM killed after its VM ended (memory already freed) leaves nothing to resume: recovery
+/// says how the VM ended, with its exit code, and the log stays complete.
+#[test]
+fn recovering_an_ended_vm_reports_its_end() {
+    let expected = seq_output(1, 1);
+    let tmp = shm();
+    let dir = tmp.path().join("vm");
+    let out = run_in(&dir, 1, 1, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!dir.join("memory").exists(), "an ended VM's memory is freed");
+    let out = recover_in(&dir, &[]).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("had already ended"), "{stderr}");
+    assert_eq!(log_of(&dir), expected);
+}
+
 #[test]
 fn recovery_refuses_what_it_cannot_trust() {
     let (n, report) = (2_000_000_000, 10_000_000);
