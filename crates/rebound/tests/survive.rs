@@ -280,7 +280,10 @@ fn recovering_an_ended_vm_reports_its_end() {
     let dir = tmp.path().join("vm");
     let out = run_in(&dir, 1, 1, &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(!dir.join("memory").exists(), "an ended VM's memory is freed");
+    assert!(
+        !dir.join("memory").exists(),
+        "an ended VM's memory is freed"
+    );
     let out = recover_in(&dir, &[]).output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

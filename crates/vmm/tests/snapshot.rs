@@ -68,7 +68,16 @@ fn snapshots_at_random_moments_restore_to_the_same_result() {
 fn a_diff_chain_restores() {
     let want = seq_expected(N, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (vm, out) = launch(&config(&format!("seq {N}"), 1, None));
+    // A line every N/64 steps: each diff below waits for one, so the guest surely ran (and
+    // wrote pages) since the previous snapshot, however starved its vCPU thread is.
+    let (vm, out) = launch(&config(&format!("seq {N} {}", N / 64), 1, None));
+    let lines = || out.text().lines().count();
+    let ran_on = |seen: usize| {
+        assert!(
+            wait_for(&out, Duration::from_secs(30), |o| o.lines().count() > seen),
+            "the guest made no progress"
+        );
+    };
     let full = snap_path(dir.path(), "full.snap");
     let d1 = snap_path(dir.path(), "d1.snap");
     let d2 = snap_path(dir.path(), "d2.snap");
@@ -78,8 +87,10 @@ fn a_diff_chain_restores() {
     );
     std::thread::sleep(jitter(2, 15));
     vm.snapshot(&full, Kind::Full).unwrap();
+    ran_on(lines());
     std::thread::sleep(jitter(2, 15));
     let i1 = vm.snapshot(&d1, Kind::Diff).unwrap();
+    ran_on(lines());
     std::thread::sleep(jitter(2, 15));
     let i2 = vm.snapshot(&d2, Kind::Diff).unwrap();
     assert_eq!(finish(&vm, &out), want);
