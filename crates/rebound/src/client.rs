@@ -14,9 +14,23 @@ pub fn call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<String> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, body) = request(sock, method, path, &body)?;
+    if !(200..300).contains(&status) {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["fault_message"].as_str().map(String::from))
+            .unwrap_or(body);
+        bail!("{method} {path}: {msg}");
+    }
+    Ok(body)
+}
+
+/// Sends one request with a raw body; returns the status code (0 if the response had none)
+/// and the response body.
+pub fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     let mut s = UnixStream::connect(sock)
         .with_context(|| format!("cannot connect to {}", sock.display()))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -33,12 +47,5 @@ pub fn call(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    if !(200..300).contains(&status) {
-        let msg = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["fault_message"].as_str().map(String::from))
-            .unwrap_or(body);
-        bail!("{method} {path}: {msg}");
-    }
-    Ok(body)
+    Ok((status, body))
 }

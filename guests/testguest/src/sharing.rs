@@ -1,8 +1,8 @@
 //! Test modes for memory shared between VMs. Region layout used by all of them (data area):
 //! member inboxes (one per slot), then a shared work queue, then application words.
 
+use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
-use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use rebound_guest::dispatch::{Dispatcher, Source};
@@ -321,7 +321,7 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
     let fst = first.clone();
     run_inbox(&inbox, poll, async move {
         // Senders by VM id, not slot: a sender that finished leaves its slot to the next one.
-        let mut next: Vec<(u64, u64)> = Vec::new();
+        let mut next: BTreeMap<u64, u64> = BTreeMap::new();
         // Lossy: run until `total` messages arrived after a corruption was noticed.
         let mut counted = 0;
         while counted < total {
@@ -333,18 +333,11 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
                 counted += 1;
             }
             let (from, seq) = (m.word(0), m.word(1));
-            let at = match next.iter().position(|&(id, _)| id == from) {
-                Some(at) => at,
-                None if next.len() < 64 => {
-                    next.push((from, 0));
-                    next.len() - 1
-                }
-                None => {
-                    println!("sink dropped a message from a 65th sender ({from:#x})");
-                    continue;
-                }
-            };
-            let want = next[at].1;
+            if next.len() == 64 && !next.contains_key(&from) {
+                println!("sink dropped a message from a 65th sender ({from:#x})");
+                continue;
+            }
+            let want = next.get(&from).copied().unwrap_or(0);
             let ok = if lossy && ib.corruptions() > 0 {
                 seq >= want
             } else {
@@ -354,7 +347,7 @@ fn sink(cpu: &Cpu, total: u64, lossy: bool, poll: bool) -> i32 {
                 println!("sink ERROR from VM {from:#x}: expected {want}, got {seq}");
                 hypercall::exit(1);
             }
-            next[at].1 = seq + 1;
+            next.insert(from, seq + 1);
         }
     });
     // From the first message to the last: the receiving rate.

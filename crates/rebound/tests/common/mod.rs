@@ -2,7 +2,9 @@
 //! API socket, waiting for things to happen.
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::io::{Read, Write};
+#[path = "../../src/client.rs"]
+mod client;
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -24,27 +26,10 @@ pub fn shm() -> tempfile::TempDir {
     tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm")
 }
 
-/// One HTTP/1.1 request over the API socket: the status and the raw body.
+/// One HTTP/1.1 request over the API socket (the CLI's own client): the status and the raw
+/// body.
 pub fn http_raw(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    client::request(sock, method, path, body).expect("an HTTP exchange over the API socket")
 }
 
 /// One request; the body parsed as JSON (null when empty or not JSON).
