@@ -10,8 +10,22 @@
 
 pub mod models;
 mod server;
+pub mod telemetry;
 
-pub use server::{ApiError, router, serve};
+use std::sync::Arc;
+
+pub use server::{ApiError, parse, router, router_with, serve, serve_with};
+
+/// Applies a `PUT /logger` request to the process's log (the binary owns logging); returns
+/// why it was refused.
+pub type LoggerHook = Arc<dyn Fn(&models::LoggerConfig) -> Result<(), String> + Send + Sync>;
+
+/// What the API can do beyond the instance: process-wide settings the binary owns.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// `PUT /logger`; None: refused.
+    pub logger: Option<LoggerHook>,
+}
 
 /// The OpenAPI description of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -1,5 +1,8 @@
 //! Request and response bodies, named and shaped as Firecracker's.
 
+pub use rebound_control::{
+    BootSourceConfig, ConfigView, DriveConfig, HugePages, MachineConfig, MachineConfigUpdate,
+};
 use serde::{Deserialize, Serialize};
 
 /// `GET /`.
@@ -16,79 +19,6 @@ pub struct InstanceInfo {
     /// How the VM ended, once it has (Rebound extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<serde_json::Value>,
-}
-
-/// `PUT /machine-config`, `GET /machine-config`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfiguration {
-    /// Number of vCPUs (1-32).
-    pub vcpu_count: u32,
-    /// Guest memory in MiB (a multiple of 2, at least 8).
-    pub mem_size_mib: u64,
-    /// Simultaneous multithreading: Rebound guests have none; only `false` is accepted.
-    #[serde(default)]
-    pub smt: bool,
-    /// Accepted for compatibility; dirty tracking is always available to the checkpoint engine.
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    /// Only "None" (no huge pages) is supported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub huge_pages: Option<String>,
-}
-
-/// `PATCH /machine-config`: any subset of the fields.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfigurationUpdate {
-    /// Number of vCPUs.
-    pub vcpu_count: Option<u32>,
-    /// Guest memory in MiB.
-    pub mem_size_mib: Option<u64>,
-    /// Must be false.
-    pub smt: Option<bool>,
-    /// Accepted for compatibility.
-    pub track_dirty_pages: Option<bool>,
-    /// Must be "None".
-    pub huge_pages: Option<String>,
-}
-
-/// `PUT /boot-source`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct BootSource {
-    /// Path of the guest ELF on the host, or `bundled:NAME` for a guest built into Rebound.
-    pub kernel_image_path: String,
-    /// The guest command line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_args: Option<String>,
-    /// Not supported for SDK guests; refused if set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_path: Option<String>,
-}
-
-/// `PUT /drives/{drive_id}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Drive {
-    /// Must equal the id in the path.
-    pub drive_id: String,
-    /// The disk image on the host.
-    pub path_on_host: String,
-    /// Accepted for compatibility (Rebound VMs have one disk).
-    pub is_root_device: bool,
-    /// Refuse guest writes.
-    #[serde(default)]
-    pub is_read_only: bool,
-    /// Accepted for compatibility, unused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partuuid: Option<String>,
-    /// "Unsafe" or "Writeback"; Rebound always honours flushes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_type: Option<String>,
-    /// "Sync" or "Async"; Rebound serves the disk from its I/O thread either way.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<String>,
 }
 
 /// `PUT /actions`.
@@ -134,19 +64,6 @@ pub struct Error {
     pub fault_message: String,
 }
 
-/// `GET /vm/config`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct FullVmConfiguration {
-    /// The machine configuration.
-    #[serde(rename = "machine-config")]
-    pub machine_config: MachineConfiguration,
-    /// The boot source, once set.
-    #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
-    pub boot_source: Option<BootSource>,
-    /// The drives.
-    pub drives: Vec<Drive>,
-}
-
 /// `PUT /snapshot/create`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -183,7 +100,7 @@ pub struct MemoryBackend {
     pub backend_path: String,
 }
 
-/// `PUT /snapshot/load`.
+/// `PUT /snapshot/load`: Firecracker's body as clients send it, with Rebound's extensions.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotLoadParams {
@@ -199,22 +116,97 @@ pub struct SnapshotLoadParams {
     /// a new value).
     #[serde(default)]
     pub generation: Option<u64>,
-    /// The disk to attach, required if the snapshot had a file-backed one (Rebound extension:
-    /// a snapshot file is not trusted to choose host files).
+    /// The disk to attach instead of the one the snapshot was taken with (Rebound extension;
+    /// default: the saved path, reopened, as Firecracker does).
     #[serde(default)]
     pub disk_path: Option<String>,
-    /// Accepted for Firecracker compatibility and ignored.
+    /// Drives to attach from other paths (at most one: Rebound VMs have one drive).
+    #[serde(default)]
+    pub drive_overrides: Vec<DriveOverride>,
+    /// Network devices to attach to other host devices (refused unless empty: Rebound VMs
+    /// have no network devices yet).
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Refused if set: Rebound VMs have no vsock device.
+    #[serde(default)]
+    pub vsock_override: Option<serde_json::Value>,
+    /// Accepted for Firecracker compatibility and ignored: memory is inside `snapshot_path`.
     #[serde(default)]
     pub mem_file_path: Option<String>,
-    /// Accepted for Firecracker compatibility and ignored.
+    /// Accepted for Firecracker compatibility and ignored: memory is inside `snapshot_path`.
     #[serde(default)]
     pub mem_backend: Option<MemoryBackend>,
-    /// Accepted for Firecracker compatibility: dirty tracking starts with the next full snapshot.
+    /// Accepted for Firecracker compatibility: dirty tracking is always on for the checkpoint
+    /// engine, and a diff snapshot needs a full one first.
     #[serde(default)]
     pub enable_diff_snapshots: bool,
-    /// Accepted for Firecracker compatibility.
+    /// Accepted for Firecracker compatibility (as `enable_diff_snapshots`).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Accepted for Firecracker compatibility: the guest's clock continues from the snapshot.
+    #[serde(default)]
+    pub clock_realtime: bool,
+}
+
+/// A drive reattached from another host path at snapshot load.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive.
+    pub drive_id: String,
+    /// Its new image on the host.
+    pub path_on_host: String,
+}
+
+/// A network device reattached to another host device at snapshot load (Firecracker's).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// The host device (a TAP).
+    pub host_dev_name: String,
+}
+
+/// `GET /version`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Version {
+    /// The Firecracker API version whose requests Rebound follows.
+    pub firecracker_version: String,
+    /// Rebound's own version.
+    pub rebound_version: String,
+}
+
+/// The Firecracker API version Rebound's compatible endpoints follow.
+pub const FIRECRACKER_API_VERSION: &str = "1.10.0";
+
+/// `PUT /logger` (Firecracker's).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// Where the log goes: a file (appended to) or a named pipe. Default: stderr.
+    #[serde(default)]
+    pub log_path: Option<String>,
+    /// "Error", "Warning", "Info", "Debug", "Trace" or "Off" (any case).
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Print each line's level.
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    /// Print each line's origin (file and line).
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    /// Only messages from this module (e.g. `rebound_checkpoint`).
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics` (Firecracker's): where metrics are flushed as JSON lines.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A file (appended to) or a named pipe.
+    pub metrics_path: String,
 }
 
 /// `PUT /protection`.

@@ -1,9 +1,10 @@
-//! Routes and handlers. Each handler parses, calls the instance, and maps the result; nothing
-//! here touches a VM directly.
+//! Routes and handlers. Each handler parses, calls the instance, and maps the result; the
+//! configuration types, their validation and merging live in `rebound-control`, so nothing
+//! here decides what is valid beyond the shape of a request.
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
@@ -12,14 +13,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use rebound_control::host_faults::{HostFaults, Placement};
-use rebound_control::{Instance, InstanceState, Load, MachineConfig, Protection};
-use rebound_vmm::{DiskConfig, GuestImage};
+use rebound_control::{
+    BootSourceConfig, DriveConfig, ErrorKind, Instance, InstanceState, Load, MachineConfig,
+    MachineConfigUpdate, Protection,
+};
 use serde::de::DeserializeOwned;
 
+use crate::Hooks;
 use crate::models::*;
+use crate::telemetry::MetricsFile;
 
 /// Largest request body accepted.
-const BODY_LIMIT: usize = 64 * 1024;
+pub const BODY_LIMIT: usize = 64 * 1024;
 
 /// An error response: a status and Firecracker's `{"fault_message": ...}` body.
 #[derive(Debug)]
@@ -29,9 +34,17 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad(message: impl Into<String>) -> Self {
+    /// A 400 with `message`.
+    pub fn bad(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
             message: message.into(),
         }
     }
@@ -39,7 +52,12 @@ impl ApiError {
 
 impl From<rebound_control::Error> for ApiError {
     fn from(e: rebound_control::Error) -> Self {
-        ApiError::bad(e.to_string())
+        // Firecracker answers refused requests, whatever the reason, with 400; a request the
+        // host failed to carry out is a 500.
+        match e.kind() {
+            ErrorKind::InvalidInput | ErrorKind::Conflict => ApiError::bad(e.to_string()),
+            ErrorKind::Failed => ApiError::internal(e.to_string()),
+        }
     }
 }
 
@@ -55,7 +73,29 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body parsed strictly; any failure is a 400 saying why.
+/// Parses a JSON body strictly: an object (never an array read positionally), unknown fields
+/// refused; any failure is a 400 saying why.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad(
+            "invalid request body: expected a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// Like [`parse`], for bodies that may be left out (empty or whitespace: the default).
+fn parse_optional<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse(bytes)
+    }
+}
+
+/// A JSON body parsed with [`parse`].
 struct Body<T>(T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
@@ -65,30 +105,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::bad(format!("cannot read the request body: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+        parse(&bytes).map(Body)
     }
-}
-
-/// What the API echoes back (`GET /vm/config`) beyond what the instance keeps.
-#[derive(Default)]
-struct Echo {
-    boot_source: Option<BootSource>,
-    drive: Option<Drive>,
-    track_dirty_pages: bool,
 }
 
 #[derive(Clone)]
 struct ApiState {
     instance: Arc<Instance>,
-    echo: Arc<Mutex<Echo>>,
-}
-
-impl ApiState {
-    fn echo(&self) -> MutexGuard<'_, Echo> {
-        self.echo.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    hooks: Hooks,
+    metrics: Arc<MetricsFile>,
 }
 
 type Reply = Result<Response, ApiError>;
@@ -97,14 +122,24 @@ fn no_content() -> Reply {
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Runs a blocking instance call (launching or pausing a VM) off the API's event loop.
+/// Runs an instance call off the API's event loop: it may block (building or pausing a VM,
+/// reading files), and the API must keep answering meanwhile.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> rebound_control::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::bad(format!("internal error: {e}")))?
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))?
         .map_err(ApiError::from)
+}
+
+/// Runs `f` on the instance off the event loop.
+async fn on_instance<T: Send + 'static>(
+    s: &ApiState,
+    f: impl FnOnce(&Instance) -> rebound_control::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let instance = s.instance.clone();
+    blocking(move || f(&instance)).await
 }
 
 async fn get_root(State(s): State<ApiState>) -> Reply {
@@ -123,96 +158,40 @@ async fn get_root(State(s): State<ApiState>) -> Reply {
     .into_response())
 }
 
-fn machine_json(s: &ApiState) -> MachineConfiguration {
-    let m = s.instance.machine_config();
-    MachineConfiguration {
-        vcpu_count: m.vcpu_count,
-        mem_size_mib: m.mem_size_mib,
-        smt: false,
-        track_dirty_pages: s.echo().track_dirty_pages,
-        huge_pages: None,
-    }
+async fn get_version() -> Reply {
+    Ok(Json(Version {
+        firecracker_version: FIRECRACKER_API_VERSION.into(),
+        rebound_version: env!("CARGO_PKG_VERSION").into(),
+    })
+    .into_response())
 }
 
 async fn get_machine_config(State(s): State<ApiState>) -> Reply {
-    Ok(Json(machine_json(&s)).into_response())
+    Ok(Json(s.instance.machine_config()).into_response())
 }
 
-fn apply_machine(s: &ApiState, m: MachineConfiguration) -> Reply {
-    if m.smt {
-        return Err(ApiError::bad(
-            "smt: simultaneous multithreading is not supported",
-        ));
-    }
-    if m.huge_pages.as_deref().is_some_and(|h| h != "None") {
-        return Err(ApiError::bad("huge_pages: only \"None\" is supported"));
-    }
-    s.instance.set_machine_config(MachineConfig {
-        vcpu_count: m.vcpu_count,
-        mem_size_mib: m.mem_size_mib,
-    })?;
-    s.echo().track_dirty_pages = m.track_dirty_pages;
+async fn put_machine_config(State(s): State<ApiState>, Body(m): Body<MachineConfig>) -> Reply {
+    on_instance(&s, move |i| i.set_machine_config(m)).await?;
     no_content()
-}
-
-async fn put_machine_config(
-    State(s): State<ApiState>,
-    Body(m): Body<MachineConfiguration>,
-) -> Reply {
-    apply_machine(&s, m)
 }
 
 async fn patch_machine_config(
     State(s): State<ApiState>,
-    Body(u): Body<MachineConfigurationUpdate>,
+    Body(u): Body<MachineConfigUpdate>,
 ) -> Reply {
-    let cur = machine_json(&s);
-    apply_machine(
-        &s,
-        MachineConfiguration {
-            vcpu_count: u.vcpu_count.unwrap_or(cur.vcpu_count),
-            mem_size_mib: u.mem_size_mib.unwrap_or(cur.mem_size_mib),
-            smt: u.smt.unwrap_or(false),
-            track_dirty_pages: u.track_dirty_pages.unwrap_or(cur.track_dirty_pages),
-            huge_pages: u.huge_pages,
-        },
-    )
+    on_instance(&s, move |i| i.update_machine_config(&u)).await?;
+    no_content()
 }
 
-async fn put_boot_source(State(s): State<ApiState>, Body(b): Body<BootSource>) -> Reply {
-    if b.initrd_path.is_some() {
-        return Err(ApiError::bad(
-            "initrd_path: an initrd is not supported for Rebound guests",
-        ));
-    }
-    let image = match b.kernel_image_path.strip_prefix("bundled:") {
-        Some(name) => match rebound_guests::by_name(name) {
-            Some(bytes) => GuestImage::from_bytes(name, bytes),
-            None => {
-                return Err(ApiError::bad(format!(
-                    "kernel_image_path: no bundled guest named {name:?} (have: {})",
-                    rebound_guests::NAMES.join(", ")
-                )));
-            }
-        },
-        None => {
-            let path = PathBuf::from(&b.kernel_image_path);
-            tokio::task::spawn_blocking(move || GuestImage::from_path(&path))
-                .await
-                .map_err(|e| ApiError::bad(format!("internal error: {e}")))?
-                .map_err(|e| ApiError::bad(format!("kernel_image_path: {e}")))?
-        }
-    };
-    s.instance
-        .set_boot_source(image, b.boot_args.clone().unwrap_or_default())?;
-    s.echo().boot_source = Some(b);
+async fn put_boot_source(State(s): State<ApiState>, Body(b): Body<BootSourceConfig>) -> Reply {
+    on_instance(&s, move |i| i.set_boot_source_config(&b)).await?;
     no_content()
 }
 
 async fn put_drive(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    Body(d): Body<Drive>,
+    Body(d): Body<DriveConfig>,
 ) -> Reply {
     if d.drive_id != id {
         return Err(ApiError::bad(format!(
@@ -220,73 +199,41 @@ async fn put_drive(
             d.drive_id, id
         )));
     }
-    if let Some(other) = s.echo().drive.as_ref().filter(|o| o.drive_id != id) {
-        return Err(ApiError::bad(format!(
-            "drive_id: Rebound VMs have one drive, and {:?} is already configured",
-            other.drive_id
-        )));
-    }
-    if d.cache_type
-        .as_deref()
-        .is_some_and(|c| c != "Unsafe" && c != "Writeback")
-    {
-        return Err(ApiError::bad(
-            "cache_type: must be \"Unsafe\" or \"Writeback\"",
-        ));
-    }
-    if d.io_engine
-        .as_deref()
-        .is_some_and(|c| c != "Sync" && c != "Async")
-    {
-        return Err(ApiError::bad("io_engine: must be \"Sync\" or \"Async\""));
-    }
-    let path = PathBuf::from(&d.path_on_host);
-    if !path.is_file() {
-        return Err(ApiError::bad(format!(
-            "path_on_host: {} is not a readable file",
-            d.path_on_host
-        )));
-    }
-    s.instance.set_disk(Some(DiskConfig::File {
-        path,
-        read_only: d.is_read_only,
-    }))?;
-    s.echo().drive = Some(d);
+    on_instance(&s, move |i| i.set_drive(d)).await?;
     no_content()
 }
 
 async fn put_actions(State(s): State<ApiState>, Body(a): Body<InstanceActionInfo>) -> Reply {
     match a.action_type {
         ActionType::InstanceStart => {
-            let instance = s.instance.clone();
-            blocking(move || instance.start().map(|_| ())).await?;
-            no_content()
+            on_instance(&s, |i| i.start().map(|_| ())).await?;
         }
-        ActionType::FlushMetrics => no_content(),
-        ActionType::SendCtrlAltDel => Err(ApiError::bad(
-            "action_type: SendCtrlAltDel is not supported: Rebound guests have no keyboard controller",
-        )),
+        ActionType::FlushMetrics => {
+            let (instance, metrics) = (s.instance.clone(), s.metrics.clone());
+            tokio::task::spawn_blocking(move || metrics.flush(&instance))
+                .await
+                .map_err(|e| ApiError::internal(format!("internal error: {e}")))?
+                .map_err(ApiError::bad)?;
+        }
+        ActionType::SendCtrlAltDel => {
+            return Err(ApiError::bad(
+                "action_type: SendCtrlAltDel is not supported: Rebound guests have no keyboard controller",
+            ));
+        }
     }
+    no_content()
 }
 
 async fn patch_vm(State(s): State<ApiState>, Body(v): Body<VmStateRequest>) -> Reply {
-    let instance = s.instance.clone();
     match v.state {
-        VmStateName::Paused => blocking(move || instance.pause().map(|_| ())).await?,
-        VmStateName::Resumed => blocking(move || instance.resume()).await?,
+        VmStateName::Paused => on_instance(&s, |i| i.pause().map(|_| ())).await?,
+        VmStateName::Resumed => on_instance(&s, |i| i.resume()).await?,
     }
     no_content()
 }
 
 async fn get_vm_config(State(s): State<ApiState>) -> Reply {
-    let machine_config = machine_json(&s);
-    let echo = s.echo();
-    let config = FullVmConfiguration {
-        machine_config,
-        boot_source: echo.boot_source.clone(),
-        drives: echo.drive.iter().cloned().collect(),
-    };
-    Ok(Json(config).into_response())
+    Ok(Json(s.instance.config_view()).into_response())
 }
 
 async fn get_metrics(State(s): State<ApiState>) -> Reply {
@@ -294,6 +241,28 @@ async fn get_metrics(State(s): State<ApiState>) -> Reply {
         Some(m) => Ok(Json(m).into_response()),
         None => Err(ApiError::bad("metrics: the instance is not started")),
     }
+}
+
+async fn put_metrics(State(s): State<ApiState>, Body(m): Body<MetricsConfig>) -> Reply {
+    let metrics = s.metrics.clone();
+    tokio::task::spawn_blocking(move || metrics.configure(&m))
+        .await
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))?
+        .map_err(ApiError::bad)?;
+    no_content()
+}
+
+async fn put_logger(State(s): State<ApiState>, Body(l): Body<LoggerConfig>) -> Reply {
+    let Some(logger) = s.hooks.logger.clone() else {
+        return Err(ApiError::bad(
+            "logger: this process does not let its log be configured through the API",
+        ));
+    };
+    tokio::task::spawn_blocking(move || logger(&l))
+        .await
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))?
+        .map_err(ApiError::bad)?;
+    no_content()
 }
 
 async fn put_snapshot_create(
@@ -304,31 +273,43 @@ async fn put_snapshot_create(
         SnapshotType::Full => rebound_snapshot::Kind::Full,
         SnapshotType::Diff => rebound_snapshot::Kind::Diff,
     };
-    let instance = s.instance.clone();
     let path = PathBuf::from(p.snapshot_path);
-    let info = blocking(move || instance.snapshot(&path, kind)).await?;
+    let info = on_instance(&s, move |i| i.snapshot(&path, kind)).await?;
     tracing::info!(?info, "snapshot written");
     no_content()
 }
 
 async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoadParams>) -> Reply {
+    if let Some(o) = p.network_overrides.first() {
+        return Err(ApiError::bad(format!(
+            "network_overrides: the snapshot has no network interface {:?} (Rebound VMs have no network devices yet)",
+            o.iface_id
+        )));
+    }
+    if p.vsock_override.is_some() {
+        return Err(ApiError::bad(
+            "vsock_override: the snapshot has no vsock device (Rebound has none)",
+        ));
+    }
+    let disk = p.disk_path.map(PathBuf::from).or_else(|| {
+        p.drive_overrides
+            .first()
+            .map(|d| PathBuf::from(&d.path_on_host))
+    });
+    if p.drive_overrides.len() > 1 {
+        return Err(ApiError::bad(
+            "drive_overrides: Rebound VMs have one drive; give at most one override",
+        ));
+    }
     let mut chain = vec![PathBuf::from(p.snapshot_path)];
     chain.extend(p.diff_snapshot_paths.into_iter().map(PathBuf::from));
-    let instance = s.instance.clone();
-    blocking(move || {
-        instance
-            .restore(
-                &chain,
-                &Load {
-                    resume: p.resume_vm,
-                    generation: p.generation,
-                    disk: p.disk_path.map(PathBuf::from),
-                    same_vm: false,
-                },
-            )
-            .map(|_| ())
-    })
-    .await?;
+    let load = Load {
+        resume: p.resume_vm,
+        generation: p.generation,
+        disk,
+        same_vm: false,
+    };
+    on_instance(&s, move |i| i.restore(&chain, &load).map(|_| ())).await?;
     no_content()
 }
 
@@ -339,8 +320,7 @@ async fn put_protection(State(s): State<ApiState>, Body(p): Body<ProtectionConfi
         snapshot_dir: p.snapshot_dir.map(PathBuf::from),
         max_chain: p.max_chain.unwrap_or(16) as usize,
     };
-    let instance = s.instance.clone();
-    blocking(move || instance.protect(protection)).await?;
+    on_instance(&s, move |i| i.protect(protection)).await?;
     no_content()
 }
 
@@ -353,14 +333,12 @@ async fn get_protection(State(s): State<ApiState>) -> Reply {
 }
 
 async fn delete_protection(State(s): State<ApiState>) -> Reply {
-    let instance = s.instance.clone();
-    blocking(move || instance.unprotect()).await?;
+    on_instance(&s, |i| i.unprotect()).await?;
     no_content()
 }
 
 async fn put_checkpoint(State(s): State<ApiState>) -> Reply {
-    let instance = s.instance.clone();
-    let report = blocking(move || instance.checkpoint()).await?;
+    let report = on_instance(&s, |i| i.checkpoint()).await?;
     Ok(Json(report).into_response())
 }
 
@@ -369,21 +347,18 @@ async fn put_rollback(State(s): State<ApiState>, body: Bytes) -> Reply {
     let target = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        let p: RollbackParams = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
-        Some(p.epoch)
+        Some(parse::<RollbackParams>(&body)?.epoch)
     };
-    let instance = s.instance.clone();
-    let epoch = blocking(move || match target {
-        None => instance.rollback(),
-        Some(e) => instance.rollback_to(e),
+    let epoch = on_instance(&s, move |i| match target {
+        None => i.rollback(),
+        Some(e) => i.rollback_to(e),
     })
     .await?;
     Ok(Json(serde_json::json!({"epoch": epoch})).into_response())
 }
 
 async fn put_state_dir(State(s): State<ApiState>, Body(c): Body<StateDirConfig>) -> Reply {
-    s.instance.set_state_dir(std::path::Path::new(&c.path))?;
+    on_instance(&s, move |i| i.set_state_dir(std::path::Path::new(&c.path))).await?;
     no_content()
 }
 
@@ -392,27 +367,13 @@ async fn get_survival(State(s): State<ApiState>) -> Reply {
 }
 
 async fn put_placement(State(s): State<ApiState>, Body(p): Body<Placement>) -> Reply {
-    let instance = s.instance.clone();
-    blocking(move || instance.set_placement(p)).await?;
+    on_instance(&s, move |i| i.set_placement(p)).await?;
     no_content()
 }
 
 async fn put_update(State(s): State<ApiState>, body: Bytes) -> Reply {
-    let p: UpdateParams = if body.iter().all(u8::is_ascii_whitespace) {
-        UpdateParams::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?
-    };
-    let survival = s.instance.survival();
-    if survival.state_dir.is_none() {
-        return Err(ApiError::bad(
-            "live update needs the VM in a state directory (PUT /state-dir before starting)",
-        ));
-    }
-    if s.instance.protection().is_none() {
-        return Err(ApiError::bad("live update needs the VM protected"));
-    }
+    let p: UpdateParams = parse_optional(&body)?;
+    s.instance.check_update()?;
     let instance = s.instance.clone();
     // The hand-over replaces this process: answer first. The guest keeps running until the
     // hand-over pauses it, so the wait is not downtime.
@@ -430,12 +391,16 @@ async fn put_update(State(s): State<ApiState>, body: Bytes) -> Reply {
 }
 
 async fn put_faults(Body(f): Body<FaultParams>) -> Reply {
-    let faults = HostFaults::from_env();
-    let r = if f.failed {
-        faults.fail_cpu(f.cpu)
-    } else {
-        faults.repair_cpu(f.cpu)
-    };
+    let r = tokio::task::spawn_blocking(move || {
+        let faults = HostFaults::from_env();
+        if f.failed {
+            faults.fail_cpu(f.cpu)
+        } else {
+            faults.repair_cpu(f.cpu)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("internal error: {e}")))?;
     r.map_err(|e| ApiError::bad(format!("cannot record the fault: {e}")))?;
     no_content()
 }
@@ -445,33 +410,55 @@ async fn get_shared(State(s): State<ApiState>) -> Reply {
 }
 
 async fn put_shared(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> Reply {
-    let p: SharedAttach = if body.iter().all(u8::is_ascii_whitespace) {
-        SharedAttach::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?
-    };
-    let instance = s.instance.clone();
+    let p: SharedAttach = parse_optional(&body)?;
     let config = rebound_vmm::share::ShareConfig {
         name,
         read_only: p.read_only,
     };
-    blocking(move || instance.attach_shared(config)).await?;
+    on_instance(&s, move |i| i.attach_shared(config)).await?;
     no_content()
 }
 
 async fn delete_shared(State(s): State<ApiState>, Path(name): Path<String>) -> Reply {
-    let instance = s.instance.clone();
-    blocking(move || instance.detach_shared(&name)).await?;
+    on_instance(&s, move |i| i.detach_shared(&name)).await?;
     no_content()
 }
 
 async fn put_identity(State(s): State<ApiState>, Body(c): Body<IdentityConfig>) -> Reply {
-    s.instance.set_identity(Some(rebound_control::Identity {
+    let identity = rebound_control::Identity {
         name: c.identity,
         cache: c.cache.map(|c| (c.name, c.size_mib)),
-    }))?;
+    };
+    on_instance(&s, move |i| i.set_identity(Some(identity))).await?;
     no_content()
+}
+
+/// Firecracker resources Rebound does not have, each refused with why (so a client learns
+/// what is missing rather than that it sent a wrong path).
+async fn unsupported(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    let why = match path.trim_start_matches('/').split('/').next() {
+        Some("network-interfaces") => {
+            "network interfaces are not supported yet: Rebound VMs have no network device"
+        }
+        Some("mmds") => {
+            "MMDS (the microVM metadata service) is not supported: it is reached over a guest network device, which Rebound VMs do not have"
+        }
+        Some("vsock") => {
+            "vsock is not supported: Rebound guests talk to the host through their I/O ring and shared regions"
+        }
+        Some("balloon") => {
+            "the balloon device is not supported: Rebound SDK guests do not run a balloon driver"
+        }
+        Some("entropy") => "the entropy device is not supported",
+        Some("cpu-config") => "custom CPU templates are not supported",
+        Some("hotplug") => "device hot-plug is not supported",
+        Some("serial") => {
+            "serial output configuration is not supported: guest output goes to stdout"
+        }
+        _ => return invalid(method, uri).await,
+    };
+    ApiError::bad(format!("{method} {path}: {why}"))
 }
 
 async fn invalid(method: Method, uri: Uri) -> ApiError {
@@ -481,14 +468,20 @@ async fn invalid(method: Method, uri: Uri) -> ApiError {
     ))
 }
 
-/// The API's routes over `instance`.
-pub fn router(instance: Arc<Instance>) -> Router {
+/// The API's routes over `instance`, with the process-level `hooks`.
+pub fn router_with(instance: Arc<Instance>, hooks: Hooks) -> Router {
+    app(instance, hooks, Arc::new(MetricsFile::default()))
+}
+
+fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Router {
     let state = ApiState {
         instance,
-        echo: Arc::new(Mutex::new(Echo::default())),
+        hooks,
+        metrics,
     };
     Router::new()
         .route("/", get(get_root))
+        .route("/version", get(get_version))
         .route(
             "/machine-config",
             get(get_machine_config)
@@ -500,7 +493,8 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/actions", put(put_actions))
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/vm/config", get(get_vm_config))
-        .route("/metrics", get(get_metrics))
+        .route("/metrics", get(get_metrics).put(put_metrics))
+        .route("/logger", put(put_logger))
         .route("/snapshot/create", put(put_snapshot_create))
         .route("/snapshot/load", put(put_snapshot_load))
         .route(
@@ -519,10 +513,15 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/shared", get(get_shared))
         .route("/shared/{name}", put(put_shared).delete(delete_shared))
         .route("/identity", put(put_identity))
-        .fallback(invalid)
+        .fallback(unsupported)
         .method_not_allowed_fallback(invalid)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// The API's routes over `instance`.
+pub fn router(instance: Arc<Instance>) -> Router {
+    router_with(instance, Hooks::default())
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -531,7 +530,35 @@ pub async fn serve(
     instance: Arc<Instance>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(instance))
+    serve_with(listener, instance, Hooks::default(), shutdown).await
+}
+
+/// [`serve`] with process-level hooks (e.g. the logger).
+pub async fn serve_with(
+    listener: tokio::net::UnixListener,
+    instance: Arc<Instance>,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = Arc::new(MetricsFile::default());
+    // Configured metrics are flushed once a period too, as Firecracker does.
+    let periodic = {
+        let (metrics, instance) = (metrics.clone(), instance.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::telemetry::FLUSH_PERIOD);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (m, i) = (metrics.clone(), instance.clone());
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.flush(&i)).await {
+                    tracing::warn!("{e}");
+                }
+            }
+        })
+    };
+    let r = axum::serve(listener, app(instance, hooks, metrics))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    periodic.abort();
+    r
 }

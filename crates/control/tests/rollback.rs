@@ -16,6 +16,7 @@ fn instance(out: &SharedBuffer) -> Instance {
     i.set_machine_config(MachineConfig {
         vcpu_count: 1,
         mem_size_mib: 64,
+        ..Default::default()
     })
     .unwrap();
     i.set_boot_source(

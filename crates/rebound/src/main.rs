@@ -600,6 +600,7 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
     instance.set_machine_config(MachineConfig {
         vcpu_count: args.vcpus,
         mem_size_mib: args.mem_mib,
+        ..Default::default()
     })?;
     instance.set_boot_source(image, args.args.clone())?;
     instance.set_disk(disk)?;
