@@ -8,6 +8,7 @@
 //! Handlers only translate HTTP to calls on [`rebound_control::Instance`]; every request body is
 //! parsed strictly (unknown fields refused) and every failure is a 400 with a reason.
 
+pub mod http;
 pub mod models;
 mod server;
 pub mod telemetry;

@@ -556,9 +556,7 @@ pub async fn serve_with(
             }
         })
     };
-    let r = axum::serve(listener, app(instance, hooks, metrics))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let r = crate::http::serve(listener, app(instance, hooks, metrics), shutdown).await;
     periodic.abort();
     r
 }

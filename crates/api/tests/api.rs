@@ -707,3 +707,265 @@ fn a_vm_in_a_state_directory_through_the_api() {
     assert_eq!(st, 400, "{e}");
     s.instance.vm().unwrap().stop();
 }
+
+/// Writes `raw` on a fresh connection and reads the answer until the server closes it.
+fn raw_exchange(sock: &Path, raw: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(raw).unwrap();
+    let mut resp = Vec::new();
+    let _ = c.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn fault(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    v["fault_message"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn http_framing_errors_get_a_fault_message_and_never_hang() {
+    let s = Server::start();
+    let many_headers: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+    let long_path = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(5000));
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, "malformed request"),
+        (
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+            400,
+            "invalid Content-Length",
+        ),
+        (
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 18446744073709551616\r\n\r\n"
+                .to_vec(),
+            400,
+            "invalid Content-Length",
+        ),
+        (
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+            400,
+            "at most",
+        ),
+        (
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 10485760\r\n\r\n".to_vec(),
+            400,
+            "at most",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\n{many_headers}\r\n").into_bytes(),
+            400,
+            "too many headers",
+        ),
+        (long_path.into_bytes(), 400, "at most"),
+        (
+            b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            400,
+            "Content-Length",
+        ),
+    ];
+    for (raw, status, want) in &cases {
+        let t0 = Instant::now();
+        let (st, body) = raw_exchange(&s.sock, raw);
+        let msg = fault(&body);
+        assert_eq!(st, *status, "{}: {body}", String::from_utf8_lossy(raw));
+        assert!(msg.contains(want), "{msg:?} should mention {want:?}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "answered at once");
+    }
+    // A body announced but never sent: the API answers it (with a reason) after its timeout,
+    // and serves everyone else meanwhile.
+    use std::io::{Read, Write};
+    let mut stalled = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+    stalled
+        .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    assert_eq!(
+        s.call("GET", "/", None).0,
+        200,
+        "others are served meanwhile"
+    );
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut resp = String::new();
+    let _ = stalled.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("did not arrive"), "{resp}");
+    // Keep-alive still works for well-formed requests.
+    let mut c = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\nGET /version HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_named_pipe_never_blocks_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let s = Server::start();
+    let t0 = Instant::now();
+    for (method, path, body) in [
+        ("PUT", "/snapshot/load", json!({"snapshot_path": fifo})),
+        ("PUT", "/boot-source", json!({"kernel_image_path": fifo})),
+        (
+            "PUT",
+            "/drives/rootfs",
+            json!({"drive_id": "rootfs", "path_on_host": fifo, "is_root_device": true}),
+        ),
+    ] {
+        let (st, e) = s.call(method, path, Some(body));
+        assert_eq!(st, 400, "{method} {path}");
+        assert!(
+            e["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("not a regular file"),
+            "{e}"
+        );
+    }
+    start_ticking(&s);
+    let (st, e) = s.call(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": fifo})),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "nothing waited");
+    assert_eq!(s.call("GET", "/", None).1["state"], "Running");
+}
+
+#[test]
+fn refused_requests_change_nothing_and_the_instance_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    // A file that is not a Rebound guest is refused when it is named, not at start.
+    let junk = dir.path().join("hello.sh");
+    std::fs::write(&junk, b"#!/bin/sh\necho hi\n").unwrap();
+    let (st, e) = s.call(
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": junk})),
+    );
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("kernel_image_path:"),
+        "{e}"
+    );
+    assert!(
+        s.call("GET", "/vm/config", None)
+            .1
+            .get("boot-source")
+            .is_none()
+    );
+    // A refused start (its drive went away after it was configured) and a refused load
+    // leave the instance as it was: it can still be started.
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 16]).unwrap();
+    let drive = json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true});
+    assert_eq!(s.call("PUT", "/drives/rootfs", Some(drive)).0, 204);
+    let boot = json!({"kernel_image_path": "bundled:testguest", "boot_args": "ticks 5"});
+    assert_eq!(s.call("PUT", "/boot-source", Some(boot)).0, 204);
+    std::fs::remove_file(&disk).unwrap();
+    let start = json!({"action_type": "InstanceStart"});
+    let (st, e) = s.call("PUT", "/actions", Some(start.clone()));
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(s.call("GET", "/", None).1["state"], "Not started");
+    let bad = dir.path().join("bad.snap");
+    std::fs::write(&bad, b"not a snapshot").unwrap();
+    let (st, _) = s.call("PUT", "/snapshot/load", Some(json!({"snapshot_path": bad})));
+    assert_eq!(st, 400);
+    assert_eq!(s.call("GET", "/", None).1["state"], "Not started");
+    // Arrays are not objects.
+    let (st, body) = s.raw("PUT", "/machine-config", b"[1, 64]");
+    assert_eq!(st, 400);
+    assert!(fault(&body).contains("expected a JSON object"), "{body}");
+    // Put the drive back: the same instance starts.
+    std::fs::write(&disk, vec![0u8; 1 << 16]).unwrap();
+    assert_eq!(s.call("PUT", "/actions", Some(start)).0, 204);
+    assert!(wait_ticks(&s, 2), "{}", s.console.text());
+}
+
+#[test]
+fn firecracker_resources_rebound_lacks_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start();
+    let (st, v) = s.call("GET", "/version", None);
+    assert_eq!(st, 200);
+    assert!(v["firecracker_version"].as_str().unwrap().starts_with("1."));
+    for (method, path, body, want) in [
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
+            "network device",
+        ),
+        ("PUT", "/mmds", r#"{"a": 1}"#, "MMDS"),
+        ("GET", "/mmds", "", "MMDS"),
+        (
+            "PUT",
+            "/mmds/config",
+            r#"{"network_interfaces": ["eth0"]}"#,
+            "MMDS",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+            "vsock",
+        ),
+        ("PUT", "/balloon", r#"{"amount_mib": 1}"#, "balloon"),
+        ("PUT", "/logger", r#"{"log_path": "/tmp/x"}"#, "logger"),
+    ] {
+        let (st, text) = s.raw(method, path, body.as_bytes());
+        assert_eq!(st, 400, "{method} {path}");
+        let msg = fault(&text);
+        assert!(msg.contains(want), "{method} {path}: {msg}");
+        assert!(!msg.contains("Invalid request method"), "{msg}");
+    }
+    // Metrics go where Firecracker clients say, as JSON lines.
+    let metrics = dir.path().join("metrics.json");
+    let (st, _) = s.call("PUT", "/metrics", Some(json!({"metrics_path": metrics})));
+    assert_eq!(st, 204);
+    let flush = json!({"action_type": "FlushMetrics"});
+    assert_eq!(s.call("PUT", "/actions", Some(flush.clone())).0, 204);
+    start_ticking(&s);
+    assert_eq!(s.call("PUT", "/actions", Some(flush)).0, 204);
+    let lines: Vec<Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["state"], "Not started");
+    assert!(lines[1]["vm"]["exits"]["io_out"].as_u64().unwrap() > 0);
+    // A snapshot load with Firecracker's overrides for devices Rebound does not have.
+    let (st, e) = s.raw(
+        "PUT",
+        "/snapshot/load",
+        br#"{"snapshot_path": "/x", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#,
+    );
+    assert_eq!(st, 400);
+    assert!(fault(&e).contains("eth0"), "{e}");
+}

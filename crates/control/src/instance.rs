@@ -28,7 +28,6 @@ use rebound_vmm::persist::SnapshotInfo;
 use rebound_vmm::share::ShareConfig;
 use rebound_vmm::{DiskConfig, GuestImage, Vm, VmOutcome};
 
-use crate::Result;
 use crate::config::{
     BootSource, BootSourceConfig, ConfigView, DriveConfig, MachineConfig, MachineConfigUpdate,
     Resources,
@@ -40,6 +39,7 @@ use crate::placement::PlacementPart;
 use crate::protection::{Preservation, Protection, Protector};
 use crate::sharing::{Identity, Sharing};
 use crate::survival::{Survival, SurvivalPart, Updater};
+use crate::{Error, Result};
 
 /// How to load a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -423,10 +423,20 @@ impl Instance {
 
     /// Writes a full or diff snapshot of the VM to `path`.
     pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
-        Ok(self
-            .lifecycle
-            .vm_for(Request::Snapshot)?
-            .snapshot(path, kind)?)
+        let vm = self.lifecycle.vm_for(Request::Snapshot)?;
+        // Opening a FIFO (or a device) to write would block or write somewhere unexpected.
+        if let Ok(m) = std::fs::metadata(path)
+            && !m.is_file()
+        {
+            return Err(Error::Invalid {
+                field: "snapshot_path",
+                reason: format!(
+                    "{} exists and is not a regular file (a pipe, socket, device or directory)",
+                    path.display()
+                ),
+            });
+        }
+        Ok(vm.snapshot(path, kind)?)
     }
 
     /// Counters, once started.
@@ -506,7 +516,6 @@ impl Instance {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Error;
 
     fn instance() -> Instance {
         Instance::new("t", Box::new(std::io::sink()))
