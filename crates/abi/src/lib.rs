@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -149,7 +149,22 @@ pub struct BootInfo {
     pub args_len: u64,
     /// Size in bytes of the disk behind the I/O ring, 0 if the VM has none.
     pub disk_size: u64,
+    /// Requests from the host (ABI 1.3), bits of [`request`]: set by the VMM while the guest
+    /// runs (the guest reads the word atomically), never cleared. A vCPU blocked in
+    /// [`nr::BLOCK`] is woken when a bit is set.
+    pub requests: u64,
 }
+
+/// Bits of [`BootInfo::requests`] (ABI 1.3).
+pub mod request {
+    /// The host asks the guest to shut down cleanly (Firecracker's `SendCtrlAltDel`): finish,
+    /// flush, and exit. A guest that has not exited within the host's grace period is stopped.
+    pub const SHUTDOWN: u64 = 1;
+}
+
+/// Offset of [`BootInfo::requests`] in the boot info page.
+pub const BOOT_INFO_REQUESTS_OFFSET: u64 = core::mem::offset_of!(BootInfo, requests) as u64;
+const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_ARGS_OFFSET);
 
 /// One page per vCPU, read-write to the guest; `gs:0` holds its own address.
 #[repr(C)]
@@ -411,7 +426,7 @@ pub mod completion {
 }
 
 // The wire layout is the ABI: any change here is a major version bump. Checked when compiling.
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 72);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 80);
 const _: () = assert!(core::mem::size_of::<VcpuPage>() == 72);
 const _: () = assert!(io::HEADER_SIZE == 8);
 const _: () = assert!(io::REQUEST_SIZE == 32);

@@ -36,7 +36,8 @@ pub enum ActionType {
     InstanceStart,
     /// Firecracker flushes metrics to a file; Rebound serves `GET /metrics`, so this is a no-op.
     FlushMetrics,
-    /// Refused: SDK guests have no keyboard controller.
+    /// Asks the guest to shut down cleanly; it is stopped if it has not exited within
+    /// `rebound_control::SHUTDOWN_GRACE`.
     SendCtrlAltDel,
 }
 

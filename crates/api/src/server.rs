@@ -216,9 +216,7 @@ async fn put_actions(State(s): State<ApiState>, Body(a): Body<InstanceActionInfo
                 .map_err(ApiError::bad)?;
         }
         ActionType::SendCtrlAltDel => {
-            return Err(ApiError::bad(
-                "action_type: SendCtrlAltDel is not supported: Rebound guests have no keyboard controller",
-            ));
+            on_instance(&s, |i| i.shutdown(rebound_control::SHUTDOWN_GRACE)).await?;
         }
     }
     no_content()

@@ -378,7 +378,7 @@ fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
             "PUT",
             "/actions",
             br#"{"action_type": "SendCtrlAltDel"}"#,
-            "not supported",
+            "not started",
         ),
         (
             "PUT",
@@ -968,4 +968,53 @@ fn firecracker_resources_rebound_lacks_are_refused_by_name() {
     );
     assert_eq!(st, 400);
     assert!(fault(&e).contains("eth0"), "{e}");
+}
+
+#[test]
+fn send_ctrl_alt_del_shuts_the_guest_down() {
+    let s = Server::start();
+    start_ticking(&s);
+    let (st, e) = s.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    assert_eq!(st, 204, "{e}");
+    let vm = s.instance.vm().unwrap();
+    assert_eq!(vm.wait(), rebound_vmm::VmOutcome::Exited { status: 0 });
+    assert!(s.console.text().contains("shutdown requested after"));
+    assert_eq!(s.call("GET", "/", None).1["state"], "Exited");
+}
+
+#[test]
+fn a_snapshot_load_reopens_its_drive_or_an_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let s = Server::start();
+    let drive = json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true});
+    assert_eq!(s.call("PUT", "/drives/rootfs", Some(drive)).0, 204);
+    start_ticking(&s);
+    let snap = dir.path().join("vm.snap");
+    let create = json!({"snapshot_path": snap, "mem_file_path": dir.path().join("mem")});
+    assert_eq!(s.call("PUT", "/snapshot/create", Some(create)).0, 204);
+    // As Firecracker clients send it: the drive comes back from its saved path.
+    let t = Server::start();
+    let load = json!({"snapshot_path": snap, "mem_backend": {"backend_type": "File", "backend_path": dir.path().join("mem")}, "resume_vm": true, "network_overrides": []});
+    let (st, e) = t.call("PUT", "/snapshot/load", Some(load));
+    assert_eq!(st, 204, "{e}");
+    assert!(wait_ticks(&t, 1));
+    // Or from another path, of the same size.
+    let other = dir.path().join("other.img");
+    std::fs::copy(&disk, &other).unwrap();
+    let u = Server::start();
+    let load = json!({"snapshot_path": snap, "drive_overrides": [{"drive_id": "rootfs", "path_on_host": other}]});
+    assert_eq!(u.call("PUT", "/snapshot/load", Some(load)).0, 204);
+    // A saved drive that is gone is named.
+    std::fs::remove_file(&disk).unwrap();
+    let w = Server::start();
+    let (st, e) = w.call("PUT", "/snapshot/load", Some(json!({"snapshot_path": snap})));
+    assert_eq!(st, 400);
+    assert!(e["fault_message"].as_str().unwrap().contains("disk.img"), "{e}");
+    assert_eq!(w.call("GET", "/", None).1["state"], "Not started");
 }

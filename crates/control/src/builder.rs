@@ -143,7 +143,16 @@ impl Instance {
             .iter()
             .map(|p| open_snapshot(p))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(disk) = &load.disk {
+        // The drive the VM was saved with is reopened at its saved path unless another is
+        // named (Firecracker's behaviour).
+        let disk = match &load.disk {
+            Some(d) => Some(d.clone()),
+            None => match rebound_vmm::persist::read_chain(&snaps)?.vm.disk {
+                Some(rebound_vmm::persist::DiskDescriptor::File { path, .. }) => Some(path),
+                _ => None,
+            },
+        };
+        if let Some(disk) = &disk {
             regular_file(disk).map_err(|reason| Error::Invalid {
                 field: "disk",
                 reason: format!("{}: {reason}", disk.display()),
@@ -152,7 +161,7 @@ impl Instance {
         let options = RestoreOptions {
             generation: load.generation.unwrap_or_else(rebound_vmm::persist::new_id),
             paused: !load.resume,
-            disk: load.disk.clone(),
+            disk,
             same_vm: false,
         };
         let output = OutputCommit::new(self.console.user());

@@ -439,6 +439,28 @@ impl Instance {
         Ok(vm.snapshot(path, kind)?)
     }
 
+    /// Asks the guest to shut down cleanly (Firecracker's `SendCtrlAltDel`; the SDK guest sees
+    /// it in its boot info and its dispatcher's run ends); if the VM has not ended `grace`
+    /// later, it is stopped. Returns at once.
+    pub fn shutdown(&self, grace: Duration) -> Result<()> {
+        let vm = self.lifecycle.vm_for(Request::Shutdown)?;
+        vm.request_shutdown()?;
+        tracing::info!(?grace, "shutdown requested");
+        std::thread::Builder::new()
+            .name("rebound-shutdown".into())
+            .spawn(move || {
+                if vm.wait_timeout(grace).is_none() {
+                    tracing::warn!(
+                        ?grace,
+                        "the guest did not shut down within its grace period: stopping it"
+                    );
+                    vm.stop();
+                }
+            })
+            .map_err(|e| Error::host("cannot start the shutdown watchdog", e))?;
+        Ok(())
+    }
+
     /// Counters, once started.
     pub fn metrics(&self) -> Option<MetricsSnapshot> {
         self.vm().map(|vm| vm.metrics())

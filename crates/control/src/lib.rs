@@ -27,6 +27,9 @@ pub use protection::{Protection, default_protection};
 pub use sharing::Identity;
 pub use survival::{Handover, Survival, Updater, monotonic_ns};
 
+/// How long a guest asked to shut down has before it is stopped.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An I/O error's reason for a message that already names the file.
 pub(crate) fn io_reason(e: &std::io::Error) -> String {
     e.to_string()

@@ -1,6 +1,8 @@
 //! What the VMM told this guest at boot.
 
-use rebound_abi::{BOOT_INFO_ADDR, BootInfo};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use rebound_abi::{BOOT_INFO_ADDR, BOOT_INFO_REQUESTS_OFFSET, BootInfo, request};
 
 /// The vCPU a guest's `main` runs on, and the VM it belongs to.
 #[derive(Clone, Copy, Debug)]
@@ -59,4 +61,29 @@ impl Cpu {
     pub fn disk_size(&self) -> u64 {
         self.boot.disk_size
     }
+}
+
+/// Requests from the host (ABI 1.3): bits of [`rebound_abi::request`], set by the VMM while the
+/// guest runs. 0 under an older VMM.
+#[cfg(not(test))]
+pub fn host_requests() -> u64 {
+    // SAFETY: inside a guest the boot info page is mapped read-only at BOOT_INFO_ADDR for the
+    // life of the VM; the word is 8-byte aligned and the VMM writes it while the guest runs,
+    // so it is read atomically.
+    let word = unsafe { &*((BOOT_INFO_ADDR + BOOT_INFO_REQUESTS_OFFSET) as *const AtomicU64) };
+    word.load(Ordering::Acquire)
+}
+
+/// Host-side unit tests have no boot info page.
+#[cfg(test)]
+pub fn host_requests() -> u64 {
+    let _ = (Ordering::Acquire, core::mem::size_of::<AtomicU64>());
+    0
+}
+
+/// Whether the host asked the guest to shut down (Firecracker's `SendCtrlAltDel`). A guest
+/// that does not exit within the host's grace period is stopped. The [`crate::dispatch`]
+/// dispatcher checks this on every round.
+pub fn shutdown_requested() -> bool {
+    host_requests() & request::SHUTDOWN != 0
 }

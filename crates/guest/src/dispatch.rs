@@ -152,6 +152,8 @@ pub struct Stats {
     pub blocks: u64,
     /// Times a task was resumed because its completion indicator was set.
     pub completions: u64,
+    /// The run ended because the host asked for a shutdown (see [`Dispatcher::on_shutdown`]).
+    pub shutdown: bool,
 }
 
 /// Rounds of polling the sources before a dispatcher with sources goes idle (see
@@ -166,6 +168,9 @@ pub struct Dispatcher {
     sources: Vec<Rc<dyn Source>>,
     stats: Stats,
     poll_spins: u32,
+    /// What a shutdown request does; None: the run ends.
+    on_shutdown: Option<Box<dyn FnOnce()>>,
+    shutdown_seen: bool,
 }
 
 impl Default for Dispatcher {
@@ -175,6 +180,8 @@ impl Default for Dispatcher {
             sources: Vec::new(),
             stats: Stats::default(),
             poll_spins: DEFAULT_POLL_SPINS,
+            on_shutdown: None,
+            shutdown_seen: false,
         }
     }
 }
@@ -191,6 +198,14 @@ impl Dispatcher {
     /// The price is CPU time spent polling (a few tens of microseconds). 0: go idle at once.
     pub fn set_poll_spins(&mut self, rounds: u32) {
         self.poll_spins = rounds;
+    }
+
+    /// What to do when the host asks for a shutdown (ABI 1.3), called once on the
+    /// dispatcher's vCPU: e.g. tell the tasks to finish and flush. Without a handler the run
+    /// ends at the next round ([`Stats::shutdown`] is set) and the guest's `main` goes on
+    /// from there, typically to return (exit).
+    pub fn on_shutdown(&mut self, f: impl FnOnce() + 'static) {
+        self.on_shutdown = Some(Box::new(f));
     }
 
     /// Adds a task.
@@ -225,6 +240,16 @@ impl Dispatcher {
     /// completion indicator.
     pub fn run_with(&mut self, mut idle: impl FnMut(bool)) -> Stats {
         while !self.tasks.is_empty() {
+            if !self.shutdown_seen && crate::boot::shutdown_requested() {
+                self.shutdown_seen = true;
+                match self.on_shutdown.take() {
+                    Some(f) => f(),
+                    None => {
+                        self.stats.shutdown = true;
+                        break;
+                    }
+                }
+            }
             for s in &self.sources {
                 s.poll();
             }

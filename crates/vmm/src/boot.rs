@@ -187,6 +187,7 @@ pub fn load(
         args_addr: BOOT_INFO_ADDR + BOOT_ARGS_OFFSET,
         args_len: args.len() as u64,
         disk_size,
+        requests: 0,
     };
     rebound_arch::system::write_system(mem, layout, &boot, args.as_bytes())?;
     Ok(info.entry)

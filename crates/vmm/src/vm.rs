@@ -1012,6 +1012,36 @@ impl Vm {
         self.shared.shares.release_own_holdings()
     }
 
+    /// Asks the guest to shut down cleanly (ABI 1.3 `request::SHUTDOWN` in its boot info),
+    /// waking its vCPUs blocked in `BLOCK` so it sees the request at once. The guest decides
+    /// what to do; see [`Vm::wait_timeout`] for the grace period.
+    pub fn request_shutdown(&self) -> Result<()> {
+        use vm_memory::Bytes;
+        if self.outcome().is_some() {
+            return Err(Error::State("the VM has ended".into()));
+        }
+        let at = vm_memory::GuestAddress(
+            rebound_abi::BOOT_INFO_ADDR + rebound_abi::BOOT_INFO_REQUESTS_OFFSET,
+        );
+        let err = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
+        let now: u64 = self.shared.mem.read_obj(at).map_err(err)?;
+        self.shared
+            .mem
+            .write_obj(now | rebound_abi::request::SHUTDOWN, at)
+            .map_err(err)?;
+        self.shared.waiters.notify_all();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the VM to end; how it ended, if it did.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmOutcome> {
+        if self.shared.control.wait_exited_timeout(timeout) {
+            self.outcome().or(Some(VmOutcome::Stopped))
+        } else {
+            None
+        }
+    }
+
     /// Stops the VM because host resources it ran on failed.
     pub fn stop_for_host_fault(&self, reason: String) {
         self.shared.finish(VmOutcome::HostFault { reason });

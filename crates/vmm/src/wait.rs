@@ -108,6 +108,24 @@ impl RunControl {
         }
     }
 
+    /// Like [`wait_exited`](Self::wait_exited), for at most `timeout`; false if it passed.
+    pub fn wait_exited_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = lock(&self.counts);
+        while c.exited < self.vcpus {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     pub fn all_exited(&self) -> bool {
         lock(&self.counts).exited == self.vcpus
     }

@@ -264,6 +264,10 @@ fn ticks(cpu: &Cpu) -> i32 {
     let count = arg(cpu, 2, 0);
     let mut i = 0;
     loop {
+        if rebound_guest::boot::shutdown_requested() {
+            println!("shutdown requested after {i} ticks");
+            return 0;
+        }
         println!("tick {} {}", i, time::monotonic_ns());
         i += 1;
         if count != 0 && i >= count {
