@@ -769,8 +769,7 @@ impl Header {
             || meta.mem_size > MAX_MEM_SIZE
             || !meta.mem_size.is_multiple_of(PAGE_SIZE)
             || !mem_offset.is_multiple_of(MEM_ALIGN)
-            || mem_offset < HEADER_SIZE
-            || mem_offset > MAX_MEM_OFFSET
+            || !(HEADER_SIZE..=MAX_MEM_OFFSET).contains(&mem_offset)
         {
             return Err(corrupt("header", "has impossible sizes".into()));
         }
