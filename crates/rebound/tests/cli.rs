@@ -418,3 +418,153 @@ fn a_protected_run_restores_from_its_snapshot_directory() {
         "restored output is not a suffix of the original:\n{rest}\n--\n{orig}"
     );
 }
+
+/// A console that keeps what the guest printed (to wait for progress).
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn count(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    /// Waits until the guest printed more than `seen` lines.
+    fn wait_past(&self, seen: usize) {
+        common::wait_until("the guest prints a line", Duration::from_secs(30), || {
+            self.count() > seen
+        });
+    }
+}
+
+/// Damaged snapshot files are refused by `rebound restore` and `rebound snapshot merge` with a
+/// message naming the file and what is wrong, before anything runs (the whole damage corpus is
+/// in crates/vmm/tests/damaged_snapshots.rs).
+#[test]
+fn damaged_snapshots_are_refused_by_restore_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, report) = (1u64 << 26, 1u64 << 20);
+    let full = dir.path().join("full.snap");
+    let diff = dir.path().join("diff.snap");
+    {
+        let console = Lines::default();
+        let config = rebound_vmm::VmConfig {
+            vcpu_count: 1,
+            mem_size_mib: 16,
+            image: rebound_vmm::GuestImage::from_bytes("testguest", rebound_guests::TESTGUEST),
+            boot_args: format!("seq {n} {report}"),
+            disk: None,
+            shared: Vec::new(),
+            cache: None,
+        };
+        let vm = rebound_vmm::Vm::launch(&config, Box::new(console.clone())).unwrap();
+        console.wait_past(0);
+        vm.snapshot(&full, rebound_snapshot::Kind::Full).unwrap();
+        console.wait_past(console.count());
+        vm.snapshot(&diff, rebound_snapshot::Kind::Diff).unwrap();
+        vm.stop();
+        vm.wait();
+    }
+    let want = rebound_guests::testguest::seq_output(n, report);
+    let want = want.lines().last().unwrap();
+    let pristine = std::fs::read(&full).unwrap();
+    let mem_offset = u64::from_le_bytes(pristine[56..64].try_into().unwrap());
+    // A page in the middle of guest memory that the snapshot does not store.
+    let runs = rebound_snapshot::Snapshot::open(&full, rebound_snapshot::format::Verify::Full)
+        .unwrap()
+        .runs()
+        .to_vec();
+    let page = (0..4096u64)
+        .rev()
+        .skip(2048)
+        .find(|p| {
+            !runs
+                .iter()
+                .any(|r| (r.first..r.first + r.count).contains(p))
+        })
+        .unwrap();
+    let hole = mem_offset + page * 4096 + 100;
+    let bad = dir.path().join("bad.snap");
+    let damaged = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = pristine.clone();
+        edit(&mut b);
+        std::fs::write(&bad, &b).unwrap();
+        bad.to_str().unwrap().to_string()
+    };
+    let refused = |args: &[&str], want: &str| {
+        let out = run(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err:?} should say {want:?}");
+        assert!(text(&out.stdout).is_empty(), "{args:?}: nothing ran");
+    };
+    let (full_s, diff_s) = (full.to_str().unwrap(), diff.to_str().unwrap());
+    let merged = dir.path().join("merged.snap");
+    let merged_s = merged.to_str().unwrap();
+
+    let b = damaged(&|b| b[hole as usize] ^= 0x04);
+    refused(
+        &["restore", &b],
+        &format!(
+            "snapshot {b} is corrupt: memory page {page:#x} (not stored) holds a non-zero byte at file offset {hole:#x}"
+        ),
+    );
+    refused(
+        &["snapshot", "merge", "--out", merged_s, &b, diff_s],
+        &format!("memory page {page:#x} (not stored)"),
+    );
+    let b = damaged(&|b| b.extend_from_slice(b"appended"));
+    refused(
+        &["restore", &b, diff_s],
+        &format!(
+            "snapshot {b} is corrupt: it is {} bytes long but ends at byte {}",
+            pristine.len() + 8,
+            pristine.len()
+        ),
+    );
+    let b = damaged(&|b| b.truncate(b.len() - 1));
+    refused(
+        &["restore", &b],
+        &format!("snapshot {b} is truncated: section \"memory\" is incomplete"),
+    );
+    // The padding between the sections and the memory image.
+    let b = damaged(&|b| b[(mem_offset - 1) as usize] = 1);
+    refused(
+        &["snapshot", "merge", "--out", merged_s, &b],
+        "the padding before the memory image holds a non-zero byte",
+    );
+    refused(&["restore", diff_s, full_s], "starts with a full snapshot");
+    refused(
+        &[
+            "snapshot", "merge", "--out", merged_s, full_s, diff_s, diff_s,
+        ],
+        "is not a diff of",
+    );
+    assert!(!merged.exists(), "no merged file from a refused chain");
+
+    // The undamaged chain merges, and the merged file restores to what the guest computes.
+    let out = run(&["snapshot", "merge", "--out", merged_s, full_s, diff_s]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run(&["restore", merged_s, "--generation", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        seq_result(&text(&out.stdout)).as_deref(),
+        Some(want),
+        "{}",
+        text(&out.stdout)
+    );
+}

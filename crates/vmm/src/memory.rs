@@ -116,6 +116,42 @@ pub fn map_private(file: &File, offset: u64, size: u64) -> Result<(GuestMemory, 
     Ok((mem, Backing::Private { file: keep, offset }))
 }
 
+/// Replaces guest pages `[first, first + count)` of a snapshot mapping by anonymous zero pages,
+/// so those bytes never come from the file (pages a snapshot does not store read as zero,
+/// whatever the file holds there). Only for memory nothing else uses yet: before the VM is
+/// built around it.
+pub fn map_zero(mem: &GuestMemory, first: u64, count: u64) -> Result<()> {
+    let len = count
+        .checked_mul(PAGE)
+        .ok_or_else(|| Error::Memory(format!("{count} pages overflow")))?;
+    let slice = mem
+        .get_slice(GuestAddress(first * PAGE), len as usize)
+        .map_err(|e| Error::Memory(format!("pages {first:#x}+{count}: {e}")))?;
+    let addr = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: `get_slice` checked that the range lies inside one region `mem` mapped (page
+    // aligned: it starts and ends on page boundaries of a page-aligned mapping). MAP_FIXED
+    // replaces exactly those pages by private zero pages with the same protection, so the
+    // region stays one valid mapping of its size (unmapped with it). Nothing reads or writes
+    // the memory meanwhile: the caller has not handed it to KVM, a vCPU or a device yet.
+    let r = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(Error::Memory(format!(
+            "cannot map zero pages over guest pages {first:#x}+{count}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// The file behind guest memory.
 pub enum Backing {
     /// A memfd or a preserved-region file, mapped shared: its data ranges are exactly the pages

@@ -262,14 +262,30 @@ pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
     })
 }
 
+/// Most separate ranges of zero pages mapped over a snapshot's image; past it they are read
+/// and checked instead (a file copied without its holes), which costs reading them once.
+const MAX_ZERO_MAPS: usize = 1024;
+
 /// Guest memory for a validated chain: the full snapshot mapped copy-on-write, each diff's pages
 /// written over it in order.
+///
+/// The guest sees only bytes a checksum covers: pages the full snapshot does not store read as
+/// zero from the kernel (the file's holes), and where the file holds unchecked bytes for them
+/// (opened with `Verify::Metadata`), zero pages are mapped there instead of the file.
 pub fn map_chain(chain: &[Snapshot], mem_size: u64) -> Result<(GuestMemory, memory::Backing)> {
     let base = chain
         .first()
         .ok_or_else(|| Error::Restore("no snapshot given".into()))?;
     let (file, offset) = base.memory_file();
     let (mem, keep) = memory::map_private(file, offset, mem_size)?;
+    let stray = base.unchecked_hole_data();
+    if stray.len() > MAX_ZERO_MAPS {
+        base.verify_holes()?;
+    } else {
+        for &(first, count) in stray {
+            memory::map_zero(&mem, first, count)?;
+        }
+    }
     let mut buf = Vec::new();
     for diff in &chain[1..] {
         for run in diff.runs() {
