@@ -1013,8 +1013,15 @@ fn a_snapshot_load_reopens_its_drive_or_an_override() {
     // A saved drive that is gone is named.
     std::fs::remove_file(&disk).unwrap();
     let w = Server::start();
-    let (st, e) = w.call("PUT", "/snapshot/load", Some(json!({"snapshot_path": snap})));
+    let (st, e) = w.call(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": snap})),
+    );
     assert_eq!(st, 400);
-    assert!(e["fault_message"].as_str().unwrap().contains("disk.img"), "{e}");
+    assert!(
+        e["fault_message"].as_str().unwrap().contains("disk.img"),
+        "{e}"
+    );
     assert_eq!(w.call("GET", "/", None).1["state"], "Not started");
 }

@@ -47,7 +47,11 @@ fn a_guest_that_honours_shutdown_exits_cleanly() {
     // A grace longer than any test: the guest must end by itself.
     i.shutdown(Duration::from_secs(600)).unwrap();
     assert_eq!(i.wait().unwrap(), VmOutcome::Exited { status: 0 });
-    assert!(out.text().contains("shutdown requested after"), "{}", out.text());
+    assert!(
+        out.text().contains("shutdown requested after"),
+        "{}",
+        out.text()
+    );
     assert!(t0.elapsed() < Duration::from_secs(60));
     assert_eq!(i.phase(), Phase::Exited);
     assert!(i.shutdown(Duration::from_secs(1)).is_err(), "it has ended");

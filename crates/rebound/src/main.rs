@@ -549,8 +549,11 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         start_api(sock, instance.clone())?;
     }
     let t0 = Instant::now();
+    let protection = args.protect.protection();
     let load = rebound_control::Load {
-        resume: true,
+        // A protected VM stays paused until protection has started (no race with a guest
+        // that ends at once).
+        resume: protection.is_none(),
         generation: args.generation,
         disk: args.disk.clone(),
         same_vm: false,
@@ -561,8 +564,9 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         chain.len(),
         t0.elapsed().as_secs_f64() * 1e3
     );
-    if let Some(p) = args.protect.protection() {
+    if let Some(p) = protection {
         instance.protect(p)?;
+        instance.resume()?;
     }
     finish(&instance, t0, args.metrics)
 }
@@ -641,13 +645,13 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
+    if args.state.is_none() {
+        // Protection starts before the guest's first instruction: a guest that ends at once
+        // cannot race it.
+        instance.set_start_protection(args.protect.protection())?;
+    }
     let t0 = Instant::now();
     instance.start()?;
-    if args.state.is_none()
-        && let Some(p) = args.protect.protection()
-    {
-        instance.protect(p)?;
-    }
     finish(&instance, t0, args.metrics)
 }
 
