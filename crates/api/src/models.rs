@@ -74,7 +74,8 @@ pub struct SnapshotCreateParams {
     /// "Full" (default) or "Diff" (pages written since this VM's previous snapshot).
     #[serde(default)]
     pub snapshot_type: Option<SnapshotType>,
-    /// Accepted for Firecracker compatibility and ignored: memory is inside `snapshot_path`.
+    /// Also write guest memory here as a raw image, as Firecracker does (each stored page at
+    /// its guest-physical offset, holes elsewhere). `snapshot_path` still holds memory too.
     #[serde(default)]
     pub mem_file_path: Option<String>,
     /// Accepted for Firecracker compatibility and ignored.

@@ -272,7 +272,11 @@ async fn put_snapshot_create(
         SnapshotType::Diff => rebound_snapshot::Kind::Diff,
     };
     let path = PathBuf::from(p.snapshot_path);
-    let info = on_instance(&s, move |i| i.snapshot(&path, kind)).await?;
+    let mem = p.mem_file_path.map(PathBuf::from);
+    let info = on_instance(&s, move |i| {
+        i.snapshot_with_memory(&path, kind, mem.as_deref())
+    })
+    .await?;
     tracing::info!(?info, "snapshot written");
     no_content()
 }

@@ -556,13 +556,17 @@ fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
             "PUT",
             "/snapshot/create",
             Some(
-                json!({"snapshot_path": diff, "snapshot_type": "Diff", "mem_file_path": "/ignored"})
+                json!({"snapshot_path": diff, "snapshot_type": "Diff", "mem_file_path": dir.path().join("diff.mem")})
             )
         )
         .0,
         204
     );
     assert!(snap.exists() && diff.exists());
+    // Firecracker's mem_file_path: a raw image of guest memory (the diff's pages only).
+    let image = std::fs::read(dir.path().join("diff.mem")).unwrap();
+    assert_eq!(image.len(), 64 << 20, "the memory size");
+    assert!(image.iter().any(|&b| b != 0), "the diff's pages are in it");
 
     // A long chain: compaction must not merge epoch 1 away before the named rollback below.
     let p = json!({"interval_ms": 20, "strategy": "double_buffered", "snapshot_dir": dir.path().join("cps"), "max_chain": 100000});

@@ -423,20 +423,46 @@ impl Instance {
 
     /// Writes a full or diff snapshot of the VM to `path`.
     pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
+        self.snapshot_with_memory(path, kind, None)
+    }
+
+    /// [`snapshot`](Self::snapshot), also writing guest memory as a raw image to `mem_file`
+    /// (Firecracker's `mem_file_path`): the memory size, each stored page at its guest-physical
+    /// offset, holes elsewhere (a diff's file holds only its pages). The snapshot itself still
+    /// holds memory, so loading needs only it; the image is for tools that read Firecracker's.
+    pub fn snapshot_with_memory(
+        &self,
+        path: &Path,
+        kind: Kind,
+        mem_file: Option<&Path>,
+    ) -> Result<SnapshotInfo> {
         let vm = self.lifecycle.vm_for(Request::Snapshot)?;
-        // Opening a FIFO (or a device) to write would block or write somewhere unexpected.
-        if let Ok(m) = std::fs::metadata(path)
-            && !m.is_file()
-        {
+        for (field, p) in [("snapshot_path", Some(path)), ("mem_file_path", mem_file)] {
+            let Some(p) = p else { continue };
+            // Opening a FIFO (or a device) to write would block or write somewhere unexpected.
+            if let Ok(m) = std::fs::metadata(p)
+                && !m.is_file()
+            {
+                return Err(Error::Invalid {
+                    field,
+                    reason: format!(
+                        "{} exists and is not a regular file (a pipe, socket, device or directory)",
+                        p.display()
+                    ),
+                });
+            }
+        }
+        if mem_file == Some(path) {
             return Err(Error::Invalid {
-                field: "snapshot_path",
-                reason: format!(
-                    "{} exists and is not a regular file (a pipe, socket, device or directory)",
-                    path.display()
-                ),
+                field: "mem_file_path",
+                reason: "must differ from snapshot_path".into(),
             });
         }
-        Ok(vm.snapshot(path, kind)?)
+        let info = vm.snapshot(path, kind)?;
+        if let Some(mem_file) = mem_file {
+            write_memory_image(path, mem_file)?;
+        }
+        Ok(info)
     }
 
     /// Asks the guest to shut down cleanly (Firecracker's `SendCtrlAltDel`; the SDK guest sees
@@ -533,6 +559,40 @@ impl Instance {
             }
         }
     }
+}
+
+/// Writes the memory `snapshot` stores to `out` as a raw image (see
+/// [`Instance::snapshot_with_memory`]), through a temporary file renamed into place.
+fn write_memory_image(snapshot: &Path, out: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let fail = |e: &dyn std::fmt::Display| {
+        Error::host(
+            format!("cannot write the memory image {}", out.display()),
+            e,
+        )
+    };
+    let snap = rebound_snapshot::Snapshot::open(snapshot, rebound_snapshot::format::Verify::Full)?;
+    let mut tmp_name = out.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let f = std::fs::File::create(&tmp).map_err(|e| fail(&e))?;
+    let page = rebound_snapshot::PAGE_SIZE;
+    let written = (|| -> Result<()> {
+        f.set_len(snap.meta().mem_size).map_err(|e| fail(&e))?;
+        let mut buf = Vec::new();
+        for run in snap.runs() {
+            buf.resize((run.count * page) as usize, 0);
+            snap.read_memory(run.first * page, &mut buf)?;
+            f.write_all_at(&buf, run.first * page)
+                .map_err(|e| fail(&e))?;
+        }
+        f.sync_all().map_err(|e| fail(&e))?;
+        std::fs::rename(&tmp, out).map_err(|e| fail(&e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
