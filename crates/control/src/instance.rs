@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rebound_checkpoint::engine::{CheckpointReport, StartOptions};
 use rebound_checkpoint::sink::{Preserved, Sink, SnapshotDir};
-use rebound_checkpoint::state_dir::{Claim, ConsoleLog, StateDir};
+use rebound_checkpoint::state_dir::{Claim, ConsoleLog, StateDir, show_unshown};
 use rebound_checkpoint::{Engine, EngineConfig, EngineStats, OutputCommit, StrategyKind};
 use rebound_snapshot::format::Verify;
 use rebound_snapshot::{Kind, Snapshot};
@@ -643,8 +643,20 @@ impl Instance {
             ));
         }
         let dir = StateDir::open(path)?;
-        let claim = dir.claim()?;
-        let prepared = rebound_checkpoint::recovery::prepare(&dir)?;
+        // The pid goes into `owner` only once recovery goes ahead: a refusal changes nothing.
+        let claim = dir.claim_quietly()?;
+        let prepared = match rebound_checkpoint::recovery::prepare(&dir) {
+            Ok(p) => p,
+            Err(e @ rebound_checkpoint::Error::Ended { .. }) => {
+                // Its last output may have reached the log but not the console.
+                if let Ok(mut console) = self.take_console() {
+                    let _ = show_unshown(&dir.console_log(), &mut console);
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        claim.announce();
         let console = self.take_console()?;
         let log = ConsoleLog::open(&dir.console_log(), prepared.output_end, Some(console))
             .map_err(|e| Error::State(format!("cannot open {}: {e}", dir.console_log().display())))?
