@@ -32,7 +32,7 @@ use std::path::PathBuf;
 
 use rebound_snapshot::format::Verify;
 use rebound_snapshot::{PAGE_SIZE, Snapshot};
-use rebound_vmm::persist::{SavedState, read_chain};
+use rebound_vmm::persist::{DiskDescriptor, SavedState, read_chain};
 
 use crate::state_dir::{
     CHAIN_SECTION, ChainRecord, OUTPUT_SECTION, OutputRecord, StateDir, UndoEntry, UndoJournal,
@@ -84,6 +84,15 @@ fn name(path: &std::path::Path) -> String {
 ///
 /// The caller must hold the directory's claim ([`StateDir::claim`]).
 pub fn prepare(dir: &StateDir) -> Result<Prepared, Error> {
+    prepare_accepting(dir, |_| Ok(()))
+}
+
+/// [`prepare`], refusing before anything is written if `accept` refuses the state (what the
+/// caller needs beyond the directory: the disk it must name, for one).
+pub fn prepare_accepting(
+    dir: &StateDir,
+    accept: impl FnOnce(&SavedState) -> Result<(), String>,
+) -> Result<Prepared, Error> {
     if let Some((reason, code, output)) = dir.ended() {
         // Its last output may not have reached the log before the process died.
         replay_output(&dir.console_log(), &output)
@@ -91,6 +100,7 @@ pub fn prepare(dir: &StateDir) -> Result<Prepared, Error> {
         return Err(Error::Ended { reason, code });
     }
     let plan = check(dir)?;
+    accept(&plan.state).map_err(|e| err(dir, e))?;
     apply(dir, plan)
 }
 
@@ -139,6 +149,21 @@ pub fn check(dir: &StateDir) -> Result<Plan, Error> {
                 committed.epoch
             ),
         ));
+    }
+    // A disk kept in the directory (a scratch disk) is the VM's too.
+    if let Some(DiskDescriptor::File { path, size, .. }) = &state.vm.disk
+        && path.starts_with(dir.path())
+    {
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        if len != *size {
+            return Err(err(
+                dir,
+                format!(
+                    "{} is {len} bytes, but the VM had a {size}-byte disk there",
+                    name(path)
+                ),
+            ));
+        }
     }
     let log_len = std::fs::metadata(dir.console_log()).map_or(0, |m| m.len());
     let end = output.offset.saturating_add(output.bytes.len() as u64);

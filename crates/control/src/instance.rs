@@ -645,7 +645,19 @@ impl Instance {
         let dir = StateDir::open(path)?;
         // The pid goes into `owner` only once recovery goes ahead: a refusal changes nothing.
         let claim = dir.claim_quietly()?;
-        let prepared = match rebound_checkpoint::recovery::prepare(&dir) {
+        // A disk outside the directory must be named: refused before anything is written.
+        let disk_named = |s: &rebound_vmm::persist::SavedState| match &s.vm.disk {
+            Some(rebound_vmm::persist::DiskDescriptor::File { path, .. })
+                if load.disk.is_none() && !path.starts_with(dir.path()) =>
+            {
+                Err(format!(
+                    "the VM had disk {}: name the disk to attach (--disk)",
+                    path.display()
+                ))
+            }
+            _ => Ok(()),
+        };
+        let prepared = match rebound_checkpoint::recovery::prepare_accepting(&dir, disk_named) {
             Ok(p) => p,
             Err(e @ rebound_checkpoint::Error::Ended { .. }) => {
                 // Its last output may have reached the log but not the console.
