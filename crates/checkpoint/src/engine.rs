@@ -12,12 +12,12 @@ use rebound_vmm::Vm;
 use rebound_vmm::persist::SavedState;
 use serde::Serialize;
 
-use crate::Error;
 use crate::output::{OutputCommit, OutputStats};
 use crate::sink::{CheckpointData, Sink};
 use crate::state_dir::{OutputRecord, StateDir};
 use crate::strategy::pre_image::PreImage;
 use crate::strategy::{FrozenSource, PageSource, Strategy, StrategyKind};
+use crate::{CheckpointRef, Error, random_id};
 
 /// Shortest checkpoint interval accepted.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(5);
@@ -73,6 +73,8 @@ struct Work {
     epoch: u64,
     /// The rollback target.
     last: Option<(u64, SavedState)>,
+    /// The newest checkpoint every sink acknowledged (what the next one follows).
+    committed: Option<CheckpointRef>,
 }
 
 #[derive(Default)]
@@ -194,6 +196,8 @@ pub struct Engine {
 /// What sinks read from at one checkpoint.
 struct Commit<'a> {
     epoch: u64,
+    id: u64,
+    follows: Option<CheckpointRef>,
     state: &'a SavedState,
     mem_size: u64,
     source: &'a dyn PageSource,
@@ -208,6 +212,8 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
     let mut lost = None;
     let Commit {
         epoch,
+        id,
+        follows,
         state,
         mem_size,
         source,
@@ -222,6 +228,8 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
         }
         let cp = CheckpointData {
             epoch,
+            id,
+            follows,
             state,
             mem_size,
             pages: &slot.pending,
@@ -296,10 +304,14 @@ impl Engine {
         let preserved = opts.state_dir.is_some();
         let mem_size = vm.descriptor().mem_size;
         let pages = mem_size / PAGE_SIZE;
+        // A VM recovered a moment ago goes on from the checkpoint it was recovered from: the
+        // first record follows it, and until that record is committed the directory still
+        // recovers to it.
+        let origin = opts.state_dir.as_ref().and_then(StateDir::resumable_head);
         let mut strategy: Box<dyn Strategy> = match (&opts.state_dir, config.strategy) {
             (None, kind) => kind.build(mem_size),
             (Some(dir), StrategyKind::PreImage) => {
-                Box::new(PreImage::durable(mem_size, dir.clone()))
+                Box::new(PreImage::durable(mem_size, dir.clone(), origin))
             }
             (Some(_), kind) => {
                 return Err(Error::Config(format!(
@@ -334,15 +346,28 @@ impl Engine {
         };
         let source = FrozenSource(&frozen);
         let out = output.sealed_record(first_epoch);
+        let first = CheckpointRef {
+            epoch: first_epoch,
+            id: random_id(),
+        };
         let c = Commit {
             epoch: first_epoch,
+            id: first.id,
+            follows: origin,
             state: &state,
             mem_size,
             source: &source,
             data: Some(&data),
             output: &out,
         };
-        let ok = commit_sinks(&mut slots, &c, &stats);
+        let mut ok = commit_sinks(&mut slots, &c, &stats);
+        if matches!(ok, Ok(true))
+            && strategy.moves_on_commit()
+            && let Err(e) = strategy.committed(first, &DirtySet::new(pages))
+        {
+            lock(&stats).last_error = Some(e.to_string());
+            ok = Err(e);
+        }
         let pause = t0.elapsed();
         frozen.thaw().map_err(vm_err)?;
         if !matches!(ok, Ok(true)) {
@@ -376,6 +401,7 @@ impl Engine {
                 sinks: slots,
                 epoch: first_epoch,
                 last: Some((first_epoch, state)),
+                committed: Some(first),
             }),
             ticker_state: Mutex::new(TickerState::default()),
             wake: Condvar::new(),
@@ -592,6 +618,7 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         sinks,
         epoch,
         last,
+        committed,
     } = &mut *w;
     let t0 = Instant::now();
     let frozen = inner.vm.freeze().map_err(vm_err)?;
@@ -609,6 +636,10 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let capture = tcap.elapsed();
     let e = *epoch + 1;
     *epoch = e;
+    let this = CheckpointRef {
+        epoch: e,
+        id: random_id(),
+    };
     for s in sinks.iter_mut() {
         s.pending.union(&dirty);
     }
@@ -628,6 +659,8 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         let source = FrozenSource(&frozen);
         let c = Commit {
             epoch: e,
+            id: this.id,
+            follows: *committed,
             state: &state,
             mem_size,
             source: &source,
@@ -648,13 +681,14 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         // The rollback point (and the pre-image undo log) move only past an acknowledged
         // checkpoint; an unacknowledged one is retried at the next epoch from the same base.
         if acked {
-            if let Err(err) = strategy.committed(e, &dirty) {
+            if let Err(err) = strategy.committed(this, &dirty) {
                 if let Error::Lost(_) = err {
                     give_up(inner, strategy.as_mut(), sinks, &err);
                 }
                 return Err(err);
             }
             *last = Some((e, state.clone()));
+            *committed = Some(this);
         }
     } else {
         *last = Some((e, state.clone()));
@@ -665,6 +699,8 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         let tc = Instant::now();
         let c = Commit {
             epoch: e,
+            id: this.id,
+            follows: *committed,
             state: &state,
             mem_size,
             source,
@@ -680,6 +716,9 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
         };
         commit = tc.elapsed();
         strategy.settle();
+    }
+    if acked && !strategy.moves_on_commit() {
+        *committed = Some(this);
     }
     if acked && let Err(err) = inner.output.release(e) {
         // Released output that could not be written where it goes: what the outside saw can

@@ -19,6 +19,32 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 pub use output::OutputCommit;
 pub use strategy::StrategyKind;
 
+/// A checkpoint as the state directory names it: its epoch, and a random id that tells it
+/// apart from any other checkpoint with that number (another VM's, or one a crash left
+/// uncommitted and a later run numbered again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRef {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its id (never 0).
+    pub id: u64,
+}
+
+/// A fresh, non-zero checkpoint id from the kernel's random source (the clock and pid if that
+/// fails: ids only need to differ, not to be secret).
+pub fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into the buffer we own; the result is
+    // checked.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let id = if n == b.len() as isize {
+        u64::from_le_bytes(b)
+    } else {
+        rebound_vmm::persist::new_id()
+    };
+    id.max(1)
+}
+
 /// Errors of the checkpoint engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rebound_checkpoint::OutputCommit;
-use rebound_checkpoint::state_dir::{ConsoleLog, StateDir};
+use rebound_checkpoint::state_dir::{ConsoleLog, StateDir, show_unshown};
 use rebound_snapshot::Snapshot;
 use rebound_snapshot::format::Verify;
 use rebound_vmm::vm::RestoreOptions;
@@ -176,8 +176,32 @@ impl Instance {
     pub fn recover(&self, path: &Path, load: &Load, protection: Option<Protection>) -> Result<u64> {
         let starting = self.lifecycle.begin(Request::Recover)?;
         let dir = StateDir::open(path)?;
-        let claim = dir.claim()?;
-        let prepared = rebound_checkpoint::recovery::prepare(&dir)?;
+        // The pid goes into `owner` only once recovery goes ahead: a refusal changes nothing.
+        let claim = dir.claim_quietly()?;
+        // The disk comes back from its saved path unless another is named, or from the
+        // directory (a scratch disk kept there); it must be there before anything is written.
+        let disk_of = |s: &rebound_vmm::persist::SavedState| match &s.vm.disk {
+            Some(rebound_vmm::persist::DiskDescriptor::File { path, .. }) => {
+                Some(load.disk.clone().unwrap_or_else(|| path.clone()))
+            }
+            _ => None,
+        };
+        let disk_there = |s: &rebound_vmm::persist::SavedState| match disk_of(s) {
+            Some(d) => {
+                regular_file(&d).map_err(|reason| format!("disk {}: {reason}", d.display()))
+            }
+            None => Ok(()),
+        };
+        let prepared = match rebound_checkpoint::recovery::prepare_accepting(&dir, disk_there) {
+            Ok(p) => p,
+            Err(e @ rebound_checkpoint::Error::Ended { .. }) => {
+                // Its last output may have reached the log but not the console.
+                let _ = show_unshown(&dir.console_log(), &mut self.console.user());
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        claim.announce();
         let log = ConsoleLog::open(
             &dir.console_log(),
             prepared.output_end,
@@ -186,15 +210,7 @@ impl Instance {
         .map_err(|e| Error::host(format!("cannot open {}", dir.console_log().display()), e))?
         .guarding(dir.clone());
         let output = OutputCommit::new_at(Box::new(log), prepared.output_end);
-        // A disk kept in the state directory (a scratch disk) is taken from there.
-        let disk = load.disk.clone().or_else(|| match &prepared.state.vm.disk {
-            Some(rebound_vmm::persist::DiskDescriptor::File { path, .. })
-                if path.starts_with(dir.path()) =>
-            {
-                Some(path.clone())
-            }
-            _ => None,
-        });
+        let disk = disk_of(&prepared.state);
         let options = RestoreOptions {
             generation: prepared.state.devices.generation,
             paused: true,

@@ -14,14 +14,18 @@ use rebound_vmm::persist::SavedState;
 pub use preserved::Preserved;
 pub use snapshot_dir::{SnapshotDir, chain_to_epoch, newest_chain, newest_epoch, prune_after};
 
-use crate::Error;
 use crate::state_dir::OutputRecord;
 use crate::strategy::PageSource;
+use crate::{CheckpointRef, Error};
 
 /// One checkpoint, as a sink sees it.
 pub struct CheckpointData<'a> {
     /// Its epoch number.
     pub epoch: u64,
+    /// Its id (random: tells it apart from any other checkpoint numbered `epoch`).
+    pub id: u64,
+    /// The committed checkpoint it follows (None: the first since protection started afresh).
+    pub follows: Option<CheckpointRef>,
     /// vCPU, device and VM state.
     pub state: &'a SavedState,
     /// Guest memory size in bytes.

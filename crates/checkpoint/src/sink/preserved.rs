@@ -1,14 +1,15 @@
-//! The preserved-region sink: commits each checkpoint to the VM's state directory as a record
-//! (VM, vCPU and device state plus the output it releases, in the snapshot file format without
-//! memory pages: memory stays in place and the pre-image strategy's journal undoes it). The
-//! record's atomic appearance is the commit.
+//! The preserved-region sink: writes each checkpoint to the VM's state directory as a record
+//! (VM, vCPU and device state, the output it releases and the checkpoint it follows, in the
+//! snapshot file format without memory pages: memory stays in place and the pre-image
+//! strategy's journal undoes it). The record appears atomically; it is committed once the
+//! undo journal is reset to it (see `recovery`), which the engine does right after this sink
+//! acknowledged it.
 
 use rebound_snapshot::format::{self, SectionData};
 use rebound_snapshot::{Kind, SnapshotMeta};
-use rebound_vmm::persist::new_id;
 
 use super::{CheckpointData, Sink};
-use crate::state_dir::{OUTPUT_SECTION, StateDir};
+use crate::state_dir::{CHAIN_SECTION, ChainRecord, OUTPUT_SECTION, StateDir};
 use crate::{Error, faults};
 
 /// Commits checkpoints to a state directory, keeping the newest two records.
@@ -39,8 +40,12 @@ impl Sink for Preserved {
         faults::check_write("checkpoint record").map_err(|e| self.err(e))?;
         let mut sections = cp.state.sections().map_err(|e| self.err(e))?;
         sections.push(SectionData::encode(OUTPUT_SECTION, 1, cp.output).map_err(|e| self.err(e))?);
+        let chain = ChainRecord {
+            follows: cp.follows,
+        };
+        sections.push(SectionData::encode(CHAIN_SECTION, 1, &chain).map_err(|e| self.err(e))?);
         let meta = SnapshotMeta {
-            id: new_id(),
+            id: cp.id,
             parent: None,
             epoch: cp.epoch,
             kind: Kind::Full,
@@ -54,8 +59,8 @@ impl Sink for Preserved {
         faults::point("after-record");
         // The directory describes the VM again (protection started afresh after a loss).
         self.dir.clear_lost();
-        // Recovery needs only the newest record; one more is kept for inspection. The record is
-        // committed whatever happens here.
+        // Recovery needs only the committed record, which is this one or (until the journal
+        // names this one) the one before; the pruned ones are older.
         match self.dir.records() {
             Ok(records) if records.len() > 2 => {
                 for (_, old) in &records[..records.len() - 2] {

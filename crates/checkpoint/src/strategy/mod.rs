@@ -16,7 +16,7 @@ use rebound_snapshot::{DirtySet, PAGE_SIZE};
 use rebound_vmm::vm::Frozen;
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{CheckpointRef, Error};
 
 /// The strategies, by name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,8 +98,8 @@ pub trait Strategy: Send {
         false
     }
 
-    /// Every sink acknowledged checkpoint `epoch` (`dirty` = its pages); called while paused.
-    fn committed(&mut self, _epoch: u64, _dirty: &DirtySet) -> Result<(), Error> {
+    /// Every sink acknowledged checkpoint `cp` (`dirty` = its pages); called while paused.
+    fn committed(&mut self, _cp: CheckpointRef, _dirty: &DirtySet) -> Result<(), Error> {
         Ok(())
     }
 

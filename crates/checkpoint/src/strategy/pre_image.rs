@@ -9,8 +9,9 @@
 //! few pages are written per epoch or memory is large.
 //!
 //! **Durable** (with a state directory): each old page is also appended to the undo journal
-//! file before the write is allowed, and the journal is reset only after the checkpoint's record
-//! is committed. After a crash, memory minus the journal is the last committed checkpoint.
+//! file (and counted there) before the write is allowed, and the journal is reset to a
+//! checkpoint only after its record is written; that reset commits it, and the head file then
+//! names it too. After a crash, memory minus the journal is the checkpoint the journal names.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ use rebound_vmm::vm::Frozen;
 use super::{Strategy, StrategyKind, write_page};
 use crate::state_dir::{StateDir, UndoJournal};
 use crate::uffd::Uffd;
-use crate::{Error, faults};
+use crate::{CheckpointRef, Error, faults};
 
 type UndoLog = HashMap<u64, Box<[u8]>>;
 
@@ -35,6 +36,8 @@ fn lock(m: &Mutex<UndoLog>) -> MutexGuard<'_, UndoLog> {
 pub struct PreImage {
     pages: u64,
     state_dir: Option<StateDir>,
+    /// The committed checkpoint memory equals when protection starts (a VM just recovered).
+    origin: Option<CheckpointRef>,
     running: Option<Running>,
 }
 
@@ -67,7 +70,7 @@ struct Running {
     undo: Arc<Mutex<UndoLog>>,
     journal: Arc<Mutex<Journal>>,
     /// The committed checkpoint the undo log and journal are relative to.
-    epoch: u64,
+    committed: Option<CheckpointRef>,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     handler: Option<JoinHandle<()>>,
@@ -83,15 +86,19 @@ impl PreImage {
         Self {
             pages: mem_size / PAGE_SIZE,
             state_dir: None,
+            origin: None,
             running: None,
         }
     }
 
     /// Also journals old pages to the state directory's undo file, for recovery after a crash.
-    pub fn durable(mem_size: u64, dir: StateDir) -> Self {
+    /// `origin`: the committed checkpoint memory equals now, if any (a VM recovered a moment
+    /// ago); until the first checkpoint is committed, the journal stays based on it.
+    pub fn durable(mem_size: u64, dir: StateDir, origin: Option<CheckpointRef>) -> Self {
         Self {
             pages: mem_size / PAGE_SIZE,
             state_dir: Some(dir),
+            origin,
             running: None,
         }
     }
@@ -199,17 +206,23 @@ impl Strategy for PreImage {
         StrategyKind::PreImage
     }
 
-    fn start(&mut self, frozen: &Frozen<'_>, epoch: u64) -> Result<(), Error> {
+    fn start(&mut self, frozen: &Frozen<'_>, _epoch: u64) -> Result<(), Error> {
         let (base, len) = frozen.vm().host_memory_range();
         let journal = Arc::new(Mutex::new(Journal::default()));
         if let Some(dir) = &self.state_dir {
             let path = dir.undo();
-            let j = UndoJournal::create(&path, epoch).map_err(|e| {
+            let lost = |e: std::io::Error| {
                 Error::Lost(format!(
                     "cannot create the undo journal {}: {e}",
                     path.display()
                 ))
-            })?;
+            };
+            // Protection starting afresh: nothing is committed until its first checkpoint (the
+            // head says so too, so no older head can pass for this VM's).
+            if self.origin.is_none() {
+                dir.write_head(None).map_err(lost)?;
+            }
+            let j = UndoJournal::create(&path, self.origin).map_err(lost)?;
             let mut g = lock_journal(&journal);
             g.file = Some(j);
             g.dir = Some(dir.clone());
@@ -240,7 +253,7 @@ impl Strategy for PreImage {
             base,
             undo,
             journal,
-            epoch,
+            committed: self.origin,
             busy,
             stop,
             handler: Some(handler),
@@ -280,23 +293,31 @@ impl Strategy for PreImage {
         }
     }
 
-    fn committed(&mut self, epoch: u64, dirty: &DirtySet) -> Result<(), Error> {
+    fn committed(&mut self, cp: CheckpointRef, dirty: &DirtySet) -> Result<(), Error> {
         let r = self
             .running
             .as_mut()
             .ok_or_else(|| Error::Strategy("pre-image strategy not started".into()))?;
-        // The journal is reset only now that the checkpoint is committed: a crash before this
-        // point recovers the previous checkpoint with the journal, a crash after it this one.
+        // The journal is reset only now that the checkpoint's record is written, and that
+        // reset commits it: a crash before this point recovers the previous checkpoint with
+        // the journal, a crash after it this one. The head follows as a second witness.
         {
             let mut j = lock_journal(&r.journal);
             if let Some(file) = j.file.as_mut()
-                && let Err(e) = file.reset(epoch)
+                && let Err(e) = file.reset(Some(cp))
             {
                 return Err(Error::Lost(j.fail("reset", e)));
             }
+            drop(j);
+            faults::point("after-journal-reset");
+            let mut j = lock_journal(&r.journal);
+            if let (Some(_), Some(dir)) = (&j.file, &j.dir)
+                && let Err(e) = dir.write_head(Some(cp))
+            {
+                return Err(Error::Lost(j.fail("confirmed in the head file", e)));
+            }
         }
-        faults::point("after-journal-reset");
-        r.epoch = epoch;
+        r.committed = Some(cp);
         lock(&r.undo).clear();
         // Pages left writable would change unjournaled: that ends protection.
         r.reprotect(dirty).map_err(|e| {
@@ -315,7 +336,7 @@ impl Strategy for PreImage {
         // Memory is the committed checkpoint again: the journal can start over from it.
         let mut j = lock_journal(&r.journal);
         if let Some(file) = j.file.as_mut()
-            && let Err(e) = file.reset(r.epoch)
+            && let Err(e) = file.reset(r.committed)
         {
             return Err(Error::Lost(j.fail("reset", e)));
         }
