@@ -187,9 +187,7 @@ impl Instance {
             _ => None,
         };
         let disk_there = |s: &rebound_vmm::persist::SavedState| match disk_of(s) {
-            Some(d) => {
-                regular_file(&d).map_err(|reason| format!("disk {}: {reason}", d.display()))
-            }
+            Some(d) => regular_file(&d).map_err(|reason| format!("disk {}: {reason}", d.display())),
             None => Ok(()),
         };
         let prepared = match rebound_checkpoint::recovery::prepare_accepting(&dir, disk_there) {

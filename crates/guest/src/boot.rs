@@ -77,7 +77,11 @@ pub fn host_requests() -> u64 {
 /// Host-side unit tests have no boot info page.
 #[cfg(test)]
 pub fn host_requests() -> u64 {
-    let _ = (Ordering::Acquire, core::mem::size_of::<AtomicU64>());
+    let _ = (
+        Ordering::Acquire,
+        core::mem::size_of::<AtomicU64>(),
+        BOOT_INFO_REQUESTS_OFFSET,
+    );
     0
 }
 
