@@ -19,6 +19,16 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 pub use output::OutputCommit;
 pub use strategy::StrategyKind;
 
+/// A sink as users know it: "state directory X", "snapshot directory X" (its internal
+/// `kind:path` name spelled out).
+fn sink_name(sink: &str) -> String {
+    match sink.split_once(':') {
+        Some(("state-dir", path)) => format!("state directory {path}"),
+        Some(("snapshot-dir", path)) => format!("snapshot directory {path}"),
+        _ => sink.to_string(),
+    }
+}
+
 /// Errors of the checkpoint engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,7 +39,7 @@ pub enum Error {
     #[error("capture strategy: {0}")]
     Strategy(String),
     /// A sink failed to store a checkpoint.
-    #[error("sink {sink}: {reason}")]
+    #[error("{}: {reason}", sink_name(sink))]
     Sink {
         /// Which sink.
         sink: String,
