@@ -45,6 +45,16 @@ pub fn random_id() -> u64 {
     id.max(1)
 }
 
+/// A sink as users know it: "state directory X", "snapshot directory X" (its internal
+/// `kind:path` name spelled out).
+fn sink_name(sink: &str) -> String {
+    match sink.split_once(':') {
+        Some(("state-dir", path)) => format!("state directory {path}"),
+        Some(("snapshot-dir", path)) => format!("snapshot directory {path}"),
+        _ => sink.to_string(),
+    }
+}
+
 /// Errors of the checkpoint engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,7 +65,7 @@ pub enum Error {
     #[error("capture strategy: {0}")]
     Strategy(String),
     /// A sink failed to store a checkpoint.
-    #[error("sink {sink}: {reason}")]
+    #[error("{}: {reason}", sink_name(sink))]
     Sink {
         /// Which sink.
         sink: String,

@@ -157,20 +157,20 @@ impl HostFaults {
         self.dir.join(format!("cpu-{cpu}"))
     }
 
-    /// Marks host CPU `cpu` failed, for every Rebound process on the host.
+    /// Marks host CPU `cpu` failed, for every Rebound process on the host. A CPU the host does
+    /// not have is refused.
     pub fn fail_cpu(&self, cpu: usize) -> io::Result<()> {
-        if cpu >= libc::CPU_SETSIZE as usize {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("no CPU {cpu}"),
-            ));
-        }
+        exists(cpu)?;
         std::fs::create_dir_all(&self.dir)?;
         std::fs::write(self.file(cpu), b"failed\n")
     }
 
-    /// Marks host CPU `cpu` healthy again (VMs already moved stay where they are).
+    /// Marks host CPU `cpu` healthy again (VMs already moved stay where they are). A CPU the
+    /// host does not have is refused, unless the record names it.
     pub fn repair_cpu(&self, cpu: usize) -> io::Result<()> {
+        if !self.file(cpu).exists() {
+            exists(cpu)?;
+        }
         match std::fs::remove_file(self.file(cpu)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -187,6 +187,54 @@ impl HostFaults {
             .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu-")?.parse().ok())
             .collect()
     }
+}
+
+/// Where the kernel lists the CPUs this host has or can have (hot-plug included).
+const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
+
+/// Refuses a CPU the host does not have: a fault recorded for it would be reported as handled
+/// while no VM could ever run there.
+fn exists(cpu: usize) -> io::Result<()> {
+    let (cpus, list) = match std::fs::read_to_string(POSSIBLE_CPUS)
+        .ok()
+        .and_then(|s| Some((parse_cpu_list(&s)?, s.trim().to_string())))
+    {
+        Some(found) => found,
+        // No sysfs: the CPUs this process may use are the ones known to exist.
+        None => {
+            let usable = rebound_vmm::affinity::usable();
+            (usable.iter().copied().collect(), format!("{usable:?}"))
+        }
+    };
+    if cpus.contains(&cpu) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("host CPU {cpu} does not exist (this host's CPUs: {list})"),
+        ))
+    }
+}
+
+/// Parses a kernel CPU list (`0-3,6,8-9`); None if it is not one. Numbers stop at
+/// `CPU_SETSIZE`, the most a CPU set can name.
+fn parse_cpu_list(s: &str) -> Option<BTreeSet<usize>> {
+    let max = libc::CPU_SETSIZE as usize;
+    let mut cpus = BTreeSet::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.parse::<usize>().ok()?, hi.parse::<usize>().ok()?),
+            None => {
+                let c = part.parse::<usize>().ok()?;
+                (c, c)
+            }
+        };
+        if lo > hi || hi >= max {
+            return None;
+        }
+        cpus.extend(lo..=hi);
+    }
+    (!cpus.is_empty()).then_some(cpus)
 }
 
 /// Watches `faults` for `instance`'s VM until the instance is dropped or its VM ends.
@@ -217,4 +265,36 @@ pub fn watch(instance: &Arc<Instance>, faults: HostFaults) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_cpu_lists_parse() {
+        let set = |v: &[usize]| v.iter().copied().collect::<BTreeSet<_>>();
+        assert_eq!(parse_cpu_list("0-1\n"), Some(set(&[0, 1])));
+        assert_eq!(parse_cpu_list("0"), Some(set(&[0])));
+        assert_eq!(parse_cpu_list("0-2,5,7-8"), Some(set(&[0, 1, 2, 5, 7, 8])));
+        for bad in ["", "x", "3-1", "0-99999999", "1,,-"] {
+            assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_cpu_the_host_does_not_have_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = HostFaults::at(dir.path());
+        let e = faults.fail_cpu(libc::CPU_SETSIZE as usize - 1).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let e = faults.repair_cpu(100_000).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(faults.failed().is_empty());
+        // CPU 0 always exists.
+        faults.fail_cpu(0).unwrap();
+        assert_eq!(faults.failed(), BTreeSet::from([0]));
+        faults.repair_cpu(0).unwrap();
+        assert!(faults.failed().is_empty());
+    }
 }

@@ -8,13 +8,253 @@ pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 /// (see `guests/testguest/src/main.rs`).
 pub const TESTGUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
 
+/// A bundled guest, and what its command line (`--args`) does: the one description of it that
+/// `rebound guests` shows (a test checks it against the guest's source).
+#[derive(Clone, Copy, Debug)]
+pub struct Guest {
+    /// The name `--bundled` takes.
+    pub name: &'static str,
+    /// What it is.
+    pub summary: &'static str,
+    /// Its command line, for a guest without modes; empty otherwise.
+    pub args: &'static str,
+    /// Its modes: the command line's first word picks one, the rest are its arguments.
+    pub modes: &'static [Mode],
+    /// An example command line.
+    pub example: &'static str,
+    /// The ELF image.
+    pub elf: &'static [u8],
+}
+
+/// One mode of a bundled guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Mode {
+    /// The first word of the command line.
+    pub name: &'static str,
+    /// Its arguments (`[X]` optional, `a|b` a choice).
+    pub args: &'static str,
+    /// What it does, with the arguments' defaults.
+    pub summary: &'static str,
+}
+
+const fn mode(name: &'static str, args: &'static str, summary: &'static str) -> Mode {
+    Mode {
+        name,
+        args,
+        summary,
+    }
+}
+
+/// The bundled guests.
+pub const GUESTS: &[Guest] = &[
+    Guest {
+        name: "demo",
+        summary: "what `rebound` runs with no arguments: T tasks (4) compute a hash chain of N \
+                  blocks each (128), write it to the disk through the I/O ring, read it back and \
+                  verify it (a 16 MiB scratch disk unless --disk or --scratch-disk-mib)",
+        args: "[blocks=N] [tasks=T]",
+        modes: &[],
+        example: "blocks=64 tasks=2",
+        elf: DEMO,
+    },
+    Guest {
+        name: "testguest",
+        summary: "the guest the tests and benchmarks drive: prints what it checks, exits 0 on \
+                  success (REGION: a region attached with --share)",
+        args: "",
+        modes: TESTGUEST_MODES,
+        example: "ticks 20 5",
+        elf: TESTGUEST,
+    },
+];
+
+/// The test guest's modes (`guests/testguest/src/main.rs` and `sharing.rs`). REGION is a shared
+/// region attached with `--share`.
+const TESTGUEST_MODES: &[Mode] = &[
+    mode("hello", "", "print a line from vCPU 0 (the default mode)"),
+    mode("exit", "[CODE]", "exit with CODE (0)"),
+    mode(
+        "ticks",
+        "[MS] [COUNT]",
+        "print `tick N` every MS ms (20), COUNT times (0: forever)",
+    ),
+    mode(
+        "multi",
+        "",
+        "every vCPU meets at a barrier and computes: checks they ran concurrently",
+    ),
+    mode("fault-pf", "", "page fault: write to an unmapped address"),
+    mode("fault-gp", "", "general protection fault: hlt at CPL3"),
+    mode("fault-ud", "", "invalid opcode: ud2"),
+    mode(
+        "fault-port",
+        "",
+        "write to the VMM's fault port, closed to CPL3",
+    ),
+    mode(
+        "fault-write-pagetable",
+        "",
+        "write to the (supervisor-only) page tables",
+    ),
+    mode("fault-stack", "", "overflow the stack"),
+    mode("panic", "[STEP]", "panic with `boom at step STEP` (3)"),
+    mode(
+        "hostile",
+        "",
+        "hypercalls and I/O requests with hostile arguments: each must fail cleanly (needs a disk)",
+    ),
+    mode(
+        "io",
+        "[TASKS] [BLOCKS]",
+        "TASKS tasks (8) write, read back and check BLOCKS blocks (8) each (needs a disk)",
+    ),
+    mode(
+        "spin",
+        "",
+        "every vCPU computes forever without leaving the guest",
+    ),
+    mode(
+        "seq",
+        "[N] [REPORT]",
+        "N steps (2^26) of a deterministic sequence in memory, a line every REPORT steps (N/16)",
+    ),
+    mode(
+        "dirty",
+        "[PAGES]",
+        "write one byte of each of PAGES pages (64), round and round, forever",
+    ),
+    mode(
+        "rate",
+        "[PERMILLE] [SECS]",
+        "compute for SECS s (3) writing PERMILLE/1000 of memory per second (10); print the work",
+    ),
+    mode(
+        "stress",
+        "[MIB] [ROUNDS]",
+        "fill MIB MiB (8) with a pattern and check it, ROUNDS times (forever)",
+    ),
+    mode("hcbench", "[N]", "time N (10000) null hypercalls"),
+    mode(
+        "warm",
+        "[MIB] [PAGES]",
+        "touch MIB MiB (16), then write PAGES (64) of its pages forever",
+    ),
+    mode("touch", "[MIB]", "touch MIB MiB (16), then block forever"),
+    mode(
+        "share-info",
+        "REGION",
+        "print the region's slot, access, size and peers",
+    ),
+    mode(
+        "share-write",
+        "REGION [VALUE]",
+        "write VALUE (0) to the region's application word",
+    ),
+    mode(
+        "share-read",
+        "REGION",
+        "print the region's application word",
+    ),
+    mode(
+        "share-wait",
+        "REGION [VALUE]",
+        "wait until the application word is VALUE (1)",
+    ),
+    mode(
+        "pong",
+        "REGION [COUNT] [always|idle] [nopoll]",
+        "answer COUNT (100) pings in its inbox",
+    ),
+    mode(
+        "ping",
+        "REGION [COUNT] [always|idle] [nopoll]",
+        "send COUNT (100) pings to a peer's inbox, wait for each answer",
+    ),
+    mode(
+        "sink",
+        "REGION [COUNT] [lossy|exact] [nopoll]",
+        "receive COUNT (100) messages in its inbox, checking each sender's order",
+    ),
+    mode(
+        "source",
+        "REGION [COUNT] [always]",
+        "send COUNT (100) messages to a peer's inbox",
+    ),
+    mode(
+        "workq-put",
+        "REGION [N] [TAKERS]",
+        "put N (100) items on the shared work queue for TAKERS (1) takers",
+    ),
+    mode(
+        "workq-take",
+        "REGION",
+        "take items from the shared work queue until told to stop",
+    ),
+    mode(
+        "lockstress",
+        "REGION [ITERS]",
+        "increment a shared counter under lock 0 ITERS times (1000)",
+    ),
+    mode(
+        "lockhold",
+        "REGION [LOCK]",
+        "take lock LOCK (0) and hold it forever",
+    ),
+    mode(
+        "locktake",
+        "REGION [LOCK]",
+        "take lock LOCK (0), say how it was left, release it",
+    ),
+    mode(
+        "lockwait",
+        "REGION [LOCK]",
+        "wait until another VM holds lock LOCK (0), then take it",
+    ),
+    mode(
+        "lockowner",
+        "REGION [CLIENTS]",
+        "serve a private counter to CLIENTS (2) lockclient VMs",
+    ),
+    mode(
+        "lockclient",
+        "REGION [N]",
+        "add 1 to a lockowner's counter N times (100) under the shared lock",
+    ),
+    mode(
+        "recover-loop",
+        "REGION [MS]",
+        "ask the VMM to recover dead members for MS ms (1000)",
+    ),
+    mode(
+        "share-hostile",
+        "REGION",
+        "write garbage over a peer's inbox and the region header",
+    ),
+    mode(
+        "cache-writer",
+        "REGION [ROUNDS]",
+        "fill cache slots ROUNDS times (1000) under lock 1",
+    ),
+    mode(
+        "cache-reader",
+        "REGION [READS]",
+        "read cache slots READS times (100000) without locks, checking each is whole",
+    ),
+    mode(
+        "pcache",
+        "",
+        "count the VM's runs in its persistent cache (--identity, --cache)",
+    ),
+    mode(
+        "lockbench",
+        "REGION [N]",
+        "time N (1000000) uncontended lock and unlock pairs",
+    ),
+];
+
 /// A bundled guest by name.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
-    match name {
-        "demo" => Some(DEMO),
-        "testguest" => Some(TESTGUEST),
-        _ => None,
-    }
+    GUESTS.iter().find(|g| g.name == name).map(|g| g.elf)
 }
 
 /// Names accepted by [`by_name`].
@@ -71,5 +311,72 @@ pub mod testguest {
     /// `stress`: the checksum round `r` reports over `words` words.
     pub fn stress_round(r: u64, words: u64) -> u64 {
         (0..words).fold(0u64, |acc, i| acc.rotate_left(5) ^ stress_word(r, i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn source(path: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../guests")
+            .join(path);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// The string patterns of the match arms in `src` (`"a" =>`, `"a" | "b" =>`): the modes a
+    /// guest dispatches on.
+    fn dispatched(src: &str) -> BTreeSet<String> {
+        src.lines()
+            .filter_map(|l| l.trim().split_once("=>").map(|(pat, _)| pat.trim()))
+            .filter(|pat| pat.starts_with('"'))
+            .flat_map(|pat| pat.split('|'))
+            .map(|p| p.trim().trim_matches('"').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_mode_the_testguest_dispatches_on_is_described_and_no_other() {
+        let src = source("testguest/src/main.rs") + &source("testguest/src/sharing.rs");
+        let in_source = dispatched(&src);
+        assert!(in_source.len() > 20, "the parser found {in_source:?}");
+        let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();
+        let listed: BTreeSet<String> = guest.modes.iter().map(|m| m.name.to_string()).collect();
+        assert_eq!(listed.len(), guest.modes.len(), "a mode is listed twice");
+        let missing: Vec<_> = in_source.difference(&listed).collect();
+        let stale: Vec<_> = listed.difference(&in_source).collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "testguest modes not in GUESTS: {missing:?}; in GUESTS but not dispatched: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn every_demo_parameter_is_described() {
+        let src = source("demo/src/main.rs");
+        let demo = GUESTS.iter().find(|g| g.name == "demo").unwrap();
+        let keys: Vec<&str> = src
+            .split("param(&cpu, \"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert!(!keys.is_empty(), "no param(...) calls found in the demo");
+        for k in keys {
+            assert!(
+                demo.args.contains(&format!("{k}=")),
+                "demo parameter {k} is not described"
+            );
+        }
+    }
+
+    #[test]
+    fn names_match_the_guests() {
+        let names: Vec<&str> = GUESTS.iter().map(|g| g.name).collect();
+        assert_eq!(names, NAMES);
+        for g in GUESTS {
+            assert!(by_name(g.name).is_some_and(|b| b.starts_with(b"\x7fELF")));
+        }
     }
 }

@@ -6,7 +6,6 @@
 //! stopped it, 1 if Rebound itself failed and 2 for bad arguments.
 
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +19,9 @@ use rebound_vmm::share::{ShareConfig, ShareDir};
 use rebound_vmm::{DiskConfig, GuestImage};
 use tracing_subscriber::EnvFilter;
 
+mod api_sock;
 mod client;
+mod signals;
 mod survive;
 
 /// Rebound: a micro-VM monitor whose VMs survive failures.
@@ -34,7 +35,10 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Serve the control API on this Unix socket and wait for PUT /actions InstanceStart.
+    /// The control API's Unix socket. With `run`, `restore`, `recover`: also serve the API
+    /// there; alone (`rebound --api-sock PATH`): serve it and wait for PUT /actions
+    /// InstanceStart. With `checkpoint`, `rollback`, `update`, `snapshot create`, `share
+    /// attach|detach`: the socket of the running VMM to talk to.
     #[arg(long, value_name = "PATH", global = true)]
     api_sock: Option<PathBuf>,
 
@@ -83,7 +87,7 @@ enum Command {
     /// /dev/shm/rebound-shared).
     #[command(subcommand)]
     Share(ShareCommand),
-    /// List the guests bundled in this binary.
+    /// List the guests bundled in this binary, with what their --args take.
     Guests,
 }
 
@@ -229,13 +233,11 @@ enum SnapshotCommand {
 }
 
 #[derive(Args, Debug)]
+// One of the two is needed; a group so that the error for neither names both.
+#[command(group(clap::ArgGroup::new("source").required(true).args(["chain", "dir"])))]
 struct RestoreArgs {
     /// A full snapshot, then diffs of it in order.
-    #[arg(
-        value_name = "SNAPSHOT",
-        required_unless_present = "dir",
-        conflicts_with = "dir"
-    )]
+    #[arg(value_name = "SNAPSHOT")]
     chain: Vec<PathBuf>,
     /// Restore the newest chain of a snapshot directory (written by --snapshot-dir).
     #[arg(long, value_name = "DIR")]
@@ -389,29 +391,90 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            // One clear line, not a usage screen.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!(
-                "rebound: {} (see rebound --help)",
-                first.trim_start_matches("error: ")
-            );
+            eprintln!("rebound: {} (see {} --help)", one_line(&e), command_named());
             std::process::exit(2);
         }
     };
+    // Before any thread exists, so that every thread inherits the mask.
+    signals::block();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .init();
-    match run(cli) {
-        Ok(code) => std::process::exit(code),
+    let code = match signals::start()
+        .context("cannot start the signal thread")
+        .and_then(|()| run(cli))
+    {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("rebound: error: {e:#}");
-            std::process::exit(1);
+            eprintln!("rebound: error: {}", error_chain(&e));
+            1
         }
+    };
+    api_sock::remove();
+    std::process::exit(code)
+}
+
+/// A clap error as one line, not a usage screen: its first paragraph (which, for a missing
+/// argument, lists the arguments on the lines after the first).
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = first.join(" ");
+    let line = line.trim_start_matches("error: ");
+    if line.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        line.to_string()
     }
+}
+
+/// The (sub)command the arguments name, for a pointer to its help: `rebound restore`. (An
+/// option's value that happens to be a subcommand's name can mislead it: it only picks which
+/// help to point to.)
+fn command_named() -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut words = vec!["rebound".to_string()];
+    for a in std::env::args_os().skip(1) {
+        let Some(sub) = a.to_str().and_then(|a| cmd.find_subcommand(a)).cloned() else {
+            continue;
+        };
+        words.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    words.join(" ")
+}
+
+/// Colour in log lines only when stderr is a terminal and NO_COLOR (no-color.org) is not set.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// An error and its causes, `outer: inner: ...`, leaving out a cause whose text the message
+/// before it already ends with (an error that prints its source and also returns it as its
+/// `source()` would otherwise show it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(mut cli: Cli) -> Result<i32> {
@@ -429,9 +492,7 @@ fn run(mut cli: Cli) -> Result<i32> {
         }
         Some(Command::Share(cmd)) => share_command(cli.api_sock.as_deref(), cmd),
         Some(Command::Guests) => {
-            for name in rebound_guests::NAMES {
-                println!("{name}");
-            }
+            print!("{}", guests_text());
             Ok(0)
         }
         Some(Command::Run(args)) if args.supervise => survive::supervise_run(&cli, &args),
@@ -502,6 +563,37 @@ fn run(mut cli: Cli) -> Result<i32> {
     }
 }
 
+/// What `rebound guests` prints: each bundled guest, what its command line (`--args`) takes and,
+/// for a guest with modes, each mode with its arguments.
+fn guests_text() -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for g in rebound_guests::GUESTS {
+        let _ = writeln!(out, "{}: {}", g.name, g.summary);
+        if g.modes.is_empty() {
+            let _ = writeln!(out, "  --args \"{}\"", g.args);
+        } else {
+            let _ = writeln!(out, "  --args \"MODE ARGS...\", MODE one of:");
+            let width = g
+                .modes
+                .iter()
+                .map(|m| m.name.len() + 1 + m.args.len())
+                .max()
+                .unwrap_or(0);
+            for m in g.modes {
+                let usage = format!("{} {}", m.name, m.args);
+                let _ = writeln!(out, "    {:width$}  {}", usage.trim_end(), m.summary);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  e.g. rebound run --bundled {} --args \"{}\"",
+            g.name, g.example
+        );
+    }
+    out
+}
+
 fn share_command(sock: Option<&Path>, cmd: ShareCommand) -> Result<i32> {
     let dir = ShareDir::from_env();
     match cmd {
@@ -540,7 +632,12 @@ fn need_sock(sock: Option<&Path>) -> Result<&Path> {
 /// Restores a VM in this process (optionally protected and with the API) and runs it.
 fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> {
     let chain = match &args.dir {
-        Some(dir) => rebound_checkpoint::sink::newest_chain(dir)?,
+        Some(dir) => rebound_checkpoint::sink::newest_chain(dir).map_err(|e| match e {
+            rebound_checkpoint::Error::Sink { reason, .. } => {
+                anyhow::anyhow!("snapshot directory {}: {reason}", dir.display())
+            }
+            e => e.into(),
+        })?,
         None => args.chain.clone(),
     };
     let instance = Arc::new(Instance::new(id, console()));
@@ -693,15 +790,7 @@ pub(crate) fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> R
 
 /// Binds the API socket (replacing a stale one) and serves it on a thread of its own.
 pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
-    if sock.exists() {
-        if UnixStream::connect(sock).is_ok() {
-            bail!("another process is serving {}", sock.display());
-        }
-        std::fs::remove_file(sock)
-            .with_context(|| format!("cannot remove the stale socket {}", sock.display()))?;
-    }
-    let listener =
-        UnixListener::bind(sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    let listener = api_sock::bind(sock)?;
     listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("rebound-api".into())

@@ -5,15 +5,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rebound_control::host_faults::Placement;
 use rebound_control::{Handover, Instance, Load};
 
-use crate::{Cli, RecoverArgs, RunArgs, client, console, finish, start_api};
+use crate::{Cli, RecoverArgs, RunArgs, client, console, finish, signals, start_api};
 
 /// Restarts allowed before the supervisor gives up (a VMM that keeps dying is not helped by
 /// more restarts).
@@ -207,28 +207,55 @@ fn recover_command(
 /// Runs `first` (a VMM keeping its VM in `dir`), and whenever the VMM dies of a signal,
 /// recovers the VM in a new one. The guest's output is shown from the state directory's
 /// console log, which holds exactly the released output: nothing seen twice, nothing lost.
+///
+/// SIGTERM, SIGINT and SIGHUP sent to the supervisor are passed on to the VMM; once it ends
+/// the supervisor ends the same way (its exit code, or dying of the same signal) instead of
+/// restarting it.
 fn supervise(mut first: Command, mut again: Command, dir: &Path) -> Result<i32> {
     let done = Arc::new(AtomicBool::new(false));
     let tail = {
         let (log, done) = (dir.join("console.log"), done.clone());
         std::thread::spawn(move || tail(&log, &done))
     };
+    // The VMM's pid while it is not yet reaped (a zombie keeps its pid, so a signal sent to
+    // it can never reach a process that reused the pid), and the signal that stops it all.
+    let vmm: Arc<Mutex<Option<i32>>> = Arc::new(Mutex::new(None));
+    let stop = Arc::new(AtomicI32::new(0));
+    {
+        let (vmm, stop) = (vmm.clone(), stop.clone());
+        signals::set_action(move |sig| {
+            stop.store(sig, Ordering::SeqCst);
+            if let Some(pid) = *vmm.lock().unwrap_or_else(|e| e.into_inner()) {
+                eprintln!("rebound: supervisor: passing signal {sig} on to the VMM ({pid})");
+                send(pid, sig);
+            }
+        });
+    }
     let mut child = first
         .stdout(Stdio::null())
         .spawn()
         .context("cannot start the VMM")?;
     let mut restarts = 0u32;
-    let code = loop {
+    let end = loop {
+        let pid = child.id() as i32;
+        *vmm.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
+        // A signal that came before the pid was known was not passed on: pass it now.
+        if let sig @ 1.. = stop.load(Ordering::SeqCst) {
+            send(pid, sig);
+        }
+        wait_exited(pid)?;
+        *vmm.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let status = child.wait()?;
         if let Some(code) = status.code() {
-            break code;
+            break Ok(code);
+        }
+        let sig = status.signal().unwrap_or(libc::SIGKILL);
+        if stop.load(Ordering::SeqCst) != 0 {
+            break Err(sig);
         }
         restarts += 1;
         eprintln!(
-            "rebound: supervisor: the VMM died ({}); recovering the VM (restart {restarts})",
-            status
-                .signal()
-                .map_or("signal".into(), |s| format!("signal {s}"))
+            "rebound: supervisor: the VMM died (signal {sig}); recovering the VM (restart {restarts})"
         );
         if restarts > MAX_RESTARTS {
             bail!("the VMM died {restarts} times: giving up");
@@ -240,7 +267,41 @@ fn supervise(mut first: Command, mut again: Command, dir: &Path) -> Result<i32> 
     };
     done.store(true, Ordering::Release);
     let _ = tail.join();
-    Ok(code)
+    match end {
+        Ok(code) => Ok(code),
+        Err(sig) if signals::SIGNALS.contains(&sig) => signals::die_of(sig),
+        Err(sig) => Ok(128 + sig),
+    }
+}
+
+fn send(pid: i32, sig: libc::c_int) {
+    // SAFETY: `pid` is our child, not yet reaped (see `wait_exited`): it cannot be another
+    // process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits until child `pid` has ended, without reaping it.
+fn wait_exited(pid: i32) -> Result<()> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid; waitid fills it for our own child `pid`, and
+        // WNOWAIT leaves the child to be reaped by `Child::wait`.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).context("cannot wait for the VMM");
+        }
+    }
 }
 
 /// Copies the console log to stdout as it grows, until `done` (then to its end).

@@ -5,6 +5,7 @@ mod common;
 use common::{http_raw, rebound, text};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -103,6 +104,30 @@ fn bad_arguments_give_one_clear_line() {
             vec!["run", "--disk", "/nonexistent.img"],
             1,
             "cannot open disk image /nonexistent.img",
+        ),
+        // A missing argument is named, with the help to read.
+        (
+            vec!["restore"],
+            2,
+            "not provided: <SNAPSHOT|--dir <DIR>> (see rebound restore --help)",
+        ),
+        (vec!["recover"], 2, "not provided: --state <DIR>"),
+        (vec!["run", "--supervise"], 2, "not provided: --state <DIR>"),
+        (
+            vec!["run", "--cache", "bad"],
+            2,
+            "not provided: --identity <ID>",
+        ),
+        (
+            vec!["snapshot", "merge"],
+            2,
+            "not provided: --out <PATH> <SNAPSHOT>... (see rebound snapshot merge --help)",
+        ),
+        (vec!["run", "--vcpus", "x"], 2, "(see rebound run --help)"),
+        (
+            vec!["run", "--identity", "a", "--cache", "bad"],
+            1,
+            "--cache bad: use NAME:MIB",
         ),
     ] {
         let out = run(&args);
@@ -567,4 +592,217 @@ fn damaged_snapshots_are_refused_by_restore_and_merge() {
         "{}",
         text(&out.stdout)
     );
+}
+
+/// An OS error that its message already states is not repeated as its cause; internal names
+/// stay out of messages.
+#[test]
+fn error_messages_say_each_thing_once_in_the_users_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.snap");
+    let out = run(&["restore", missing.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("(os error 2)").count(),
+        1,
+        "the OS error is said twice: {stderr}"
+    );
+    let out = run(&["run", "--disk", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("(os error 21)").count(), 1, "{stderr}");
+    // A state directory with no VM in it: named as users know it, not as a "sink".
+    let empty = common::shm();
+    let out = run(&["recover", "--state", empty.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("state directory"), "{stderr}");
+    assert!(!stderr.contains("sink"), "{stderr}");
+    let out = run(&["restore", "--dir", dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("snapshot directory {}", dir.path().display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sink"), "{stderr}");
+}
+
+/// Colour codes only on a terminal: stderr here is a pipe, as when it goes to a file.
+#[test]
+fn no_colour_codes_when_stderr_is_not_a_terminal() {
+    let out = rebound()
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .args(["--log-level", "info", "run", "--bundled", "testguest"])
+        .args(["--mem-mib", "16", "--args", "exit 0"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("INFO"), "no log line to check: {stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes in {stderr:?}");
+    let out = rebound()
+        .env_remove("NO_COLOR")
+        .args(["run", "--vcpus", "x"])
+        .output()
+        .unwrap();
+    assert!(
+        !text(&out.stderr).contains('\x1b'),
+        "{:?}",
+        text(&out.stderr)
+    );
+}
+
+/// `--api-sock` is where a VMM serves its API, and where the client commands find it: the help
+/// says which.
+#[test]
+fn api_sock_help_says_serving_and_talking_to() {
+    for cmd in [
+        vec!["checkpoint", "--help"],
+        vec!["snapshot", "create", "--help"],
+        vec!["run", "--help"],
+    ] {
+        let help = text(&run(&cmd).stdout);
+        let line = help
+            .lines()
+            .skip_while(|l| !l.contains("--api-sock"))
+            .take_while(|l| !l.trim_start().starts_with("--id"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(line.contains("serve"), "{cmd:?}: {line}");
+        assert!(line.contains("running VMM to talk to"), "{cmd:?}: {line}");
+    }
+}
+
+#[test]
+fn guests_lists_each_guests_modes_and_arguments() {
+    let out = run(&["guests"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    for want in [
+        "demo: ",
+        "[blocks=N] [tasks=T]",
+        "testguest: ",
+        "seq [N] [REPORT]",
+        "ticks [MS] [COUNT]",
+        "pong REGION [COUNT] [always|idle] [nopoll]",
+        "e.g. rebound run --bundled testguest --args",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    // Every mode of the table is shown.
+    let testguest = rebound_guests::GUESTS
+        .iter()
+        .find(|g| g.name == "testguest")
+        .unwrap();
+    for m in testguest.modes {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(m.name)),
+            "mode {} missing",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn fault_cpu_refuses_a_cpu_the_host_does_not_have() {
+    // A private record: marking CPUs failed in the default one would reach every Rebound
+    // process on the host, other tests' included.
+    let host = common::shm();
+    let fault = |args: &[&str]| {
+        rebound()
+            .env("REBOUND_HOST_DIR", host.path())
+            .args(["fault", "cpu"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = fault(&["1000"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("host CPU 1000 does not exist"), "{stderr}");
+    assert!(!stderr.contains("marked failed"), "{stderr}");
+    assert!(!host.path().join("cpu-1000").exists());
+    let out = fault(&["1000", "--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    // CPU 0 exists everywhere.
+    let out = fault(&["0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(host.path().join("cpu-0").exists());
+    let out = fault(&["0", "--repair"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!host.path().join("cpu-0").exists());
+}
+
+#[test]
+fn api_sock_never_replaces_what_is_not_a_stale_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, "do not delete\n").unwrap();
+    // (Had it replaced the file, it would now serve the API there until killed.)
+    let child = rebound()
+        .args(["--api-sock", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::output_within(child, "rebound --api-sock FILE", Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "do not delete\n",
+        "the file was replaced"
+    );
+    let out = run(&[
+        "run",
+        "--bundled",
+        "testguest",
+        "--api-sock",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(dir.path().is_dir());
+}
+
+#[test]
+fn the_api_socket_is_removed_when_the_vmm_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    // The guest ends.
+    let out = run(&[
+        "run",
+        "--bundled",
+        "testguest",
+        "--mem-mib",
+        "16",
+        "--args",
+        "exit 3",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        !sock.exists(),
+        "the socket outlived a VMM whose guest ended"
+    );
+    // SIGTERM and SIGINT: the socket goes, and the process still dies of the signal.
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = rebound()
+            .args(["--api-sock", sock.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&sock, &mut child);
+        // SAFETY: signals our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = common::output_within(child, "rebound after a signal", Duration::from_secs(30));
+        assert_eq!(out.status.signal(), Some(sig), "{}", text(&out.stderr));
+        assert!(
+            !sock.exists(),
+            "the socket outlived a VMM killed by signal {sig}"
+        );
+    }
 }

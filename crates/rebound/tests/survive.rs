@@ -398,6 +398,55 @@ fn the_supervisor_recovers_a_killed_vmm_by_itself() {
 }
 
 #[test]
+fn sigterm_to_the_supervisor_stops_its_vmm_too() {
+    let tmp = shm();
+    let dir = tmp.path().join("vm");
+    let sock = tmp.path().join("api.sock");
+    let sup = rebound()
+        .args(["run", "--bundled", "testguest", "--mem-mib", "16"])
+        .args(["--args", "ticks 20 0", "--supervise", "--state"])
+        .arg(&dir)
+        .arg("--api-sock")
+        .arg(&sock)
+        .process_group(0) // the watchdog in output_within kills its VMM with it
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Running: the VMM owns the directory, has released output and serves its API.
+    let mut vmm = 0;
+    wait_until("the VMM to run the VM", Duration::from_secs(30), || {
+        vmm = std::fs::read_to_string(dir.join("owner"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(0);
+        vmm != 0 && log_of(&dir).starts_with("tick 0 ")
+    });
+    wait_for_socket(&sock);
+    assert_ne!(vmm as u32, sup.id());
+    // SAFETY: signals our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) }, 0);
+    let out = output_within(sup, "the supervisor after SIGTERM", Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    // The supervisor reaped its VMM before it ended: no such process, not even a zombie.
+    let alive = Path::new(&format!("/proc/{vmm}")).exists();
+    if alive {
+        // SAFETY: the VMM left running by a supervisor that did not stop it; its pid came
+        // from the owner file it wrote.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
+    }
+    assert!(!alive, "the VMM {vmm} outlived its supervisor: {stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{stderr}");
+    assert!(
+        !stderr.contains("recovering the VM"),
+        "it restarted: {stderr}"
+    );
+    assert!(!sock.exists(), "the VMM left its API socket");
+    // It showed the released output to its end.
+    assert_eq!(text(&out.stdout), log_of(&dir));
+}
+
+#[test]
 fn live_update_hands_the_vm_to_another_binary_without_copying_memory() {
     let (n, report) = (500_000_000, 2_000_000);
     let expected = seq_output(n, report);
