@@ -8,6 +8,7 @@
 //! Handlers only translate HTTP to calls on [`rebound_control::Instance`]; every request body is
 //! parsed strictly (unknown fields refused) and every failure is a 400 with a reason.
 
+pub mod config_file;
 pub mod http;
 pub mod models;
 mod server;
@@ -16,6 +17,11 @@ pub mod telemetry;
 use std::sync::Arc;
 
 pub use server::{ApiError, parse, router, router_with, serve, serve_with};
+
+/// Largest request body the API takes.
+pub fn server_body_limit() -> usize {
+    server::BODY_LIMIT
+}
 
 /// Applies a `PUT /logger` request to the process's log (the binary owns logging); returns
 /// why it was refused.
@@ -26,6 +32,9 @@ pub type LoggerHook = Arc<dyn Fn(&models::LoggerConfig) -> Result<(), String> + 
 pub struct Hooks {
     /// `PUT /logger`; None: refused.
     pub logger: Option<LoggerHook>,
+    /// The metrics destination (`PUT /metrics`, `--metrics-path`), shared with the binary;
+    /// None: the API keeps its own.
+    pub metrics: Option<Arc<telemetry::MetricsFile>>,
 }
 
 /// The OpenAPI description of this API.

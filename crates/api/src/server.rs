@@ -34,6 +34,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// What went wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// A 400 with `message`.
     pub fn bad(message: impl Into<String>) -> Self {
         Self {
@@ -472,7 +477,8 @@ async fn invalid(method: Method, uri: Uri) -> ApiError {
 
 /// The API's routes over `instance`, with the process-level `hooks`.
 pub fn router_with(instance: Arc<Instance>, hooks: Hooks) -> Router {
-    app(instance, hooks, Arc::new(MetricsFile::default()))
+    let metrics = hooks.metrics.clone().unwrap_or_default();
+    app(instance, hooks, metrics)
 }
 
 fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Router {
@@ -542,7 +548,7 @@ pub async fn serve_with(
     hooks: Hooks,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let metrics = Arc::new(MetricsFile::default());
+    let metrics = hooks.metrics.clone().unwrap_or_default();
     // Configured metrics are flushed once a period too, as Firecracker does.
     let periodic = {
         let (metrics, instance) = (metrics.clone(), instance.clone());

@@ -17,10 +17,11 @@ use rebound_control::host_faults::{self, HostFaults, Placement, RecoveryAttribut
 use rebound_control::{Instance, MachineConfig, Protection};
 use rebound_vmm::share::{ShareConfig, ShareDir};
 use rebound_vmm::{DiskConfig, GuestImage};
-use tracing_subscriber::EnvFilter;
 
 mod api_sock;
 mod client;
+mod firecracker;
+mod logging;
 mod signals;
 mod survive;
 
@@ -50,6 +51,16 @@ struct Cli {
     /// RUST_LOG overrides it.
     #[arg(long, default_value = "warn", global = true)]
     log_level: String,
+
+    #[command(flatten)]
+    fc: firecracker::FirecrackerArgs,
+}
+
+static HOOKS: std::sync::OnceLock<rebound_api::Hooks> = std::sync::OnceLock::new();
+
+/// The API's process-level hooks: the log and the metrics destination.
+pub(crate) fn hooks() -> &'static rebound_api::Hooks {
+    HOOKS.get_or_init(rebound_api::Hooks::default)
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,15 +408,15 @@ fn main() {
     };
     // Before any thread exists, so that every thread inherits the mask.
     signals::block();
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour_on_stderr())
-        .init();
+    let logger = logging::init(&cli.log_level);
+    let logger: rebound_api::LoggerHook = Arc::new(move |c| logger.apply(c));
+    let _ = HOOKS.set(rebound_api::Hooks {
+        logger: Some(logger),
+        metrics: Some(Arc::default()),
+    });
     let code = match signals::start()
         .context("cannot start the signal thread")
+        .and_then(|()| cli.fc.apply(&cli.log_level))
         .and_then(|()| run(cli))
     {
         Ok(code) => code,
@@ -454,11 +465,6 @@ fn command_named() -> String {
 }
 
 /// Colour in log lines only when stderr is a terminal and NO_COLOR (no-color.org) is not set.
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 /// An error and its causes, `outer: inner: ...`, leaving out a cause whose text the message
 /// before it already ends with (an error that prints its source and also returns it as its
 /// `source()` would otherwise show it twice).
@@ -549,6 +555,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             println!("{r}");
             Ok(0)
         }
+        None if cli.fc.config_file.is_some() => firecracker::run_config_file(&cli),
         None if cli.api_sock.is_some() => {
             serve_only(&cli.id, cli.api_sock.as_deref().unwrap_or(Path::new("")))
         }
@@ -808,9 +815,13 @@ pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
             rt.block_on(async move {
                 match tokio::net::UnixListener::from_std(listener) {
                     Ok(l) => {
-                        if let Err(e) =
-                            rebound_api::serve(l, instance, std::future::pending()).await
-                        {
+                        let serve = rebound_api::serve_with(
+                            l,
+                            instance,
+                            hooks().clone(),
+                            std::future::pending(),
+                        );
+                        if let Err(e) = serve.await {
                             tracing::error!("API server failed: {e}");
                         }
                     }
