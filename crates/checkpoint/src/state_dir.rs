@@ -35,10 +35,10 @@ use crate::faults;
 use crate::{CheckpointRef, Error};
 
 /// Section kind of the output a checkpoint record releases.
-pub const OUTPUT_SECTION: u32 = 5;
+pub const OUTPUT_SECTION: u32 = rebound_snapshot::format::section::OUTPUT;
 /// Section kind of the checkpoint a record follows ([`ChainRecord`]); 6 is the VM's shared
 /// regions (`rebound_vmm::persist::SHARED_SECTION`).
-pub const CHAIN_SECTION: u32 = 7;
+pub const CHAIN_SECTION: u32 = rebound_snapshot::format::section::CHAIN;
 
 /// Which committed checkpoint a record follows: the link that lets recovery tell a record
 /// written just before a crash (it follows the committed one) from one that does not belong.

@@ -210,7 +210,7 @@ impl Instance {
         let output = OutputCommit::new_at(Box::new(log), prepared.output_end);
         let disk = disk_of(&prepared.state);
         let options = RestoreOptions {
-            generation: prepared.state.devices.generation,
+            generation: prepared.state.generation()?,
             paused: true,
             disk,
             same_vm: load.same_vm,

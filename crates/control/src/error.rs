@@ -127,6 +127,10 @@ fn vmm_kind(e: &rebound_vmm::Error) -> ErrorKind {
             ErrorKind::InvalidInput
         }
         E::State(_) => ErrorKind::Conflict,
+        E::Component(c) => match c {
+            rebound_snapshot::component::ComponentError::Component { .. } => ErrorKind::Failed,
+            _ => ErrorKind::InvalidInput,
+        },
         _ => ErrorKind::Failed,
     }
 }

@@ -550,6 +550,7 @@ pub enum IoqStateError {
 impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for IoQueue<M> {
     type State = IoqState;
     type Error = IoqStateError;
+    const VERSION: u32 = 1;
 
     /// Call with the queue paused (or its worker not started).
     fn save(&self) -> Result<IoqState, IoqStateError> {
@@ -561,8 +562,12 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
 
     /// Call with the queue paused (or its worker not started). The state is checked first: a
     /// snapshot file is input, and a bad one must not make the VMM write outside the guest.
+    fn check(&self, state: &IoqState) -> Result<(), IoqStateError> {
+        IoQueue::check(self, state)
+    }
+
     fn restore(&self, state: IoqState) -> Result<(), IoqStateError> {
-        self.check(&state)?;
+        IoQueue::check(self, &state)?;
         *lock(&self.rings) = state.rings;
         self.install_timers(state.timers);
         Ok(())

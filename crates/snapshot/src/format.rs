@@ -117,6 +117,14 @@ pub mod section {
     pub const DEVICES: u32 = 3;
     /// The memory index.
     pub const MEMORY: u32 = 4;
+    /// The output a checkpoint record releases (state directories).
+    pub const OUTPUT: u32 = 5;
+    /// Shared regions attached (files before `COMPONENTS`).
+    pub const SHARED: u32 = 6;
+    /// The checkpoint a record follows (state directories).
+    pub const CHAIN: u32 = 7;
+    /// Every component's state by id.
+    pub const COMPONENTS: u32 = 8;
 
     /// Name used in messages.
     pub fn name(kind: u32) -> &'static str {
@@ -125,6 +133,10 @@ pub mod section {
             VCPUS => "vcpus",
             DEVICES => "devices",
             MEMORY => "memory",
+            OUTPUT => "output",
+            SHARED => "shared",
+            CHAIN => "chain",
+            COMPONENTS => "components",
             _ => "unknown",
         }
     }

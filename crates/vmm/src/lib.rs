@@ -7,6 +7,7 @@
 
 pub mod affinity;
 pub mod boot;
+pub mod components;
 pub mod config;
 pub mod fault;
 pub mod hypercall;
@@ -78,6 +79,9 @@ pub enum Error {
     /// A snapshot could not be written or read.
     #[error(transparent)]
     Snapshot(#[from] rebound_snapshot::SnapshotError),
+    /// A component's saved state was refused, or could not be saved.
+    #[error("saved state: {0}")]
+    Component(#[from] rebound_snapshot::component::ComponentError),
     /// A snapshot's contents do not make a VM.
     #[error("cannot restore: {0}")]
     Restore(String),

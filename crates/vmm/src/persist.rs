@@ -1,30 +1,37 @@
 //! What a VM's saved state is made of, and moving it to and from snapshot files.
 //!
-//! Sections written (versions in parentheses): `vm` (1) = [`VmDescriptor`], `vcpus` (1) =
-//! every vCPU's [`VcpuState`], `devices` (1) = [`DevicesState`]; memory is the file's memory
-//! image. A newer Rebound must keep reading these versions; a change to a section's encoding
-//! bumps its version (see `docs/checkpoint.md`).
+//! Sections written (versions in parentheses): `vm` (1) = [`VmDescriptor`], `components` (1) =
+//! every component's state by id ([`crate::components`]); memory is the file's memory image.
+//! Files written before components were keyed by id hold `vcpus` (1), `devices` (1) and
+//! `shared` (1) sections instead; they are read into the same map. A newer Rebound must keep
+//! reading these versions; a change to an encoding bumps its version (see `docs/checkpoint.md`).
 
 use std::path::{Path, PathBuf};
 
 use rebound_devices::ioq::IoqState;
+use rebound_snapshot::component::{self, ComponentStates};
 use rebound_snapshot::format::{self, SectionData, section};
 use rebound_snapshot::state::VcpuState;
 use rebound_snapshot::{Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::components::{ClockState, ids};
 use crate::memory::{self, GuestMemory};
 use crate::vm::{Frozen, Vm};
 use crate::{Error, Result};
 
 /// Section versions this build writes and reads.
 const VM_VERSION: u32 = 1;
+const COMPONENTS_VERSION: u32 = 1;
+/// Versions of the sections older files hold instead of `components`.
 const VCPUS_VERSION: u32 = 1;
 const DEVICES_VERSION: u32 = 1;
 const SHARED_VERSION: u32 = 1;
-/// Section kind of the shared regions attached (optional: older files have none).
-pub const SHARED_SECTION: u32 = 6;
+/// Section kind of the shared regions attached (files before `components`; optional).
+pub const SHARED_SECTION: u32 = section::SHARED;
+/// Section kind of every component's state by id.
+pub const COMPONENTS_SECTION: u32 = section::COMPONENTS;
 
 /// The VM as configured: enough to rebuild it around restored memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,46 +69,59 @@ pub enum DiskDescriptor {
     },
 }
 
-/// Device and VM-wide state.
+/// Device and VM-wide state as files before `components` stored it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DevicesState {
-    /// The I/O queue.
-    pub ioq: IoqState,
-    /// The guest clock (`CLOCK_MONOTONIC`) at capture.
-    pub clock_ns: u64,
-    /// The generation the guest saw.
-    pub generation: u64,
+struct LegacyDevicesState {
+    ioq: IoqState,
+    clock_ns: u64,
+    generation: u64,
 }
 
-/// A whole VM's state except memory.
+/// A whole VM's state except memory: its description and every component's state.
 #[derive(Clone, Debug)]
 pub struct SavedState {
     /// Configuration.
     pub vm: VmDescriptor,
-    /// Every vCPU.
-    pub vcpus: Vec<VcpuState>,
-    /// Devices.
-    pub devices: DevicesState,
-    /// Shared regions attached (re-attached by name).
-    pub shared: Vec<crate::share::ShareRecord>,
+    /// Every component's state, by id ([`crate::components::ids`]).
+    pub components: ComponentStates,
 }
 
 impl SavedState {
     /// The sections that store it.
     pub fn sections(&self) -> Result<Vec<SectionData>> {
-        let mut s = vec![
+        Ok(vec![
             SectionData::encode(section::VM, VM_VERSION, &self.vm)?,
-            SectionData::encode(section::VCPUS, VCPUS_VERSION, &self.vcpus)?,
-            SectionData::encode(section::DEVICES, DEVICES_VERSION, &self.devices)?,
-        ];
-        if !self.shared.is_empty() {
-            s.push(SectionData::encode(
-                SHARED_SECTION,
-                SHARED_VERSION,
-                &self.shared,
-            )?);
-        }
-        Ok(s)
+            SectionData::encode(COMPONENTS_SECTION, COMPONENTS_VERSION, &self.components)?,
+        ])
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, id: &str, version: u32) -> Result<T> {
+        Ok(component::decode(&self.components, id, version)?)
+    }
+
+    /// Every vCPU's state.
+    pub fn vcpus(&self) -> Result<Vec<VcpuState>> {
+        self.decode(ids::VCPUS, 1)
+    }
+
+    /// The I/O queue's state.
+    pub fn ioq(&self) -> Result<IoqState> {
+        self.decode(ids::IOQ, 1)
+    }
+
+    /// The guest clock and generation.
+    pub fn clock(&self) -> Result<ClockState> {
+        self.decode(ids::CLOCK, 1)
+    }
+
+    /// What the guest's `GENERATION` returned.
+    pub fn generation(&self) -> Result<u64> {
+        Ok(self.clock()?.generation)
+    }
+
+    /// The shared regions attached (re-attached by name).
+    pub fn shared(&self) -> Result<Vec<crate::share::ShareRecord>> {
+        self.decode(ids::SHARES, 1)
     }
 }
 
@@ -221,8 +241,13 @@ pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
         .last()
         .ok_or_else(|| Error::Restore("no snapshot given".into()))?;
     let vm: VmDescriptor = last.decode(section::VM, VM_VERSION)?;
-    let vcpus: Vec<VcpuState> = last.decode(section::VCPUS, VCPUS_VERSION)?;
-    let devices: DevicesState = last.decode(section::DEVICES, DEVICES_VERSION)?;
+    let components = if last.has_section(COMPONENTS_SECTION) {
+        last.decode(COMPONENTS_SECTION, COMPONENTS_VERSION)?
+    } else {
+        legacy_components(last)?
+    };
+    let state = SavedState { vm, components };
+    let (vm, vcpus) = (&state.vm, state.vcpus()?);
     if vm.mem_size != last.meta().mem_size {
         return Err(Error::Restore(format!(
             "{}: the vm section says {} bytes of memory, the header {}",
@@ -249,17 +274,35 @@ pub fn read_chain(chain: &[Snapshot]) -> Result<SavedState> {
             rebound_abi::ABI_MINOR
         )));
     }
-    let shared = if last.has_section(SHARED_SECTION) {
-        last.decode(SHARED_SECTION, SHARED_VERSION)?
+    Ok(state)
+}
+
+/// The components of a file from before they were keyed by id (its `vcpus`, `devices` and
+/// optional `shared` sections), as this build keys them.
+fn legacy_components(snap: &Snapshot) -> Result<ComponentStates> {
+    let vcpus: Vec<VcpuState> = snap.decode(section::VCPUS, VCPUS_VERSION)?;
+    let devices: LegacyDevicesState = snap.decode(section::DEVICES, DEVICES_VERSION)?;
+    let shared: Vec<crate::share::ShareRecord> = if snap.has_section(SHARED_SECTION) {
+        snap.decode(SHARED_SECTION, SHARED_VERSION)?
     } else {
         Vec::new()
     };
-    Ok(SavedState {
-        vm,
-        vcpus,
-        devices,
-        shared,
-    })
+    let clock = ClockState {
+        clock_ns: devices.clock_ns,
+        generation: devices.generation,
+    };
+    let mut c = ComponentStates::new();
+    c.insert(ids::VCPUS.into(), component::encode(ids::VCPUS, 1, &vcpus)?);
+    c.insert(
+        ids::IOQ.into(),
+        component::encode(ids::IOQ, 1, &devices.ioq)?,
+    );
+    c.insert(ids::CLOCK.into(), component::encode(ids::CLOCK, 1, &clock)?);
+    c.insert(
+        ids::SHARES.into(),
+        component::encode(ids::SHARES, 1, &shared)?,
+    );
+    Ok(c)
 }
 
 /// Most separate ranges of zero pages mapped over a snapshot's image; past it they are read

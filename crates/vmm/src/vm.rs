@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use crate::config::{DiskConfig, VmConfig};
 use crate::fault::FaultReport;
 use crate::memory::{self, GuestMemory};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::persist::{DevicesState, DiskDescriptor, SavedState, VmDescriptor};
+use crate::persist::{DiskDescriptor, SavedState, VmDescriptor};
 use crate::share::{
     AttachmentInfo, CacheConfig, Rejoin, ShareConfig, ShareCounters, ShareDir, ShareRecord, Shares,
 };
@@ -142,6 +142,21 @@ pub(crate) struct VcpuSlot {
     pub(crate) restore: Mutex<Option<VcpuState>>,
 }
 
+impl VcpuSlot {
+    /// What the vCPU published when it last parked.
+    pub(crate) fn captured(&self) -> Option<std::result::Result<VcpuState, String>> {
+        lock(&self.captured).clone()
+    }
+
+    /// Has the vCPU apply `s` before it runs again.
+    pub(crate) fn set_restore(&self, s: VcpuState) {
+        *lock(&self.restore) = Some(s.clone());
+        // The state is the vCPU's from now on. A freeze that comes before the vCPU thread has
+        // woken and applied it must see it, not the registers it had before the rollback.
+        *lock(&self.captured) = Some(Ok(s));
+    }
+}
+
 impl VmShared {
     /// Guest monotonic clock: nanoseconds since launch.
     pub(crate) fn clock_ns(&self) -> u64 {
@@ -190,6 +205,8 @@ pub struct Vm {
     /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
     /// VM's life.
     backing: memory::Backing,
+    /// Every stateful component, saved by a freeze and restored in place by a rollback.
+    components: rebound_snapshot::component::Registry,
 }
 
 /// Dirty-page tracking: KVM's log plus the VMM's own writes, accumulated per consumer (the
@@ -453,14 +470,16 @@ impl Vm {
             mem,
             mem_file,
             disk,
-            descriptor: state.vm,
-            start: Start::Restore { vcpus: state.vcpus },
-            clock_base_ns: state.devices.clock_ns,
+            start: Start::Restore {
+                vcpus: state.vcpus()?,
+            },
+            clock_base_ns: state.clock()?.clock_ns,
             generation,
-            ioq_state: Some(state.devices.ioq),
+            ioq_state: Some(state.ioq()?),
             paused,
-            shared: state.shared,
+            shared: state.shared()?,
             same_vm,
+            descriptor: state.vm,
         };
         Self::build(parts, console, launched)
     }
@@ -477,11 +496,11 @@ impl Vm {
         let launched = Instant::now();
         let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
             .map_err(|e| Error::Restore(e.to_string()))?;
-        if state.vcpus.len() != state.vm.vcpus as usize {
+        let vcpu_states = state.vcpus()?.len();
+        if vcpu_states != state.vm.vcpus as usize {
             return Err(Error::Restore(format!(
                 "{} vCPU states for {} vCPUs",
-                state.vcpus.len(),
-                state.vm.vcpus
+                vcpu_states, state.vm.vcpus
             )));
         }
         let (mem, mem_file) = memory::open_file(memory, state.vm.mem_size)?;
@@ -491,14 +510,16 @@ impl Vm {
             mem,
             mem_file,
             disk,
-            descriptor: state.vm,
-            start: Start::Restore { vcpus: state.vcpus },
-            clock_base_ns: state.devices.clock_ns,
-            generation: state.devices.generation,
-            ioq_state: Some(state.devices.ioq),
+            start: Start::Restore {
+                vcpus: state.vcpus()?,
+            },
+            clock_base_ns: state.clock()?.clock_ns,
+            generation: state.generation()?,
+            ioq_state: Some(state.ioq()?),
             paused: options.paused,
-            shared: state.shared,
+            shared: state.shared()?,
             same_vm: options.same_vm,
+            descriptor: state.vm,
         };
         Self::build(parts, console, launched)
     }
@@ -636,6 +657,7 @@ impl Vm {
             dirty: Mutex::new(DirtyTracking::default()),
             last_snapshot: Mutex::new(None),
             backing: mem_file,
+            components: crate::components::registry(&shared),
         };
 
         if paused {
@@ -786,33 +808,14 @@ impl Vm {
             h.frozen = true;
             took
         };
-        let captured = (|| {
-            let mut vcpus = Vec::new();
-            for (id, slot) in self.shared.vcpu_slots.iter().enumerate() {
-                match lock(&slot.captured).clone() {
-                    Some(Ok(s)) => vcpus.push(s),
-                    Some(Err(e)) => return Err(Error::State(e)),
-                    None => {
-                        return Err(Error::State(format!("vCPU {id} did not report its state")));
-                    }
-                }
-            }
-            let ioq = self
-                .shared
-                .ioq
-                .save()
-                .map_err(|e| Error::State(e.to_string()))?;
-            Ok(SavedState {
+        let captured = self
+            .components
+            .save_all()
+            .map(|components| SavedState {
                 vm: self.descriptor.clone(),
-                vcpus,
-                devices: DevicesState {
-                    ioq,
-                    clock_ns: self.shared.clock_ns(),
-                    generation: self.shared.generation.load(Ordering::Relaxed),
-                },
-                shared: self.shared.shares.records(),
+                components,
             })
-        })();
+            .map_err(Error::from);
         match captured {
             Ok(state) => Ok(Frozen {
                 vm: self,
@@ -911,29 +914,7 @@ impl Vm {
     /// Whether `state` could be put into this VM (one state per vCPU, device state that fits):
     /// checked before anything is changed, so a bad state changes nothing.
     pub fn check_state(&self, state: &SavedState) -> Result<()> {
-        let n = self.shared.vcpu_slots.len();
-        let mut seen = vec![false; n];
-        for s in &state.vcpus {
-            match seen.get_mut(s.id as usize) {
-                Some(seen) if !*seen => *seen = true,
-                _ => {
-                    return Err(Error::Restore(format!(
-                        "vCPU state {} is duplicated or out of range",
-                        s.id
-                    )));
-                }
-            }
-        }
-        if state.vcpus.len() != n {
-            return Err(Error::Restore(format!(
-                "{} vCPU states for {n} vCPUs",
-                state.vcpus.len()
-            )));
-        }
-        self.shared
-            .ioq
-            .check(&state.devices.ioq)
-            .map_err(|e| Error::Restore(e.to_string()))
+        Ok(self.components.check_all(&state.components)?)
     }
 
     /// Ends the VM with a failure (state that can no longer be trusted).
@@ -1176,24 +1157,8 @@ impl Frozen<'_> {
     /// Puts the VM back into `state` (vCPUs apply it as they resume; devices now). Memory is the
     /// caller's to restore.
     pub fn restore_state(&self, state: &SavedState) -> Result<()> {
-        self.vm.check_state(state)?;
-        for s in &state.vcpus {
-            let slot = &self.vm.shared.vcpu_slots[s.id as usize];
-            *lock(&slot.restore) = Some(s.clone());
-            // The state is the vCPU's from now on. A freeze that comes before the vCPU thread has
-            // woken and applied it must see it, not the registers it had before the rollback.
-            *lock(&slot.captured) = Some(Ok(s.clone()));
-        }
-        self.vm
-            .shared
-            .ioq
-            .restore(state.devices.ioq.clone())
-            .map_err(|e| Error::Restore(e.to_string()))?;
-        // Wake every vCPU once after it resumes: its event flags belong to the abandoned future.
-        for id in 0..self.vm.shared.layout.vcpus() {
-            self.vm.shared.waiters.notify(id);
-        }
-        Ok(())
+        // Every component is checked before any is restored.
+        Ok(self.vm.components.restore_all(&state.components)?)
     }
 
     /// Lets the VM run again (unless its owner paused it).
