@@ -287,15 +287,9 @@ async fn put_snapshot_create(
 }
 
 async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoadParams>) -> Reply {
-    if let Some(o) = p.network_overrides.first() {
-        return Err(ApiError::bad(format!(
-            "network_overrides: the snapshot has no network interface {:?} (Rebound VMs have no network devices yet)",
-            o.iface_id
-        )));
-    }
-    if p.vsock_override.is_some() {
+    if p.drive_overrides.len() > 1 {
         return Err(ApiError::bad(
-            "vsock_override: the snapshot has no vsock device (Rebound has none)",
+            "drive_overrides: Rebound VMs have one drive; give at most one override",
         ));
     }
     let disk = p.disk_path.map(PathBuf::from).or_else(|| {
@@ -303,11 +297,6 @@ async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoad
             .first()
             .map(|d| PathBuf::from(&d.path_on_host))
     });
-    if p.drive_overrides.len() > 1 {
-        return Err(ApiError::bad(
-            "drive_overrides: Rebound VMs have one drive; give at most one override",
-        ));
-    }
     let mut chain = vec![PathBuf::from(p.snapshot_path)];
     chain.extend(p.diff_snapshot_paths.into_iter().map(PathBuf::from));
     let load = Load {
@@ -315,6 +304,12 @@ async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoad
         generation: p.generation,
         disk,
         same_vm: false,
+        network_overrides: p
+            .network_overrides
+            .into_iter()
+            .map(|o| (o.iface_id, o.host_dev_name))
+            .collect(),
+        vsock_override: p.vsock_override.is_some(),
     };
     on_instance(&s, move |i| i.restore(&chain, &load).map(|_| ())).await?;
     no_content()

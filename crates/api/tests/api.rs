@@ -965,6 +965,7 @@ fn firecracker_resources_rebound_lacks_are_refused_by_name() {
     assert_eq!(lines[0]["state"], "Not started");
     assert!(lines[1]["vm"]["exits"]["io_out"].as_u64().unwrap() > 0);
     // A snapshot load with Firecracker's overrides for devices Rebound does not have.
+    let s = Server::start();
     let (st, e) = s.raw(
         "PUT",
         "/snapshot/load",

@@ -139,6 +139,20 @@ impl Instance {
     /// file validated first (see [`Load`]).
     pub fn restore(&self, chain: &[PathBuf], load: &Load) -> Result<Arc<Vm>> {
         let starting = self.lifecycle.begin(Request::LoadSnapshot)?;
+        if let Some((iface, _)) = load.network_overrides.first() {
+            return Err(Error::Invalid {
+                field: "network_overrides",
+                reason: format!(
+                    "the snapshot has no network interface {iface:?} (Rebound VMs have no network devices yet)"
+                ),
+            });
+        }
+        if load.vsock_override {
+            return Err(Error::Invalid {
+                field: "vsock_override",
+                reason: "the snapshot has no vsock device (Rebound has none)".into(),
+            });
+        }
         let snaps = chain
             .iter()
             .map(|p| open_snapshot(p))

@@ -54,6 +54,11 @@ pub struct Load {
     /// Recovery only: the same VM goes on from its very last state (a live update), so it
     /// keeps what it holds in shared regions.
     pub same_vm: bool,
+    /// Network interfaces to reattach to other host devices (interface id, host device):
+    /// refused unless empty, as Rebound VMs have no network devices yet.
+    pub network_overrides: Vec<(String, String)>,
+    /// Whether a vsock override was given (refused: no vsock device).
+    pub vsock_override: bool,
 }
 
 /// The instance's life, as the API reports it.

@@ -660,7 +660,7 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         resume: protection.is_none(),
         generation: args.generation,
         disk: args.disk.clone(),
-        same_vm: false,
+        ..rebound_control::Load::default()
     };
     instance.restore(&chain, &load)?;
     eprintln!(

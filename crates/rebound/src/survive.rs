@@ -35,6 +35,7 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
         // A live update hands over the very last state; a crash recovery goes back to a
         // checkpoint, so what the VM held in shared regions since then is released.
         same_vm: args.update_paused_at.is_some(),
+        ..Load::default()
     };
     let mut protection = rebound_control::default_protection();
     protection.interval_ms = Some(args.protect_ms);
