@@ -1030,3 +1030,35 @@ fn a_snapshot_load_reopens_its_drive_or_an_override() {
     );
     assert_eq!(w.call("GET", "/", None).1["state"], "Not started");
 }
+
+#[test]
+fn a_refused_state_directory_creates_nothing() {
+    // A directory on a disk, not tmpfs (the test's working directory is the crate's).
+    let base = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let s = Server::start();
+    let c = std::ffi::CString::new(base.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs reads a NUL-terminated path into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    if st.f_type as i64 != 0x0102_1994 {
+        let want = base.path().join("x").join("sub");
+        let (st, e) = s.call("PUT", "/state-dir", Some(json!({"path": want})));
+        assert_eq!(st, 400);
+        assert!(
+            e["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("not on tmpfs"),
+            "{e}"
+        );
+        assert!(!base.path().join("x").exists(), "nothing was created");
+    }
+    let (st, e) = s.call("PUT", "/state-dir", Some(json!({"path": "relative/vm"})));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"].as_str().unwrap().contains("absolute"),
+        "{e}"
+    );
+    assert!(!std::path::Path::new("relative").exists());
+}

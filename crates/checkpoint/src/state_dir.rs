@@ -59,6 +59,19 @@ pub struct OutputRecord {
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
+/// Whether `path` (which exists) is on tmpfs.
+fn is_tmpfs(path: &Path) -> Result<bool, Error> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(path, "the path contains a NUL byte"))?;
+    // SAFETY: `statfs` reads a NUL-terminated path and fills the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; the result is checked.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(err(path, io::Error::last_os_error()));
+    }
+    Ok(st.f_type as i64 == TMPFS_MAGIC)
+}
+
 /// A state directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateDir {
@@ -76,6 +89,20 @@ impl StateDir {
     /// Prepares a new state directory (created if needed; it must not hold a VM yet). It must
     /// be on tmpfs: guest memory lives there and userfaultfd write-protection needs shmem.
     pub fn create(path: &Path) -> Result<Self, Error> {
+        // Checked before anything is created: a refused directory leaves no trace.
+        let existing = path
+            .ancestors()
+            .find(|a| !a.as_os_str().is_empty() && a.exists())
+            .unwrap_or(Path::new("."));
+        if !is_tmpfs(existing)? {
+            return Err(err(
+                path,
+                format!(
+                    "cannot create it: {} is not on tmpfs (use /dev/shm or $XDG_RUNTIME_DIR): guest memory must be shared memory",
+                    existing.display()
+                ),
+            ));
+        }
         std::fs::create_dir_all(path).map_err(|e| err(path, format!("cannot create it: {e}")))?;
         let dir = Self {
             path: path.to_path_buf(),
@@ -126,15 +153,7 @@ impl StateDir {
     }
 
     fn check_tmpfs(&self) -> Result<(), Error> {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes())
-            .map_err(|_| err(&self.path, "the path contains a NUL byte"))?;
-        // SAFETY: `statfs` reads a NUL-terminated path and fills the zeroed struct we own.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: see above; the result is checked.
-        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(err(&self.path, io::Error::last_os_error()));
-        }
-        if st.f_type as i64 != TMPFS_MAGIC {
+        if !is_tmpfs(&self.path)? {
             return Err(err(
                 &self.path,
                 "it is not on tmpfs (use /dev/shm or $XDG_RUNTIME_DIR): guest memory must be shared memory",
