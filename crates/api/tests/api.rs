@@ -1061,4 +1061,14 @@ fn a_refused_state_directory_creates_nothing() {
         "{e}"
     );
     assert!(!std::path::Path::new("relative").exists());
+    // A host CPU that does not exist is not marked failed.
+    let (st, e) = s.call("PUT", "/faults", Some(json!({"cpu": 4000, "failed": true})));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{e}"
+    );
 }
