@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -27,6 +27,9 @@ pub mod port {
     /// `out dx, eax` (any value) (ABI 1.2): "I set bits in my members' `notify` masks of shared
     /// regions: wake those VMs". Absorbed by an ioeventfd (~3 us); see [`super::share`].
     pub const SHARE_DOORBELL: u16 = 0x051C;
+    /// `out dx, eax` with `eax` = NIC index (ABI 1.4): "my TX ring has new frames". Absorbed by
+    /// an ioeventfd (~3 us); see [`super::net`].
+    pub const NET_DOORBELL: u16 = 0x0520;
 }
 
 /// Hypercall numbers.
@@ -62,8 +65,12 @@ pub mod nr {
     /// `region` and release what members that died hold (their locks come back marked
     /// inconsistent). Returns how many members were recovered.
     pub const SHARE_RECOVER: u32 = 11;
+    /// `(nic, area_gpa, tx_entries, rx_entries, wake_vcpu) -> 0` (ABI 1.4): register NIC
+    /// `nic`'s rings (see [`super::net`]) at `area_gpa`; `wake_vcpu` is woken from `BLOCK` when
+    /// frames arrive while the ring says it is idle. Calling it again replaces the rings.
+    pub const NET_SETUP: u32 = 12;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -80,6 +87,7 @@ pub mod nr {
             GENERATION => "generation",
             SHARE_NOTIFY => "share_notify",
             SHARE_RECOVER => "share_recover",
+            NET_SETUP => "net_setup",
             _ => "unknown",
         }
     }
@@ -153,6 +161,12 @@ pub struct BootInfo {
     /// runs (the guest reads the word atomically), never cleared. A vCPU blocked in
     /// [`nr::BLOCK`] is woken when a bit is set.
     pub requests: u64,
+    /// Number of network devices (ABI 1.4), at most [`net::MAX_NICS`].
+    pub nic_count: u32,
+    /// Reserved (zero).
+    pub reserved: u32,
+    /// The network devices (ABI 1.4): the first `nic_count` entries.
+    pub nics: [net::NicInfo; net::MAX_NICS],
 }
 
 /// Bits of [`BootInfo::requests`] (ABI 1.3).
@@ -405,6 +419,115 @@ pub mod share {
     const _: () = assert!(MAX_MEMBERS <= 64, "bitmaps are u64");
 }
 
+/// Network devices (ABI 1.4): rings of frame descriptors in guest memory, completed without
+/// an interrupt.
+///
+/// Layout at the address given to [`nr::NET_SETUP`] (8-byte aligned, in the guest's writable
+/// memory): a [`NetRingHeader`], then `tx_entries` × [`NetDesc`] (the TX ring), then
+/// `rx_entries` × [`NetDesc`] (the RX ring). Entry counts are powers of two up to
+/// [`MAX_ENTRIES`]; indices are free-running `u32`s, an entry's slot is `index % entries`.
+///
+/// - **TX**: the guest puts a frame in a buffer, fills `tx[tx_producer % n]` with its address
+///   and length, advances `tx_producer` (release) and, once per batch, rings
+///   [`super::port::NET_DOORBELL`]. The VMM sends every frame up to `tx_producer` and advances
+///   `tx_consumer`; a buffer below `tx_consumer` may be reused.
+/// - **RX**: the guest posts empty buffers: `rx[rx_producer % n]` = address and capacity, then
+///   advances `rx_producer`. For each frame that arrives the VMM takes the next posted buffer,
+///   copies the frame in, writes its length into the descriptor's `len` and advances
+///   `rx_consumer` (release). Frames that arrive with no buffer posted, or larger than the
+///   buffer, are dropped (and counted).
+/// - **Waking**: before blocking in [`super::nr::BLOCK`] the guest sets `rx_idle` to 1 and
+///   looks at the rings once more; after delivering a batch the VMM wakes the NIC's vCPU if
+///   `rx_idle` is 1 and sets it to 0. One wake-up per batch, none while the guest is busy.
+///
+/// Everything the guest writes is checked: a descriptor naming memory outside the guest's
+/// writable range, a length over the frame limit, or a producer more than `entries` ahead of
+/// its consumer makes the VMM set [`RING_BROKEN`] and ignore the NIC until it is set up again.
+pub mod net {
+    /// Most NICs one VM can have.
+    pub const MAX_NICS: usize = 8;
+    /// Most entries a ring may have.
+    pub const MAX_ENTRIES: u32 = 4096;
+    /// Largest MTU.
+    pub const MAX_MTU: u16 = 9000;
+    /// Bytes a frame may have beyond its MTU (Ethernet header and a VLAN tag).
+    pub const FRAME_OVERHEAD: u32 = 18;
+    /// [`NetRingHeader::flags`]: the VMM found a bad descriptor or index and stopped using the
+    /// rings (until [`super::nr::NET_SETUP`] again).
+    pub const RING_BROKEN: u32 = 1;
+    /// [`NetRingHeader::flags`]: the host side of the NIC has a working path.
+    pub const LINK_UP: u32 = 2;
+
+    /// One NIC as the VMM describes it in [`super::BootInfo`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NicInfo {
+        /// The NIC's MAC address.
+        pub mac: [u8; 6],
+        /// Its MTU (bytes of IP packet per frame).
+        pub mtu: u16,
+        /// Reserved (zero).
+        pub flags: u32,
+        /// Reserved (zero).
+        pub reserved: u32,
+    }
+
+    /// The start of a NIC's ring area.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NetRingHeader {
+        /// Frames the guest queued for sending (free-running), written by the guest.
+        pub tx_producer: u32,
+        /// Frames the VMM has taken (free-running), written by the VMM.
+        pub tx_consumer: u32,
+        /// Buffers the guest posted for receiving (free-running), written by the guest.
+        pub rx_producer: u32,
+        /// Buffers the VMM filled (free-running), written by the VMM.
+        pub rx_consumer: u32,
+        /// 1: the guest is about to block and wants a wake-up when frames arrive. Set by the
+        /// guest, cleared by the VMM when it wakes it.
+        pub rx_idle: u32,
+        /// [`RING_BROKEN`], [`LINK_UP`], written by the VMM.
+        pub flags: u32,
+        /// Reserved (zero).
+        pub reserved: [u32; 10],
+    }
+
+    /// A frame buffer: its address and length (TX: the frame's length; RX: the buffer's
+    /// capacity when posted, the frame's length once filled).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NetDesc {
+        /// Guest address of the buffer.
+        pub addr: u64,
+        /// Length in bytes.
+        pub len: u32,
+        /// Reserved (zero).
+        pub flags: u32,
+    }
+
+    /// Size of the header in bytes.
+    pub const HEADER_SIZE: u64 = core::mem::size_of::<NetRingHeader>() as u64;
+    /// Size of a descriptor in bytes.
+    pub const DESC_SIZE: u64 = core::mem::size_of::<NetDesc>() as u64;
+    /// Bytes a ring area with these entry counts occupies.
+    pub const fn area_size(tx_entries: u32, rx_entries: u32) -> u64 {
+        HEADER_SIZE + DESC_SIZE * (tx_entries as u64 + rx_entries as u64)
+    }
+    /// Offset of TX descriptor `slot`.
+    pub const fn tx_desc(slot: u32) -> u64 {
+        HEADER_SIZE + DESC_SIZE * slot as u64
+    }
+    /// Offset of RX descriptor `slot` in an area with `tx_entries` TX entries.
+    pub const fn rx_desc(tx_entries: u32, slot: u32) -> u64 {
+        HEADER_SIZE + DESC_SIZE * (tx_entries as u64 + slot as u64)
+    }
+
+    const _: () = assert!(core::mem::size_of::<NicInfo>() == 16);
+    const _: () = assert!(core::mem::size_of::<NetRingHeader>() == 64);
+    const _: () = assert!(core::mem::size_of::<NetDesc>() == 16);
+}
+
 /// Encoding of the completion indicator word.
 pub mod completion {
     /// Set once the request is complete; the low 32 bits then hold the result.
@@ -426,7 +549,7 @@ pub mod completion {
 }
 
 // The wire layout is the ABI: any change here is a major version bump. Checked when compiling.
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 80);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 216);
 const _: () = assert!(core::mem::size_of::<VcpuPage>() == 72);
 const _: () = assert!(io::HEADER_SIZE == 8);
 const _: () = assert!(io::REQUEST_SIZE == 32);
@@ -435,6 +558,7 @@ const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_ARGS_OFFSE
 const _: () = assert!(port::DOORBELL >= port::HYPERCALL + 4);
 const _: () = assert!(port::FAULT >= port::DOORBELL + 4);
 const _: () = assert!(port::SHARE_DOORBELL >= port::FAULT + 4);
+const _: () = assert!(port::NET_DOORBELL >= port::SHARE_DOORBELL + 4);
 
 // SAFETY: plain `repr(C)` structs of integers: every byte pattern is a valid value and there is
 // no padding (sizes are checked in the tests below).
@@ -447,6 +571,12 @@ mod byte_valued {
     unsafe impl ByteValued for super::VcpuPage {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::io::IoRingHeader {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::net::NetRingHeader {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::net::NetDesc {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::net::NicInfo {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::io::IoRequest {}
     // SAFETY: see above.

@@ -6,13 +6,39 @@
 //! - [`disk`]: a disk image backing the I/O queue.
 //! - [`ioq`]: the asynchronous I/O queue: guest rings, completed through indicators in guest
 //!   memory, never an interrupt.
+//! - [`net`]: network devices: TX and RX rings of frames, completed the same way, frames
+//!   going to a host [`net::Backend`].
 
 pub mod console;
 pub mod disk;
 pub mod ioq;
+pub mod net;
 
 /// Wakes a vCPU blocked in the `BLOCK` hypercall because an event for it arrived.
 pub trait Notify: Send + Sync {
     /// An event for `vcpu` is ready.
     fn notify(&self, vcpu: u32);
+}
+
+/// A device's output that output commit can hold: what the guest sends out during an epoch is
+/// released only once the checkpoint that follows it is safe, and dropped if the VM goes back
+/// to an earlier checkpoint (it will send it again). Driven by the checkpoint engine.
+pub trait HeldOutput: Send + Sync {
+    /// Starts holding (the VM runs protected from now on).
+    fn hold(&self);
+    /// Stops holding: everything held goes out now.
+    fn pass_through(&self) -> std::io::Result<()>;
+    /// Checkpoint `epoch` was taken: what was sent since the previous one belongs to it.
+    fn seal(&self, epoch: u64);
+    /// Checkpoint `epoch` is safe: its output, and any earlier, goes out.
+    fn release(&self, epoch: u64) -> std::io::Result<()>;
+    /// The VM went back to checkpoint `epoch`: output sent after it is dropped.
+    fn discard_after(&self, epoch: u64);
+    /// Everything held is dropped (the VM goes back to a point before it); still holding.
+    fn discard_held(&self);
+    /// Sets (or clears) what to call when output starts waiting in an epoch: a checkpoint soon
+    /// gets it out sooner.
+    fn on_pending(&self, f: Option<Box<dyn Fn() + Send + Sync>>);
+    /// Whether output is waiting for the next checkpoint.
+    fn has_pending(&self) -> bool;
 }

@@ -188,6 +188,9 @@ pub fn load(
         args_len: args.len() as u64,
         disk_size,
         requests: 0,
+        nic_count: 0,
+        reserved: 0,
+        nics: Default::default(),
     };
     rebound_arch::system::write_system(mem, layout, &boot, args.as_bytes())?;
     Ok(info.entry)

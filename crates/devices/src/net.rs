@@ -1,0 +1,1085 @@
+//! Network devices for SDK guests (ABI 1.4): per NIC, a TX and an RX ring of frame descriptors
+//! in guest memory, served by one VMM thread, completed without an interrupt.
+//!
+//! The guest queues frames and rings a doorbell port bound to an ioeventfd (no exit); this
+//! thread sends them through the NIC's [`Backend`] (a TAP device, a user-mode stack) and
+//! advances the TX consumer index. Frames from the backend are copied into buffers the guest
+//! posted and the RX consumer index advances; a guest that said it is idle is woken once per
+//! batch through [`Notify`]. Everything read from the rings is hostile: addresses, lengths and
+//! indices are checked, and a NIC whose rings are corrupt is marked broken and left alone.
+//!
+//! While the VM is protected, transmitted frames are held per epoch and sent only once the
+//! checkpoint that follows them commits ([`HeldOutput`]): a rollback never un-sends a frame.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rebound_abi::errno;
+use rebound_abi::net::{
+    self as abi_net, FRAME_OVERHEAD, LINK_UP, MAX_ENTRIES, NetDesc, RING_BROKEN,
+};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{HeldOutput, Notify};
+
+/// A host path for one NIC's frames: a TAP device, a user-mode network stack, or several
+/// paths with failover. Implemented in `rebound-net`.
+pub trait Backend: Send {
+    /// A descriptor that is readable when [`recv`](Self::recv) may return a frame.
+    fn fd(&self) -> RawFd;
+    /// Sends one frame without blocking; `WouldBlock` if the path cannot take it now.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Receives one frame into `buf` without blocking; `WouldBlock` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Called when [`fd`](Self::fd) was readable but yielded no frame and on every round of
+    /// the device thread: lets a backend do its own work (probes, failover, reconnects).
+    fn service(&mut self) -> io::Result<()>;
+    /// Whether a working path exists.
+    fn link_up(&self) -> bool;
+    /// What it is, for logs and metrics ("tap tap0", "passt 127.0.0.1:6379->6379").
+    fn describe(&self) -> String;
+}
+
+/// One NIC as configured.
+pub struct NicSpec {
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its MTU.
+    pub mtu: u16,
+    /// Where its frames go.
+    pub backend: Box<dyn Backend>,
+}
+
+/// Errors setting up or running the network device (guest errors are counted, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// An eventfd or epoll call failed.
+    #[error("network device event setup failed: {0}")]
+    Event(#[source] io::Error),
+    /// A NIC's configuration is invalid.
+    #[error("network interface {index}: {reason}")]
+    Config {
+        /// The NIC.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Counters of one NIC.
+#[derive(Default)]
+pub struct NicStats {
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_dropped: AtomicU64,
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_no_buffer: AtomicU64,
+    rx_too_big: AtomicU64,
+    ring_errors: AtomicU64,
+    wakeups: AtomicU64,
+    held_dropped: AtomicU64,
+}
+
+/// A copy of [`NicStats`] for reporting.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct NicStatsSnapshot {
+    /// The backend.
+    pub backend: String,
+    /// Whether the backend has a working path.
+    pub link_up: bool,
+    /// Frames sent to the backend.
+    pub tx_frames: u64,
+    /// Bytes sent to the backend.
+    pub tx_bytes: u64,
+    /// Frames the backend could not take (or that failed).
+    pub tx_dropped: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames dropped because the guest had posted no buffer.
+    pub rx_no_buffer: u64,
+    /// Frames dropped because they did not fit the guest's buffer or the MTU.
+    pub rx_too_big: u64,
+    /// Bad descriptors or indices from the guest (the NIC is then broken).
+    pub ring_errors: u64,
+    /// Times the guest was woken for received frames.
+    pub wakeups: u64,
+    /// Held frames dropped because too much was held.
+    pub held_dropped: u64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A NIC's rings as registered by `NET_SETUP`, with the VMM's own consumer indices (the copies
+/// in guest memory are for the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingState {
+    /// Guest address of the ring area.
+    pub gpa: u64,
+    /// TX entries.
+    pub tx_entries: u32,
+    /// RX entries.
+    pub rx_entries: u32,
+    /// The vCPU woken for received frames.
+    pub wake_vcpu: u32,
+    /// TX frames taken.
+    pub tx_consumer: u32,
+    /// RX buffers filled.
+    pub rx_consumer: u32,
+    /// A bad descriptor or index was seen: the NIC is left alone until set up again.
+    pub broken: bool,
+}
+
+/// The network device's saved state: each NIC's rings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// By NIC.
+    pub rings: Vec<Option<RingState>>,
+}
+
+/// Why a network state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum NetStateError {
+    /// The state is for a different number of NICs.
+    #[error("network state has {found} NICs, the VM has {expected}")]
+    NicCount {
+        /// NICs in the state.
+        found: usize,
+        /// NICs in the VM.
+        expected: usize,
+    },
+    /// A ring points outside guest-writable memory or has a bad size.
+    #[error("network state names a ring outside the guest's writable memory or of a bad size")]
+    BadRing,
+}
+
+struct Nic {
+    mac: [u8; 6],
+    mtu: u16,
+    ring: Mutex<Option<RingState>>,
+    backend: Mutex<Box<dyn Backend>>,
+    stats: NicStats,
+}
+
+/// Frames held for output commit.
+#[derive(Default)]
+struct Held {
+    holding: bool,
+    open: Vec<(usize, Vec<u8>)>,
+    sealed: BTreeMap<u64, Vec<(usize, Vec<u8>)>>,
+    bytes: u64,
+}
+
+/// Held frame bytes past which new frames are dropped (TCP sends them again): a guest cannot
+/// make the VMM buffer without bound while checkpoints are not acknowledged.
+pub const HELD_LIMIT: u64 = 64 << 20;
+
+#[derive(Default)]
+struct Gate {
+    pause_requested: bool,
+    parked: bool,
+    stopping: bool,
+}
+
+type Pending = Box<dyn Fn() + Send + Sync>;
+
+/// The network devices of one VM.
+pub struct Nics<M> {
+    mem: M,
+    writable: Range<u64>,
+    vcpus: u32,
+    nics: Vec<Nic>,
+    doorbell: EventFd,
+    notify: Arc<dyn Notify>,
+    gate: Mutex<Gate>,
+    gate_cv: Condvar,
+    running: AtomicBool,
+    held: Mutex<Held>,
+    pending: Mutex<Option<Pending>>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Largest frame the device carries.
+const FRAME_MAX: usize = 65_536;
+/// Frames taken from one backend per round, so one busy NIC cannot starve the others.
+const RX_BATCH: usize = 256;
+
+impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
+    /// NICs as `specs` say, over `mem`; the device only touches guest memory inside `writable`.
+    pub fn new(
+        mem: M,
+        writable: Range<u64>,
+        vcpus: u32,
+        specs: Vec<NicSpec>,
+        notify: Arc<dyn Notify>,
+    ) -> Result<Self, NetError> {
+        if specs.len() > abi_net::MAX_NICS {
+            return Err(NetError::Config {
+                index: specs.len() - 1,
+                reason: format!("at most {} NICs", abi_net::MAX_NICS),
+            });
+        }
+        let mut nics = Vec::new();
+        for (index, s) in specs.into_iter().enumerate() {
+            if s.mtu < 68 || s.mtu > abi_net::MAX_MTU {
+                return Err(NetError::Config {
+                    index,
+                    reason: format!("MTU {} is outside 68..={}", s.mtu, abi_net::MAX_MTU),
+                });
+            }
+            nics.push(Nic {
+                mac: s.mac,
+                mtu: s.mtu,
+                ring: Mutex::new(None),
+                backend: Mutex::new(s.backend),
+                stats: NicStats::default(),
+            });
+        }
+        Ok(Self {
+            mem,
+            writable,
+            vcpus,
+            nics,
+            doorbell: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Event)?,
+            notify,
+            gate: Mutex::new(Gate::default()),
+            gate_cv: Condvar::new(),
+            running: AtomicBool::new(false),
+            held: Mutex::new(Held::default()),
+            pending: Mutex::new(None),
+        })
+    }
+
+    /// The doorbell the VMM binds to the guest's NIC doorbell port (as an ioeventfd).
+    pub fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    /// How many NICs.
+    pub fn len(&self) -> usize {
+        self.nics.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.nics.is_empty()
+    }
+
+    /// NIC `i`'s MAC and MTU (for the boot info).
+    pub fn info(&self, i: usize) -> Option<([u8; 6], u16)> {
+        self.nics.get(i).map(|n| (n.mac, n.mtu))
+    }
+
+    /// Counters, by NIC.
+    pub fn stats(&self) -> Vec<NicStatsSnapshot> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        self.nics
+            .iter()
+            .map(|n| {
+                let b = lock(&n.backend);
+                NicStatsSnapshot {
+                    backend: b.describe(),
+                    link_up: b.link_up(),
+                    tx_frames: g(&n.stats.tx_frames),
+                    tx_bytes: g(&n.stats.tx_bytes),
+                    tx_dropped: g(&n.stats.tx_dropped),
+                    rx_frames: g(&n.stats.rx_frames),
+                    rx_bytes: g(&n.stats.rx_bytes),
+                    rx_no_buffer: g(&n.stats.rx_no_buffer),
+                    rx_too_big: g(&n.stats.rx_too_big),
+                    ring_errors: g(&n.stats.ring_errors),
+                    wakeups: g(&n.stats.wakeups),
+                    held_dropped: g(&n.stats.held_dropped),
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes of frames held now.
+    pub fn held_bytes(&self) -> u64 {
+        lock(&self.held).bytes
+    }
+
+    fn writable(&self, addr: u64, len: u64) -> bool {
+        addr >= self.writable.start
+            && addr
+                .checked_add(len)
+                .is_some_and(|e| e <= self.writable.end)
+    }
+
+    fn ring_ok(&self, r: &RingState) -> bool {
+        let entries_ok = |e: u32| e.is_power_of_two() && e <= MAX_ENTRIES;
+        entries_ok(r.tx_entries)
+            && entries_ok(r.rx_entries)
+            && r.gpa.is_multiple_of(8)
+            && r.wake_vcpu < self.vcpus
+            && self.writable(r.gpa, abi_net::area_size(r.tx_entries, r.rx_entries))
+    }
+
+    /// The `NET_SETUP` hypercall. Returns 0 or a negative errno.
+    pub fn register(&self, nic: u64, gpa: u64, tx: u64, rx: u64, wake_vcpu: u64) -> i64 {
+        let Some(n) = usize::try_from(nic).ok().and_then(|i| self.nics.get(i)) else {
+            return errno::ENODEV;
+        };
+        let (Ok(tx), Ok(rx), Ok(wake)) = (
+            u32::try_from(tx),
+            u32::try_from(rx),
+            u32::try_from(wake_vcpu),
+        ) else {
+            return errno::EINVAL;
+        };
+        // Start from the guest's current producers: stale memory is not replayed.
+        let hdr = GuestAddress(gpa);
+        let load = |off: u64| -> Option<u32> {
+            self.mem
+                .load::<u32>(hdr.unchecked_add(off), Ordering::Acquire)
+                .ok()
+        };
+        let mut r = RingState {
+            gpa,
+            tx_entries: tx,
+            rx_entries: rx,
+            wake_vcpu: wake,
+            tx_consumer: 0,
+            rx_consumer: 0,
+            broken: false,
+        };
+        if !self.ring_ok(&r) {
+            return if tx.is_power_of_two()
+                && rx.is_power_of_two()
+                && tx <= MAX_ENTRIES
+                && rx <= MAX_ENTRIES
+                && gpa.is_multiple_of(8)
+                && wake < self.vcpus
+            {
+                errno::EFAULT
+            } else {
+                errno::EINVAL
+            };
+        }
+        let (Some(txp), Some(rxp)) = (load(0), load(8)) else {
+            return errno::EFAULT;
+        };
+        r.tx_consumer = txp;
+        r.rx_consumer = rxp;
+        let link = if lock(&n.backend).link_up() {
+            LINK_UP
+        } else {
+            0
+        };
+        let stores = [(4u64, txp), (12, rxp), (16, 0), (20, link)];
+        for (off, v) in stores {
+            if self
+                .mem
+                .store(v, hdr.unchecked_add(off), Ordering::Release)
+                .is_err()
+            {
+                return errno::EFAULT;
+            }
+        }
+        *lock(&n.ring) = Some(r);
+        // Frames may already wait for it.
+        let _ = self.doorbell.write(1);
+        0
+    }
+
+    /// Stops serving the NICs until [`resume`](Self::resume); returns once the device thread
+    /// is idle, so guest memory is no longer touched by this device.
+    pub fn pause(&self) {
+        let mut g = lock(&self.gate);
+        g.pause_requested = true;
+        if !self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = self.doorbell.write(1);
+        while !g.parked && !g.stopping {
+            g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Serves the NICs again.
+    pub fn resume(&self) {
+        lock(&self.gate).pause_requested = false;
+        self.gate_cv.notify_all();
+    }
+
+    /// Asks the device thread to exit (the owner joins it).
+    pub fn stop(&self) {
+        let mut g = lock(&self.gate);
+        g.stopping = true;
+        g.pause_requested = false;
+        drop(g);
+        self.gate_cv.notify_all();
+        let _ = self.doorbell.write(1);
+    }
+
+    /// The device loop: run it on a thread of its own until [`stop`](Self::stop).
+    pub fn run(&self) -> Result<(), NetError> {
+        const DOORBELL: u64 = u64::MAX;
+        let epoll = Epoll::new().map_err(NetError::Event)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.doorbell.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, DOORBELL),
+            )
+            .map_err(NetError::Event)?;
+        for (i, n) in self.nics.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    lock(&n.backend).fd(),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(NetError::Event)?;
+        }
+        self.running.store(true, Ordering::Release);
+        let mut events = vec![EpollEvent::default(); self.nics.len() + 1];
+        let mut buf = vec![0u8; FRAME_MAX];
+        loop {
+            // Backends with their own timers (probes, reconnects) get a turn every 50 ms.
+            let n = match epoll.wait(50, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(NetError::Event(e)),
+            };
+            let _ = self.doorbell.read();
+            {
+                let mut g = lock(&self.gate);
+                if g.pause_requested && !g.stopping {
+                    g.parked = true;
+                    self.gate_cv.notify_all();
+                    while g.pause_requested && !g.stopping {
+                        g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                    }
+                    g.parked = false;
+                }
+                if g.stopping {
+                    self.gate_cv.notify_all();
+                    return Ok(());
+                }
+            }
+            for i in 0..self.nics.len() {
+                self.serve_tx(i);
+            }
+            let mut readable = vec![false; self.nics.len()];
+            for ev in &events[..n] {
+                if let Some(r) = readable.get_mut(ev.data() as usize) {
+                    *r = true;
+                }
+            }
+            for (i, r) in readable.into_iter().enumerate() {
+                if r {
+                    self.serve_rx(i, &mut buf);
+                }
+                if let Err(e) = lock(&self.nics[i].backend).service() {
+                    tracing::warn!(nic = i, "network backend: {e}");
+                }
+            }
+        }
+    }
+
+    fn mark_broken(&self, i: usize, r: &mut RingState, why: &str) {
+        let n = &self.nics[i];
+        bump(&n.stats.ring_errors, 1);
+        r.broken = true;
+        tracing::warn!(
+            nic = i,
+            "guest network ring is corrupt ({why}): NIC stopped"
+        );
+        let flags = GuestAddress(r.gpa + 20);
+        let _ = self.mem.store(RING_BROKEN, flags, Ordering::Release);
+    }
+
+    fn serve_tx(&self, i: usize) {
+        let n = &self.nics[i];
+        let mut guard = lock(&n.ring);
+        let Some(r) = guard.as_mut().filter(|r| !r.broken) else {
+            return;
+        };
+        let Ok(producer) = self.mem.load::<u32>(GuestAddress(r.gpa), Ordering::Acquire) else {
+            return;
+        };
+        let pending = producer.wrapping_sub(r.tx_consumer);
+        if pending == 0 {
+            return;
+        }
+        if pending > r.tx_entries {
+            self.mark_broken(i, r, "TX producer more than a ring ahead");
+            return;
+        }
+        let max = u32::from(n.mtu) + FRAME_OVERHEAD;
+        for k in 0..pending {
+            let slot = r.tx_consumer.wrapping_add(k) % r.tx_entries;
+            let at = GuestAddress(r.gpa + abi_net::tx_desc(slot));
+            let Ok(d) = self.mem.read_obj::<NetDesc>(at) else {
+                self.mark_broken(i, r, "unreadable TX descriptor");
+                return;
+            };
+            if d.len < 14 || d.len > max || !self.writable(d.addr, u64::from(d.len)) {
+                self.mark_broken(i, r, "bad TX descriptor");
+                return;
+            }
+            let mut frame = vec![0u8; d.len as usize];
+            if self
+                .mem
+                .read_slice(&mut frame, GuestAddress(d.addr))
+                .is_err()
+            {
+                self.mark_broken(i, r, "unreadable TX buffer");
+                return;
+            }
+            self.emit(i, frame);
+        }
+        r.tx_consumer = producer;
+        let _ = self
+            .mem
+            .store(producer, GuestAddress(r.gpa + 4), Ordering::Release);
+    }
+
+    /// A frame the guest sent: held for its checkpoint, or out now.
+    fn emit(&self, i: usize, frame: Vec<u8>) {
+        let mut h = lock(&self.held);
+        if h.holding {
+            if h.bytes + frame.len() as u64 > HELD_LIMIT {
+                bump(&self.nics[i].stats.held_dropped, 1);
+                return;
+            }
+            let first = h.open.is_empty();
+            h.bytes += frame.len() as u64;
+            h.open.push((i, frame));
+            drop(h);
+            if first && let Some(f) = lock(&self.pending).as_ref() {
+                f();
+            }
+            return;
+        }
+        drop(h);
+        self.send_now(i, &frame);
+    }
+
+    fn send_now(&self, i: usize, frame: &[u8]) {
+        let n = &self.nics[i];
+        match lock(&n.backend).send(frame) {
+            Ok(()) => {
+                bump(&n.stats.tx_frames, 1);
+                bump(&n.stats.tx_bytes, frame.len() as u64);
+            }
+            Err(_) => bump(&n.stats.tx_dropped, 1),
+        }
+    }
+
+    fn serve_rx(&self, i: usize, buf: &mut [u8]) {
+        let n = &self.nics[i];
+        let mut delivered = 0u32;
+        for _ in 0..RX_BATCH {
+            let len = match lock(&n.backend).recv(buf) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(nic = i, "network backend receive: {e}");
+                    break;
+                }
+            };
+            if self.deliver(i, &buf[..len]) {
+                delivered += 1;
+            }
+        }
+        if delivered > 0 {
+            self.wake(i);
+        }
+    }
+
+    /// Copies one received frame into the next posted buffer; whether it was delivered.
+    fn deliver(&self, i: usize, frame: &[u8]) -> bool {
+        let n = &self.nics[i];
+        let mut guard = lock(&n.ring);
+        let Some(r) = guard.as_mut().filter(|r| !r.broken) else {
+            bump(&n.stats.rx_no_buffer, 1);
+            return false;
+        };
+        if frame.len() > (u32::from(n.mtu) + FRAME_OVERHEAD) as usize {
+            bump(&n.stats.rx_too_big, 1);
+            return false;
+        }
+        let Ok(producer) = self
+            .mem
+            .load::<u32>(GuestAddress(r.gpa + 8), Ordering::Acquire)
+        else {
+            return false;
+        };
+        let posted = producer.wrapping_sub(r.rx_consumer);
+        if posted > r.rx_entries {
+            self.mark_broken(i, r, "RX producer more than a ring ahead");
+            return false;
+        }
+        if posted == 0 {
+            bump(&n.stats.rx_no_buffer, 1);
+            return false;
+        }
+        let slot = r.rx_consumer % r.rx_entries;
+        let at = GuestAddress(r.gpa + abi_net::rx_desc(r.tx_entries, slot));
+        let Ok(d) = self.mem.read_obj::<NetDesc>(at) else {
+            self.mark_broken(i, r, "unreadable RX descriptor");
+            return false;
+        };
+        if !self.writable(d.addr, u64::from(d.len)) {
+            self.mark_broken(i, r, "bad RX descriptor");
+            return false;
+        }
+        if frame.len() > d.len as usize {
+            bump(&n.stats.rx_too_big, 1);
+            return false;
+        }
+        if self.mem.write_slice(frame, GuestAddress(d.addr)).is_err() {
+            return false;
+        }
+        let filled = NetDesc {
+            addr: d.addr,
+            len: frame.len() as u32,
+            flags: 0,
+        };
+        if self.mem.write_obj(filled, at).is_err() {
+            return false;
+        }
+        r.rx_consumer = r.rx_consumer.wrapping_add(1);
+        let _ = self
+            .mem
+            .store(r.rx_consumer, GuestAddress(r.gpa + 12), Ordering::Release);
+        bump(&n.stats.rx_frames, 1);
+        bump(&n.stats.rx_bytes, frame.len() as u64);
+        true
+    }
+
+    /// Wakes NIC `i`'s vCPU if the guest said it is idle (one wake-up per batch).
+    fn wake(&self, i: usize) {
+        let n = &self.nics[i];
+        let Some(r) = *lock(&n.ring) else { return };
+        let idle = GuestAddress(r.gpa + 16);
+        if self.mem.load::<u32>(idle, Ordering::Acquire).unwrap_or(0) != 0 {
+            let _ = self.mem.store(0u32, idle, Ordering::Release);
+            bump(&n.stats.wakeups, 1);
+            self.notify.notify(r.wake_vcpu);
+        }
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
+    fn hold(&self) {
+        lock(&self.held).holding = true;
+    }
+
+    fn pass_through(&self) -> io::Result<()> {
+        let frames = {
+            let mut h = lock(&self.held);
+            h.holding = false;
+            h.bytes = 0;
+            let sealed = std::mem::take(&mut h.sealed);
+            let open = std::mem::take(&mut h.open);
+            sealed
+                .into_values()
+                .flatten()
+                .chain(open)
+                .collect::<Vec<_>>()
+        };
+        for (i, f) in frames {
+            self.send_now(i, &f);
+        }
+        Ok(())
+    }
+
+    fn seal(&self, epoch: u64) {
+        let mut h = lock(&self.held);
+        let open = std::mem::take(&mut h.open);
+        if !open.is_empty() {
+            h.sealed.entry(epoch).or_default().extend(open);
+        }
+    }
+
+    fn release(&self, epoch: u64) -> io::Result<()> {
+        let ready = {
+            let mut h = lock(&self.held);
+            let later = h.sealed.split_off(&(epoch + 1));
+            let ready = std::mem::replace(&mut h.sealed, later);
+            let bytes: u64 = ready.values().flatten().map(|(_, f)| f.len() as u64).sum();
+            h.bytes -= bytes;
+            ready
+        };
+        for (i, f) in ready.into_values().flatten() {
+            self.send_now(i, &f);
+        }
+        Ok(())
+    }
+
+    fn discard_after(&self, epoch: u64) {
+        let mut h = lock(&self.held);
+        let later = h.sealed.split_off(&(epoch + 1));
+        let open = std::mem::take(&mut h.open);
+        let dropped: u64 = later
+            .values()
+            .flatten()
+            .chain(open.iter())
+            .map(|(_, f)| f.len() as u64)
+            .sum();
+        h.bytes -= dropped;
+    }
+
+    fn discard_held(&self) {
+        let mut h = lock(&self.held);
+        h.sealed.clear();
+        h.open.clear();
+        h.bytes = 0;
+    }
+
+    fn on_pending(&self, f: Option<Box<dyn Fn() + Send + Sync>>) {
+        *lock(&self.pending) = f;
+    }
+
+    fn has_pending(&self) -> bool {
+        let h = lock(&self.held);
+        !h.open.is_empty()
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for Nics<M> {
+    type State = NetState;
+    type Error = NetStateError;
+    const VERSION: u32 = 1;
+
+    /// Call with the device paused.
+    fn save(&self) -> Result<NetState, NetStateError> {
+        Ok(NetState {
+            rings: self.nics.iter().map(|n| *lock(&n.ring)).collect(),
+        })
+    }
+
+    fn check(&self, state: &NetState) -> Result<(), NetStateError> {
+        if state.rings.len() != self.nics.len() {
+            return Err(NetStateError::NicCount {
+                found: state.rings.len(),
+                expected: self.nics.len(),
+            });
+        }
+        if state.rings.iter().flatten().any(|r| !self.ring_ok(r)) {
+            return Err(NetStateError::BadRing);
+        }
+        Ok(())
+    }
+
+    /// Call with the device paused.
+    fn restore(&self, state: NetState) -> Result<(), NetStateError> {
+        self.check(&state)?;
+        for (n, r) in self.nics.iter().zip(state.rings) {
+            *lock(&n.ring) = r;
+        }
+        Ok(())
+    }
+}
+
+/// Frames as datagrams over a Unix socket: one end is the NIC's backend, the other a host
+/// program that speaks Ethernet frames (tests, tools). Non-blocking.
+pub struct DatagramBackend {
+    sock: std::os::unix::net::UnixDatagram,
+    name: String,
+}
+
+impl DatagramBackend {
+    /// A backend over `sock` (made non-blocking), described as `name`.
+    pub fn new(sock: std::os::unix::net::UnixDatagram, name: &str) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        Ok(Self {
+            sock,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Backend for DatagramBackend {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.sock.send(frame).map(|_| ())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.recv(buf)
+    }
+
+    fn service(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn link_up(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::atomic::AtomicU32;
+    use std::thread;
+    use std::time::Duration;
+
+    use rebound_abi::net::NetRingHeader;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter(AtomicU32);
+    impl Notify for Counter {
+        fn notify(&self, _vcpu: u32) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    const AREA: u64 = 0x1000;
+    const TX: u32 = 8;
+    const RX: u32 = 8;
+    const BUFS: u64 = 0x10_000;
+
+    struct Rig {
+        nics: Arc<Nics<GuestMemoryMmap>>,
+        mem: GuestMemoryMmap,
+        peer: UnixDatagram,
+        woken: Arc<Counter>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.nics.stop();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn rig() -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (a, peer) = UnixDatagram::pair().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let woken = Arc::new(Counter::default());
+        let spec = NicSpec {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            backend: Box::new(DatagramBackend::new(a, "test").unwrap()),
+        };
+        let nics = Arc::new(
+            Nics::new(mem.clone(), 0x1000..1 << 20, 1, vec![spec], woken.clone()).unwrap(),
+        );
+        assert_eq!(nics.register(0, AREA, TX.into(), RX.into(), 0), 0);
+        let n = nics.clone();
+        let thread = Some(thread::spawn(move || n.run().unwrap()));
+        Rig {
+            nics,
+            mem,
+            peer,
+            woken,
+            thread,
+        }
+    }
+
+    fn header(mem: &GuestMemoryMmap) -> NetRingHeader {
+        mem.read_obj(GuestAddress(AREA)).unwrap()
+    }
+
+    fn send_frame(r: &Rig, idx: u32, frame: &[u8]) {
+        let buf = BUFS + u64::from(idx % TX) * 2048;
+        r.mem.write_slice(frame, GuestAddress(buf)).unwrap();
+        let d = NetDesc {
+            addr: buf,
+            len: frame.len() as u32,
+            flags: 0,
+        };
+        r.mem
+            .write_obj(d, GuestAddress(AREA + abi_net::tx_desc(idx % TX)))
+            .unwrap();
+        r.mem
+            .store(idx + 1, GuestAddress(AREA), Ordering::Release)
+            .unwrap();
+    }
+
+    fn post_buffers(r: &Rig, from: u32, n: u32) {
+        for idx in from..from + n {
+            let d = NetDesc {
+                addr: BUFS + 0x8000 + u64::from(idx % RX) * 2048,
+                len: 2048,
+                flags: 0,
+            };
+            r.mem
+                .write_obj(d, GuestAddress(AREA + abi_net::rx_desc(TX, idx % RX)))
+                .unwrap();
+        }
+        r.mem
+            .store(from + n, GuestAddress(AREA + 8), Ordering::Release)
+            .unwrap();
+    }
+
+    fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if f() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn frame(tag: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![tag; len];
+        f[..6].copy_from_slice(&[0xff; 6]);
+        f
+    }
+
+    #[test]
+    fn frames_go_out_and_come_in_through_the_rings() {
+        let r = rig();
+        for i in 0..3 {
+            send_frame(&r, i, &frame(i as u8 + 1, 60 + i as usize));
+        }
+        r.nics.doorbell().write(1).unwrap();
+        let mut got = [0u8; 2048];
+        for i in 0..3 {
+            let n = r.peer.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &frame(i + 1, 60 + i as usize)[..]);
+        }
+        wait("the TX consumer", || header(&r.mem).tx_consumer == 3);
+        // Nothing posted: a frame that arrives is dropped and counted.
+        r.peer.send(&frame(9, 64)).unwrap();
+        wait("the drop", || r.nics.stats()[0].rx_no_buffer == 1);
+        // Posted, and the guest said it is idle: delivered, one wake-up for the batch.
+        post_buffers(&r, 0, 4);
+        r.mem
+            .store(1u32, GuestAddress(AREA + 16), Ordering::Release)
+            .unwrap();
+        for i in 0..2 {
+            r.peer.send(&frame(20 + i, 100)).unwrap();
+        }
+        wait("delivery", || header(&r.mem).rx_consumer == 2);
+        let d: NetDesc = r
+            .mem
+            .read_obj(GuestAddress(AREA + abi_net::rx_desc(TX, 0)))
+            .unwrap();
+        assert_eq!(d.len, 100);
+        let mut b = vec![0u8; 100];
+        r.mem.read_slice(&mut b, GuestAddress(d.addr)).unwrap();
+        assert_eq!(b, frame(20, 100));
+        wait("the wake-up", || r.woken.0.load(Ordering::SeqCst) >= 1);
+        assert_eq!(header(&r.mem).rx_idle, 0, "cleared by the wake-up");
+        let s = &r.nics.stats()[0];
+        assert_eq!((s.tx_frames, s.rx_frames, s.ring_errors), (3, 2, 0));
+    }
+
+    #[test]
+    fn hostile_descriptors_break_only_that_nic() {
+        let r = rig();
+        // A buffer in memory the guest may not name.
+        r.mem
+            .write_obj(
+                NetDesc {
+                    addr: 0x10,
+                    len: 64,
+                    flags: 0,
+                },
+                GuestAddress(AREA + abi_net::tx_desc(0)),
+            )
+            .unwrap();
+        r.mem
+            .store(1u32, GuestAddress(AREA), Ordering::Release)
+            .unwrap();
+        r.nics.doorbell().write(1).unwrap();
+        wait("the ring error", || r.nics.stats()[0].ring_errors == 1);
+        assert_eq!(header(&r.mem).flags & RING_BROKEN, RING_BROKEN);
+        // A broken NIC is left alone; setting it up again revives it.
+        send_frame(&r, 1, &frame(1, 64));
+        r.nics.doorbell().write(1).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(r.nics.stats()[0].tx_frames, 0);
+        assert_eq!(r.nics.register(0, AREA, TX.into(), RX.into(), 0), 0);
+        send_frame(&r, 2, &frame(2, 64));
+        r.nics.doorbell().write(1).unwrap();
+        let mut got = [0u8; 128];
+        assert_eq!(r.peer.recv(&mut got).unwrap(), 64);
+        // A producer more than a ring ahead.
+        r.mem
+            .store(1000u32, GuestAddress(AREA), Ordering::Release)
+            .unwrap();
+        r.nics.doorbell().write(1).unwrap();
+        wait("the second ring error", || {
+            r.nics.stats()[0].ring_errors == 2
+        });
+        // Bad setups are refused.
+        assert_eq!(r.nics.register(1, AREA, 8, 8, 0), errno::ENODEV);
+        assert_eq!(r.nics.register(0, AREA, 6, 8, 0), errno::EINVAL);
+        assert_eq!(r.nics.register(0, AREA, 8, 8, 5), errno::EINVAL);
+        assert_eq!(r.nics.register(0, 0x10, 8, 8, 0), errno::EFAULT);
+        assert_eq!(r.nics.register(0, (1 << 20) - 64, 8, 8, 0), errno::EFAULT);
+    }
+
+    #[test]
+    fn held_frames_wait_for_their_checkpoint() {
+        let r = rig();
+        let asked = Arc::new(AtomicU32::new(0));
+        let a = asked.clone();
+        r.nics.on_pending(Some(Box::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        })));
+        r.nics.hold();
+        send_frame(&r, 0, &frame(1, 64));
+        r.nics.doorbell().write(1).unwrap();
+        wait("the frame to be held", || r.nics.has_pending());
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "a checkpoint is asked for");
+        r.nics.seal(1);
+        send_frame(&r, 1, &frame(2, 64));
+        r.nics.doorbell().write(1).unwrap();
+        wait("the second frame", || r.nics.held_bytes() == 128);
+        r.nics.seal(2);
+        r.peer.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 128];
+        assert!(
+            r.peer.recv(&mut got).is_err(),
+            "nothing out before a commit"
+        );
+        // Epoch 2 is rolled back; epoch 1 commits.
+        r.nics.discard_after(1);
+        r.nics.release(1).unwrap();
+        r.peer.set_nonblocking(false).unwrap();
+        assert_eq!(r.peer.recv(&mut got).unwrap(), 64);
+        assert_eq!(got[6], 1);
+        r.peer.set_nonblocking(true).unwrap();
+        assert!(
+            r.peer.recv(&mut got).is_err(),
+            "the rolled-back frame never goes out"
+        );
+        assert_eq!(r.nics.held_bytes(), 0);
+        // Without holding, frames go out at once.
+        r.nics.pass_through().unwrap();
+        send_frame(&r, 2, &frame(3, 64));
+        r.nics.doorbell().write(1).unwrap();
+        r.peer.set_nonblocking(false).unwrap();
+        assert_eq!(r.peer.recv(&mut got).unwrap(), 64);
+    }
+}
