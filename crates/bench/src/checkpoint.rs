@@ -260,6 +260,7 @@ pub fn snapshots() -> Result<()> {
                 paused: false,
                 disk: None,
                 same_vm: false,
+                nic_backends: Vec::new(),
             },
         )?;
         let restore = t0.elapsed();
@@ -293,6 +294,7 @@ pub fn snapshots() -> Result<()> {
                     paused: false,
                     disk: None,
                     same_vm: false,
+                    nic_backends: Vec::new(),
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

@@ -44,6 +44,7 @@ pub(crate) fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
         disk: None,
         shared: Vec::new(),
         cache: None,
+        nics: Vec::new(),
     }
 }
 

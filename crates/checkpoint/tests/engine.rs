@@ -21,6 +21,7 @@ fn config(args: &str) -> VmConfig {
         disk: None,
         shared: Vec::new(),
         cache: None,
+        nics: Vec::new(),
     }
 }
 

@@ -177,6 +177,7 @@ impl Instance {
             paused: !load.resume,
             disk,
             same_vm: false,
+            nic_backends: Vec::new(),
         };
         let output = OutputCommit::new(self.console.user());
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;
@@ -228,6 +229,7 @@ impl Instance {
             paused: true,
             disk,
             same_vm: load.same_vm,
+            nic_backends: Vec::new(),
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
         self.survival

@@ -119,6 +119,7 @@ impl MachineConfig {
             disk: None,
             shared: Vec::new(),
             cache: None,
+            nics: Vec::new(),
         }
     }
 }

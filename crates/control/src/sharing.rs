@@ -191,6 +191,7 @@ mod tests {
             disk: None,
             shared: Vec::new(),
             cache: None,
+            nics: Vec::new(),
         };
         s.configure(&mut config);
         assert_eq!(config.shared.len(), 1);

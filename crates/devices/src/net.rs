@@ -117,6 +117,28 @@ pub struct NicStatsSnapshot {
     pub held_dropped: u64,
 }
 
+/// A MAC address as `02:00:00:00:00:01`.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `02:00:00:00:00:01`; None if it is not a MAC address.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -141,11 +163,22 @@ pub struct RingState {
     pub broken: bool,
 }
 
-/// The network device's saved state: each NIC's rings.
+/// One NIC's saved state: what it is (a restored VM gets the same NICs) and its rings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicState {
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its MTU.
+    pub mtu: u16,
+    /// Its rings, once the guest set them up.
+    pub ring: Option<RingState>,
+}
+
+/// The network device's saved state, by NIC.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
     /// By NIC.
-    pub rings: Vec<Option<RingState>>,
+    pub nics: Vec<NicState>,
 }
 
 /// Why a network state cannot be restored.
@@ -158,6 +191,16 @@ pub enum NetStateError {
         found: usize,
         /// NICs in the VM.
         expected: usize,
+    },
+    /// A NIC's MAC or MTU differs from the VM's.
+    #[error("network interface {index} was saved as {saved}, the VM has {now}")]
+    Nic {
+        /// The NIC.
+        index: usize,
+        /// What the state says.
+        saved: String,
+        /// What the VM has.
+        now: String,
     },
     /// A ring points outside guest-writable memory or has a bad size.
     #[error("network state names a ring outside the guest's writable memory or of a bad size")]
@@ -763,18 +806,40 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
     /// Call with the device paused.
     fn save(&self) -> Result<NetState, NetStateError> {
         Ok(NetState {
-            rings: self.nics.iter().map(|n| *lock(&n.ring)).collect(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| NicState {
+                    mac: n.mac,
+                    mtu: n.mtu,
+                    ring: *lock(&n.ring),
+                })
+                .collect(),
         })
     }
 
     fn check(&self, state: &NetState) -> Result<(), NetStateError> {
-        if state.rings.len() != self.nics.len() {
+        if state.nics.len() != self.nics.len() {
             return Err(NetStateError::NicCount {
-                found: state.rings.len(),
+                found: state.nics.len(),
                 expected: self.nics.len(),
             });
         }
-        if state.rings.iter().flatten().any(|r| !self.ring_ok(r)) {
+        for (index, (s, n)) in state.nics.iter().zip(&self.nics).enumerate() {
+            if (s.mac, s.mtu) != (n.mac, n.mtu) {
+                return Err(NetStateError::Nic {
+                    index,
+                    saved: format!("{} mtu {}", mac_string(s.mac), s.mtu),
+                    now: format!("{} mtu {}", mac_string(n.mac), n.mtu),
+                });
+            }
+        }
+        if state
+            .nics
+            .iter()
+            .filter_map(|n| n.ring.as_ref())
+            .any(|r| !self.ring_ok(r))
+        {
             return Err(NetStateError::BadRing);
         }
         Ok(())
@@ -783,8 +848,8 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
     /// Call with the device paused.
     fn restore(&self, state: NetState) -> Result<(), NetStateError> {
         self.check(&state)?;
-        for (n, r) in self.nics.iter().zip(state.rings) {
-            *lock(&n.ring) = r;
+        for (n, s) in self.nics.iter().zip(state.nics) {
+            *lock(&n.ring) = s.ring;
         }
         Ok(())
     }

@@ -495,6 +495,7 @@ fn damaged_snapshots_are_refused_by_restore_and_merge() {
             disk: None,
             shared: Vec::new(),
             cache: None,
+            nics: Vec::new(),
         };
         let vm = rebound_vmm::Vm::launch(&config, Box::new(console.clone())).unwrap();
         console.wait_past(0);

@@ -164,6 +164,7 @@ pub fn load(
     image: &[u8],
     args: &str,
     disk_size: u64,
+    nics: &[([u8; 6], u16)],
 ) -> Result<u64, crate::Error> {
     let info = check_elf(name, image, layout)?;
     Elf::load(
@@ -188,10 +189,15 @@ pub fn load(
         args_len: args.len() as u64,
         disk_size,
         requests: 0,
-        nic_count: 0,
+        nic_count: nics.len().min(rebound_abi::net::MAX_NICS) as u32,
         reserved: 0,
         nics: Default::default(),
     };
+    let mut boot = boot;
+    for (slot, &(mac, mtu)) in boot.nics.iter_mut().zip(nics) {
+        slot.mac = mac;
+        slot.mtu = mtu;
+    }
     rebound_arch::system::write_system(mem, layout, &boot, args.as_bytes())?;
     Ok(info.entry)
 }

@@ -8,6 +8,7 @@
 //! | `ioq` | the I/O queue's rings and timers | yes |
 //! | `clock` | the guest clock and generation | no: guest time stays monotonic across a rollback and the generation only changes on restore or clone; a restored VM continues from them |
 //! | `shares` | the shared regions attached | no: shared memory is not rolled back (the controller releases what the VM held); a restored VM re-attaches them by name |
+//! | `net` | each NIC's MAC, MTU and rings (VMs with NICs) | yes: the rings as at the checkpoint (frames in flight are dropped; TCP sends them again) |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,8 @@ pub mod ids {
     pub const CLOCK: &str = "clock";
     /// The shared regions attached.
     pub const SHARES: &str = "shares";
+    /// The network devices (only in VMs that have some).
+    pub const NET: &str = "net";
 }
 
 /// Why a component's state was refused.
@@ -168,5 +171,8 @@ pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
         ids::SHARES,
         SharedRegions(shared.shares.clone()),
     )));
+    if let Some(n) = &shared.nics {
+        r.register(Box::new(Registered::new(ids::NET, n.clone())));
+    }
     r
 }

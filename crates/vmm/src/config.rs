@@ -34,6 +34,45 @@ pub enum ConfigError {
     /// A disk setting is invalid.
     #[error("drive: {0}")]
     Disk(String),
+    /// A network interface setting is invalid.
+    #[error("network interface {index}: {reason}")]
+    Nic {
+        /// Its position.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Checks NICs given as (MAC, MTU): how many, unicast and distinct MACs, MTUs in range.
+pub fn check_nics(nics: impl Iterator<Item = ([u8; 6], u16)>) -> Result<(), ConfigError> {
+    let mut seen: Vec<[u8; 6]> = Vec::new();
+    for (index, (mac, mtu)) in nics.enumerate() {
+        let fail = |reason: String| Err(ConfigError::Nic { index, reason });
+        if index >= rebound_abi::net::MAX_NICS {
+            return fail(format!("at most {} NICs", rebound_abi::net::MAX_NICS));
+        }
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return fail(format!(
+                "guest_mac {} is not a unicast address",
+                rebound_devices::net::mac_string(mac)
+            ));
+        }
+        if seen.contains(&mac) {
+            return fail(format!(
+                "guest_mac {} is used twice",
+                rebound_devices::net::mac_string(mac)
+            ));
+        }
+        seen.push(mac);
+        if !(68..=rebound_abi::net::MAX_MTU).contains(&mtu) {
+            return fail(format!(
+                "mtu {mtu} is outside 68..={}",
+                rebound_abi::net::MAX_MTU
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A guest program (an ELF image) and a name for messages.
@@ -103,6 +142,44 @@ pub enum DiskConfig {
     },
 }
 
+/// The host side of a NIC, handed over once to the VM that is built with it (a backend is a
+/// process or a device: it cannot be copied, so configurations share the slot).
+#[derive(Clone, Default)]
+pub struct BackendSlot(Arc<std::sync::Mutex<Option<Box<dyn rebound_devices::net::Backend>>>>);
+
+impl BackendSlot {
+    /// A slot holding `backend`.
+    pub fn new(backend: Box<dyn rebound_devices::net::Backend>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(backend))))
+    }
+
+    /// Takes the backend out (None if a VM already took it).
+    pub fn take(&self) -> Option<Box<dyn rebound_devices::net::Backend>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for BackendSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_ref() {
+            Some(b) => write!(f, "{}", b.describe()),
+            None => write!(f, "(taken)"),
+        }
+    }
+}
+
+/// A network interface.
+#[derive(Clone, Debug)]
+pub struct NicConfig {
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The MTU (68 to 9000).
+    pub mtu: u16,
+    /// Its host side.
+    pub backend: BackendSlot,
+}
+
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -120,6 +197,8 @@ pub struct VmConfig {
     pub shared: Vec<crate::share::ShareConfig>,
     /// This VM's persistent cache.
     pub cache: Option<crate::share::CacheConfig>,
+    /// Network interfaces.
+    pub nics: Vec<NicConfig>,
 }
 
 /// Host RAM in bytes, from /proc/meminfo (None if it cannot be read).
@@ -159,6 +238,7 @@ impl VmConfig {
                 max: rebound_abi::BOOT_ARGS_MAX,
             });
         }
+        check_nics(self.nics.iter().map(|n| (n.mac, n.mtu)))?;
         match &self.disk {
             Some(DiskConfig::Scratch { size_mib }) if *size_mib == 0 || *size_mib > 1 << 20 => {
                 return Err(ConfigError::Disk(format!(
@@ -187,7 +267,20 @@ mod tests {
             disk: None,
             shared: Vec::new(),
             cache: None,
+            nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn nics_are_checked() {
+        let ok = [2, 0, 0, 0, 0, 1];
+        assert!(check_nics([(ok, 1500)].into_iter()).is_ok());
+        let e = check_nics([([1, 0, 0, 0, 0, 1], 1500)].into_iter()).unwrap_err();
+        assert!(e.to_string().contains("unicast"), "{e}");
+        let e = check_nics([(ok, 1500), (ok, 1500)].into_iter()).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = check_nics([(ok, 60)].into_iter()).unwrap_err();
+        assert!(e.to_string().starts_with("network interface 0: mtu"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,12 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
             (0, Flow::Stop)
         }
         nr::IO_SETUP => (vm.ioq.register(vcpu, args[0], args[1]), Flow::Continue),
+        nr::NET_SETUP => (
+            vm.nics.as_ref().map_or(rebound_abi::errno::ENODEV, |n| {
+                n.register(args[0], args[1], args[2], args[3], args[4])
+            }),
+            Flow::Continue,
+        ),
         nr::SHARE_NOTIFY => (
             vm.shares
                 .notify(args[0], args[1])

@@ -119,6 +119,15 @@ impl SavedState {
         Ok(self.clock()?.generation)
     }
 
+    /// The network devices' state, if the VM has any.
+    pub fn net(&self) -> Result<Option<rebound_devices::net::NetState>> {
+        if self.components.contains_key(ids::NET) {
+            self.decode(ids::NET, 1).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The shared regions attached (re-attached by name).
     pub fn shared(&self) -> Result<Vec<crate::share::ShareRecord>> {
         self.decode(ids::SHARES, 1)

@@ -17,6 +17,7 @@ use rebound_devices::Notify;
 use rebound_devices::console::Console;
 use rebound_devices::disk::Disk;
 use rebound_devices::ioq::IoQueue;
+use rebound_devices::net::{NetState, NicSpec, Nics};
 use rebound_snapshot::state::VcpuState;
 use rebound_snapshot::{DirtySet, PAGE_SIZE, Snapshottable};
 use serde::Serialize;
@@ -132,6 +133,34 @@ pub(crate) struct VmShared {
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Shared regions attached.
     pub(crate) shares: Arc<Shares>,
+    /// Network interfaces, if any.
+    pub(crate) nics: Option<Arc<Nics<GuestMemory>>>,
+}
+
+impl VmShared {
+    /// Parks the devices (nothing but the controller touches guest memory after this).
+    pub(crate) fn pause_devices(&self) {
+        self.ioq.pause();
+        if let Some(n) = &self.nics {
+            n.pause();
+        }
+    }
+
+    /// Lets the devices run again.
+    pub(crate) fn resume_devices(&self) {
+        if let Some(n) = &self.nics {
+            n.resume();
+        }
+        self.ioq.resume();
+    }
+
+    /// Stops the device threads.
+    pub(crate) fn stop_devices(&self) {
+        self.ioq.stop();
+        if let Some(n) = &self.nics {
+            n.stop();
+        }
+    }
 }
 
 /// What a vCPU thread exchanges with the controller while parked: it publishes its captured
@@ -177,7 +206,7 @@ impl VmShared {
         for t in lock(&self.vcpu_threads).iter() {
             kick::kick(t);
         }
-        self.ioq.stop();
+        self.stop_devices();
     }
 
     fn kick_all(&self) {
@@ -194,6 +223,7 @@ pub struct Vm {
     vm_fd: VmFd,
     shared: Arc<VmShared>,
     io_thread: Mutex<Option<JoinHandle<()>>>,
+    net_thread: Mutex<Option<JoinHandle<()>>>,
     /// Who holds the vCPUs stopped: the owner (`pause`) and a freeze. They run only when neither.
     holds: Mutex<Holds>,
     /// Held by a [`Frozen`] for its whole life: freezes (checkpoints, snapshots, rollbacks) take
@@ -252,10 +282,14 @@ struct Parts {
     /// Keep the VM's id and what it holds in shared regions (a live update: the same VM goes
     /// on); otherwise a new id, and what the old one held is released.
     same_vm: bool,
+    /// Network interfaces, with their backends.
+    nics: Vec<NicSpec>,
+    /// Their saved state, for a restore.
+    net_state: Option<NetState>,
 }
 
 /// How to restore.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// What `GENERATION` returns from now on.
     pub generation: u64,
@@ -266,6 +300,41 @@ pub struct RestoreOptions {
     pub disk: Option<std::path::PathBuf>,
     /// The same VM goes on (live update): it keeps its id and what it holds in shared regions.
     pub same_vm: bool,
+    /// The host side of each network interface the VM was saved with, in order.
+    pub nic_backends: Vec<crate::config::BackendSlot>,
+}
+
+/// The NICs (MAC, MTU) a saved network state describes.
+fn saved_nics(state: Option<&NetState>) -> Vec<([u8; 6], u16)> {
+    state.map_or_else(Vec::new, |s| {
+        s.nics.iter().map(|n| (n.mac, n.mtu)).collect()
+    })
+}
+
+/// The backends in `slots` as NIC specs for `nics` (MAC, MTU), each taken once.
+fn nic_specs(
+    nics: &[([u8; 6], u16)],
+    slots: &[crate::config::BackendSlot],
+) -> Result<Vec<NicSpec>> {
+    if nics.len() != slots.len() {
+        return Err(Error::Restore(format!(
+            "the VM has {} network interfaces; {} backends were given",
+            nics.len(),
+            slots.len()
+        )));
+    }
+    nics.iter()
+        .zip(slots)
+        .enumerate()
+        .map(|(i, (&(mac, mtu), slot))| {
+            let backend = slot.take().ok_or_else(|| {
+                Error::State(format!(
+                    "network interface {i}: its backend is already used by another VM"
+                ))
+            })?;
+            Ok(NicSpec { mac, mtu, backend })
+        })
+        .collect()
 }
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
@@ -373,6 +442,7 @@ impl Vm {
             ),
         };
         let disk_size = disk.as_ref().map_or(0, Disk::size);
+        let nic_ids: Vec<([u8; 6], u16)> = config.nics.iter().map(|n| (n.mac, n.mtu)).collect();
         let entry = boot::load(
             &mem,
             &layout,
@@ -380,7 +450,10 @@ impl Vm {
             &config.image.bytes,
             &config.boot_args,
             disk_size,
+            &nic_ids,
         )?;
+        let slots: Vec<_> = config.nics.iter().map(|n| n.backend.clone()).collect();
+        let nics = nic_specs(&nic_ids, &slots)?;
         let descriptor = VmDescriptor {
             mem_size: layout.mem_size(),
             vcpus: layout.vcpus(),
@@ -420,6 +493,8 @@ impl Vm {
                 }))
                 .collect(),
             same_vm: false,
+            nics,
+            net_state: None,
         };
         Self::build(parts, console, launched)
     }
@@ -439,9 +514,7 @@ impl Vm {
             console,
             RestoreOptions {
                 generation,
-                paused: false,
-                disk: None,
-                same_vm: false,
+                ..RestoreOptions::default()
             },
         )
     }
@@ -458,6 +531,7 @@ impl Vm {
             paused,
             disk: disk_path,
             same_vm,
+            nic_backends,
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
@@ -465,6 +539,8 @@ impl Vm {
             .map_err(|e| Error::Restore(e.to_string()))?;
         let (mem, mem_file) = crate::persist::map_chain(chain, state.vm.mem_size)?;
         let disk = reopen_disk(state.vm.disk.as_ref(), disk_path)?;
+        let net_state = state.net()?;
+        let nics = nic_specs(&saved_nics(net_state.as_ref()), &nic_backends)?;
         let parts = Parts {
             layout,
             mem,
@@ -479,6 +555,8 @@ impl Vm {
             paused,
             shared: state.shared()?,
             same_vm,
+            nics,
+            net_state,
             descriptor: state.vm,
         };
         Self::build(parts, console, launched)
@@ -505,6 +583,8 @@ impl Vm {
         }
         let (mem, mem_file) = memory::open_file(memory, state.vm.mem_size)?;
         let disk = reopen_disk(state.vm.disk.as_ref(), options.disk)?;
+        let net_state = state.net()?;
+        let nics = nic_specs(&saved_nics(net_state.as_ref()), &options.nic_backends)?;
         let parts = Parts {
             layout,
             mem,
@@ -519,6 +599,8 @@ impl Vm {
             paused: options.paused,
             shared: state.shared()?,
             same_vm: options.same_vm,
+            nics,
+            net_state,
             descriptor: state.vm,
         };
         Self::build(parts, console, launched)
@@ -538,6 +620,8 @@ impl Vm {
             paused,
             shared: share_records,
             same_vm,
+            nics: nic_specs_built,
+            net_state,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -563,6 +647,30 @@ impl Vm {
                 NoDatamatch,
             )
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        let nics = if nic_specs_built.is_empty() {
+            None
+        } else {
+            let n = Nics::new(
+                mem.clone(),
+                USER_START..layout.mem_size(),
+                layout.vcpus(),
+                nic_specs_built,
+                waiters.clone(),
+            )
+            .map_err(|e| Error::State(e.to_string()))?;
+            if let Some(state) = net_state {
+                n.restore(state)
+                    .map_err(|e| Error::Restore(e.to_string()))?;
+            }
+            vm_fd
+                .register_ioevent(
+                    n.doorbell(),
+                    &IoEventAddress::Pio(u64::from(port::NET_DOORBELL)),
+                    NoDatamatch,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            Some(Arc::new(n))
+        };
         let vm_id = share_records
             .iter()
             .map(|r| r.vm_id)
@@ -625,6 +733,7 @@ impl Vm {
             outcome: Mutex::new(None),
             vcpu_threads: Mutex::new(Vec::new()),
             shares,
+            nics,
         });
         // Shared regions are in place (and the guest's table written) before it runs. A
         // failure here drops everything built so far; no vCPU thread exists yet.
@@ -651,6 +760,7 @@ impl Vm {
             vm_fd,
             shared: shared.clone(),
             io_thread: Mutex::new(None),
+            net_thread: Mutex::new(None),
             holds: Mutex::new(Holds::default()),
             freeze_lock: Mutex::new(()),
             descriptor,
@@ -663,7 +773,7 @@ impl Vm {
         if paused {
             // The owner's pause: checkpoints and snapshots of it thaw back to paused.
             shared.control.set(Request::Pause);
-            shared.ioq.pause();
+            shared.pause_devices();
         }
         lock(&vm.holds).user = paused;
         let io = shared.clone();
@@ -674,6 +784,16 @@ impl Vm {
                 });
             }
         })?);
+        if let Some(n) = shared.nics.clone() {
+            let net = shared.clone();
+            *lock(&vm.net_thread) = Some(spawn("rebound-net".into(), move || {
+                if let Err(e) = n.run() {
+                    net.finish(VmOutcome::Failed {
+                        error: e.to_string(),
+                    });
+                }
+            })?);
+        }
         for (id, fd) in vcpus.into_iter().enumerate() {
             let s = shared.clone();
             match spawn(format!("rebound-vcpu{id}"), move || {
@@ -773,7 +893,7 @@ impl Vm {
             self.shared.control.set(Request::Run);
             return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
         }
-        self.shared.ioq.pause();
+        self.shared.pause_devices();
         let took = t0.elapsed();
         self.shared.metrics.pause(took.as_nanos() as u64);
         tracing::debug!(?took, "VM paused");
@@ -783,7 +903,7 @@ impl Vm {
     /// Lets the vCPUs and the I/O thread run. Call with `holds` locked.
     fn start_vcpus(&self) {
         if self.vcpu_state() == VmState::Paused {
-            self.shared.ioq.resume();
+            self.shared.resume_devices();
             self.shared.control.set(Request::Run);
         }
     }
@@ -1023,6 +1143,22 @@ impl Vm {
         }
     }
 
+    /// Device outputs that output commit holds (the NICs' frames), besides the console.
+    pub fn held_outputs(&self) -> Vec<Arc<dyn rebound_devices::HeldOutput>> {
+        match &self.shared.nics {
+            Some(n) => vec![n.clone() as Arc<dyn rebound_devices::HeldOutput>],
+            None => Vec::new(),
+        }
+    }
+
+    /// Each network interface's counters.
+    pub fn nic_stats(&self) -> Vec<rebound_devices::net::NicStatsSnapshot> {
+        self.shared
+            .nics
+            .as_ref()
+            .map_or_else(Vec::new, |n| n.stats())
+    }
+
     /// Stops the VM because host resources it ran on failed.
     pub fn stop_for_host_fault(&self, reason: String) {
         self.shared.finish(VmOutcome::HostFault { reason });
@@ -1057,8 +1193,11 @@ impl Vm {
         for t in std::mem::take(&mut *lock(&self.shared.vcpu_threads)) {
             let _ = t.join();
         }
-        self.shared.ioq.stop();
+        self.shared.stop_devices();
         if let Some(t) = lock(&self.io_thread).take() {
+            let _ = t.join();
+        }
+        if let Some(t) = lock(&self.net_thread).take() {
             let _ = t.join();
         }
         self.shared.shares.shutdown();

@@ -490,6 +490,7 @@ fn restore_paused(chain: &[Snapshot]) -> Result<(Vm, SharedBuffer), rebound_vmm:
             paused: true,
             disk: None,
             same_vm: false,
+            nic_backends: Vec::new(),
         },
     )?;
     Ok((vm, out))

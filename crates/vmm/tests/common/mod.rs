@@ -16,6 +16,7 @@ pub fn config(args: &str, vcpus: u32, disk: Option<DiskConfig>) -> VmConfig {
         disk,
         shared: Vec::new(),
         cache: None,
+        nics: Vec::new(),
     }
 }
 
