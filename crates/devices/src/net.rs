@@ -38,8 +38,11 @@ pub trait Backend: Send {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Receives one frame into `buf` without blocking; `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Called when [`fd`](Self::fd) was readable but yielded no frame and on every round of
-    /// the device thread: lets a backend do its own work (probes, failover, reconnects).
+    /// Whether a complete frame is already buffered in the backend (so [`recv`](Self::recv)
+    /// returns one although [`fd`](Self::fd) is not readable).
+    fn buffered(&self) -> bool;
+    /// Called on every round of the device thread: lets a backend do its own work (probes,
+    /// failover, reconnects). [`fd`](Self::fd) may change across calls.
     fn service(&mut self) -> io::Result<()>;
     /// Whether a working path exists.
     fn link_up(&self) -> bool;
@@ -55,6 +58,8 @@ pub struct NicSpec {
     pub mtu: u16,
     /// Where its frames go.
     pub backend: Box<dyn Backend>,
+    /// How its host side was configured (the controller's, opaque here; saved with the VM).
+    pub host: String,
 }
 
 /// Errors setting up or running the network device (guest errors are counted, not errors).
@@ -172,6 +177,8 @@ pub struct NicState {
     pub mtu: u16,
     /// Its rings, once the guest set them up.
     pub ring: Option<RingState>,
+    /// How its host side was configured (see [`NicSpec::host`]).
+    pub host: String,
 }
 
 /// The network device's saved state, by NIC.
@@ -210,6 +217,7 @@ pub enum NetStateError {
 struct Nic {
     mac: [u8; 6],
     mtu: u16,
+    host: String,
     ring: Mutex<Option<RingState>>,
     backend: Mutex<Box<dyn Backend>>,
     stats: NicStats,
@@ -287,6 +295,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             nics.push(Nic {
                 mac: s.mac,
                 mtu: s.mtu,
+                host: s.host,
                 ring: Mutex::new(None),
                 backend: Mutex::new(s.backend),
                 stats: NicStats::default(),
@@ -481,21 +490,27 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                 EpollEvent::new(EventSet::IN, DOORBELL),
             )
             .map_err(NetError::Event)?;
+        let mut fds: Vec<RawFd> = Vec::new();
         for (i, n) in self.nics.iter().enumerate() {
+            let fd = lock(&n.backend).fd();
             epoll
                 .ctl(
                     ControlOperation::Add,
-                    lock(&n.backend).fd(),
+                    fd,
                     EpollEvent::new(EventSet::IN, i as u64),
                 )
                 .map_err(NetError::Event)?;
+            fds.push(fd);
         }
         self.running.store(true, Ordering::Release);
         let mut events = vec![EpollEvent::default(); self.nics.len() + 1];
         let mut buf = vec![0u8; FRAME_MAX];
+        let mut buffered = vec![false; self.nics.len()];
         loop {
-            // Backends with their own timers (probes, reconnects) get a turn every 50 ms.
-            let n = match epoll.wait(50, &mut events) {
+            // Backends with their own timers (probes, reconnects) get a turn every 10 ms;
+            // frames a backend already holds are served at once.
+            let timeout = if buffered.iter().any(|b| *b) { 0 } else { 10 };
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(NetError::Event(e)),
@@ -519,7 +534,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             for i in 0..self.nics.len() {
                 self.serve_tx(i);
             }
-            let mut readable = vec![false; self.nics.len()];
+            let mut readable = buffered.clone();
             for ev in &events[..n] {
                 if let Some(r) = readable.get_mut(ev.data() as usize) {
                     *r = true;
@@ -529,8 +544,27 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                 if r {
                     self.serve_rx(i, &mut buf);
                 }
-                if let Err(e) = lock(&self.nics[i].backend).service() {
+                let mut b = lock(&self.nics[i].backend);
+                if let Err(e) = b.service() {
                     tracing::warn!(nic = i, "network backend: {e}");
+                }
+                buffered[i] = b.buffered();
+                // A backend that reconnected or failed over has a new descriptor.
+                let fd = b.fd();
+                if fd != fds[i] {
+                    let _ = epoll.ctl(
+                        ControlOperation::Delete,
+                        fds[i],
+                        EpollEvent::new(EventSet::IN, i as u64),
+                    );
+                    if let Err(e) = epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, i as u64),
+                    ) {
+                        tracing::warn!(nic = i, "cannot watch the new backend descriptor: {e}");
+                    }
+                    fds[i] = fd;
                 }
             }
         }
@@ -813,6 +847,7 @@ impl<M: GuestMemory + Send + Sync + 'static> rebound_snapshot::Snapshottable for
                     mac: n.mac,
                     mtu: n.mtu,
                     ring: *lock(&n.ring),
+                    host: n.host.clone(),
                 })
                 .collect(),
         })
@@ -886,6 +921,10 @@ impl Backend for DatagramBackend {
         self.sock.recv(buf)
     }
 
+    fn buffered(&self) -> bool {
+        false
+    }
+
     fn service(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -951,6 +990,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 1],
             mtu: 1500,
             backend: Box::new(DatagramBackend::new(a, "test").unwrap()),
+            host: String::new(),
         };
         let nics = Arc::new(
             Nics::new(mem.clone(), 0x1000..1 << 20, 1, vec![spec], woken.clone()).unwrap(),

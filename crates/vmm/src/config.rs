@@ -178,6 +178,9 @@ pub struct NicConfig {
     pub mtu: u16,
     /// Its host side.
     pub backend: BackendSlot,
+    /// How the host side was configured (the controller's, opaque here): saved with the VM
+    /// so that a VMM taking it over sets the same host side up again.
+    pub host: String,
 }
 
 /// Everything needed to build a VM.

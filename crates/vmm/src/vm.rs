@@ -304,16 +304,19 @@ pub struct RestoreOptions {
     pub nic_backends: Vec<crate::config::BackendSlot>,
 }
 
-/// The NICs (MAC, MTU) a saved network state describes.
-fn saved_nics(state: Option<&NetState>) -> Vec<([u8; 6], u16)> {
+/// The NICs (MAC, MTU, host side) a saved network state describes.
+fn saved_nics(state: Option<&NetState>) -> Vec<([u8; 6], u16, String)> {
     state.map_or_else(Vec::new, |s| {
-        s.nics.iter().map(|n| (n.mac, n.mtu)).collect()
+        s.nics
+            .iter()
+            .map(|n| (n.mac, n.mtu, n.host.clone()))
+            .collect()
     })
 }
 
-/// The backends in `slots` as NIC specs for `nics` (MAC, MTU), each taken once.
+/// The backends in `slots` as NIC specs for `nics` (MAC, MTU, host side), each taken once.
 fn nic_specs(
-    nics: &[([u8; 6], u16)],
+    nics: &[([u8; 6], u16, String)],
     slots: &[crate::config::BackendSlot],
 ) -> Result<Vec<NicSpec>> {
     if nics.len() != slots.len() {
@@ -326,13 +329,18 @@ fn nic_specs(
     nics.iter()
         .zip(slots)
         .enumerate()
-        .map(|(i, (&(mac, mtu), slot))| {
+        .map(|(i, ((mac, mtu, host), slot))| {
             let backend = slot.take().ok_or_else(|| {
                 Error::State(format!(
                     "network interface {i}: its backend is already used by another VM"
                 ))
             })?;
-            Ok(NicSpec { mac, mtu, backend })
+            Ok(NicSpec {
+                mac: *mac,
+                mtu: *mtu,
+                backend,
+                host: host.clone(),
+            })
         })
         .collect()
 }
@@ -453,7 +461,12 @@ impl Vm {
             &nic_ids,
         )?;
         let slots: Vec<_> = config.nics.iter().map(|n| n.backend.clone()).collect();
-        let nics = nic_specs(&nic_ids, &slots)?;
+        let described: Vec<_> = config
+            .nics
+            .iter()
+            .map(|n| (n.mac, n.mtu, n.host.clone()))
+            .collect();
+        let nics = nic_specs(&described, &slots)?;
         let descriptor = VmDescriptor {
             mem_size: layout.mem_size(),
             vcpus: layout.vcpus(),
