@@ -31,9 +31,9 @@ pub struct ConfigFile {
     /// Where metrics are flushed.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
-    /// Refused unless empty: Rebound VMs have no network devices yet.
+    /// Network interfaces.
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<rebound_net::NetworkInterface>,
     /// Refused if set (no vsock device).
     #[serde(default)]
     pub vsock: Option<serde_json::Value>,
@@ -66,11 +66,6 @@ impl ConfigFile {
     /// the first refusal is returned, naming the section.
     pub fn apply(&self, instance: &Instance, hooks: &Hooks) -> Result<(), String> {
         let refused = [
-            (
-                "network-interfaces",
-                !self.network_interfaces.is_empty(),
-                "Rebound VMs have no network devices yet",
-            ),
             ("vsock", self.vsock.is_some(), "Rebound has no vsock device"),
             (
                 "mmds-config",
@@ -120,6 +115,11 @@ impl ConfigFile {
         instance
             .set_boot_source_config(&self.boot_source)
             .map_err(|e| format!("boot-source: {e}"))?;
+        for n in &self.network_interfaces {
+            instance
+                .set_network_interface(n.clone())
+                .map_err(|e| format!("network-interfaces: {e}"))?;
+        }
         match self.drives.as_slice() {
             [] => {}
             [d] => instance
@@ -165,7 +165,7 @@ mod tests {
         let i = Instance::new("c", Box::new(std::io::sink()));
         for (extra, want) in [
             (
-                r#""network-interfaces": [{"iface_id": "eth0"}]"#,
+                r#""network-interfaces": [{"iface_id": "eth0", "tx_rate_limiter": {}}]"#,
                 "network-interfaces",
             ),
             (r#""vsock": {"guest_cid": 3}"#, "vsock"),

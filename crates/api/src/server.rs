@@ -208,6 +208,31 @@ async fn put_drive(
     no_content()
 }
 
+async fn put_network_interface(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Body(n): Body<rebound_net::NetworkInterface>,
+) -> Reply {
+    if n.iface_id != id {
+        return Err(ApiError::bad(format!(
+            "iface_id: {:?} in the body does not match {:?} in the path",
+            n.iface_id, id
+        )));
+    }
+    on_instance(&s, move |i| i.set_network_interface(n)).await?;
+    no_content()
+}
+
+async fn patch_network_interface(Path(id): Path<String>) -> Reply {
+    Err(ApiError::bad(format!(
+        "network interface {id}: rate limiters are not supported yet, so there is nothing to update"
+    )))
+}
+
+async fn get_network_interfaces(State(s): State<ApiState>) -> Reply {
+    Ok(Json(s.instance.network_interfaces()).into_response())
+}
+
 async fn put_actions(State(s): State<ApiState>, Body(a): Body<InstanceActionInfo>) -> Reply {
     match a.action_type {
         ActionType::InstanceStart => {
@@ -440,11 +465,8 @@ async fn put_identity(State(s): State<ApiState>, Body(c): Body<IdentityConfig>) 
 async fn unsupported(method: Method, uri: Uri) -> ApiError {
     let path = uri.path();
     let why = match path.trim_start_matches('/').split('/').next() {
-        Some("network-interfaces") => {
-            "network interfaces are not supported yet: Rebound VMs have no network device"
-        }
         Some("mmds") => {
-            "MMDS (the microVM metadata service) is not supported: it is reached over a guest network device, which Rebound VMs do not have"
+            "MMDS (the microVM metadata service) is not supported: Rebound guests do not run its client"
         }
         Some("vsock") => {
             "vsock is not supported: Rebound guests talk to the host through their I/O ring and shared regions"
@@ -493,6 +515,11 @@ fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Rout
         )
         .route("/boot-source", put(put_boot_source))
         .route("/drives/{drive_id}", put(put_drive))
+        .route("/network-interfaces", get(get_network_interfaces))
+        .route(
+            "/network-interfaces/{iface_id}",
+            put(put_network_interface).patch(patch_network_interface),
+        )
         .route("/actions", put(put_actions))
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/vm/config", get(get_vm_config))

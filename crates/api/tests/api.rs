@@ -922,8 +922,14 @@ fn firecracker_resources_rebound_lacks_are_refused_by_name() {
         (
             "PUT",
             "/network-interfaces/eth0",
-            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
-            "network device",
+            r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1}}}"#,
+            "rate limiters",
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0"}"#,
+            "rate limiters",
         ),
         ("PUT", "/mmds", r#"{"a": 1}"#, "MMDS"),
         ("GET", "/mmds", "", "MMDS"),
@@ -964,15 +970,6 @@ fn firecracker_resources_rebound_lacks_are_refused_by_name() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["state"], "Not started");
     assert!(lines[1]["vm"]["exits"]["io_out"].as_u64().unwrap() > 0);
-    // A snapshot load with Firecracker's overrides for devices Rebound does not have.
-    let s = Server::start();
-    let (st, e) = s.raw(
-        "PUT",
-        "/snapshot/load",
-        br#"{"snapshot_path": "/x", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#,
-    );
-    assert_eq!(st, 400);
-    assert!(fault(&e).contains("eth0"), "{e}");
 }
 
 #[test]
@@ -1015,6 +1012,13 @@ fn a_snapshot_load_reopens_its_drive_or_an_override() {
     let u = Server::start();
     let load = json!({"snapshot_path": snap, "drive_overrides": [{"drive_id": "rootfs", "path_on_host": other}]});
     assert_eq!(u.call("PUT", "/snapshot/load", Some(load)).0, 204);
+    // Firecracker's network_overrides name interfaces the snapshot must have.
+    let v = Server::start();
+    let load = json!({"snapshot_path": snap, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]});
+    let (st, e) = v.call("PUT", "/snapshot/load", Some(load));
+    assert_eq!(st, 400);
+    assert!(e["fault_message"].as_str().unwrap().contains("eth0"), "{e}");
+    assert_eq!(v.call("GET", "/", None).1["state"], "Not started");
     // A saved drive that is gone is named.
     std::fs::remove_file(&disk).unwrap();
     let w = Server::start();

@@ -12,7 +12,7 @@ use rebound_vmm::Vm;
 use rebound_vmm::persist::SavedState;
 use serde::Serialize;
 
-use crate::output::{OutputCommit, OutputStats};
+use crate::output::{OutputCommit, OutputStats, Outputs};
 use crate::sink::{CheckpointData, Sink};
 use crate::state_dir::{OutputRecord, StateDir};
 use crate::strategy::pre_image::PreImage;
@@ -154,7 +154,7 @@ pub struct EngineStats {
 
 struct Inner {
     vm: Arc<Vm>,
-    output: Arc<OutputCommit>,
+    output: Outputs,
     config: EngineConfig,
     work: Mutex<Work>,
     ticker_state: Mutex<TickerState>,
@@ -300,6 +300,10 @@ impl Engine {
         opts: StartOptions,
     ) -> Result<Engine> {
         config.validate()?;
+        let output = Outputs {
+            console: output,
+            devices: vm.held_outputs(),
+        };
         let first_epoch = opts.first_epoch.max(1);
         let preserved = opts.state_dir.is_some();
         let mem_size = vm.descriptor().mem_size;
@@ -412,7 +416,7 @@ impl Engine {
         // Held output past its soft limit asks for a checkpoint now (weakly: the output
         // outlives the engine).
         let weak = Arc::downgrade(&inner);
-        inner.output.on_pressure(Some(Box::new(move || {
+        inner.output.on_wanted(Some(Arc::new(move || {
             if let Some(i) = weak.upgrade() {
                 lock(&i.ticker_state).requested = true;
                 i.wake.notify_all();
@@ -512,7 +516,7 @@ impl Engine {
         if let Some(t) = lock(&self.ticker).take() {
             let _ = t.join();
         }
-        self.inner.output.on_pressure(None);
+        self.inner.output.on_wanted(None);
         // The VM goes on without checkpoints: what the sinks hold stops describing it.
         let mut w = lock(&self.inner.work);
         for s in w.sinks.iter_mut() {

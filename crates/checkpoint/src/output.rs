@@ -337,3 +337,104 @@ mod tests {
         assert_eq!(out.0.lock().unwrap().as_slice(), b"abcdef");
     }
 }
+
+/// Everything output commit holds for one VM: the console (whose released bytes a state
+/// directory records) and the devices' outputs (the NICs' frames). The engine drives them as
+/// one: each checkpoint seals all of them, each acknowledgement releases all of them.
+#[derive(Clone)]
+pub struct Outputs {
+    /// The console.
+    pub console: Arc<OutputCommit>,
+    /// Device outputs (see `Vm::held_outputs`).
+    pub devices: Vec<Arc<dyn rebound_devices::HeldOutput>>,
+}
+
+impl Outputs {
+    /// Starts holding everything.
+    pub fn hold(&self) {
+        self.console.hold();
+        for d in &self.devices {
+            d.hold();
+        }
+    }
+
+    /// Stops holding: everything held goes out now; the console's error first.
+    pub fn pass_through(&self) -> io::Result<()> {
+        let mut first = self.console.pass_through();
+        for d in &self.devices {
+            let r = d.pass_through();
+            first = first.and(r);
+        }
+        first
+    }
+
+    /// Checkpoint `epoch` was taken.
+    pub fn seal(&self, epoch: u64) {
+        self.console.seal(epoch);
+        for d in &self.devices {
+            d.seal(epoch);
+        }
+    }
+
+    /// Checkpoint `epoch` is safe.
+    pub fn release(&self, epoch: u64) -> io::Result<()> {
+        let mut first = self.console.release(epoch);
+        for d in &self.devices {
+            let r = d.release(epoch);
+            first = first.and(r);
+        }
+        first
+    }
+
+    /// The VM went back to checkpoint `epoch`.
+    pub fn discard_after(&self, epoch: u64) {
+        self.console.discard_after(epoch);
+        for d in &self.devices {
+            d.discard_after(epoch);
+        }
+    }
+
+    /// Everything held is dropped.
+    pub fn discard_held(&self) {
+        self.console.discard_held();
+        for d in &self.devices {
+            d.discard_held();
+        }
+    }
+
+    /// What to call when a checkpoint is wanted soon: console output past its soft limit, or
+    /// a device output (a frame) waiting (so a reply waits one pause and commit, not an epoch).
+    pub fn on_wanted(&self, f: Option<Arc<dyn Fn() + Send + Sync>>) {
+        match f {
+            None => {
+                self.console.on_pressure(None);
+                for d in &self.devices {
+                    d.on_pending(None);
+                }
+            }
+            Some(f) => {
+                let g = f.clone();
+                self.console.on_pressure(Some(Box::new(move || g())));
+                for d in &self.devices {
+                    let g = f.clone();
+                    d.on_pending(Some(Box::new(move || g())));
+                }
+            }
+        }
+    }
+
+    /// Whether a device output waits for the next checkpoint.
+    pub fn pending(&self) -> bool {
+        self.devices.iter().any(|d| d.has_pending())
+    }
+
+    /// The console's record for checkpoint `epoch` (see [`OutputCommit::sealed_record`]).
+    pub fn sealed_record(&self, epoch: u64) -> crate::state_dir::OutputRecord {
+        self.console.sealed_record(epoch)
+    }
+
+    /// The console's counters.
+    pub fn stats(&self) -> OutputStats {
+        self.console.stats()
+    }
+}

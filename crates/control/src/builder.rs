@@ -44,7 +44,97 @@ impl Drop for Created {
     }
 }
 
+/// Network backends a build started, ended unless the build completes.
+struct NetAttached<'a> {
+    net: &'a rebound_net::NetPart,
+    kept: bool,
+}
+
+impl NetAttached<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for NetAttached<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.net.detach();
+        }
+    }
+}
+
+/// The interfaces a saved VM had (their host configuration is saved with their NIC), with
+/// Firecracker's `network_overrides` (interface id, host device) applied.
+fn saved_interfaces(
+    state: &rebound_vmm::persist::SavedState,
+    overrides: &[(String, String)],
+) -> Result<Vec<rebound_net::NetworkInterface>> {
+    let Some(net) = state.net()? else {
+        if let Some((iface, _)) = overrides.first() {
+            return Err(Error::Invalid {
+                field: "network_overrides",
+                reason: format!("the snapshot has no network interface {iface:?}"),
+            });
+        }
+        return Ok(Vec::new());
+    };
+    let mut ifaces = net
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            serde_json::from_str::<rebound_net::NetworkInterface>(&n.host).map_err(|e| {
+                Error::Invalid {
+                    field: "snapshot_path",
+                    reason: format!("network interface {i}: its saved configuration is unreadable: {e}"),
+                }
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (id, dev) in overrides {
+        let f = ifaces
+            .iter_mut()
+            .find(|f| &f.iface_id == id)
+            .ok_or_else(|| Error::Invalid {
+                field: "network_overrides",
+                reason: format!("the snapshot has no network interface {id:?}"),
+            })?;
+        f.host_dev_name = Some(dev.clone());
+        f.publish.clear();
+        f.paths.clear();
+    }
+    Ok(ifaces)
+}
+
 impl Instance {
+    /// Builds the backends of the interfaces configured (or `saved`), their files in `dir`.
+    fn attach_net(
+        &self,
+        saved: Option<Vec<rebound_net::NetworkInterface>>,
+        dir: Option<&Path>,
+    ) -> Result<(Vec<rebound_vmm::config::NicConfig>, NetAttached<'_>)> {
+        if let Some(ifaces) = saved {
+            self.net.restore(ifaces)?;
+        }
+        let guard = NetAttached {
+            net: &self.net,
+            kept: false,
+        };
+        if self.net.list().is_empty() {
+            return Ok((Vec::new(), guard));
+        }
+        let private;
+        let dir = match dir {
+            Some(d) => d,
+            None => {
+                private = rebound_net::part::private_runtime_dir()?;
+                &private
+            }
+        };
+        Ok((self.net.attach(dir)?, guard))
+    }
+
     /// The VM is built: it is placed, its output recorded, and the instance has started.
     fn install(&self, starting: Starting<'_>, vm: Vm, output: Arc<OutputCommit>) -> Arc<Vm> {
         let vm = Arc::new(vm);
@@ -119,6 +209,8 @@ impl Instance {
                 OutputCommit::new(Box::new(log))
             }
         };
+        let (nics, net) = self.attach_net(None, dir.as_ref().map(|d| d.path()))?;
+        config.nics = nics;
         // A protected VM starts parked and runs once protection has started: no guest
         // instruction runs unprotected, and a guest that ends at once cannot race the start.
         let vm = Vm::launch_with(
@@ -128,6 +220,7 @@ impl Instance {
             protection.is_some(),
         )?;
         created.keep();
+        net.keep();
         let vm = self.install(starting, vm, output);
         if let Some(p) = protection {
             self.protect_then_run(&vm, p, true)?;
@@ -139,14 +232,6 @@ impl Instance {
     /// file validated first (see [`Load`]).
     pub fn restore(&self, chain: &[PathBuf], load: &Load) -> Result<Arc<Vm>> {
         let starting = self.lifecycle.begin(Request::LoadSnapshot)?;
-        if let Some((iface, _)) = load.network_overrides.first() {
-            return Err(Error::Invalid {
-                field: "network_overrides",
-                reason: format!(
-                    "the snapshot has no network interface {iface:?} (Rebound VMs have no network devices yet)"
-                ),
-            });
-        }
         if load.vsock_override {
             return Err(Error::Invalid {
                 field: "vsock_override",
@@ -172,15 +257,19 @@ impl Instance {
                 reason: format!("{}: {reason}", disk.display()),
             })?;
         }
+        let saved = rebound_vmm::persist::read_chain(&snaps)?;
+        let ifaces = saved_interfaces(&saved, &load.network_overrides)?;
+        let (nics, net) = self.attach_net(Some(ifaces), None)?;
         let options = RestoreOptions {
             generation: load.generation.unwrap_or_else(rebound_vmm::persist::new_id),
             paused: !load.resume,
             disk,
             same_vm: false,
-            nic_backends: Vec::new(),
+            nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
         };
         let output = OutputCommit::new(self.console.user());
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;
+        net.keep();
         Ok(self.install(starting, vm, output))
     }
 
@@ -224,14 +313,17 @@ impl Instance {
         .guarding(dir.clone());
         let output = OutputCommit::new_at(Box::new(log), prepared.output_end);
         let disk = disk_of(&prepared.state);
+        let ifaces = saved_interfaces(&prepared.state, &[])?;
+        let (nics, net) = self.attach_net(Some(ifaces), Some(dir.path()))?;
         let options = RestoreOptions {
             generation: prepared.state.generation()?,
             paused: true,
             disk,
             same_vm: load.same_vm,
-            nic_backends: Vec::new(),
+            nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
+        net.keep();
         self.survival
             .adopted(dir, claim, prepared.epoch, prepared.undone_pages);
         let vm = self.install(starting, vm, output);

@@ -26,6 +26,9 @@ pub enum Error {
     /// From a snapshot file.
     #[error(transparent)]
     Snapshot(#[from] rebound_snapshot::SnapshotError),
+    /// From host networking (an interface's configuration or backend).
+    #[error(transparent)]
+    Net(#[from] rebound_net::Error),
     /// The lifecycle table refuses `request` in `phase`.
     #[error("{}", transition_message(*.request, *.phase))]
     Transition {
@@ -103,7 +106,7 @@ impl Error {
             | Error::NotProtected
             | Error::AlreadyProtected
             | Error::Region { .. } => ErrorKind::Conflict,
-            Error::Snapshot(_) => ErrorKind::InvalidInput,
+            Error::Snapshot(_) | Error::Net(_) => ErrorKind::InvalidInput,
             Error::Vmm(e) => vmm_kind(e),
             Error::Checkpoint(e) => checkpoint_kind(e),
             Error::Host { .. } | Error::Update(_) => ErrorKind::Failed,

@@ -9,6 +9,7 @@
 //! | [`SurvivalPart`] | `survival` | the state directory, takeovers, live update |
 //! | [`PlacementPart`] | `placement` | where vCPUs run, what a host CPU fault does |
 //! | [`Sharing`] | `sharing` | shared regions and the identity's persistent cache |
+//! | [`NetPart`] | `rebound_net::part` | network interfaces and their host backends |
 //!
 //! Building the VM (boot, snapshot load, recovery) is in `builder`. Every request is checked
 //! against the lifecycle table first; a subsystem adds a part, not fields here.
@@ -38,6 +39,8 @@ use crate::lifecycle::{Lifecycle, Phase, Request};
 use crate::placement::PlacementPart;
 use crate::protection::{Preservation, Protection, Protector};
 use crate::sharing::{Identity, Sharing};
+use rebound_net::NetPart;
+use rebound_net::part::InterfaceView;
 use crate::survival::{Survival, SurvivalPart, Updater};
 use crate::{Error, Result};
 
@@ -96,6 +99,7 @@ pub struct Instance {
     pub(crate) survival: SurvivalPart,
     pub(crate) placement: PlacementPart,
     pub(crate) sharing: Sharing,
+    pub(crate) net: NetPart,
 }
 
 impl Instance {
@@ -110,6 +114,7 @@ impl Instance {
             survival: SurvivalPart::default(),
             placement: PlacementPart::default(),
             sharing: Sharing::default(),
+            net: NetPart::default(),
         }
     }
 
@@ -232,6 +237,19 @@ impl Instance {
     /// in the state directory, if any.
     pub fn set_identity(&self, identity: Option<Identity>) -> Result<()> {
         self.configure("the identity", || self.sharing.set_identity(identity))
+    }
+
+    // Networking.
+
+    /// Adds a network interface, or replaces the one with its id (before start).
+    pub fn set_network_interface(&self, iface: rebound_net::NetworkInterface) -> Result<()> {
+        self.configure("the network interfaces", || Ok(self.net.set(iface)?))
+    }
+
+    /// The network interfaces, with their counters once the VM runs.
+    pub fn network_interfaces(&self) -> Vec<InterfaceView> {
+        let stats = self.vm().map(|vm| vm.nic_stats()).unwrap_or_default();
+        self.net.view(stats)
     }
 
     // Sharing.
@@ -410,6 +428,8 @@ impl Instance {
             }
         }
         self.protector.end();
+        // Its network backends (a passt process) end with it.
+        self.net.detach();
         if let Some(dir) = dir {
             dir.end(&format!("the VM ended: {outcome}"));
         }

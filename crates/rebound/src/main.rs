@@ -374,6 +374,22 @@ struct RunArgs {
     #[arg(long = "share", value_name = "NAME[:ro]")]
     shares: Vec<String>,
 
+    /// Give the guest a network interface (eth0) through the user-mode backend (passt) and
+    /// make guest port GUEST_PORT reachable at ADDR:HOST_PORT on the host (ADDR defaults to
+    /// 127.0.0.1, GUEST_PORT to HOST_PORT). Repeatable. The guest is 10.0.2.15/24, gateway
+    /// 10.0.2.2 (the host's loopback, seen from the guest).
+    #[arg(long = "publish", value_name = "[ADDR:]HOST_PORT[:GUEST_PORT]")]
+    publish: Vec<String>,
+
+    /// Give the guest a network interface (eth0) on this TAP device (created beforehand,
+    /// e.g. `ip tuntap add tap0 mode tap`).
+    #[arg(long, value_name = "NAME", conflicts_with = "publish")]
+    tap: Option<String>,
+
+    /// The network interface's MAC address (default 02:00:00:00:00:01).
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
+
     /// The VM's identity (what its persistent cache belongs to).
     #[arg(long, value_name = "ID")]
     identity: Option<String>,
@@ -739,6 +755,18 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
             name: id.clone(),
             cache,
         }))?;
+    }
+    if !args.publish.is_empty() || args.tap.is_some() || args.mac.is_some() {
+        instance.set_network_interface(rebound_net::NetworkInterface {
+            iface_id: "eth0".into(),
+            guest_mac: args.mac.clone(),
+            host_dev_name: args.tap.clone(),
+            mtu: None,
+            publish: args.publish.clone(),
+            paths: Vec::new(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        })?;
     }
     args.placement.apply(&instance)?;
     if let Some(dir) = &args.state {
