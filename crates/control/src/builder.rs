@@ -87,7 +87,9 @@ fn saved_interfaces(
             serde_json::from_str::<rebound_net::NetworkInterface>(&n.host).map_err(|e| {
                 Error::Invalid {
                     field: "snapshot_path",
-                    reason: format!("network interface {i}: its saved configuration is unreadable: {e}"),
+                    reason: format!(
+                        "network interface {i}: its saved configuration is unreadable: {e}"
+                    ),
                 }
             })
         })
@@ -124,6 +126,7 @@ impl Instance {
         if self.net.list().is_empty() {
             return Ok((Vec::new(), guard));
         }
+        let durable = dir.is_some();
         let private;
         let dir = match dir {
             Some(d) => d,
@@ -132,7 +135,7 @@ impl Instance {
                 &private
             }
         };
-        Ok((self.net.attach(dir)?, guard))
+        Ok((self.net.attach(dir, durable)?, guard))
     }
 
     /// The VM is built: it is placed, its output recorded, and the instance has started.

@@ -88,15 +88,16 @@ impl NetPart {
         Ok(())
     }
 
-    /// Builds every interface's backend, its runtime files in `runtime_dir` (a VM in a state
-    /// directory keeps them there, so a VMM that takes it over finds its passt). On failure
-    /// nothing is left running.
-    pub fn attach(&self, runtime_dir: &Path) -> Result<Vec<NicConfig>> {
+    /// Builds every interface's backend, its runtime files in `runtime_dir`. A `durable` VM
+    /// (one in a state directory, kept there so a VMM that takes it over finds its passt) has
+    /// backends that outlive this process; otherwise they end with it, however it ends. On
+    /// failure nothing is left running.
+    pub fn attach(&self, runtime_dir: &Path, durable: bool) -> Result<Vec<NicConfig>> {
         let ifaces = self.list();
         let mut nics = Vec::new();
         let mut running = Vec::new();
         for (index, f) in ifaces.iter().enumerate() {
-            let built = self.build(index, f, runtime_dir);
+            let built = self.build(index, f, runtime_dir, durable);
             match built {
                 Ok((backend, r)) => {
                     nics.push(NicConfig {
@@ -122,6 +123,7 @@ impl NetPart {
         index: usize,
         f: &NetworkInterface,
         runtime_dir: &Path,
+        durable: bool,
     ) -> Result<(Box<dyn Backend>, Running)> {
         let host_err = |e: std::io::Error| Error::Backend {
             what: format!("network interface {}", f.iface_id),
@@ -143,13 +145,21 @@ impl NetPart {
             .map(|p| Publish::parse(p))
             .collect::<Result<Vec<_>>>()?;
         let p = PasstProcess::at(runtime_dir, index);
-        let link = p.start(&default_addressing(f.mtu.unwrap_or(DEFAULT_MTU)), &publish)?;
+        let link = p.start(
+            &default_addressing(f.mtu.unwrap_or(DEFAULT_MTU)),
+            &publish,
+            durable,
+        )?;
         Ok((Box::new(link), Running::Passt(p)))
     }
 
     /// The VM ended: what runs for its interfaces ends too.
     pub fn detach(&self) {
         stop(&std::mem::take(&mut *lock(&self.running)));
+        // This process's own runtime directory (not a state directory) goes with it.
+        if let Ok(dir) = private_runtime_path() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// The interfaces with their counters (`GET /network-interfaces`).
@@ -207,14 +217,18 @@ fn check_distinct(ifaces: &[NetworkInterface]) -> Result<()> {
 /// A runtime directory for a VM's network files when it has no state directory:
 /// `$XDG_RUNTIME_DIR/rebound-net-PID` or `/tmp/rebound-net-PID`.
 pub fn private_runtime_dir() -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("rebound-net-{}", std::process::id()));
+    let dir = private_runtime_path()?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::Backend {
         what: "network runtime directory".into(),
         reason: format!("cannot create {}: {e}", dir.display()),
     })?;
     Ok(dir)
+}
+
+fn private_runtime_path() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    Ok(base.join(format!("rebound-net-{}", std::process::id())))
 }

@@ -64,8 +64,15 @@ impl PasstProcess {
 
     /// Starts passt for a NIC with `addressing`, forwarding `publish`, unless one already runs
     /// for this socket (a VMM taking a VM over attaches to the passt its predecessor started).
+    /// A passt that is not `durable` exits when its VMM's connection closes (the VMM ended or
+    /// was killed: nothing will take its VM over); a durable one waits for the next VMM.
     /// Returns the connection.
-    pub fn start(&self, addressing: &Addressing, publish: &[Publish]) -> Result<PasstLink, Error> {
+    pub fn start(
+        &self,
+        addressing: &Addressing,
+        publish: &[Publish],
+        durable: bool,
+    ) -> Result<PasstLink, Error> {
         if self.running().is_some() {
             tracing::info!(socket = %self.socket.display(), "attaching to the running passt");
             return PasstLink::connect(&self.socket);
@@ -98,6 +105,9 @@ impl PasstProcess {
             // create its socket in a directory only this user may write.
             // SAFETY: getuid cannot fail.
             .args(["--runas", &unsafe { libc::getuid() }.to_string()]);
+        if !durable {
+            cmd.arg("--one-off");
+        }
         if publish.is_empty() {
             cmd.args(["--tcp-ports", "none"]);
         }
@@ -145,8 +155,9 @@ impl PasstProcess {
     /// Ends passt (the VM it served ended) and removes its files.
     pub fn stop(&self) {
         if let Some(pid) = self.running() {
-            // SAFETY: sends SIGTERM to the pid passt wrote for itself.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            // passt has nothing to flush, and does not end on SIGTERM.
+            // SAFETY: sends SIGKILL to the pid passt wrote for itself.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.pid_file);
