@@ -39,10 +39,10 @@ use crate::lifecycle::{Lifecycle, Phase, Request};
 use crate::placement::PlacementPart;
 use crate::protection::{Preservation, Protection, Protector};
 use crate::sharing::{Identity, Sharing};
-use rebound_net::NetPart;
-use rebound_net::part::InterfaceView;
 use crate::survival::{Survival, SurvivalPart, Updater};
 use crate::{Error, Result};
+use rebound_net::NetPart;
+use rebound_net::part::InterfaceView;
 
 /// How to load a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
