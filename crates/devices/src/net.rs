@@ -236,6 +236,24 @@ struct Held {
 /// make the VMM buffer without bound while checkpoints are not acknowledged.
 pub const HELD_LIMIT: u64 = 64 << 20;
 
+/// Received frames kept for replay after a rollback, by epoch: those delivered after the
+/// checkpoint the VM goes back to are delivered again, in order, so the guest does not wait for
+/// its peers to notice they were lost (TCP's retransmission timeout).
+#[derive(Default)]
+struct RxLog {
+    logging: bool,
+    open: Vec<(usize, Vec<u8>)>,
+    sealed: BTreeMap<u64, Vec<(usize, Vec<u8>)>>,
+    bytes: u64,
+    /// More than [`RX_LOG_LIMIT`] arrived since the last commit: this window is not replayed.
+    overflowed: bool,
+    /// Frames to deliver again before any new one.
+    replay: Vec<(usize, Vec<u8>)>,
+}
+
+/// Received bytes kept for replay; past it a window goes unreplayed (TCP recovers it).
+pub const RX_LOG_LIMIT: u64 = 16 << 20;
+
 #[derive(Default)]
 struct Gate {
     pause_requested: bool,
@@ -258,6 +276,7 @@ pub struct Nics<M> {
     running: AtomicBool,
     held: Mutex<Held>,
     pending: Mutex<Option<Pending>>,
+    rx_log: Mutex<RxLog>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -313,6 +332,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             running: AtomicBool::new(false),
             held: Mutex::new(Held::default()),
             pending: Mutex::new(None),
+            rx_log: Mutex::new(RxLog::default()),
         })
     }
 
@@ -534,6 +554,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             for i in 0..self.nics.len() {
                 self.serve_tx(i);
             }
+            self.replay();
             let mut readable = buffered.clone();
             for ev in &events[..n] {
                 if let Some(r) = readable.get_mut(ev.data() as usize) {
@@ -660,6 +681,25 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         }
     }
 
+    /// Delivers the frames a rollback asked to deliver again.
+    fn replay(&self) {
+        let frames = std::mem::take(&mut lock(&self.rx_log).replay);
+        if frames.is_empty() {
+            return;
+        }
+        let mut woken = vec![false; self.nics.len()];
+        for (i, f) in frames {
+            if self.deliver(i, &f) {
+                woken[i] = true;
+            }
+        }
+        for (i, w) in woken.into_iter().enumerate() {
+            if w {
+                self.wake(i);
+            }
+        }
+    }
+
     fn serve_rx(&self, i: usize, buf: &mut [u8]) {
         let n = &self.nics[i];
         let mut delivered = 0u32;
@@ -737,6 +777,16 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         let _ = self
             .mem
             .store(r.rx_consumer, GuestAddress(r.gpa + 12), Ordering::Release);
+        drop(guard);
+        let mut log = lock(&self.rx_log);
+        if log.logging && !log.overflowed {
+            if log.bytes + frame.len() as u64 > RX_LOG_LIMIT {
+                log.overflowed = true;
+            } else {
+                log.bytes += frame.len() as u64;
+                log.open.push((i, frame.to_vec()));
+            }
+        }
         bump(&n.stats.rx_frames, 1);
         bump(&n.stats.rx_bytes, frame.len() as u64);
         true
@@ -758,9 +808,12 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
 impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
     fn hold(&self) {
         lock(&self.held).holding = true;
+        lock(&self.rx_log).logging = true;
     }
 
     fn pass_through(&self) -> io::Result<()> {
+        // Nothing can roll back any more: received frames need not be kept.
+        *lock(&self.rx_log) = RxLog::default();
         let frames = {
             let mut h = lock(&self.held);
             h.holding = false;
@@ -785,6 +838,13 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
         if !open.is_empty() {
             h.sealed.entry(epoch).or_default().extend(open);
         }
+        drop(h);
+        // Frames received before checkpoint `epoch` are in its memory: kept until it commits.
+        let mut log = lock(&self.rx_log);
+        let open = std::mem::take(&mut log.open);
+        if !open.is_empty() {
+            log.sealed.entry(epoch).or_default().extend(open);
+        }
     }
 
     fn release(&self, epoch: u64) -> io::Result<()> {
@@ -798,6 +858,15 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
         };
         for (i, f) in ready.into_values().flatten() {
             self.send_now(i, &f);
+        }
+        let mut log = lock(&self.rx_log);
+        let later = log.sealed.split_off(&(epoch + 1));
+        let done = std::mem::replace(&mut log.sealed, later);
+        let freed: u64 = done.values().flatten().map(|(_, f)| f.len() as u64).sum();
+        log.bytes = log.bytes.saturating_sub(freed);
+        if log.sealed.is_empty() && log.open.is_empty() {
+            log.bytes = 0;
+            log.overflowed = false;
         }
         Ok(())
     }
@@ -813,6 +882,24 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
             .map(|(_, f)| f.len() as u64)
             .sum();
         h.bytes -= dropped;
+        drop(h);
+        // What arrived after checkpoint `epoch` arrives again (the rolled-back guest lost it).
+        let mut log = lock(&self.rx_log);
+        let later = log.sealed.split_off(&(epoch + 1));
+        let open = std::mem::take(&mut log.open);
+        let overflowed = std::mem::take(&mut log.overflowed);
+        log.bytes = log
+            .sealed
+            .values()
+            .flatten()
+            .map(|(_, f)| f.len() as u64)
+            .sum();
+        if !overflowed {
+            log.replay = later.into_values().flatten().chain(open).collect();
+        }
+        drop(log);
+        // The device thread delivers them as soon as the VM runs again.
+        let _ = self.doorbell.write(1);
     }
 
     fn discard_held(&self) {
@@ -820,6 +907,13 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
         h.sealed.clear();
         h.open.clear();
         h.bytes = 0;
+        // Going back to a point before anything held (an earlier snapshot): what arrived
+        // since cannot be told apart, so nothing is replayed.
+        let logging = lock(&self.rx_log).logging;
+        *lock(&self.rx_log) = RxLog {
+            logging,
+            ..RxLog::default()
+        };
     }
 
     fn on_pending(&self, f: Option<Box<dyn Fn() + Send + Sync>>) {
@@ -1142,6 +1236,44 @@ mod tests {
         assert_eq!(r.nics.register(0, AREA, 8, 8, 5), errno::EINVAL);
         assert_eq!(r.nics.register(0, 0x10, 8, 8, 0), errno::EFAULT);
         assert_eq!(r.nics.register(0, (1 << 20) - 64, 8, 8, 0), errno::EFAULT);
+    }
+
+    #[test]
+    fn a_rollback_delivers_again_what_arrived_after_its_checkpoint() {
+        use rebound_snapshot::Snapshottable;
+        let r = rig();
+        r.nics.hold();
+        post_buffers(&r, 0, 8);
+        r.peer.send(&frame(1, 80)).unwrap();
+        wait("the first frame", || header(&r.mem).rx_consumer == 1);
+        // Checkpoint 1: the device's state as the VM's memory has it.
+        r.nics.pause();
+        let saved = r.nics.save().unwrap();
+        r.nics.seal(1);
+        r.nics.resume();
+        r.peer.send(&frame(2, 90)).unwrap();
+        wait("the second frame", || header(&r.mem).rx_consumer == 2);
+        // Back to checkpoint 1: the guest's ring is as it was (memory rolled back).
+        r.nics.pause();
+        r.mem
+            .store(1u32, GuestAddress(AREA + 12), Ordering::Release)
+            .unwrap();
+        r.nics.restore(saved).unwrap();
+        r.nics.discard_after(1);
+        r.nics.resume();
+        wait("the frame delivered again", || {
+            header(&r.mem).rx_consumer == 2
+        });
+        let d: NetDesc = r
+            .mem
+            .read_obj(GuestAddress(AREA + abi_net::rx_desc(TX, 1)))
+            .unwrap();
+        let mut b = vec![0u8; d.len as usize];
+        r.mem.read_slice(&mut b, GuestAddress(d.addr)).unwrap();
+        assert_eq!(b, frame(2, 90));
+        assert_eq!(r.nics.stats()[0].rx_frames, 3, "the second frame twice");
+        // Once checkpoint 1 commits, frame 1 is no longer kept; frame 2 (after it) is.
+        r.nics.release(1).unwrap();
     }
 
     #[test]
