@@ -11,6 +11,7 @@ use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::future::Future;
 use core::pin::Pin;
 use core::ptr;
@@ -141,6 +142,30 @@ pub trait Source {
     fn poll(&self) -> bool;
     /// The dispatcher is about to block (`true`), or runs again (`false`).
     fn idle(&self, _idle: bool) {}
+    /// Nanoseconds from now until the source must be polled even if nothing arrives (a timer
+    /// of its own, e.g. a TCP retransmission), asked just before the dispatcher blocks: it
+    /// blocks no longer than the smallest. `Some(0)`: poll again without blocking. None: no
+    /// timer.
+    fn next_timeout_ns(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Adds tasks to a running [`Dispatcher`] from inside its tasks (e.g. one per accepted
+/// connection). Tasks spawned here start on the dispatcher's next round.
+#[derive(Clone, Default)]
+pub struct Spawner {
+    queue: Rc<RefCell<Vec<Task>>>,
+}
+
+impl Spawner {
+    /// Adds a task.
+    pub fn spawn(&self, future: impl Future<Output = ()> + 'static) {
+        self.queue.borrow_mut().push(Task {
+            future: Box::pin(future),
+            state: Arc::new(TaskState::new()),
+        });
+    }
 }
 
 /// What the dispatcher did.
@@ -165,6 +190,7 @@ const POLL_PAUSES: u32 = 16;
 /// Runs tasks on one vCPU until all have finished.
 pub struct Dispatcher {
     tasks: Vec<Task>,
+    spawned: Spawner,
     sources: Vec<Rc<dyn Source>>,
     stats: Stats,
     poll_spins: u32,
@@ -177,6 +203,7 @@ impl Default for Dispatcher {
     fn default() -> Self {
         Self {
             tasks: Vec::new(),
+            spawned: Spawner::default(),
             sources: Vec::new(),
             stats: Stats::default(),
             poll_spins: DEFAULT_POLL_SPINS,
@@ -216,6 +243,11 @@ impl Dispatcher {
         });
     }
 
+    /// A handle that adds tasks while the dispatcher runs.
+    pub fn spawner(&self) -> Spawner {
+        self.spawned.clone()
+    }
+
     /// Adds a source of outside work, polled on every round.
     pub fn add_source(&mut self, source: Rc<dyn Source>) {
         self.sources.push(source);
@@ -224,22 +256,33 @@ impl Dispatcher {
     /// Runs every task to completion, blocking the vCPU in the VMM when none can run.
     pub fn run(&mut self) -> Stats {
         let has_sources = !self.sources.is_empty();
-        self.run_with(move |waiting_on_io| {
+        self.run_inner(move |waiting_on_io, timeout| {
             // With I/O outstanding the VMM wakes us when it completes, and a VM with sources
             // is woken by whoever gives it work; tasks parked on other wakers (e.g. from
-            // another vCPU) are re-checked every millisecond.
-            crate::hypercall::block(match (waiting_on_io, has_sources) {
+            // another vCPU) are re-checked every millisecond. Sources' timers cut it shorter.
+            let default = match (waiting_on_io, has_sources) {
                 (_, true) => 100_000_000,
                 (true, false) => u64::MAX,
                 (false, false) => 1_000_000,
-            });
+            };
+            crate::hypercall::block(timeout.map_or(default, |t| t.min(default)));
         })
     }
 
     /// Like [`run`](Self::run) with a custom idle step, called with whether any task waits on a
     /// completion indicator.
     pub fn run_with(&mut self, mut idle: impl FnMut(bool)) -> Stats {
-        while !self.tasks.is_empty() {
+        self.run_inner(|waiting_on_io, _| idle(waiting_on_io))
+    }
+
+    /// The loop; `idle` is called with whether a task waits on an indicator and the sources'
+    /// smallest timeout.
+    fn run_inner(&mut self, mut idle: impl FnMut(bool, Option<u64>)) -> Stats {
+        loop {
+            self.tasks.append(&mut self.spawned.queue.borrow_mut());
+            if self.tasks.is_empty() {
+                break;
+            }
             if !self.shutdown_seen && crate::boot::shutdown_requested() {
                 self.shutdown_seen = true;
                 match self.on_shutdown.take() {
@@ -291,9 +334,16 @@ impl Dispatcher {
                     s.idle(true);
                 }
                 let work = self.sources.iter().fold(false, |w, s| s.poll() | w);
-                if !work {
+                let timeout = self
+                    .sources
+                    .iter()
+                    .filter_map(|s| s.next_timeout_ns())
+                    .min();
+                // A task spawned by a source's waker, or a timer already due: no block.
+                let spawned = !self.spawned.queue.borrow().is_empty();
+                if !work && !spawned && timeout != Some(0) {
                     self.stats.blocks += 1;
-                    idle(waiting_on_io);
+                    idle(waiting_on_io, timeout);
                 }
                 for s in &self.sources {
                     s.idle(false);
@@ -326,7 +376,8 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
+    use core::future::poll_fn;
+    use std::cell::{Cell, RefCell};
     use std::rc::Rc;
 
     /// A stand-in for an I/O: pending until its indicator is set.
@@ -408,6 +459,82 @@ mod tests {
             });
         }
         assert_eq!(Arc::strong_count(&ind), 1);
+    }
+
+    #[test]
+    fn spawned_tasks_run_in_the_same_dispatcher() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut d = Dispatcher::new();
+        let spawner = d.spawner();
+        let l = Rc::clone(&log);
+        d.spawn(async move {
+            for n in 0..3 {
+                let l = Rc::clone(&l);
+                spawner.spawn(async move {
+                    yield_now().await;
+                    l.borrow_mut().push(n);
+                });
+            }
+        });
+        let stats = d.run_with(|_| panic!("never idle"));
+        // Finished tasks are swap-removed: the order among siblings is not kept.
+        log.borrow_mut().sort();
+        assert_eq!(*log.borrow(), vec![0, 1, 2]);
+        assert_eq!(stats.polls, 7, "the spawner, then each child twice");
+    }
+
+    /// A source that never has work, with a scripted sequence of timers.
+    struct Timer {
+        timeouts: RefCell<Vec<Option<u64>>>,
+        polls: Cell<u32>,
+        idle: Cell<bool>,
+    }
+
+    impl Source for Timer {
+        fn poll(&self) -> bool {
+            self.polls.set(self.polls.get() + 1);
+            false
+        }
+        fn idle(&self, idle: bool) {
+            self.idle.set(idle);
+        }
+        fn next_timeout_ns(&self) -> Option<u64> {
+            assert!(self.idle.get(), "asked only when about to block");
+            self.timeouts.borrow_mut().pop().flatten()
+        }
+    }
+
+    #[test]
+    fn sources_timers_bound_the_block_and_zero_means_no_block() {
+        // Popped from the end: no timer, 0 (poll again at once), 5 ms, 2 ms.
+        let timer = Rc::new(Timer {
+            timeouts: RefCell::new(vec![Some(2_000_000), Some(5_000_000), Some(0), None]),
+            polls: Cell::new(0),
+            idle: Cell::new(false),
+        });
+        let mut d = Dispatcher::new();
+        d.set_poll_spins(0);
+        d.add_source(timer.clone());
+        let waker: Rc<RefCell<Option<Waker>>> = Rc::default();
+        let w = Rc::clone(&waker);
+        d.spawn(poll_fn(move |cx| {
+            if w.borrow().is_some() {
+                return Poll::Ready(());
+            }
+            *w.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }));
+        let mut seen = Vec::new();
+        let stats = d.run_inner(|_, timeout| {
+            seen.push(timeout);
+            assert!(seen.len() <= 3, "{seen:?}");
+            if seen.len() == 3 {
+                waker.borrow().as_ref().unwrap().wake_by_ref();
+            }
+        });
+        assert_eq!(seen, vec![None, Some(5_000_000), Some(2_000_000)]);
+        assert_eq!(stats.blocks, 3, "the zero timeout did not block");
+        assert!(!timer.idle.get(), "told it runs again");
     }
 
     trait ThenUnit: Future + Sized {

@@ -23,6 +23,8 @@
 //! - [`dispatch`]: a cooperative task dispatcher: tasks are futures; a task waiting on I/O is
 //!   resumed when the VMM sets its completion indicator in memory, never by an interrupt.
 //! - [`io`]: the asynchronous I/O ring (disk reads and writes, timers).
+//! - [`net`]: network interfaces (ABI 1.4) and TCP/IP over them (smoltcp): async
+//!   listeners and streams for dispatcher tasks.
 //! - [`share`]: memory shared with other VMs: regions, wake-ups only for idle VMs,
 //!   recoverable locks, message queues (ABI 1.2).
 #![cfg_attr(not(test), no_std)]
@@ -34,6 +36,7 @@ pub mod console;
 pub mod dispatch;
 pub mod hypercall;
 pub mod io;
+pub mod net;
 pub mod share;
 pub mod time;
 

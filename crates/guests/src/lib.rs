@@ -68,8 +68,8 @@ pub const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The test guest's modes (`guests/testguest/src/main.rs` and `sharing.rs`). REGION is a shared
-/// region attached with `--share`.
+/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs` and `net.rs`). REGION is
+/// a shared region attached with `--share`; the network modes use NIC 0.
 const TESTGUEST_MODES: &[Mode] = &[
     mode("hello", "", "print a line from vCPU 0 (the default mode)"),
     mode("exit", "[CODE]", "exit with CODE (0)"),
@@ -250,6 +250,30 @@ const TESTGUEST_MODES: &[Mode] = &[
         "REGION [N]",
         "time N (1000000) uncontended lock and unlock pairs",
     ),
+    mode(
+        "net-echo",
+        "[PORT] [BACKLOG] ip=A.B.C.D/P [gw=A.B.C.D]",
+        "serve TCP echo on PORT (7) of NIC 0, BACKLOG (16) clients connecting at once, \
+         until a shutdown request; then print its counters",
+    ),
+    mode(
+        "net-break",
+        "[PORT] [BACKLOG] ip=A.B.C.D/P [gw=A.B.C.D]",
+        "damage its own TX ring, see the VMM mark it broken, set it up again, then serve as \
+         net-echo",
+    ),
+    mode(
+        "net-send",
+        "ADDR PORT [BYTES] [TIMEOUT_MS] ip=A.B.C.D/P [gw=A.B.C.D]",
+        "connect to an echo server at ADDR:PORT (waiting up to TIMEOUT_MS, 30000), send BYTES \
+         (65536), check they come back",
+    ),
+    mode(
+        "net-reflect",
+        "[FRAMES]",
+        "send every frame NIC 0 receives back with its MACs swapped, FRAMES times (0: until \
+         a shutdown request), without TCP/IP",
+    ),
 ];
 
 /// A bundled guest by name.
@@ -339,7 +363,9 @@ mod tests {
 
     #[test]
     fn every_mode_the_testguest_dispatches_on_is_described_and_no_other() {
-        let src = source("testguest/src/main.rs") + &source("testguest/src/sharing.rs");
+        let src = source("testguest/src/main.rs")
+            + &source("testguest/src/sharing.rs")
+            + &source("testguest/src/net.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();

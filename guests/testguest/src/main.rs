@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+mod net;
 mod sharing;
 
 use alloc::vec;
@@ -132,12 +133,15 @@ fn main(cpu: Cpu) -> i32 {
                 hypercall::block(u64::MAX);
             }
         }
-        other => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d)) {
+        other => match net::run(other, &cpu) {
             Some(code) => code,
-            None => {
-                println!("unknown mode {other:?}");
-                2
-            }
+            None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d)) {
+                Some(code) => code,
+                None => {
+                    println!("unknown mode {other:?}");
+                    2
+                }
+            },
         },
     }
 }
