@@ -88,6 +88,7 @@ pub struct NicStats {
     rx_bytes: AtomicU64,
     rx_no_buffer: AtomicU64,
     rx_too_big: AtomicU64,
+    rx_runts: AtomicU64,
     ring_errors: AtomicU64,
     wakeups: AtomicU64,
     held_dropped: AtomicU64,
@@ -114,6 +115,8 @@ pub struct NicStatsSnapshot {
     pub rx_no_buffer: u64,
     /// Frames dropped because they did not fit the guest's buffer or the MTU.
     pub rx_too_big: u64,
+    /// Frames dropped because they were shorter than an Ethernet header.
+    pub rx_runts: u64,
     /// Bad descriptors or indices from the guest (the NIC is then broken).
     pub ring_errors: u64,
     /// Times the guest was woken for received frames.
@@ -373,6 +376,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                     rx_bytes: g(&n.stats.rx_bytes),
                     rx_no_buffer: g(&n.stats.rx_no_buffer),
                     rx_too_big: g(&n.stats.rx_too_big),
+                    rx_runts: g(&n.stats.rx_runts),
                     ring_errors: g(&n.stats.ring_errors),
                     wakeups: g(&n.stats.wakeups),
                     held_dropped: g(&n.stats.held_dropped),
@@ -526,6 +530,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         let mut events = vec![EpollEvent::default(); self.nics.len() + 1];
         let mut buf = vec![0u8; FRAME_MAX];
         let mut buffered = vec![false; self.nics.len()];
+        let mut link: Vec<bool> = self
+            .nics
+            .iter()
+            .map(|n| lock(&n.backend).link_up())
+            .collect();
         loop {
             // Backends with their own timers (probes, reconnects) get a turn every 10 ms;
             // frames a backend already holds are served at once.
@@ -547,6 +556,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                     g.parked = false;
                 }
                 if g.stopping {
+                    drop(g);
+                    // What the guest queued before it ended still goes out.
+                    for i in 0..self.nics.len() {
+                        self.serve_tx(i);
+                    }
                     self.gate_cv.notify_all();
                     return Ok(());
                 }
@@ -570,6 +584,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                     tracing::warn!(nic = i, "network backend: {e}");
                 }
                 buffered[i] = b.buffered();
+                let up = b.link_up();
+                if up != link[i] {
+                    link[i] = up;
+                    self.set_link(i, up);
+                }
                 // A backend that reconnected or failed over has a new descriptor.
                 let fd = b.fd();
                 if fd != fds[i] {
@@ -591,6 +610,17 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         }
     }
 
+    /// Tells the guest whether NIC `i` has a working host path.
+    fn set_link(&self, i: usize, up: bool) {
+        let Some(r) = *lock(&self.nics[i].ring) else {
+            return;
+        };
+        let flags = GuestAddress(r.gpa + 20);
+        let now = self.mem.load::<u32>(flags, Ordering::Acquire).unwrap_or(0);
+        let next = if up { now | LINK_UP } else { now & !LINK_UP };
+        let _ = self.mem.store(next, flags, Ordering::Release);
+    }
+
     fn mark_broken(&self, i: usize, r: &mut RingState, why: &str) {
         let n = &self.nics[i];
         bump(&n.stats.ring_errors, 1);
@@ -600,7 +630,8 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             "guest network ring is corrupt ({why}): NIC stopped"
         );
         let flags = GuestAddress(r.gpa + 20);
-        let _ = self.mem.store(RING_BROKEN, flags, Ordering::Release);
+        let link = self.mem.load::<u32>(flags, Ordering::Acquire).unwrap_or(0) & LINK_UP;
+        let _ = self.mem.store(RING_BROKEN | link, flags, Ordering::Release);
     }
 
     fn serve_tx(&self, i: usize) {
@@ -647,6 +678,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         let _ = self
             .mem
             .store(producer, GuestAddress(r.gpa + 4), Ordering::Release);
+        // A guest that filled its TX ring may be blocked waiting for room.
+        if pending == r.tx_entries {
+            drop(guard);
+            self.wake(i);
+        }
     }
 
     /// A frame the guest sent: held for its checkpoint, or out now.
@@ -731,6 +767,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         };
         if frame.len() > (u32::from(n.mtu) + FRAME_OVERHEAD) as usize {
             bump(&n.stats.rx_too_big, 1);
+            return false;
+        }
+        if frame.len() < 14 {
+            // Not even an Ethernet header: nothing a guest could use.
+            bump(&n.stats.rx_runts, 1);
             return false;
         }
         let Ok(producer) = self

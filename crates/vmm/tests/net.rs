@@ -514,8 +514,8 @@ fn hostile_frames_leave_the_guest_serving() {
     assert_eq!(nic.ring_errors, 0, "{nic:?}");
     let text = shut_down(&vm, &out);
     assert_eq!(counter(&text, "connections"), 2, "{text}");
-    // The guest's driver dropped the runts that reached it.
-    assert!(counter(&text, "runts") >= 1, "{text}");
+    // The VMM drops runts (shorter than an Ethernet header) before the guest sees them.
+    assert!(nic.rx_runts >= 1, "{nic:?}");
     assert_eq!(counter(&text, "bad_len"), 0, "{text}");
 }
 
