@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
-const GUESTS: &[&str] = &["demo", "testguest"];
+const GUESTS: &[&str] = &["demo", "testguest", "kv"];
 
 fn main() {
     let manifest_dir =

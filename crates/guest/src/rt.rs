@@ -78,6 +78,17 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     hypercall::panic_with(&buf.b[..buf.len])
 }
 
+// The precompiled `alloc` library was built to unwind, so its code (e.g. `format!`) names the
+// unwinder's symbols. Guests abort on panic and nothing ever unwinds: these only satisfy the
+// linker, whatever the profile or LTO setting.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}
+
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    hypercall::panic_with(b"unwinding is not supported in Rebound guests (panic=abort)")
+}
+
 // The memory functions the compiler emits calls to. There is no libc, and writing them in Rust
 // invites LLVM to turn the loops back into calls to themselves, so they are assembly. `rep movsb`
 // and `rep stosb` are fast on every x86_64 CPU with ERMS.

@@ -8,6 +8,10 @@ pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 /// (see `guests/testguest/src/main.rs`).
 pub const TESTGUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
 
+/// An in-memory key-value server speaking the Redis protocol over the VM's first network
+/// interface (`rebound run --bundled kv --publish 127.0.0.1:6379:6379`).
+pub const KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.elf"));
+
 /// A bundled guest, and what its command line (`--args`) does: the one description of it that
 /// `rebound guests` shows (a test checks it against the guest's source).
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +69,19 @@ pub const GUESTS: &[Guest] = &[
         modes: TESTGUEST_MODES,
         example: "ticks 20 5",
         elf: TESTGUEST,
+    },
+    Guest {
+        name: "kv",
+        summary: "an in-memory key-value server speaking the Redis protocol (RESP2: strings, \
+                  expiry, pipelining, many clients) on port P (6379) of the VM's first network \
+                  interface; real Redis clients work unchanged. Start it with --publish \
+                  127.0.0.1:6379:6379 (or --tap). MAXMEMORY MiB for data (three quarters of the \
+                  heap); ip= and gw= default to the user-mode backend's 10.0.2.15/24 and 10.0.2.2; \
+                  it exits 0 when asked to shut down (SendCtrlAltDel)",
+        args: "[port=P] [maxmemory=MIB] [ip=A.B.C.D/P] [gw=A.B.C.D]",
+        modes: &[],
+        example: "port=6379 maxmemory=64",
+        elf: KV,
     },
 ];
 
@@ -282,7 +299,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
 }
 
 /// Names accepted by [`by_name`].
-pub const NAMES: &[&str] = &["demo", "testguest"];
+pub const NAMES: &[&str] = &["demo", "testguest", "kv"];
 
 /// Host-side replays of the test guest's computations, to check what a guest reports.
 pub mod testguest {
