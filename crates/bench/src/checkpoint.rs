@@ -261,6 +261,7 @@ pub fn snapshots() -> Result<()> {
                 disk: None,
                 same_vm: false,
                 nic_backends: Vec::new(),
+                net_journal: None,
             },
         )?;
         let restore = t0.elapsed();
@@ -295,6 +296,7 @@ pub fn snapshots() -> Result<()> {
                     disk: None,
                     same_vm: false,
                     nic_backends: Vec::new(),
+                    net_journal: None,
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

@@ -45,6 +45,7 @@ pub(crate) fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
         shared: Vec::new(),
         cache: None,
         nics: Vec::new(),
+        net_journal: None,
     }
 }
 

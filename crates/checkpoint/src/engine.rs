@@ -339,7 +339,7 @@ impl Engine {
         let frozen = vm.freeze().map_err(vm_err)?;
         strategy.start(&frozen, first_epoch)?;
         // Hold output only once protection can work: a failed start must not keep it forever.
-        output.hold();
+        output.hold(first_epoch);
         let state = frozen.state().clone();
         // Which pages hold data matters only to sinks that store memory (finding out walks
         // the whole memory file).

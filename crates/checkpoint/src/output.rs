@@ -350,11 +350,11 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    /// Starts holding everything.
-    pub fn hold(&self) {
+    /// Starts holding everything, the VM being at checkpoint `epoch`.
+    pub fn hold(&self, epoch: u64) {
         self.console.hold();
         for d in &self.devices {
-            d.hold();
+            d.hold(epoch);
         }
     }
 

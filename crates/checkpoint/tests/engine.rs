@@ -22,6 +22,7 @@ fn config(args: &str) -> VmConfig {
         shared: Vec::new(),
         cache: None,
         nics: Vec::new(),
+        net_journal: None,
     }
 }
 

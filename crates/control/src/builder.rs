@@ -19,6 +19,9 @@ use crate::lifecycle::{Request, Starting};
 use crate::protection::{Protection, default_protection};
 use crate::{Error, Instance, Load, Result};
 
+/// The received-frame journal in a state directory (see `rebound_devices::net::RxJournal`).
+const NET_JOURNAL: &str = "net-rx";
+
 /// Files a build created, removed unless the build completes.
 #[derive(Default)]
 struct Created(Vec<PathBuf>);
@@ -214,6 +217,7 @@ impl Instance {
         };
         let (nics, net) = self.attach_net(None, dir.as_ref().map(|d| d.path()))?;
         config.nics = nics;
+        config.net_journal = dir.as_ref().map(|d| d.path().join(NET_JOURNAL));
         // A protected VM starts parked and runs once protection has started: no guest
         // instruction runs unprotected, and a guest that ends at once cannot race the start.
         let vm = Vm::launch_with(
@@ -269,6 +273,7 @@ impl Instance {
             disk,
             same_vm: false,
             nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
+            net_journal: None,
         };
         let output = OutputCommit::new(self.console.user());
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;
@@ -324,6 +329,8 @@ impl Instance {
             disk,
             same_vm: load.same_vm,
             nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
+            // Frames its predecessor received after the checkpoint are delivered again.
+            net_journal: Some((dir.path().join(NET_JOURNAL), Some(prepared.epoch))),
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
         net.keep();

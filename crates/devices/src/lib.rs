@@ -13,6 +13,7 @@ pub mod console;
 pub mod disk;
 pub mod ioq;
 pub mod net;
+pub mod net_ack;
 
 /// Wakes a vCPU blocked in the `BLOCK` hypercall because an event for it arrived.
 pub trait Notify: Send + Sync {
@@ -24,8 +25,8 @@ pub trait Notify: Send + Sync {
 /// released only once the checkpoint that follows it is safe, and dropped if the VM goes back
 /// to an earlier checkpoint (it will send it again). Driven by the checkpoint engine.
 pub trait HeldOutput: Send + Sync {
-    /// Starts holding (the VM runs protected from now on).
-    fn hold(&self);
+    /// Starts holding (the VM runs protected from now on, from checkpoint `epoch`).
+    fn hold(&self, epoch: u64);
     /// Stops holding: everything held goes out now.
     fn pass_through(&self) -> std::io::Result<()>;
     /// Checkpoint `epoch` was taken: what was sent since the previous one belongs to it.

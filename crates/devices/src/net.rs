@@ -257,6 +257,139 @@ struct RxLog {
 /// Received bytes kept for replay; past it a window goes unreplayed (TCP recovers it).
 pub const RX_LOG_LIMIT: u64 = 16 << 20;
 
+/// Received frames kept in a file (a VM in a state directory) for the VMM that takes the VM
+/// over after this one dies: frames received after the checkpoint it recovers to are delivered
+/// again. Records are `[nic: u32][len: u32][after: u64][frame]`, `after` the checkpoint the
+/// frame came after; a torn last record (a kill mid-write) is ignored.
+pub struct RxJournal {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    /// The checkpoint new records come after.
+    after: u64,
+    /// Beside it, the last ACK of each connection that went out (see [`crate::net_ack`]).
+    acks: std::path::PathBuf,
+}
+
+const JOURNAL_HEADER: usize = 16;
+
+impl RxJournal {
+    /// Opens the journal at `path`. With `replay_after = Some(c)` (the VM was recovered to
+    /// checkpoint c), returns the frames recorded after c, in order, and the last ACK each
+    /// connection sent out (to send again); the journal starts empty.
+    #[allow(clippy::type_complexity)]
+    pub fn open(
+        path: &std::path::Path,
+        replay_after: Option<u64>,
+    ) -> io::Result<(Self, Vec<(usize, Vec<u8>)>, Vec<(usize, Vec<u8>)>)> {
+        let mut acks_name = path.as_os_str().to_owned();
+        acks_name.push(".acks");
+        let acks = std::path::PathBuf::from(acks_name);
+        let kicks = match replay_after {
+            Some(_) => std::fs::read(&acks)
+                .map(|b| crate::net_ack::LastAcks::decode(&b))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let replay = match replay_after {
+            Some(c) => Self::read(path)?
+                .into_iter()
+                .filter(|(_, after, _)| *after >= c)
+                .map(|(nic, _, f)| (nic, f))
+                .collect(),
+            None => Vec::new(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        Ok((
+            Self {
+                file,
+                path: path.to_path_buf(),
+                after: replay_after.unwrap_or(0),
+                acks,
+            },
+            replay,
+            kicks,
+        ))
+    }
+
+    /// Records the last ACKs (written whole: a temporary file renamed into place).
+    fn save_acks(&self, encoded: &[u8]) -> io::Result<()> {
+        let mut tmp_name = self.acks.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp_name);
+        std::fs::write(&tmp, encoded)?;
+        std::fs::rename(&tmp, &self.acks)
+    }
+
+    /// Every whole record in `path` (none if it does not exist).
+    fn read(path: &std::path::Path) -> io::Result<Vec<(usize, u64, Vec<u8>)>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + JOURNAL_HEADER <= bytes.len() {
+            let word = |o: usize, n: usize| {
+                let mut b = [0u8; 8];
+                b[..n].copy_from_slice(&bytes[at + o..at + o + n]);
+                u64::from_le_bytes(b)
+            };
+            let (nic, len, after) = (word(0, 4) as usize, word(4, 4) as usize, word(8, 8));
+            let end = at + JOURNAL_HEADER + len;
+            if end > bytes.len() || nic >= abi_net::MAX_NICS || len > FRAME_MAX {
+                break;
+            }
+            out.push((nic, after, bytes[at + JOURNAL_HEADER..end].to_vec()));
+            at = end;
+        }
+        Ok(out)
+    }
+
+    fn append(&mut self, nic: usize, frame: &[u8]) -> io::Result<()> {
+        use std::io::Write as _;
+        let mut rec = Vec::with_capacity(JOURNAL_HEADER + frame.len());
+        rec.extend_from_slice(&(nic as u32).to_le_bytes());
+        rec.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&self.after.to_le_bytes());
+        rec.extend_from_slice(frame);
+        self.file.write_all(&rec)
+    }
+
+    /// Checkpoint `epoch` was taken: new records come after it.
+    fn sealed(&mut self, epoch: u64) {
+        self.after = epoch;
+    }
+
+    /// Checkpoint `epoch` committed: records from before it are in its memory.
+    fn committed(&mut self, epoch: u64) -> io::Result<()> {
+        use std::io::Write as _;
+        let keep: Vec<_> = Self::read(&self.path)?
+            .into_iter()
+            .filter(|(_, after, _)| *after >= epoch)
+            .collect();
+        let mut tmp_name = self.path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp_name);
+        let mut f = std::fs::File::create(&tmp)?;
+        for (nic, after, frame) in keep {
+            let mut rec = Vec::with_capacity(JOURNAL_HEADER + frame.len());
+            rec.extend_from_slice(&(nic as u32).to_le_bytes());
+            rec.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            rec.extend_from_slice(&after.to_le_bytes());
+            rec.extend_from_slice(&frame);
+            f.write_all(&rec)?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Gate {
     pause_requested: bool,
@@ -280,6 +413,10 @@ pub struct Nics<M> {
     held: Mutex<Held>,
     pending: Mutex<Option<Pending>>,
     rx_log: Mutex<RxLog>,
+    journal: Mutex<Option<RxJournal>>,
+    /// The last ACK of each connection that went out, and whether it changed since it was
+    /// last recorded.
+    last_acks: Mutex<(crate::net_ack::LastAcks, bool)>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -336,7 +473,30 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             held: Mutex::new(Held::default()),
             pending: Mutex::new(None),
             rx_log: Mutex::new(RxLog::default()),
+            journal: Mutex::new(None),
+            last_acks: Mutex::new(Default::default()),
         })
+    }
+
+    /// Keeps received frames in `journal` while protected (see [`RxJournal`]); `replay`
+    /// (frames a predecessor received after the checkpoint this VM was recovered to) is
+    /// delivered first once the VM runs.
+    /// `kicks` are the last ACKs the predecessor's connections sent out: sent again now, so
+    /// that peers retransmit at once what they sent while no VMM was there.
+    pub fn set_journal(
+        &self,
+        journal: RxJournal,
+        replay: Vec<(usize, Vec<u8>)>,
+        kicks: Vec<(usize, Vec<u8>)>,
+    ) {
+        *lock(&self.journal) = Some(journal);
+        lock(&self.rx_log).replay = replay;
+        for (i, f) in kicks {
+            if let Some(n) = self.nics.get(i) {
+                let _ = lock(&n.backend).send(&f);
+            }
+        }
+        let _ = self.doorbell.write(1);
     }
 
     /// The doorbell the VMM binds to the guest's NIC doorbell port (as an ioeventfd).
@@ -712,6 +872,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             Ok(()) => {
                 bump(&n.stats.tx_frames, 1);
                 bump(&n.stats.tx_bytes, frame.len() as u64);
+                if lock(&self.journal).is_some() {
+                    let mut a = lock(&self.last_acks);
+                    a.0.note(i, frame);
+                    a.1 = true;
+                }
             }
             Err(_) => bump(&n.stats.tx_dropped, 1),
         }
@@ -803,6 +968,14 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
             bump(&n.stats.rx_too_big, 1);
             return false;
         }
+        // Recorded before the guest can see it: a successor replays what this VMM delivered
+        // after the checkpoint it recovers to.
+        if lock(&self.rx_log).logging
+            && let Some(j) = lock(&self.journal).as_mut()
+            && let Err(e) = j.append(i, frame)
+        {
+            tracing::warn!("cannot record a received frame: {e}");
+        }
         if self.mem.write_slice(frame, GuestAddress(d.addr)).is_err() {
             return false;
         }
@@ -847,9 +1020,12 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
-    fn hold(&self) {
+    fn hold(&self, epoch: u64) {
         lock(&self.held).holding = true;
         lock(&self.rx_log).logging = true;
+        if let Some(j) = lock(&self.journal).as_mut() {
+            j.sealed(epoch);
+        }
     }
 
     fn pass_through(&self) -> io::Result<()> {
@@ -880,6 +1056,9 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
             h.sealed.entry(epoch).or_default().extend(open);
         }
         drop(h);
+        if let Some(j) = lock(&self.journal).as_mut() {
+            j.sealed(epoch);
+        }
         // Frames received before checkpoint `epoch` are in its memory: kept until it commits.
         let mut log = lock(&self.rx_log);
         let open = std::mem::take(&mut log.open);
@@ -908,6 +1087,19 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
         if log.sealed.is_empty() && log.open.is_empty() {
             log.bytes = 0;
             log.overflowed = false;
+        }
+        drop(log);
+        if let Some(j) = lock(&self.journal).as_mut() {
+            if let Err(e) = j.committed(epoch) {
+                tracing::warn!("cannot compact the received-frame journal: {e}");
+            }
+            let mut a = lock(&self.last_acks);
+            if a.1 {
+                a.1 = false;
+                if let Err(e) = j.save_acks(&a.0.encode()) {
+                    tracing::warn!("cannot record the connections' last ACKs: {e}");
+                }
+            }
         }
         Ok(())
     }
@@ -1283,7 +1475,7 @@ mod tests {
     fn a_rollback_delivers_again_what_arrived_after_its_checkpoint() {
         use rebound_snapshot::Snapshottable;
         let r = rig();
-        r.nics.hold();
+        r.nics.hold(0);
         post_buffers(&r, 0, 8);
         r.peer.send(&frame(1, 80)).unwrap();
         wait("the first frame", || header(&r.mem).rx_consumer == 1);
@@ -1325,7 +1517,7 @@ mod tests {
         r.nics.on_pending(Some(Box::new(move || {
             a.fetch_add(1, Ordering::SeqCst);
         })));
-        r.nics.hold();
+        r.nics.hold(0);
         send_frame(&r, 0, &frame(1, 64));
         r.nics.doorbell().write(1).unwrap();
         wait("the frame to be held", || r.nics.has_pending());

@@ -202,6 +202,9 @@ pub struct VmConfig {
     pub cache: Option<crate::share::CacheConfig>,
     /// Network interfaces.
     pub nics: Vec<NicConfig>,
+    /// Where received frames are recorded while protected, for a successor VMM to replay (a
+    /// VM in a state directory).
+    pub net_journal: Option<std::path::PathBuf>,
 }
 
 /// Host RAM in bytes, from /proc/meminfo (None if it cannot be read).
@@ -271,6 +274,7 @@ mod tests {
             shared: Vec::new(),
             cache: None,
             nics: Vec::new(),
+            net_journal: None,
         }
     }
 

@@ -286,6 +286,8 @@ struct Parts {
     nics: Vec<NicSpec>,
     /// Their saved state, for a restore.
     net_state: Option<NetState>,
+    /// The received-frame journal (see [`RestoreOptions::net_journal`]).
+    net_journal: Option<(std::path::PathBuf, Option<u64>)>,
 }
 
 /// How to restore.
@@ -302,6 +304,9 @@ pub struct RestoreOptions {
     pub same_vm: bool,
     /// The host side of each network interface the VM was saved with, in order.
     pub nic_backends: Vec<crate::config::BackendSlot>,
+    /// Where received frames are recorded while protected, and, for a VM recovered to
+    /// checkpoint c, `Some(c)`: frames its predecessor recorded after c are delivered again.
+    pub net_journal: Option<(std::path::PathBuf, Option<u64>)>,
 }
 
 /// The NICs (MAC, MTU, host side) a saved network state describes.
@@ -508,6 +513,7 @@ impl Vm {
             same_vm: false,
             nics,
             net_state: None,
+            net_journal: config.net_journal.clone().map(|p| (p, None)),
         };
         Self::build(parts, console, launched)
     }
@@ -545,6 +551,7 @@ impl Vm {
             disk: disk_path,
             same_vm,
             nic_backends,
+            net_journal,
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
@@ -570,6 +577,7 @@ impl Vm {
             same_vm,
             nics,
             net_state,
+            net_journal,
             descriptor: state.vm,
         };
         Self::build(parts, console, launched)
@@ -614,6 +622,7 @@ impl Vm {
             same_vm: options.same_vm,
             nics,
             net_state,
+            net_journal: options.net_journal,
             descriptor: state.vm,
         };
         Self::build(parts, console, launched)
@@ -635,6 +644,7 @@ impl Vm {
             same_vm,
             nics: nic_specs_built,
             net_state,
+            net_journal,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -674,6 +684,18 @@ impl Vm {
             if let Some(state) = net_state {
                 n.restore(state)
                     .map_err(|e| Error::Restore(e.to_string()))?;
+            }
+            if let Some((path, after)) = &net_journal {
+                let (journal, replay, kicks) = rebound_devices::net::RxJournal::open(path, *after)
+                    .map_err(|e| Error::State(format!("cannot open {}: {e}", path.display())))?;
+                if after.is_some() {
+                    tracing::info!(
+                        frames = replay.len(),
+                        connections = kicks.len(),
+                        "network: delivering received frames again, acknowledging again"
+                    );
+                }
+                n.set_journal(journal, replay, kicks);
             }
             vm_fd
                 .register_ioevent(

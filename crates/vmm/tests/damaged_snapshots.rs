@@ -491,6 +491,7 @@ fn restore_paused(chain: &[Snapshot]) -> Result<(Vm, SharedBuffer), rebound_vmm:
             disk: None,
             same_vm: false,
             nic_backends: Vec::new(),
+            net_journal: None,
         },
     )?;
     Ok((vm, out))

@@ -17,6 +17,7 @@ pub fn config(args: &str, vcpus: u32, disk: Option<DiskConfig>) -> VmConfig {
         shared: Vec::new(),
         cache: None,
         nics: Vec::new(),
+        net_journal: None,
     }
 }
 
