@@ -120,6 +120,7 @@ impl MachineConfig {
             shared: Vec::new(),
             cache: None,
             nics: Vec::new(),
+            net_journal: None,
         }
     }
 }

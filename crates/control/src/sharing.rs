@@ -192,6 +192,7 @@ mod tests {
             shared: Vec::new(),
             cache: None,
             nics: Vec::new(),
+            net_journal: None,
         };
         s.configure(&mut config);
         assert_eq!(config.shared.len(), 1);
