@@ -287,10 +287,24 @@ fn refusal_response(r: Refusal) -> Response<Body> {
 
 /// Serves one connection until the client closes it, asks to, or sends something that
 /// cannot be framed (answered, then closed: the stream's framing is lost).
-pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, app: Router) {
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    app: Router,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
     let mut buf = Vec::new();
     loop {
-        match read_request(&mut stream, &mut buf).await {
+        // Between requests, a server that is shutting down closes the connection; a request
+        // already begun is answered first.
+        let next = if buf.is_empty() {
+            tokio::select! {
+                r = read_request(&mut stream, &mut buf) => r,
+                _ = draining.wait_for(|d| *d) => return,
+            }
+        } else {
+            read_request(&mut stream, &mut buf).await
+        };
+        match next {
             Ok(None) => return,
             Ok(Some(Parsed {
                 request,
@@ -317,23 +331,42 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, 
     }
 }
 
+/// How long a shutting-down server waits for requests in progress to be answered.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts connections on `listener` and serves each on its own task until `shutdown`
-/// resolves.
+/// resolves; then answers the requests in progress (for up to [`DRAIN_TIMEOUT`]) and closes
+/// every connection, so a client whose request ended the VMM (`SendCtrlAltDel`) still gets
+/// its answer.
 pub async fn serve(
     listener: tokio::net::UnixListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
-    loop {
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let result = loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break Ok(()),
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
-                tokio::spawn(serve_connection(stream, app.clone()));
+                match accepted {
+                    Ok((stream, _)) => {
+                        tasks.spawn(serve_connection(stream, app.clone(), draining.clone()));
+                    }
+                    Err(e) => break Err(e),
+                }
             }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
-    }
+    };
+    drop(listener);
+    let _ = drain.send(true);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    result
 }
 
 #[cfg(test)]

@@ -441,6 +441,7 @@ fn main() {
             1
         }
     };
+    stop_api();
     api_sock::remove();
     std::process::exit(code)
 }
@@ -824,10 +825,29 @@ pub(crate) fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> R
 }
 
 /// Binds the API socket (replacing a stale one) and serves it on a thread of its own.
+/// The API server's thread and how to stop it.
+type ApiThread = (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+);
+
+static API: std::sync::Mutex<Option<ApiThread>> = std::sync::Mutex::new(None);
+
+/// Stops the API server, once requests in progress are answered (the VM ended: a client whose
+/// request ended it still gets its answer).
+fn stop_api() {
+    let api = API.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some((stop, thread)) = api {
+        let _ = stop.send(());
+        let _ = thread.join();
+    }
+}
+
 pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
     let listener = api_sock::bind(sock)?;
     listener.set_nonblocking(true)?;
-    std::thread::Builder::new()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name("rebound-api".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -843,12 +863,9 @@ pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
             rt.block_on(async move {
                 match tokio::net::UnixListener::from_std(listener) {
                     Ok(l) => {
-                        let serve = rebound_api::serve_with(
-                            l,
-                            instance,
-                            hooks().clone(),
-                            std::future::pending(),
-                        );
+                        let serve = rebound_api::serve_with(l, instance, hooks().clone(), async {
+                            let _ = stopped.await;
+                        });
                         if let Err(e) = serve.await {
                             tracing::error!("API server failed: {e}");
                         }
@@ -857,5 +874,6 @@ pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {
                 }
             });
         })?;
+    *API.lock().unwrap_or_else(|e| e.into_inner()) = Some((stop, thread));
     Ok(())
 }

@@ -44,7 +44,12 @@ fn start(args: &[&str], ready: &str) -> (Child, BufReader<std::process::ChildStd
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn rebound");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no stdout");
+    };
+    let mut out = BufReader::new(stdout);
     let t0 = Instant::now();
     let mut line = String::new();
     loop {
@@ -58,10 +63,11 @@ fn start(args: &[&str], ready: &str) -> (Child, BufReader<std::process::ChildStd
         if line.contains(ready) {
             return (child, out);
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no {ready:?} within 60 s"
-        );
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no {ready:?} within 60 s");
+        }
     }
 }
 
@@ -279,7 +285,10 @@ fn a_connection_outlives_kill_9_of_the_vmm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    common::wait_for_socket(&tmp.path().join("s.sock"));
+    let api = tmp.path().join("s.sock");
+    wait_until("the VM recovered, paused", Duration::from_secs(60), || {
+        common::try_http(&api, "GET", "/", "").is_some_and(|(_, v)| v["state"] == "Paused")
+    });
     let (st, _) = http(
         &tmp.path().join("s.sock"),
         "PUT",

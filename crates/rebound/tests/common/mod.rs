@@ -38,6 +38,17 @@ pub fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_js
     (status, serde_json::from_str(&body).unwrap_or_default())
 }
 
+/// One request that may fail (a VMM replacing itself, or gone): None then.
+pub fn try_http(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = client::request(sock, method, path, body).ok()?;
+    (status != 0).then(|| (status, serde_json::from_str(&body).unwrap_or_default()))
+}
+
 /// Polls `f` every 5 ms until it holds; panics naming `what` after `limit`.
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
