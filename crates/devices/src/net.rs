@@ -46,6 +46,8 @@ pub trait Backend: Send {
     fn service(&mut self) -> io::Result<()>;
     /// Whether a working path exists.
     fn link_up(&self) -> bool;
+    /// Times the NIC moved to another host path (0 for a single path).
+    fn failovers(&self) -> u64;
     /// What it is, for logs and metrics ("tap tap0", "passt 127.0.0.1:6379->6379").
     fn describe(&self) -> String;
 }
@@ -123,6 +125,10 @@ pub struct NicStatsSnapshot {
     pub wakeups: u64,
     /// Held frames dropped because too much was held.
     pub held_dropped: u64,
+    /// Bytes of frames held by output commit now.
+    pub held_bytes: u64,
+    /// Times the NIC moved to another host path.
+    pub failovers: u64,
 }
 
 /// A MAC address as `02:00:00:00:00:01`.
@@ -522,9 +528,19 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
     /// Counters, by NIC.
     pub fn stats(&self) -> Vec<NicStatsSnapshot> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut held = vec![0u64; self.nics.len()];
+        {
+            let h = lock(&self.held);
+            for (i, f) in h.sealed.values().flatten().chain(h.open.iter()) {
+                if let Some(b) = held.get_mut(*i) {
+                    *b += f.len() as u64;
+                }
+            }
+        }
         self.nics
             .iter()
-            .map(|n| {
+            .zip(held)
+            .map(|(n, held_bytes)| {
                 let b = lock(&n.backend);
                 NicStatsSnapshot {
                     backend: b.describe(),
@@ -540,6 +556,8 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                     ring_errors: g(&n.stats.ring_errors),
                     wakeups: g(&n.stats.wakeups),
                     held_dropped: g(&n.stats.held_dropped),
+                    held_bytes,
+                    failovers: b.failovers(),
                 }
             })
             .collect()
@@ -1258,6 +1276,10 @@ impl Backend for DatagramBackend {
 
     fn link_up(&self) -> bool {
         true
+    }
+
+    fn failovers(&self) -> u64 {
+        0
     }
 
     fn describe(&self) -> String {

@@ -340,6 +340,10 @@ impl Backend for PasstLink {
         self.connected
     }
 
+    fn failovers(&self) -> u64 {
+        0
+    }
+
     fn describe(&self) -> String {
         format!("passt {}", self.socket.display())
     }

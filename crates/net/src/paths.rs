@@ -283,6 +283,10 @@ impl Backend for Paths {
         self.paths.iter().any(|p| p.healthy)
     }
 
+    fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
     fn describe(&self) -> String {
         let paths: Vec<String> = self
             .paths

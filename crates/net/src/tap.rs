@@ -89,6 +89,10 @@ impl Backend for Tap {
         carrier(&self.name)
     }
 
+    fn failovers(&self) -> u64 {
+        0
+    }
+
     fn describe(&self) -> String {
         format!("tap {}", self.name)
     }

@@ -173,6 +173,7 @@ impl Metrics {
             },
             console_bytes,
             io,
+            nics: Vec::new(),
         }
     }
 }
@@ -247,4 +248,7 @@ pub struct MetricsSnapshot {
     pub console_bytes: u64,
     /// The I/O queue.
     pub io: IoStatsSnapshot,
+    /// Each network interface.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<rebound_devices::net::NicStatsSnapshot>,
 }

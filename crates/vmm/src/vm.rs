@@ -1249,11 +1249,13 @@ impl Vm {
     /// Current counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         let s = &self.shared;
-        s.metrics.snapshot(
+        let mut m = s.metrics.snapshot(
             s.console.bytes(),
             s.ioq.stats().snapshot(),
             s.launched.elapsed().as_millis() as u64,
-        )
+        );
+        m.nics = self.nic_stats();
+        m
     }
 
     /// Nanoseconds from the start of `launch` to the guest's first exit (0: none yet).
