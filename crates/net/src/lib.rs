@@ -7,8 +7,10 @@
 //! - [`paths`]: several TAPs on different host paths, with monitoring and failover.
 //! - [`config`]: interface configuration (Firecracker's fields and Rebound's).
 //! - [`part`]: the controller's network part.
+//! - [`lab`]: network namespaces and a two-path topology, for tests and benchmarks.
 
 pub mod config;
+pub mod lab;
 pub mod part;
 pub mod passt;
 pub mod paths;

@@ -7,88 +7,20 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{http, output_within, text, try_http, wait_until};
+use rebound_net::lab::{self, Netns, TwoPaths};
 
-/// Runs `ip ARGS`; panics with its output if it fails.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        text(&out.stderr)
-    );
-}
-
-/// Whether this process may create network namespaces and TAPs.
 fn can_netns() -> bool {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ok = root
-        && Command::new("ip")
-            .args(["netns", "list"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        && std::path::Path::new("/dev/net/tun").exists();
+    let ok = lab::available();
     if !ok {
         eprintln!("skipped: needs root, iproute2 and /dev/net/tun");
     }
     ok
-}
-
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("rb{tag}{}", std::process::id() % 100_000);
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", &self.0];
-        a.extend_from_slice(args);
-        ip(&a);
-    }
-
-    /// A command run inside the namespace.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-
-    /// Runs `f` on a thread that lives in the namespace (its sockets are the namespace's).
-    fn on_thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("the namespace");
-            // SAFETY: setns on a descriptor we own; it changes only this thread's namespace.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 fn have(program: &str) -> bool {
@@ -105,10 +37,11 @@ fn kv_on_a_tap_serves_redis_clients_in_a_namespace() {
     if !can_netns() || !have("redis-cli") {
         return;
     }
-    let ns = Netns::new("t");
-    ns.ip(&["tuntap", "add", "tap0", "mode", "tap"]);
-    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "tap0"]);
-    ns.ip(&["link", "set", "tap0", "up"]);
+    let ns = Netns::new("t").unwrap();
+    ns.ip(&["tuntap", "add", "tap0", "mode", "tap"]).unwrap();
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "tap0"])
+        .unwrap();
+    ns.ip(&["link", "set", "tap0", "up"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let vmm = ns
@@ -162,42 +95,6 @@ fn kv_on_a_tap_serves_redis_clients_in_a_namespace() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
-/// Two host paths from the VMM's namespace to a peer's: TAP -> bridge -> veth pair -> the
-/// peer's bridge, one per path. The peer (10.78.0.1) answers the paths' ARP probes.
-struct TwoPaths {
-    vmm: Netns,
-    peer: Netns,
-}
-
-fn two_paths() -> TwoPaths {
-    let vmm = Netns::new("v");
-    let peer = Netns::new("p");
-    peer.ip(&["link", "add", "brp", "type", "bridge"]);
-    peer.ip(&["addr", "add", "10.78.0.1/24", "dev", "brp"]);
-    peer.ip(&["link", "set", "brp", "up"]);
-    for p in ["a", "b"] {
-        let (tap, br, v0, v1) = (
-            format!("tap{p}"),
-            format!("br{p}"),
-            format!("veth{p}0"),
-            format!("veth{p}1"),
-        );
-        vmm.ip(&["link", "add", &br, "type", "bridge"]);
-        vmm.ip(&["link", "set", &br, "up"]);
-        vmm.ip(&["tuntap", "add", &tap, "mode", "tap"]);
-        vmm.ip(&["link", "set", &tap, "master", &br]);
-        vmm.ip(&["link", "set", &tap, "up"]);
-        vmm.ip(&[
-            "link", "add", &v0, "type", "veth", "peer", "name", &v1, "netns", &peer.0,
-        ]);
-        vmm.ip(&["link", "set", &v0, "master", &br]);
-        vmm.ip(&["link", "set", &v0, "up"]);
-        peer.ip(&["link", "set", &v1, "master", "brp"]);
-        peer.ip(&["link", "set", &v1, "up"]);
-    }
-    TwoPaths { vmm, peer }
-}
-
 /// A client in the peer's namespace echoing small messages as fast as it can; records the
 /// longest round trip and how many completed. Any error ends it with the error.
 fn echo_client(
@@ -245,7 +142,7 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
     if !can_netns() {
         return;
     }
-    let net = two_paths();
+    let net = TwoPaths::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let config = dir.path().join("vm.json");
@@ -253,10 +150,7 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
         "boot-source": {"kernel_image_path": "bundled:testguest",
                         "boot_args": "net-echo 7 4 ip=10.78.0.2/24"},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
-        "network-interfaces": [{"iface_id": "eth0", "paths": [
-            {"host_dev_name": "tapa", "monitor_link": "vetha0", "probe_ip": "10.78.0.1"},
-            {"host_dev_name": "tapb", "monitor_link": "vethb0", "probe_ip": "10.78.0.1"},
-        ]}],
+        "network-interfaces": [TwoPaths::interface()],
     });
     std::fs::write(&config, json.to_string()).unwrap();
     let vmm = net
@@ -289,7 +183,7 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
     assert!(active().contains("tapa (active)"), "{}", active());
     // The active path's link goes down.
     worst.store(0, Ordering::Release);
-    net.vmm.ip(&["link", "set", "vetha0", "down"]);
+    net.vmm.ip(&["link", "set", "vetha0", "down"]).unwrap();
     progress("traffic after path a's link went down");
     let b = active();
     assert!(
@@ -300,7 +194,7 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
     eprintln!("link down: longest round trip {gap:?}");
     assert!(gap < Duration::from_secs(5), "failover took {gap:?}");
     // Path a comes back; then path b silently drops every frame while its link stays up.
-    net.vmm.ip(&["link", "set", "vetha0", "up"]);
+    net.vmm.ip(&["link", "set", "vetha0", "up"]).unwrap();
     wait_until("path a healthy again", Duration::from_secs(30), || {
         !active().contains("tapa (failed)")
     });
