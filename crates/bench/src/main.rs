@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -8,6 +8,7 @@ mod bare;
 mod checkpoint;
 mod dirty_log;
 mod floor;
+mod net;
 mod qemu;
 mod sharing;
 mod survive;
@@ -257,7 +258,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -279,6 +280,10 @@ fn main() -> Result<()> {
             "update",
             "protected",
             "sharing",
+            "redis",
+            "netstream",
+            "failover",
+            "netrecovery",
         ]
         .map(String::from)
         .to_vec();
@@ -304,6 +309,10 @@ fn main() -> Result<()> {
                 sharing::messaging(20_000)?;
                 sharing::lock(10_000_000)?;
             }
+            "redis" => net::redis(100_000)?,
+            "netstream" => net::stream(64 << 20)?,
+            "failover" => net::failover(20)?,
+            "netrecovery" => net::recovery(runs.clamp(5, 20))?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

@@ -75,8 +75,8 @@ pub const GUESTS: &[Guest] = &[
         summary: "an in-memory key-value server speaking the Redis protocol (RESP2: strings, \
                   expiry, pipelining, many clients) on port P (6379) of the VM's first network \
                   interface; real Redis clients work unchanged. Start it with --publish \
-                  127.0.0.1:6379:6379 (or --tap). MAXMEMORY MiB for data (three quarters of the \
-                  heap); ip= and gw= default to the user-mode backend's 10.0.2.15/24 and 10.0.2.2; \
+                  127.0.0.1:6379:6379 (or --tap). MAXMEMORY MiB for data (half of the heap); \
+                  ip= and gw= default to the user-mode backend's 10.0.2.15/24 and 10.0.2.2; \
                   it exits 0 when asked to shut down (SendCtrlAltDel)",
         args: "[port=P] [maxmemory=MIB] [ip=A.B.C.D/P] [gw=A.B.C.D]",
         modes: &[],

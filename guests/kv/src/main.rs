@@ -2,8 +2,8 @@
 //! clients (`redis-cli`, `redis-benchmark`) over the VM's first network interface.
 //!
 //! `rebound run --bundled kv --publish 127.0.0.1:6379:6379` is the way to start it. Command
-//! line: `port=6379 maxmemory=MIB ip=A.B.C.D/P gw=A.B.C.D` (defaults: 6379, three quarters of
-//! the heap, 10.0.2.15/24 through 10.0.2.2 as the user-mode backend expects). It serves until
+//! line: `port=6379 maxmemory=MIB ip=A.B.C.D/P gw=A.B.C.D` (defaults: 6379, half of
+//! the heap (connections' socket buffers take 256 KiB each), 10.0.2.15/24 through 10.0.2.2 as the user-mode backend expects). It serves until
 //! the host asks it to shut down (Firecracker's `SendCtrlAltDel`), then prints its counters and
 //! exits 0.
 #![no_std]
@@ -61,7 +61,7 @@ fn main(cpu: Cpu) -> i32 {
     let heap = cpu.boot_info().heap_end - cpu.boot_info().heap_start;
     let limit = arg(&cpu, "maxmemory")
         .and_then(|m| m.parse::<u64>().ok())
-        .map_or(heap / 4 * 3, |mib| mib << 20) as usize;
+        .map_or(heap / 2, |mib| mib << 20) as usize;
     let nic = match Nic::setup(0, RING_ENTRIES, RING_ENTRIES) {
         Ok(n) => n,
         Err(e) => {

@@ -50,9 +50,11 @@ const ORPHAN_TIMEOUT_NS: u64 = 30_000_000_000;
 /// A connection that stops acknowledging data (or a connect that gets no answer) is aborted
 /// after this long.
 const TCP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default socket buffer sizes.
-const RX_BUFFER: usize = 16 * 1024;
-const TX_BUFFER: usize = 16 * 1024;
+/// Default socket buffer sizes: 128 KiB, so the window is scaled. With a 16-64 KiB window the
+/// user-mode backend (passt 2023.03) stalls host-to-guest transfers (it skips a segment and never
+/// retransmits it); with a scaled window it streams at tens of MB/s.
+const RX_BUFFER: usize = 128 * 1024;
+const TX_BUFFER: usize = 128 * 1024;
 /// Local ports for outgoing connections.
 const EPHEMERAL: core::ops::RangeInclusive<u16> = 49152..=65535;
 
