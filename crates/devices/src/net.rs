@@ -497,6 +497,13 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
     ) {
         *lock(&self.journal) = Some(journal);
         lock(&self.rx_log).replay = replay;
+        {
+            // Also sent again if the backend reattaches (see `run`).
+            let mut a = lock(&self.last_acks);
+            for (i, f) in &kicks {
+                a.0.note(*i, f);
+            }
+        }
         for (i, f) in kicks {
             if let Some(n) = self.nics.get(i) {
                 let _ = lock(&n.backend).send(&f);
@@ -783,6 +790,13 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
                         tracing::warn!(nic = i, "cannot watch the new backend descriptor: {e}");
                     }
                     fds[i] = fd;
+                    // Frames sent into the old path may be lost (a passt that closed a
+                    // connection it could not take yet, a link that failed): each
+                    // connection's last ACK again makes peers retransmit at once.
+                    let acks = lock(&self.last_acks).0.for_nic(i);
+                    for f in acks {
+                        let _ = b.send(&f);
+                    }
                 }
             }
         }
@@ -884,19 +898,28 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         self.send_now(i, &frame);
     }
 
+    /// Sends a frame output commit does not hold, noting its ACK for a successor.
     fn send_now(&self, i: usize, frame: &[u8]) {
+        if self.send(i, frame) && lock(&self.journal).is_some() {
+            let mut a = lock(&self.last_acks);
+            a.0.note(i, frame);
+            a.1 = true;
+        }
+    }
+
+    /// Hands a frame to NIC `i`'s backend; whether it took it.
+    fn send(&self, i: usize, frame: &[u8]) -> bool {
         let n = &self.nics[i];
         match lock(&n.backend).send(frame) {
             Ok(()) => {
                 bump(&n.stats.tx_frames, 1);
                 bump(&n.stats.tx_bytes, frame.len() as u64);
-                if lock(&self.journal).is_some() {
-                    let mut a = lock(&self.last_acks);
-                    a.0.note(i, frame);
-                    a.1 = true;
-                }
+                true
             }
-            Err(_) => bump(&n.stats.tx_dropped, 1),
+            Err(_) => {
+                bump(&n.stats.tx_dropped, 1);
+                false
+            }
         }
     }
 
@@ -1094,8 +1117,24 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
             h.bytes -= bytes;
             ready
         };
-        for (i, f) in ready.into_values().flatten() {
-            self.send_now(i, &f);
+        let ready: Vec<(usize, Vec<u8>)> = ready.into_values().flatten().collect();
+        // Write-ahead: the connections' last ACKs are on disk before the frames that carry
+        // them leave, so a VMM killed right after sending kicks with current numbers (a
+        // stale ACK makes the peer wait for its retransmission timeout instead).
+        if let Some(j) = lock(&self.journal).as_mut() {
+            let mut a = lock(&self.last_acks);
+            for (i, f) in &ready {
+                a.0.note(*i, f);
+            }
+            if (!ready.is_empty() || a.1)
+                && let Err(e) = j.save_acks(&a.0.encode())
+            {
+                tracing::warn!("cannot record the connections' last ACKs: {e}");
+            }
+            a.1 = false;
+        }
+        for (i, f) in ready {
+            self.send(i, &f);
         }
         let mut log = lock(&self.rx_log);
         let later = log.sealed.split_off(&(epoch + 1));
@@ -1107,17 +1146,10 @@ impl<M: GuestMemory + Send + Sync + 'static> HeldOutput for Nics<M> {
             log.overflowed = false;
         }
         drop(log);
-        if let Some(j) = lock(&self.journal).as_mut() {
-            if let Err(e) = j.committed(epoch) {
-                tracing::warn!("cannot compact the received-frame journal: {e}");
-            }
-            let mut a = lock(&self.last_acks);
-            if a.1 {
-                a.1 = false;
-                if let Err(e) = j.save_acks(&a.0.encode()) {
-                    tracing::warn!("cannot record the connections' last ACKs: {e}");
-                }
-            }
+        if let Some(j) = lock(&self.journal).as_mut()
+            && let Err(e) = j.committed(epoch)
+        {
+            tracing::warn!("cannot compact the received-frame journal: {e}");
         }
         Ok(())
     }

@@ -122,6 +122,15 @@ impl LastAcks {
         }
     }
 
+    /// The remembered ACKs of NIC `nic`'s connections.
+    pub fn for_nic(&self, nic: usize) -> Vec<Vec<u8>> {
+        self.flows
+            .iter()
+            .filter(|((n, _), _)| *n == nic)
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
     /// Every remembered ACK, as `[nic: u32][len: u32][frame]` records.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -44,8 +44,9 @@ fn kv_on_a_tap_serves_redis_clients_in_a_namespace() {
     ns.ip(&["link", "set", "tap0", "up"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let vmm = ns
-        .command(env!("CARGO_BIN_EXE_rebound"))
+    let mut vmm = ns.command(env!("CARGO_BIN_EXE_rebound"));
+    common::die_with_test(&mut vmm);
+    let vmm = vmm
         .args(["--api-sock", sock.to_str().unwrap()])
         .args(["run", "--bundled", "kv", "--mem-mib", "64", "--tap", "tap0"])
         .args(["--args", "ip=10.77.0.2/24 gw=10.77.0.1"])
@@ -153,9 +154,9 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
         "network-interfaces": [TwoPaths::interface()],
     });
     std::fs::write(&config, json.to_string()).unwrap();
-    let vmm = net
-        .vmm
-        .command(env!("CARGO_BIN_EXE_rebound"))
+    let mut vmm = net.vmm.command(env!("CARGO_BIN_EXE_rebound"));
+    common::die_with_test(&mut vmm);
+    let vmm = vmm
         .args(["--api-sock", sock.to_str().unwrap()])
         .args(["--config-file", config.to_str().unwrap()])
         .stdout(Stdio::null())

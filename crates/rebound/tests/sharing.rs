@@ -31,6 +31,7 @@ impl Share {
     fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_rebound"));
         c.env("REBOUND_SHARE_DIR", self.dir.path());
+        common::die_with_test(&mut c);
         c
     }
 

@@ -28,8 +28,10 @@ fn num(cpu: &Cpu, i: usize, default: u64) -> u64 {
 
 pub fn run(mode: &str, cpu: &Cpu) -> Option<i32> {
     Some(match mode {
-        "net-echo" => echo(cpu, false),
-        "net-break" => echo(cpu, true),
+        "net-echo" => echo(cpu, Service::Echo, false),
+        "net-break" => echo(cpu, Service::Echo, true),
+        "net-discard" => echo(cpu, Service::Discard, false),
+        "net-chargen" => echo(cpu, Service::Chargen(num(cpu, 3, 1 << 20)), false),
         "net-send" => send(cpu),
         "net-reflect" => reflect(cpu),
         _ => return None,
@@ -92,11 +94,24 @@ struct Counters {
     errors: Cell<u64>,
 }
 
+/// What a TCP server mode does with each connection.
+#[derive(Clone, Copy)]
+enum Service {
+    /// Sends back what it reads.
+    Echo,
+    /// Reads to the end and drops the bytes (one-way throughput, host to guest).
+    Discard,
+    /// Sends this many bytes of a pattern, then closes (one-way throughput, guest to host).
+    Chargen(u64),
+}
+
 /// `net-echo [PORT] [BACKLOG]`: serves TCP echo on PORT (7) to any number of clients at once,
 /// BACKLOG (16) of them connecting at the same time, until the host asks for a shutdown.
 /// `net-break` first damages its own TX ring (a producer a ring ahead): the VMM marks it
 /// broken, the accept fails with `RingBroken`, the stack is reset, and serving goes on.
-fn echo(cpu: &Cpu, sabotage: bool) -> i32 {
+/// `net-discard [PORT] [BACKLOG]` reads and drops; `net-chargen [PORT] [BACKLOG] [BYTES]`
+/// sends BYTES (1 MiB) to each client, byte k being `pattern(k % 16384)`, and closes.
+fn echo(cpu: &Cpu, service: Service, sabotage: bool) -> i32 {
     let port = num(cpu, 1, 7) as u16;
     let backlog = num(cpu, 2, 16) as usize;
     let Some(stack) = stack(cpu) else { return 2 };
@@ -118,7 +133,11 @@ fn echo(cpu: &Cpu, sabotage: bool) -> i32 {
             match listener.accept().await {
                 Ok(conn) => {
                     c.connections.set(c.connections.get() + 1);
-                    spawner.spawn(serve(conn, c.clone()));
+                    match service {
+                        Service::Echo => spawner.spawn(serve(conn, c.clone())),
+                        Service::Discard => spawner.spawn(discard(conn, c.clone())),
+                        Service::Chargen(n) => spawner.spawn(chargen(conn, n, c.clone())),
+                    }
                 }
                 Err(Error::RingBroken) => {
                     println!("net-echo: the NIC's rings broke");
@@ -146,7 +165,8 @@ fn echo(cpu: &Cpu, sabotage: bool) -> i32 {
         });
     }
     println!(
-        "net-echo listening on {}:{port} backlog {backlog}",
+        "{} listening on {}:{port} backlog {backlog}",
+        pos(cpu, 0, "net-echo"),
         stack.addr()
     );
     let stats = d.run();
@@ -179,6 +199,38 @@ async fn serve(conn: TcpStream, c: Rc<Counters>) {
         }
     }
     conn.close();
+}
+
+async fn discard(conn: TcpStream, c: Rc<Counters>) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        match conn.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => c.bytes.set(c.bytes.get() + n as u64),
+            Err(_) => {
+                c.errors.set(c.errors.get() + 1);
+                return;
+            }
+        }
+    }
+    conn.close();
+}
+
+async fn chargen(conn: TcpStream, total: u64, c: Rc<Counters>) {
+    let chunk: alloc::vec::Vec<u8> = (0..16384).map(pattern).collect();
+    let mut sent = 0u64;
+    while sent < total {
+        // Byte k of the stream is pattern(k % 16384).
+        let n = (total - sent).min(chunk.len() as u64) as usize;
+        if conn.write_all(&chunk[..n]).await.is_err() {
+            c.errors.set(c.errors.get() + 1);
+            return;
+        }
+        sent += n as u64;
+        c.bytes.set(sent);
+    }
+    conn.close();
+    let _ = conn.flush().await;
 }
 
 fn pattern(i: usize) -> u8 {

@@ -14,7 +14,23 @@ use std::time::{Duration, Instant};
 pub fn rebound() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rebound"));
     c.env_remove("REBOUND_FAULTS");
+    die_with_test(&mut c);
     c
+}
+
+/// A VMM a test started dies with the test's thread, so a failed assertion (which unwinds past
+/// the `Child` without killing it) leaves no VM running behind the suite.
+pub fn die_with_test(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the calling (forked) process.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 pub fn text(b: &[u8]) -> String {
