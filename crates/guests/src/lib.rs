@@ -152,6 +152,11 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode("hcbench", "[N]", "time N (10000) null hypercalls"),
     mode(
+        "clock",
+        "[N]",
+        "check N (1000) clock readings against the clock hypercall, then time N of each",
+    ),
+    mode(
         "warm",
         "[MIB] [PAGES]",
         "touch MIB MiB (16), then write PAGES (64) of its pages forever",
@@ -278,6 +283,16 @@ const TESTGUEST_MODES: &[Mode] = &[
         "[PORT] [BACKLOG] ip=A.B.C.D/P [gw=A.B.C.D]",
         "damage its own TX ring, see the VMM mark it broken, set it up again, then serve as \
          net-echo",
+    ),
+    mode(
+        "net-discard",
+        "[PORT] [BACKLOG] ip=A.B.C.D/P [gw=A.B.C.D]",
+        "read and drop what clients send to PORT (7) of NIC 0, until a shutdown request",
+    ),
+    mode(
+        "net-chargen",
+        "[PORT] [BACKLOG] [BYTES] ip=A.B.C.D/P [gw=A.B.C.D]",
+        "send BYTES (1048576) of a pattern to each client of PORT (7) on NIC 0, then close",
     ),
     mode(
         "net-send",

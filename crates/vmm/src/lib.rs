@@ -7,6 +7,7 @@
 
 pub mod affinity;
 pub mod boot;
+mod clock;
 pub mod components;
 pub mod config;
 pub mod fault;

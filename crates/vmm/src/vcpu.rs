@@ -116,14 +116,30 @@ fn park(fd: &mut VcpuFd, id: u32, vm: &VmShared) {
     let slot = &vm.vcpu_slots[id as usize];
     *lock(&slot.captured) = Some(vstate::capture(fd, id).map_err(|e| e.to_string()));
     vm.control.park();
-    if let Some(state) = lock(&slot.restore).take()
-        && let Err(e) = vstate::apply(fd, &state)
-    {
-        vm.finish(VmOutcome::Failed {
-            error: e.to_string(),
-        });
+    if let Some(state) = lock(&slot.restore).take() {
+        match vstate::apply(fd, &state) {
+            // Its TSC may have been set back with the rest of its state.
+            Ok(()) => publish_clock(fd, id, vm),
+            Err(e) => vm.finish(VmOutcome::Failed {
+                error: e.to_string(),
+            }),
+        }
     }
     vm.waiters.clear_interrupt(id);
+}
+
+/// Writes how this vCPU reads the clock from its TSC into its page (ABI 1.5). Only while the
+/// vCPU is out of the guest, so it never sees the fields half-written; `seq` changes so a read
+/// that an exit interrupted starts again.
+fn publish_clock(fd: &VcpuFd, id: u32, vm: &VmShared) {
+    use vm_memory::Bytes;
+    let mut clock = vm.clock.for_vcpu(fd);
+    let at = vm_memory::GuestAddress(vm.layout.vcpu_page(id) + rebound_abi::VCPU_PAGE_CLOCK_OFFSET);
+    let seq: u32 = vm.mem.read_obj(at).unwrap_or(0);
+    clock.seq = seq.wrapping_add(1);
+    if let Err(e) = vm.mem.write_obj(clock, at) {
+        tracing::warn!(vcpu = id, "cannot publish the clock: {e}");
+    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,6 +149,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The vCPU thread body: runs until the VM stops.
 pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
     kick::arm(&mut fd);
+    publish_clock(&fd, id, &vm);
     loop {
         match vm.control.current() {
             Request::Run => {}

@@ -124,8 +124,8 @@ pub(crate) struct VmShared {
     pub(crate) control: RunControl,
     pub(crate) waiters: Arc<Waiters>,
     pub(crate) launched: Instant,
-    /// The guest clock's value at launch (non-zero after a restore: the clock continues).
-    clock_base_ns: u64,
+    /// The guest's monotonic clock (it continues across restores).
+    pub(crate) clock: crate::clock::GuestClock,
     /// What `GENERATION` returns: 0 at first boot, a new value after each restore or clone.
     pub(crate) generation: AtomicU64,
     pub(crate) vcpu_slots: Vec<VcpuSlot>,
@@ -187,9 +187,9 @@ impl VcpuSlot {
 }
 
 impl VmShared {
-    /// Guest monotonic clock: nanoseconds since launch.
+    /// Guest monotonic clock: nanoseconds since the VM first launched.
     pub(crate) fn clock_ns(&self) -> u64 {
-        self.clock_base_ns + self.launched.elapsed().as_nanos() as u64
+        self.clock.now_ns()
     }
 
     /// Records how the VM ended (the first reason wins) and stops everything.
@@ -745,6 +745,13 @@ impl Vm {
             }
             vcpus.push(fd);
         }
+        // The clock continues from `clock_base_ns` at launch; vCPUs read it from their TSC
+        // when KVM tells its frequency.
+        let clock = crate::clock::GuestClock::new(
+            clock_base_ns + launched.elapsed().as_nanos() as u64,
+            vcpus.first().and_then(|v| v.get_tsc_khz().ok()),
+        );
+        tracing::debug!(tsc = clock.on_tsc(), "guest clock");
         if matches!(start, Start::Restore { .. }) {
             // A completion may have landed just before the snapshot while its vCPU was about to
             // block: wake every vCPU once (BLOCK may return early by contract).
@@ -762,7 +769,7 @@ impl Vm {
             control: RunControl::new(layout.vcpus()),
             waiters,
             launched,
-            clock_base_ns,
+            clock,
             generation: AtomicU64::new(generation),
             vcpu_slots: (0..layout.vcpus()).map(|_| VcpuSlot::default()).collect(),
             outcome: Mutex::new(None),

@@ -35,6 +35,26 @@ fn four_vcpus_run_at_once() {
     assert!(out.contains("all 4 vCPUs ran concurrently"), "{out}");
 }
 
+/// Whether the host keeps time with its TSC (then guests read the clock from theirs).
+fn host_on_tsc() -> bool {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .is_ok_and(|s| s.trim() == "tsc")
+}
+
+#[test]
+fn the_guest_clock_agrees_with_the_vmm_and_costs_no_exit() {
+    let n = 2000;
+    let (outcome, out, m) = run(&format!("clock {n}"), 1, None);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "output: {out}");
+    assert!(out.contains("clock ok"), "{out}");
+    if host_on_tsc() {
+        assert!(out.contains("clock ok tsc=1"), "{out}");
+        // Two bracketing hypercalls per checked reading, one per timed hypercall read, three
+        // more: none for the 2n readings from the TSC.
+        assert_eq!(m.hypercalls["clock_monotonic"], 3 * n + 3, "{out}");
+    }
+}
+
 #[test]
 fn guest_panic_is_reported_with_its_message() {
     let (outcome, _, _) = run("panic 7", 1, None);

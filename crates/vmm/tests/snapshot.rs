@@ -65,6 +65,23 @@ fn snapshots_at_random_moments_restore_to_the_same_result() {
 }
 
 #[test]
+fn the_guest_clock_continues_across_a_restore() {
+    // The guest checks every reading against the VMM's clock and the one before it; the
+    // restored copy runs in a VM with new vCPUs (new TSC offsets) and must agree all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, out) = launch(&config("clock 20000", 1, None));
+    assert!(wait_for(&out, Duration::from_secs(30), |o| o
+        .contains("clock started")));
+    std::thread::sleep(jitter(5, 30));
+    let path = snap_path(dir.path(), "clock.snap");
+    vm.snapshot(&path, Kind::Full).expect("snapshot");
+    vm.stop();
+    let (r, rout) = restore(&[&path], 1);
+    assert_eq!(r.wait(), VmOutcome::Exited { status: 0 }, "{}", rout.text());
+    assert!(rout.text().contains("clock ok"), "{}", rout.text());
+}
+
+#[test]
 fn a_diff_chain_restores() {
     let want = seq_expected(N, &[]);
     let dir = tempfile::tempdir().unwrap();

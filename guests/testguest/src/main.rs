@@ -102,6 +102,7 @@ fn main(cpu: Cpu) -> i32 {
             println!("hcbench {} {}", n, t1 - t0);
             0
         }
+        "clock" => clock(&cpu),
         "warm" => {
             // Touches MIB MiB, says so, then keeps writing K of those pages round and round:
             // a VM with a working set that is never idle.
@@ -560,3 +561,44 @@ fn io_test(cpu: &Cpu) -> i32 {
 }
 
 rebound_guest::entry!(main);
+
+/// `clock [N]`: N (1000) readings of the monotonic clock, each between two readings of the
+/// clock hypercall (the VMM's own clock): the first never ahead of the second, none earlier
+/// than the one before. Then times N readings each way. Prints
+/// `clock ok tsc=T ns_per_read=R hypercall_ns_per_read=H` (T: 1 if read from the TSC).
+fn clock(cpu: &Cpu) -> i32 {
+    let n = arg(cpu, 1, 1000);
+    let hc = || raw(nr::CLOCK_MONOTONIC, &[]) as u64;
+    // SAFETY: this vCPU's own page; `flags` is only read.
+    let tsc = unsafe { core::ptr::read_volatile(&raw const (*hypercall::vcpu_page()).clock.flags) }
+        & abi::clock_flags::TSC;
+    println!("clock started tsc={tsc}");
+    let mut last = 0;
+    for i in 0..n {
+        let before = hc();
+        let t = time::monotonic_ns();
+        let after = hc();
+        // The two are the same function of the same counter; a few microseconds of slack
+        // covers the TSC offset measured for this vCPU.
+        if t + 20_000 < before || t > after + 20_000 || t < last {
+            println!("clock: reading {i}: {t} outside [{before}, {after}] or before {last}");
+            return 1;
+        }
+        last = t;
+    }
+    let t0 = hc();
+    for _ in 0..n {
+        core::hint::black_box(time::monotonic_ns());
+    }
+    let t1 = hc();
+    for _ in 0..n {
+        core::hint::black_box(hc());
+    }
+    let t2 = hc();
+    println!(
+        "clock ok tsc={tsc} ns_per_read={} hypercall_ns_per_read={}",
+        (t1 - t0) / n.max(1),
+        (t2 - t1) / n.max(1)
+    );
+    0
+}
