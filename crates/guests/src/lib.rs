@@ -295,6 +295,12 @@ const TESTGUEST_MODES: &[Mode] = &[
         "send BYTES (1048576) of a pattern to each client of PORT (7) on NIC 0, then close",
     ),
     mode(
+        "net-hostile",
+        "[FRAMES]",
+        "place NIC 0's rings in system memory, name system memory in a TX descriptor, then \
+         flood FRAMES (20000) full-size frames; print what the VMM did",
+    ),
+    mode(
         "net-send",
         "ADDR PORT [BYTES] [TIMEOUT_MS] ip=A.B.C.D/P [gw=A.B.C.D]",
         "connect to an echo server at ADDR:PORT (waiting up to TIMEOUT_MS, 30000), send BYTES \

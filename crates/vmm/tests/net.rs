@@ -520,6 +520,47 @@ fn hostile_frames_leave_the_guest_serving() {
 }
 
 #[test]
+fn a_hostile_guest_breaks_only_its_own_nic() {
+    // A well-behaved neighbour serves echo before, while and after the other floods.
+    let (good, good_out, mut peer) = echo_guest();
+    let mut echo_round = |peer: &mut Peer, round: usize| {
+        let mut clients = vec![Client::new(peer, 7, (round % 250) as u8 + 3, 4_000)];
+        run_clients(peer, &mut clients);
+    };
+    echo_round(&mut peer, 0);
+    // The hostile guest's wire is never read: once its socket is full, frames are dropped.
+    let (bad, bad_out, _wire) = launch_with_nic("net-hostile 20000", None);
+    let mut rounds = 1;
+    while bad.outcome().is_none() || rounds < 4 {
+        echo_round(&mut peer, rounds);
+        rounds += 1;
+    }
+    let text = bad_out.text();
+    assert_eq!(bad.wait(), VmOutcome::Exited { status: 0 }, "{text}");
+    assert!(
+        text.contains(&format!(
+            "rings in system memory: {}",
+            rebound_abi::errno::EFAULT
+        )),
+        "{text}"
+    );
+    assert!(text.contains("net-hostile: rings broken"), "{text}");
+    assert!(text.contains("net-hostile done: frames=20000"), "{text}");
+    let s = &bad.nic_stats()[0];
+    assert_eq!(s.ring_errors, 1, "{s:?}");
+    assert_eq!(
+        s.tx_frames + s.tx_dropped,
+        20_000,
+        "every frame sent or counted: {s:?}"
+    );
+    assert!(s.tx_dropped > 0, "the unread wire dropped frames: {s:?}");
+    let text = shut_down(&good, &good_out);
+    assert_eq!(counter(&text, "connections"), rounds as u64, "{text}");
+    assert_eq!(counter(&text, "errors"), 0, "{text}");
+    assert_eq!(good.nic_stats()[0].ring_errors, 0);
+}
+
+#[test]
 fn broken_ring_is_seen_by_the_guest_and_set_up_again() {
     let (vm, out, sock) = launch_with_nic(
         &format!("net-break 7 4 {GUEST_NET}"),

@@ -34,6 +34,7 @@ pub fn run(mode: &str, cpu: &Cpu) -> Option<i32> {
         "net-chargen" => echo(cpu, Service::Chargen(num(cpu, 3, 1 << 20)), false),
         "net-send" => send(cpu),
         "net-reflect" => reflect(cpu),
+        "net-hostile" => hostile(cpu),
         _ => return None,
     })
 }
@@ -394,5 +395,94 @@ fn reflect(cpu: &Cpu) -> i32 {
          doorbells={} runts={} tx_dropped={}",
         s.doorbells, s.rx_runts, s.tx_dropped
     );
+    0
+}
+
+/// Rings the NIC 0 doorbell whether or not the SDK queued anything.
+fn doorbell() {
+    // SAFETY: an `out` to the NIC doorbell port (an ioeventfd in the VMM).
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") rebound_guest::abi::port::NET_DOORBELL,
+                         in("eax") 0u32, options(nostack, preserves_flags))
+    };
+}
+
+/// Waits (blocking in the VMM in short steps) until `f` holds, up to `ms`.
+fn wait_ms(ms: u64, f: impl Fn() -> bool) -> bool {
+    let start = rebound_guest::time::monotonic_ns();
+    while !f() {
+        if rebound_guest::time::monotonic_ns() - start > ms * 1_000_000 {
+            return false;
+        }
+        hypercall::block(100_000);
+    }
+    true
+}
+
+/// `net-hostile [FRAMES]`: what a hostile guest does to its NIC, each step printed: rings
+/// placed in system memory (refused), a TX descriptor naming system memory (the VMM breaks
+/// the rings), then, set up again, FRAMES (20000) full-size frames as fast as the ring takes
+/// them. Exits 0 if the VMM refused, broke and then carried on as the ABI says.
+fn hostile(cpu: &Cpu) -> i32 {
+    use rebound_guest::abi::{errno, net as abi_net, nr};
+    let frames = num(cpu, 1, 20_000);
+    // The page tables and system structures sit below the first user page.
+    let r = hypercall::raw(nr::NET_SETUP, &[0, 0x1000, 8, 8, 0]);
+    println!("net-hostile: rings in system memory: {r}");
+    if r != errno::EFAULT {
+        return 1;
+    }
+    let Some(nic) = nic() else { return 2 };
+    let area = nic.ring_area();
+    // SAFETY: this NIC's ring header and TX descriptors, in this guest's own memory; the VMM
+    // reads them atomically.
+    unsafe {
+        let producer = &*(area as *const AtomicU32);
+        let at = producer.load(Ordering::Relaxed);
+        let desc = (area + abi_net::tx_desc(at % RING_ENTRIES)) as *mut abi_net::NetDesc;
+        core::ptr::write_volatile(
+            desc,
+            abi_net::NetDesc {
+                addr: 0x10,
+                len: 64,
+                flags: 0,
+            },
+        );
+        producer.store(at.wrapping_add(1), Ordering::Release);
+    }
+    doorbell();
+    if !wait_ms(10_000, || nic.broken()) {
+        println!("net-hostile: the VMM took a descriptor naming system memory");
+        return 1;
+    }
+    println!("net-hostile: rings broken");
+    if let Err(e) = nic.reset() {
+        println!("net-hostile: reset failed: {e}");
+        return 1;
+    }
+    let len = nic.max_frame();
+    let mac = nic.mac();
+    let mut sent = 0u64;
+    while sent < frames {
+        if nic.tx_free() == 0 {
+            nic.flush();
+            if !wait_ms(10_000, || nic.tx_free() > 0 || nic.broken()) || nic.broken() {
+                println!("net-hostile: the ring stopped moving after {sent} frames");
+                return 1;
+            }
+        }
+        let _ = nic.send_with(len, |f| {
+            f[..6].copy_from_slice(&[0xff; 6]);
+            f[6..12].copy_from_slice(&mac);
+            f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            f[14..22].copy_from_slice(&sent.to_le_bytes());
+        });
+        sent += 1;
+    }
+    if !nic.drain_tx(10_000_000_000) {
+        println!("net-hostile: frames still queued");
+        return 1;
+    }
+    println!("net-hostile done: frames={sent}");
     0
 }
