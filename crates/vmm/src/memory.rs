@@ -286,3 +286,49 @@ pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<()> {
     }
     Ok(())
 }
+
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Asks KVM to leave write-protecting logged pages to [`clear_dirty_log`]
+/// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`); whether it agreed.
+pub fn manual_dirty_protect(vm: &VmFd) -> bool {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [
+            u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).is_ok()
+}
+
+/// Clears the logged bits in `bitmap` (one bit per page of memory slot 0, from its first page)
+/// and write-protects those pages again, so their next write is logged.
+pub fn clear_dirty_log(vm: &VmFd, pages: u64, bitmap: &mut [u64]) -> Result<()> {
+    debug_assert!(bitmap.len() as u64 * 64 >= pages);
+    let mut arg = kvm_bindings::kvm_clear_dirty_log {
+        slot: 0,
+        num_pages: u32::try_from(pages).map_err(|_| Error::Memory("memory too large".into()))?,
+        first_page: 0,
+        ..Default::default()
+    };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` names slot 0's pages [0, pages) and a bitmap of at least that many bits
+    // that lives across the call; KVM only reads it.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+    if r < 0 {
+        return Err(Error::Kvm {
+            op: "KVM_CLEAR_DIRTY_LOG",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
+}

@@ -523,7 +523,7 @@ fn hostile_frames_leave_the_guest_serving() {
 fn a_hostile_guest_breaks_only_its_own_nic() {
     // A well-behaved neighbour serves echo before, while and after the other floods.
     let (good, good_out, mut peer) = echo_guest();
-    let mut echo_round = |peer: &mut Peer, round: usize| {
+    let echo_round = |peer: &mut Peer, round: usize| {
         let mut clients = vec![Client::new(peer, 7, (round % 250) as u8 + 3, 4_000)];
         run_clients(peer, &mut clients);
     };

@@ -1,11 +1,15 @@
 //! The guest's half of one NIC's rings (ABI 1.4), over memory it owns: pure index and
 //! descriptor logic, no hypercalls, so it is tested on the host against a simulated VMM.
 //!
-//! Every TX and RX slot has a fixed frame buffer of its own (`buf_size` bytes), so nothing the
-//! VMM writes is ever used as an address: a filled RX descriptor only contributes its length,
-//! which is checked against the buffer before any byte is read.
+//! Every RX slot has a fixed frame buffer of its own (`buf_size` bytes), so nothing the VMM
+//! writes is ever used as an address: a filled RX descriptor only contributes its length,
+//! which is checked against the buffer before any byte is read. TX buffers are a pool the
+//! guest alone manages: a frame goes into the buffer freed last, so a burst of frames between
+//! two checkpoints writes the same few pages again (a protected VM pays a fault for the first
+//! write to each page in an epoch), not a new page every other frame.
 
-use core::cell::Cell;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering, fence};
 
@@ -62,6 +66,12 @@ pub(crate) struct Rings {
     rx_producer: Cell<u32>,
     /// A received frame is lent out (its buffer is re-posted when it is returned).
     rx_lent: Cell<bool>,
+    /// TX buffers not in flight, the most recently freed last (taken first).
+    tx_free_bufs: RefCell<Vec<u32>>,
+    /// The TX buffer each slot's frame is in.
+    tx_slot_buf: RefCell<Vec<u32>>,
+    /// TX frames whose buffers went back to the pool (follows the VMM's consumer).
+    tx_reclaimed: Cell<u32>,
     stats: Cell<NicStats>,
 }
 
@@ -94,6 +104,9 @@ impl Rings {
             rx_next: Cell::new(0),
             rx_producer: Cell::new(0),
             rx_lent: Cell::new(false),
+            tx_free_bufs: RefCell::new((0..tx_entries).rev().collect()),
+            tx_slot_buf: RefCell::new(alloc::vec![0; tx_entries as usize]),
+            tx_reclaimed: Cell::new(0),
             stats: Cell::new(NicStats::default()),
         }
     }
@@ -130,7 +143,7 @@ impl Rings {
         unsafe { self.area.as_ptr().add(offset as usize).cast::<NetDesc>() }
     }
 
-    /// Frame buffer of TX slot `slot` (`< tx_entries`) or of RX slot `slot` (`rx` set).
+    /// TX buffer `slot` (`< tx_entries`) or the frame buffer of RX slot `slot` (`rx` set).
     fn buf_ptr(&self, rx: bool, slot: u32) -> *mut u8 {
         let index = if rx { self.tx_entries + slot } else { slot } as usize;
         debug_assert!(index < (self.tx_entries + self.rx_entries) as usize);
@@ -175,7 +188,25 @@ impl Rings {
         self.tx_rung.set(0);
         self.rx_next.set(0);
         self.rx_producer.set(0);
+        *self.tx_free_bufs.borrow_mut() = (0..self.tx_entries).rev().collect();
+        self.tx_reclaimed.set(0);
         true
+    }
+
+    /// Takes back the buffers of frames the VMM has consumed (up to `consumer`). A consumer
+    /// past our producer or behind what was taken back already (a VMM bug) is ignored.
+    fn reclaim_tx(&self, consumer: u32) {
+        let mut at = self.tx_reclaimed.get();
+        let sent = self.tx_producer.get().wrapping_sub(at);
+        if consumer.wrapping_sub(at) > sent {
+            return;
+        }
+        let (mut free, map) = (self.tx_free_bufs.borrow_mut(), self.tx_slot_buf.borrow());
+        while at != consumer {
+            free.push(map[(at % self.tx_entries) as usize]);
+            at = at.wrapping_add(1);
+        }
+        self.tx_reclaimed.set(at);
     }
 
     /// Posts every RX buffer (after `NET_SETUP`: buffers posted before it are not used).
@@ -250,10 +281,18 @@ impl Rings {
         }
         let index = self.tx_producer.get();
         let slot = index % self.tx_entries;
-        let buf = self.buf_ptr(false, slot);
-        // SAFETY: the slot is free (the VMM has taken every frame up to its consumer, and this
-        // slot's last frame is below it), `len <= max_frame <= buf_size`, and no other
-        // reference to this buffer exists while `f` runs.
+        self.reclaim_tx(self.tx_consumer_word().load(Ordering::Acquire));
+        // A free slot means a free buffer: the pool holds every buffer not in flight.
+        let Some(b) = self.tx_free_bufs.borrow_mut().pop() else {
+            self.count(|s| s.tx_dropped += 1);
+            let mut scratch = alloc::vec![0u8; len];
+            return (Err(SendError::Full), f(&mut scratch));
+        };
+        self.tx_slot_buf.borrow_mut()[slot as usize] = b;
+        let buf = self.buf_ptr(false, b);
+        // SAFETY: buffer `b` is in no frame in flight (the VMM has taken every frame up to its
+        // consumer, and the buffers of those frames are the only ones back in the pool),
+        // `len <= max_frame <= buf_size`, and no other reference to it exists while `f` runs.
         let r = f(unsafe { core::slice::from_raw_parts_mut(buf, len) });
         let desc = NetDesc {
             addr: buf as u64,
@@ -525,6 +564,36 @@ pub(crate) mod tests {
         }
         let st = s.rings.stats();
         assert_eq!((st.tx_frames, st.rx_frames, st.tx_dropped), (20, 20, 5));
+    }
+
+    #[test]
+    fn frames_taken_at_once_reuse_one_tx_buffer_and_in_flight_ones_never_share() {
+        let mut s = Sim::new(8, 4);
+        let addr = |s: &Sim, slot: u32| s.desc(abi::tx_desc(slot)).addr;
+        // The VMM takes each frame before the next is queued: every slot gets one buffer.
+        let mut seen = Vec::new();
+        for i in 0..20u8 {
+            assert_eq!(send(&s.rings, &frame(i, 60)), Ok(()));
+            seen.push(addr(&s, u32::from(i) % 8));
+            assert_eq!(s.vmm_take_tx(), vec![frame(i, 60)]);
+        }
+        assert!(seen.iter().all(|a| *a == seen[0]), "{seen:x?}");
+        // Frames in flight at once are in distinct buffers, and come out intact.
+        for i in 0..8u8 {
+            assert_eq!(send(&s.rings, &frame(100 + i, 70)), Ok(()));
+        }
+        let mut inflight: Vec<u64> = (0..8).map(|slot| addr(&s, slot)).collect();
+        inflight.sort_unstable();
+        inflight.dedup();
+        assert_eq!(inflight.len(), 8);
+        let out = s.vmm_take_tx();
+        assert_eq!(
+            out,
+            (0..8u8).map(|i| frame(100 + i, 70)).collect::<Vec<_>>()
+        );
+        // A consumer the VMM moved past our producer takes nothing back.
+        s.set_consumers(1000, 0);
+        assert_eq!(send(&s.rings, &frame(1, 60)), Err(SendError::Full));
     }
 
     #[test]
