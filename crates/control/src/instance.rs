@@ -436,6 +436,14 @@ impl Instance {
         Ok(outcome)
     }
 
+    /// The process is being stopped by a signal (SIGTERM, SIGINT, SIGHUP): what runs outside
+    /// it for the VM ends, so that its host ports are free. Only an uncatchable kill (a crash)
+    /// leaves passt running for a recovering VMM to attach to; a state directory stays
+    /// recoverable either way (the recovered VMM starts a new passt).
+    pub fn stopped_by_signal(&self) {
+        self.net.detach();
+    }
+
     /// Pauses the VM; returns how long the vCPUs took to stop.
     pub fn pause(&self) -> Result<Duration> {
         Ok(self.lifecycle.vm_for(Request::Pause)?.pause()?)

@@ -13,7 +13,7 @@ use rebound_api::models::{LoggerConfig, MetricsConfig};
 use rebound_control::Instance;
 use rebound_control::host_faults::{self, HostFaults};
 
-use crate::{Cli, console, finish, hooks, start_api};
+use crate::{Cli, finish, hooks, new_instance, start_api};
 
 /// Firecracker's flags.
 #[derive(Args, Debug, Default, Clone)]
@@ -122,7 +122,7 @@ impl FirecrackerArgs {
 pub(crate) fn run_config_file(cli: &Cli) -> Result<i32> {
     let path = cli.fc.config_file.clone().unwrap_or_default();
     let file = ConfigFile::read(&path).map_err(anyhow::Error::msg)?;
-    let instance = Arc::new(Instance::new(&cli.id, console()));
+    let instance = new_instance(&cli.id);
     file.apply(&instance, hooks()).map_err(anyhow::Error::msg)?;
     host_faults::watch(&instance, HostFaults::from_env())?;
     match (&cli.api_sock, cli.fc.no_api) {

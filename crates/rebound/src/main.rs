@@ -664,7 +664,7 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         })?,
         None => args.chain.clone(),
     };
-    let instance = Arc::new(Instance::new(id, console()));
+    let instance = new_instance(id);
     args.placement.apply(&instance)?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
@@ -721,7 +721,7 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
         (None, None) if is_demo => Some(DiskConfig::Scratch { size_mib: 16 }),
         (None, None) => None,
     };
-    let instance = Arc::new(Instance::new(id, console()));
+    let instance = new_instance(id);
     instance.set_machine_config(MachineConfig {
         vcpu_count: args.vcpus,
         mem_size_mib: args.mem_mib,
@@ -790,7 +790,7 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
 
 /// Serves the API and runs whatever it starts, Firecracker style.
 fn serve_only(id: &str, sock: &Path) -> Result<i32> {
-    let instance = Arc::new(Instance::new(id, console()));
+    let instance = new_instance(id);
     host_faults::watch(&instance, HostFaults::from_env())?;
     start_api(sock, instance.clone())?;
     eprintln!(
@@ -841,6 +841,13 @@ fn stop_api() {
         let _ = stop.send(());
         let _ = thread.join();
     }
+}
+
+/// A new instance whose host-side helpers end with this process on a termination signal.
+pub(crate) fn new_instance(id: &str) -> Arc<Instance> {
+    let instance = Arc::new(Instance::new(id, console()));
+    signals::end_with_process(&instance);
+    instance
 }
 
 pub(crate) fn start_api(sock: &Path, instance: Arc<Instance>) -> Result<()> {

@@ -7,7 +7,9 @@
 //! start with an empty mask (std resets it), so the VMMs a supervisor starts and the binary a
 //! live update runs see these signals as usual.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
+
+use rebound_control::Instance;
 
 /// The signals taken here.
 pub const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -16,6 +18,9 @@ type Action = Box<dyn Fn(libc::c_int) + Send>;
 
 /// What to do with a signal; None: the default (clean up, die of it).
 static ACTION: Mutex<Option<Action>> = Mutex::new(None);
+
+/// What the default action ends before the process dies: this process's instances.
+static INSTANCES: Mutex<Vec<Weak<Instance>>> = Mutex::new(Vec::new());
 
 fn set_of(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: a sigset_t is plain data; sigemptyset initialises it and sigaddset adds valid
@@ -56,6 +61,12 @@ pub fn start() -> std::io::Result<()> {
                 match action.as_ref() {
                     Some(f) => f(sig),
                     None => {
+                        let instances = std::mem::take(
+                            &mut *INSTANCES.lock().unwrap_or_else(|e| e.into_inner()),
+                        );
+                        for i in instances.iter().filter_map(Weak::upgrade) {
+                            i.stopped_by_signal();
+                        }
                         crate::api_sock::remove();
                         die_of(sig);
                     }
@@ -63,6 +74,14 @@ pub fn start() -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// The default action stops `instance`'s host-side helpers before the process dies.
+pub fn end_with_process(instance: &Arc<Instance>) {
+    INSTANCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::downgrade(instance));
 }
 
 /// Replaces the default action (for the rest of the process's life).

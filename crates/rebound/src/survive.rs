@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use rebound_control::host_faults::Placement;
 use rebound_control::{Handover, Instance, Load};
 
-use crate::{Cli, RecoverArgs, RunArgs, client, console, finish, signals, start_api};
+use crate::{Cli, RecoverArgs, RunArgs, client, finish, new_instance, signals, start_api};
 
 /// Restarts allowed before the supervisor gives up (a VMM that keeps dying is not helped by
 /// more restarts).
@@ -21,7 +21,7 @@ const MAX_RESTARTS: u32 = 1000;
 
 /// `rebound recover`: takes the VM over and runs it until it exits.
 pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
-    let instance = Arc::new(Instance::new(&cli.id, console()));
+    let instance = new_instance(&cli.id);
     args.placement.apply(&instance)?;
     allow_update(cli, &instance);
     if let Some(sock) = cli.api_sock.as_deref() {

@@ -310,3 +310,48 @@ fn a_connection_outlives_kill_9_of_the_vmm() {
         passt_gone(&pid_file)
     });
 }
+
+#[test]
+fn sigterm_to_a_protected_vmm_frees_its_published_port() {
+    if !have_passt() {
+        return;
+    }
+    let tmp = shm();
+    let state = tmp.path().join("vm");
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:7");
+    let args = format!("net-echo 7 4 {GUEST_NET}");
+    let (child, _out) = start(
+        &[
+            "run",
+            "--bundled",
+            "testguest",
+            "--mem-mib",
+            "64",
+            "--args",
+            &args,
+            "--publish",
+            &publish,
+            "--state",
+            state.to_str().unwrap(),
+            "--protect-ms",
+            "20",
+        ],
+        "net-echo listening",
+    );
+    let mut c = connect(port);
+    echo(&mut c, b"served");
+    let pid_file = state.join("passt-0.pid");
+    assert!(!passt_gone(&pid_file), "passt serves the port");
+    // SAFETY: signals our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = output_within(child, "rebound after SIGTERM", Duration::from_secs(30));
+    assert_eq!(o.status.code(), None, "it dies of the signal");
+    // Unlike a crash, a stop asked for ends passt: nobody would free the port otherwise.
+    wait_until("passt to end with the VMM", Duration::from_secs(10), || {
+        passt_gone(&pid_file)
+    });
+    wait_until("the port to be free", Duration::from_secs(10), || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    });
+}

@@ -12,7 +12,7 @@ pub mod dirty;
 pub mod format;
 pub mod state;
 
-pub use dirty::DirtySet;
+pub use dirty::{DirtySet, HotPages};
 pub use format::{Kind, Snapshot, SnapshotError, SnapshotMeta};
 
 /// Guest page size the snapshot machinery counts in.

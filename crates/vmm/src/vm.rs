@@ -247,24 +247,9 @@ struct DirtyTracking {
     consumers: HashMap<String, DirtySet>,
     /// KVM leaves write-protecting logged pages to us (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
     manual: bool,
-    /// With `manual`: per page, frozen harvests left before its write protection comes back
-    /// (0: protected). See [`HOT_HARVESTS`].
-    hot: Vec<u8>,
-    /// Pages with a non-zero count in `hot`.
-    hot_count: usize,
+    /// With `manual`: which logged pages stay writable (reported again at each harvest).
+    hot: Option<rebound_snapshot::HotPages>,
 }
-
-/// A page written stays writable (and is reported dirty) for this many frozen harvests before
-/// it is write-protected again. The first write to a protected page costs the guest a fault
-/// (~15-20 µs through PVM's shadow paging, a few µs on VMX); copying a page costs well under
-/// one. A guest that writes the same pages every epoch (socket buffers, its heap) then faults
-/// once per this many checkpoints instead of once per checkpoint per page.
-const HOT_HARVESTS: u8 = 32;
-
-/// Most pages kept writable at once (2 MiB): every one is copied at every checkpoint, so a
-/// guest that writes much memory once (a burst, a large copy) gets the usual protection for
-/// what does not fit, instead of copying all of it for [`HOT_HARVESTS`] checkpoints.
-const HOT_BUDGET: usize = 512;
 
 /// Why the vCPUs are stopped.
 #[derive(Default)]
@@ -1018,8 +1003,9 @@ impl Vm {
         let mut d = lock(&self.dirty);
         if !d.enabled {
             d.manual = memory::manual_dirty_protect(&self.vm_fd);
-            d.hot = vec![0; (self.shared.layout.mem_size() / PAGE_SIZE) as usize];
-            d.hot_count = 0;
+            d.hot = Some(rebound_snapshot::HotPages::new(
+                self.shared.layout.mem_size() / PAGE_SIZE,
+            ));
             memory::register(&self.vm_fd, &self.shared.mem, true)?;
             d.enabled = true;
             // Start every consumer from a clean slate: pages written before now are unknown.
@@ -1059,8 +1045,12 @@ impl Vm {
         Ok(set)
     }
 
-    /// Counts down the logged pages' writable harvests; write-protects again those at zero.
+    /// Write-protects again the logged pages that are not to stay writable (see
+    /// [`rebound_snapshot::HotPages`]).
     fn reprotect_cold(&self, d: &mut DirtyTracking, log: &[u64]) -> Result<()> {
+        let Some(hot) = d.hot.as_mut() else {
+            return Ok(());
+        };
         let mut clear = vec![0u64; log.len()];
         let mut any = false;
         for (w, &word) in log.iter().enumerate() {
@@ -1068,26 +1058,7 @@ impl Vm {
             while bits != 0 {
                 let b = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                let Some(h) = d.hot.get_mut(w * 64 + b) else {
-                    continue;
-                };
-                let protect = if *h == 0 {
-                    // Written since it was protected: keep it writable if there is room.
-                    if d.hot_count < HOT_BUDGET {
-                        *h = HOT_HARVESTS - 1;
-                        d.hot_count += 1;
-                        false
-                    } else {
-                        true
-                    }
-                } else {
-                    *h -= 1;
-                    if *h == 0 {
-                        d.hot_count -= 1;
-                    }
-                    *h == 0
-                };
-                if protect {
+                if !hot.keep((w * 64 + b) as u64) {
                     clear[w] |= 1 << b;
                     any = true;
                 }
