@@ -5,8 +5,8 @@
 //! one fail with ENOSPC.
 //!
 //! Kill points: `before-record`, `after-record` (record committed, journal not yet reset),
-//! `after-journal-reset`, `journal-append` (a page's old contents journaled, protection not
-//! yet lifted).
+//! `after-journal-reset`, `journal-append` (a page's old contents journaled: at its first
+//! write, protection not yet lifted; or, for a page kept writable, at the checkpoint).
 
 use std::io;
 use std::sync::Mutex;

@@ -341,6 +341,8 @@ impl Strategy for PreImage {
             {
                 return Err(Error::Lost(j.fail("written", e)));
             }
+            drop(j);
+            faults::point("journal-append");
             undo.insert(p, old);
         }
         drop(undo);
