@@ -130,6 +130,18 @@ pub const BOOT_ARGS_OFFSET: u64 = 512;
 pub const BOOT_ARGS_MAX: u64 = 4096 - BOOT_ARGS_OFFSET;
 /// Guest-physical address where a guest ELF's lowest loadable segment may start.
 pub const IMAGE_BASE: u64 = 0x40_0000;
+/// The ELF note every SDK guest carries (section `.note.rebound`, in a `PT_NOTE` segment): the
+/// VMM runs only ELF files that have it, with its major ABI version.
+pub mod note {
+    /// The note's owner name, NUL-terminated (8 bytes: no padding).
+    pub const NAME: [u8; 8] = *b"Rebound\0";
+    /// The note type: its descriptor is the ABI version the guest was built for (`u32`,
+    /// `major << 16 | minor`), then 4 reserved bytes.
+    pub const TYPE_ABI: u32 = 1;
+    /// The descriptor's size in bytes.
+    pub const DESC_SIZE: u32 = 8;
+}
+
 /// Page size the ABI counts in.
 pub const PAGE_SIZE: u64 = 4096;
 

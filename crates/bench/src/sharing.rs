@@ -292,8 +292,11 @@ fn exits_of(bin: &Path, dir: &Path, args: &str) -> Result<(u64, String)> {
     if !out.status.success() {
         bail!("lockbench failed: {stdout}{stderr}");
     }
-    // "rebound: guest exited with status 0 after 0.01 s (N VM exits, ...)"
+    // "rebound: ran 0.01 s (N VM exits, ...)"
     let exits = stderr
+        .split("rebound: ran ")
+        .nth(1)
+        .unwrap_or_default()
         .split('(')
         .nth(1)
         .and_then(|s| s.split_whitespace().next())

@@ -258,8 +258,8 @@ pub fn protected_overhead(runs: usize) -> Result<()> {
         if !out.status.success() {
             bail!("demo failed: {err}");
         }
-        // "guest exited with status 0 after 2.73 s (..."
-        err.split("after ")
+        // "rebound: ran 2.73 s (..."
+        err.split("rebound: ran ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse::<f64>().ok())

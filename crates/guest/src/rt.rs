@@ -5,7 +5,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use linked_list_allocator::LockedHeap;
-use rebound_abi::{ABI_MAJOR, BOOT_INFO_MAGIC, BootInfo};
+use rebound_abi::{ABI_MAJOR, ABI_VERSION, BOOT_INFO_MAGIC, BootInfo, note};
 
 use crate::{Cpu, hypercall};
 
@@ -27,7 +27,33 @@ unsafe extern "Rust" {
     fn __rebound_main(cpu: Cpu) -> i32;
 }
 
+/// An ELF note as the linker lays it out: sizes, type, then name and descriptor (each a multiple
+/// of 4 bytes here, so no padding).
+#[repr(C, align(4))]
+struct AbiNote {
+    namesz: u32,
+    descsz: u32,
+    kind: u32,
+    name: [u8; 8],
+    desc: [u32; 2],
+}
+
+/// The marker that makes this ELF a Rebound guest: the VMM refuses ELF files without it (a
+/// program built for Linux would otherwise start and fault at its first system call).
+#[used]
+#[unsafe(link_section = ".note.rebound")]
+static ABI_NOTE: AbiNote = AbiNote {
+    namesz: note::NAME.len() as u32,
+    descsz: note::DESC_SIZE,
+    kind: note::TYPE_ABI,
+    name: note::NAME,
+    desc: [ABI_VERSION, 0],
+};
+
 extern "C" fn start(vcpu: u64, boot: *const BootInfo) -> ! {
+    // Referenced, so that no linker drops the note as unused.
+    // SAFETY: a valid, aligned static.
+    let _ = unsafe { core::ptr::read_volatile(&raw const ABI_NOTE.kind) };
     // SAFETY: the VMM passes the boot info page's address, mapped read-only for the VM's life.
     let cpu = unsafe { Cpu::from_boot(vcpu as u32, boot) };
     if vcpu == 0 {

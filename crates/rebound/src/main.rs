@@ -22,6 +22,7 @@ mod api_sock;
 mod client;
 mod firecracker;
 mod logging;
+mod scaffold;
 mod signals;
 mod survive;
 
@@ -100,6 +101,8 @@ enum Command {
     Share(ShareCommand),
     /// List the guests bundled in this binary, with what their --args take.
     Guests,
+    /// Create a guest crate (a program for Rebound VMs, on the guest SDK) from a template.
+    New(scaffold::NewArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -518,6 +521,16 @@ fn run(mut cli: Cli) -> Result<i32> {
             print!("{}", guests_text());
             Ok(0)
         }
+        Some(Command::New(args)) => {
+            let (dir, run) = scaffold::create(&args)?;
+            eprintln!(
+                "rebound: created the guest crate {}; build and run it with:\n  \
+                 cargo build --release --manifest-path {}\n  {run}",
+                dir.display(),
+                dir.join("Cargo.toml").display()
+            );
+            Ok(0)
+        }
         Some(Command::Run(args)) if args.supervise => survive::supervise_run(&cli, &args),
         Some(Command::Run(args)) => run_guest(&cli, args),
         Some(Command::Recover(args)) if args.supervise => survive::supervise_recover(&cli, &args),
@@ -812,8 +825,9 @@ pub(crate) fn finish(instance: &Instance, t0: Instant, print_metrics: bool) -> R
         + m.exits.shutdown
         + m.exits.failure
         + m.exits.other;
+    eprintln!("rebound: {outcome}");
     eprintln!(
-        "rebound: {outcome} after {:.2} s ({exits} VM exits, {} I/O requests, {} interrupts injected)",
+        "rebound: ran {:.2} s ({exits} VM exits, {} I/O requests, {} interrupts injected)",
         t0.elapsed().as_secs_f64(),
         m.io.requests,
         m.interrupts_injected,

@@ -267,16 +267,25 @@ fn protected_kv_keeps_every_acknowledged_write_through_kills_rollbacks_and_updat
         let (a, s) = (acked.clone(), stop.clone());
         std::thread::spawn(move || writer(port, a, s))
     };
-    // A second client keeps reading and writing meanwhile (redis-benchmark, bounded).
+    // More clients keep writing meanwhile (redis-benchmark, bounded). Only SET: each test of
+    // redis-benchmark opens new connections, and a connection whose SYN is still in passt's
+    // socket when the VMM is killed is lost for good, since Debian 12's passt never sends a
+    // SYN again (it resets the connection after 10 s; docs/network.md). So the faults start
+    // once the benchmark's connections are served.
     let bench = have("redis-benchmark").then(|| {
         Command::new("timeout")
             .args(["300", "redis-benchmark", "-p", &port.to_string()])
-            .args(["-q", "-n", "100000", "-c", "4", "-t", "set,get", "-P", "4"])
+            .args(["-q", "-n", "100000", "-c", "4", "-t", "set", "-P", "4"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     });
+    if bench.is_some() {
+        wait_until("redis-benchmark's first SET", Duration::from_secs(60), || {
+            redis_cli(port, &["EXISTS", "key:__rand_int__"]).trim() == "1"
+        });
+    }
     let progress = |what: &str| {
         let from = acked.load(Ordering::Acquire);
         wait_until(what, Duration::from_secs(60), || {

@@ -6,7 +6,8 @@ use std::io::Cursor;
 
 use linux_loader::loader::{Elf, KernelLoader};
 use rebound_abi::{
-    ABI_VERSION, BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, IMAGE_BASE, PAGE_SIZE,
+    ABI_MAJOR, ABI_MINOR, ABI_VERSION, BOOT_ARGS_OFFSET, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo,
+    IMAGE_BASE, PAGE_SIZE, note,
 };
 use rebound_arch::Layout;
 use rebound_arch::layout::VCPU_PAGES;
@@ -23,6 +24,18 @@ pub enum ImageError {
         /// Image name.
         name: String,
         /// What is wrong.
+        reason: String,
+    },
+    /// An ELF file that is not a Rebound guest (built for an operating system, or without the
+    /// SDK), or one built for another major ABI version.
+    #[error(
+        "guest image {name} is not a Rebound guest: {reason}; guests are built against the \
+         rebound-guest SDK (`rebound new NAME` creates one, see docs/guest-sdk.md)"
+    )]
+    NotAGuest {
+        /// Image name.
+        name: String,
+        /// What it is instead.
         reason: String,
     },
     /// A segment does not fit in guest memory.
@@ -46,6 +59,8 @@ pub enum ImageError {
 /// Headroom left above the image for the heap.
 const MIN_HEAP: u64 = 1 << 20;
 const PT_LOAD: u32 = 1;
+const PT_INTERP: u32 = 3;
+const PT_NOTE: u32 = 4;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -106,6 +121,7 @@ pub fn check_elf(name: &str, b: &[u8], layout: &Layout) -> Result<ImageInfo, Ima
     if phnum == 0 || table_end.is_none_or(|e| e > b.len() as u64) {
         return Err(not_elf("program header table is missing or truncated"));
     }
+    check_guest(name, b, phoff, phnum, phentsize)?;
     let limit = layout.mem_size().saturating_sub(MIN_HEAP);
     let mut end = 0u64;
     let mut entry_ok = false;
@@ -153,6 +169,80 @@ pub fn check_elf(name: &str, b: &[u8], layout: &Layout) -> Result<ImageInfo, Ima
         return Err(not_elf("entry point is outside every loadable segment"));
     }
     Ok(ImageInfo { entry, end })
+}
+
+/// Refuses what is not an SDK guest: a program that asks for an interpreter, or one without the
+/// SDK's ABI note (or with another major version in it). The program header table is in bounds.
+fn check_guest(
+    name: &str,
+    b: &[u8],
+    phoff: u64,
+    phnum: u64,
+    phentsize: u64,
+) -> Result<(), ImageError> {
+    let not_guest = |reason: String| ImageError::NotAGuest {
+        name: name.into(),
+        reason,
+    };
+    let segment = |i: u64| {
+        let p = (phoff + i * phentsize) as usize;
+        (u32_at(b, p), u64_at(b, p + 8), u64_at(b, p + 32))
+    };
+    let bytes = |offset: u64, size: u64| {
+        let end = offset.checked_add(size)?;
+        b.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
+    };
+    let mut version = None;
+    for i in 0..phnum {
+        let (kind, offset, filesz) = segment(i);
+        if kind == PT_INTERP {
+            let interp = bytes(offset, filesz)
+                .map(|s| String::from_utf8_lossy(s.split(|c| *c == 0).next().unwrap_or(s)))
+                .unwrap_or_default();
+            return Err(not_guest(format!(
+                "it is a dynamically linked program for an operating system (its interpreter is \
+                 {interp})"
+            )));
+        }
+        if kind == PT_NOTE
+            && let Some(notes) = bytes(offset, filesz)
+        {
+            version = version.or_else(|| abi_note(notes));
+        }
+    }
+    let Some(version) = version else {
+        return Err(not_guest(
+            "it has no Rebound ABI note (.note.rebound), which the SDK's runtime (feature `rt`) \
+             adds; a static program for Linux would fault at its first system call"
+                .into(),
+        ));
+    };
+    if version >> 16 != ABI_MAJOR {
+        return Err(not_guest(format!(
+            "it was built for guest ABI {}.{}, and this VMM speaks {ABI_MAJOR}.{ABI_MINOR} (major \
+             versions must match: rebuild it against this SDK)",
+            version >> 16,
+            version & 0xffff
+        )));
+    }
+    Ok(())
+}
+
+/// The ABI version in the Rebound note among `notes` (the contents of one `PT_NOTE` segment).
+fn abi_note(mut notes: &[u8]) -> Option<u32> {
+    let pad = |n: u32| (n as usize).checked_next_multiple_of(4);
+    while notes.len() >= 12 {
+        let (namesz, descsz, kind) = (u32_at(notes, 0), u32_at(notes, 4), u32_at(notes, 8));
+        let name_end = 12usize.checked_add(pad(namesz)?)?;
+        let desc_end = name_end.checked_add(pad(descsz)?)?;
+        let name = notes.get(12..12 + namesz as usize)?;
+        let desc = notes.get(name_end..name_end + descsz as usize)?;
+        if name == note::NAME && kind == note::TYPE_ABI && desc.len() >= 4 {
+            return Some(u32_at(desc, 0));
+        }
+        notes = notes.get(desc_end..)?;
+    }
+    None
 }
 
 /// Writes the image, the system structures and the boot info into fresh guest memory.
@@ -242,7 +332,7 @@ mod tests {
                 },
                 "truncated",
             ),
-            (good[..good.len() / 2].to_vec(), "past the end of the file"),
+            (good[..8192].to_vec(), "past the end of the file"),
             (
                 {
                     let mut b = good.clone();
@@ -278,5 +368,49 @@ mod tests {
         b[ph + 40..ph + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
+    }
+
+    /// Offset of the program header of the first segment of type `kind`.
+    fn header_of(b: &[u8], kind: u32) -> usize {
+        let phoff = u64_at(b, 32) as usize;
+        (0..usize::from(u16_at(b, 56)))
+            .map(|i| phoff + i * 56)
+            .find(|&p| u32_at(b, p) == kind)
+            .unwrap()
+    }
+
+    #[test]
+    fn only_sdk_guests_of_this_major_version_are_run() {
+        let good = rebound_guests::TESTGUEST.to_vec();
+        let note = header_of(&good, PT_NOTE);
+        // Without the note (its segment made PT_NULL), as a program built without the SDK.
+        let mut b = good.clone();
+        b[note..note + 4].copy_from_slice(&0u32.to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err();
+        assert!(matches!(e, ImageError::NotAGuest { .. }), "{e}");
+        assert!(e.to_string().contains("no Rebound ABI note"), "{e}");
+        // Built for another major version.
+        let mut b = good.clone();
+        let at = u64_at(&b, note + 8) as usize + 12 + 8;
+        assert_eq!(u32_at(&b, at), ABI_VERSION);
+        b[at..at + 4].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
+        assert!(e.contains("built for guest ABI 9.0"), "{e}");
+        // A later minor version runs (its new calls get ENOSYS).
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&((ABI_MAJOR << 16) | 99).to_le_bytes());
+        check_elf("t", &b, &layout()).unwrap();
+        // A dynamically linked program names its interpreter (here: the note's bytes).
+        let mut b = good.clone();
+        b[note..note + 4].copy_from_slice(&PT_INTERP.to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
+        assert!(e.contains("dynamically linked program"), "{e}");
+        // A truncated or lying note is no note, never a panic.
+        let mut b = good.clone();
+        let n = u64_at(&b, note + 8) as usize;
+        b[n..n + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = check_elf("t", &b, &layout()).unwrap_err().to_string();
+        assert!(e.contains("no Rebound ABI note"), "{e}");
+        assert_eq!(abi_note(&[0; 11]), None);
     }
 }

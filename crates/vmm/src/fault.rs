@@ -23,15 +23,19 @@ pub struct FaultReport {
     pub error_code: Option<u64>,
     /// Faulting address (CR2), for page faults.
     pub address: Option<u64>,
+    /// Where RIP is in the guest's code: `function+offset (file:line)`, as much as the image's
+    /// symbols and line tables tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 impl std::fmt::Display for FaultReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "vCPU {} faulted at RIP {:#x}: {}",
-            self.vcpu, self.rip, self.reason
-        )
+        write!(f, "vCPU {} faulted at RIP {:#x}", self.vcpu, self.rip)?;
+        if let Some(l) = &self.location {
+            write!(f, " in {l}")?;
+        }
+        write!(f, ": {}", self.reason)
     }
 }
 
@@ -104,6 +108,7 @@ pub fn from_stub(fd: &VcpuFd, mem: &GuestMemory, vcpu: u32) -> FaultReport {
         vector: u8::try_from(vector).ok(),
         error_code: Some(error_code),
         address,
+        location: None,
     }
 }
 
@@ -119,5 +124,6 @@ pub fn from_exit(fd: &VcpuFd, vcpu: u32, reason: String) -> FaultReport {
         vector: None,
         error_code: None,
         address: None,
+        location: None,
     }
 }

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod share;
+pub mod symbols;
 mod vcpu;
 pub mod vm;
 mod vstate;

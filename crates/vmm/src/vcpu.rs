@@ -184,10 +184,11 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
             Next::Continue => {}
             Next::Stop => break,
             Next::Fault(src) => {
-                let report = match src {
+                let mut report = match src {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),
                     FaultSource::Exit(reason) => fault::from_exit(&fd, id, reason),
                 };
+                report.location = vm.symbols.as_ref().and_then(|s| s.describe(report.rip));
                 tracing::info!(%report, "guest fault");
                 vm.finish(VmOutcome::Faulted(report));
                 break;

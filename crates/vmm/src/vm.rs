@@ -92,8 +92,9 @@ impl std::fmt::Display for VmOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmOutcome::Exited { status } => write!(f, "guest exited with status {status}"),
+            // The message on lines of its own: it is the guest's, often several lines long.
             VmOutcome::Panicked { vcpu, message } => {
-                write!(f, "guest panicked on vCPU {vcpu}: {message}")
+                write!(f, "guest panicked on vCPU {vcpu}:\n{}", message.trim_end())
             }
             VmOutcome::Faulted(r) => write!(f, "guest fault: {r}"),
             VmOutcome::Stopped => write!(f, "VM stopped"),
@@ -135,6 +136,8 @@ pub(crate) struct VmShared {
     pub(crate) shares: Arc<Shares>,
     /// Network interfaces, if any.
     pub(crate) nics: Option<Arc<Nics<GuestMemory>>>,
+    /// Names for guest code addresses in fault reports.
+    pub(crate) symbols: Option<Arc<crate::symbols::Symbols>>,
 }
 
 impl VmShared {
@@ -292,6 +295,8 @@ struct Parts {
     net_state: Option<NetState>,
     /// The received-frame journal (see [`RestoreOptions::net_journal`]).
     net_journal: Option<(std::path::PathBuf, Option<u64>)>,
+    /// Names for the image's code addresses (a booted image; a restored VM has no image).
+    symbols: Option<Arc<crate::symbols::Symbols>>,
 }
 
 /// How to restore.
@@ -518,6 +523,7 @@ impl Vm {
             nics,
             net_state: None,
             net_journal: config.net_journal.clone().map(|p| (p, None)),
+            symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
         };
         Self::build(parts, console, launched)
     }
@@ -583,6 +589,7 @@ impl Vm {
             net_state,
             net_journal,
             descriptor: state.vm,
+            symbols: None,
         };
         Self::build(parts, console, launched)
     }
@@ -628,6 +635,7 @@ impl Vm {
             net_state,
             net_journal: options.net_journal,
             descriptor: state.vm,
+            symbols: None,
         };
         Self::build(parts, console, launched)
     }
@@ -649,6 +657,7 @@ impl Vm {
             nics: nic_specs_built,
             net_state,
             net_journal,
+            symbols,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -780,6 +789,7 @@ impl Vm {
             vcpu_threads: Mutex::new(Vec::new()),
             shares,
             nics,
+            symbols,
         });
         // Shared regions are in place (and the guest's table written) before it runs. A
         // failure here drops everything built so far; no vCPU thread exists yet.
