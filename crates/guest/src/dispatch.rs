@@ -6,6 +6,27 @@
 //! task it checks the indicator of every waiting task and resumes those whose I/O is done.
 //! When no task can run, the dispatcher blocks the vCPU in the VMM (`BLOCK` hypercall), which
 //! returns as soon as an I/O of this vCPU completes.
+//!
+//! A dispatcher runs on the vCPU that calls [`Dispatcher::run`]; its tasks are not `Send` and
+//! need not be. Tasks are cooperative: one that computes for a long time without awaiting holds
+//! up the others (await [`yield_now`] now and then).
+//!
+//! ```no_run
+//! use rebound_guest::dispatch::{Dispatcher, yield_now};
+//! use rebound_guest::println;
+//!
+//! let mut d = Dispatcher::new();
+//! for name in ["ping", "pong"] {
+//!     d.spawn(async move {
+//!         for i in 0..3 {
+//!             println!("{name} {i}");
+//!             yield_now().await; // let the other task run
+//!         }
+//!     });
+//! }
+//! let stats = d.run(); // returns once both tasks are done
+//! println!("{} polls, {} blocks", stats.polls, stats.blocks);
+//! ```
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -20,7 +41,9 @@ use core::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 use rebound_abi::completion;
 
-/// A completion indicator: zero while pending, see [`rebound_abi::completion`].
+/// A completion indicator: a `u64` in guest memory the VMM stores into when a request
+/// completes. Zero while pending, then [`completion::DONE`] with the result in the low 32
+/// bits (see [`rebound_abi::completion`]).
 pub type Indicator = AtomicU64;
 
 /// Per-task scheduling state, shared with the task's wakers.
@@ -101,7 +124,8 @@ unsafe fn waker_drop(data: *const ()) {
 }
 
 /// Registers `ind` as what the current task waits on; the dispatcher resumes the task once it is
-/// complete. Under a foreign executor this falls back to waking at once (polling).
+/// complete. For futures of your own over a completion indicator: call it, then return
+/// `Pending`. Under a foreign executor this falls back to waking at once (polling).
 pub fn wait_for(cx: &mut Context<'_>, ind: &Arc<Indicator>) {
     let waker = cx.waker();
     if ptr::eq(waker.vtable(), &VTABLE) {
@@ -113,7 +137,8 @@ pub fn wait_for(cx: &mut Context<'_>, ind: &Arc<Indicator>) {
     }
 }
 
-/// Yields once to the other tasks.
+/// Yields once to the other tasks: the task is polled again on the dispatcher's next round,
+/// after every other task that can run.
 pub async fn yield_now() {
     let mut yielded = false;
     core::future::poll_fn(|cx| {
@@ -137,6 +162,9 @@ struct Task {
 /// fills). The dispatcher polls every source on each round, with no exit; a source with work
 /// wakes the tasks waiting on it. Sources are also told when the dispatcher goes idle, so they
 /// can tell the outside (another VM deciding whether to wake this one).
+///
+/// The SDK's sources are the network [`Stack`](crate::net::Stack) and the shared-memory
+/// [`Inbox`](crate::share::Inbox); add them with [`Dispatcher::add_source`].
 pub trait Source {
     /// Whether the source has work (it wakes its waiting tasks itself).
     fn poll(&self) -> bool;
@@ -152,14 +180,15 @@ pub trait Source {
 }
 
 /// Adds tasks to a running [`Dispatcher`] from inside its tasks (e.g. one per accepted
-/// connection). Tasks spawned here start on the dispatcher's next round.
+/// connection). Tasks spawned here start on the dispatcher's next round. Cheap to clone;
+/// get one with [`Dispatcher::spawner`].
 #[derive(Clone, Default)]
 pub struct Spawner {
     queue: Rc<RefCell<Vec<Task>>>,
 }
 
 impl Spawner {
-    /// Adds a task.
+    /// Adds a task (a future with no output; it runs until it completes).
     pub fn spawn(&self, future: impl Future<Output = ()> + 'static) {
         self.queue.borrow_mut().push(Task {
             future: Box::pin(future),
@@ -168,7 +197,7 @@ impl Spawner {
     }
 }
 
-/// What the dispatcher did.
+/// What the dispatcher did, returned by [`Dispatcher::run`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Tasks polled.
@@ -181,13 +210,14 @@ pub struct Stats {
     pub shutdown: bool,
 }
 
-/// Rounds of polling the sources before a dispatcher with sources goes idle (see
+/// Rounds of polling the sources before a dispatcher with sources goes idle, by default (see
 /// [`Dispatcher::set_poll_spins`]).
 pub const DEFAULT_POLL_SPINS: u32 = 200;
 /// `pause`s between two looks at the sources while polling.
 const POLL_PAUSES: u32 = 16;
 
-/// Runs tasks on one vCPU until all have finished.
+/// Runs tasks on one vCPU until all have finished, blocking the vCPU in the VMM when none can
+/// run. See the [module documentation](self).
 pub struct Dispatcher {
     tasks: Vec<Task>,
     spawned: Spawner,
@@ -235,7 +265,8 @@ impl Dispatcher {
         self.on_shutdown = Some(Box::new(f));
     }
 
-    /// Adds a task.
+    /// Adds a task (a future with no output; it runs until it completes). Tasks start when
+    /// [`run`](Self::run) is called.
     pub fn spawn(&mut self, future: impl Future<Output = ()> + 'static) {
         self.tasks.push(Task {
             future: Box::pin(future),
@@ -248,12 +279,22 @@ impl Dispatcher {
         self.spawned.clone()
     }
 
-    /// Adds a source of outside work, polled on every round.
+    /// Adds a source of outside work, polled on every round (e.g. `stack.clone()`, a network
+    /// [`Stack`](crate::net::Stack): without it, no frame is sent or received).
     pub fn add_source(&mut self, source: Rc<dyn Source>) {
         self.sources.push(source);
     }
 
-    /// Runs every task to completion, blocking the vCPU in the VMM when none can run.
+    /// Runs every task to completion, blocking the vCPU in the VMM when none can run, and
+    /// returns what it did.
+    ///
+    /// It also returns, with [`Stats::shutdown`] set and tasks left unfinished, when the host
+    /// asks for a shutdown and no [`on_shutdown`](Self::on_shutdown) handler is registered.
+    /// A dispatcher with a task that never ends (a server's accept loop) runs until then.
+    ///
+    /// Blocking: with tasks waiting on I/O only, until an I/O of this vCPU completes; with
+    /// sources, at most 100 ms (less if a source's timer says so); otherwise 1 ms, so that
+    /// tasks woken from elsewhere are seen.
     pub fn run(&mut self) -> Stats {
         let has_sources = !self.sources.is_empty();
         self.run_inner(move |waiting_on_io, timeout| {

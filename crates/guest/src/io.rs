@@ -4,6 +4,49 @@
 //! Submitting rings a doorbell port backed by an ioeventfd: the kernel absorbs it (~3 us)
 //! without returning to the VMM's vCPU thread. A VMM I/O thread performs the request and
 //! stores the result into the request's indicator.
+//!
+//! Each vCPU that does I/O sets up its own ring once ([`IoQueue::setup`]); its operations are
+//! futures for [`Dispatcher`](crate::dispatch::Dispatcher) tasks. The disk is the one given to
+//! `rebound run --disk PATH` (`--disk-read-only` refuses writes) or `--scratch-disk-mib N`;
+//! its size is [`Cpu::disk_size`](crate::Cpu::disk_size). Without a disk, the ring still
+//! works: reads, writes and flushes complete with `ENODEV`, timers as usual.
+//!
+//! Disk requests are in bytes but whole sectors
+//! ([`SECTOR_SIZE`](rebound_abi::io::SECTOR_SIZE), 512): the offset and the buffer's length
+//! are multiples of 512, the length is 512 bytes to
+//! [`MAX_TRANSFER`](rebound_abi::io::MAX_TRANSFER) (1 MiB), and the range lies within the disk.
+//!
+//! | Operation | Resolves to | Errors |
+//! |---|---|---|
+//! | [`read`](IoQueue::read) | `Ok(len)`, the buffer filled | `ENODEV` no disk; `EINVAL` bad offset or length, past the end; `EIO` host read failed |
+//! | [`write`](IoQueue::write) | `Ok(len)` | `ENODEV`; `EINVAL` as for read; `EROFS` read-only disk; `EIO` host write failed |
+//! | [`flush`](IoQueue::flush) | `Ok(0)` | `ENODEV`; `EIO` host `fdatasync` failed |
+//! | [`sleep`](IoQueue::sleep) | `Ok(0)` | `EBUSY`: the VMM already holds 65 536 pending timers |
+//!
+//! (`EFAULT`, for a buffer outside the guest's writable memory, cannot happen with the `Vec`s
+//! the safe API takes.)
+//!
+//! ```no_run
+//! use alloc::vec;
+//! # extern crate alloc;
+//! use rebound_guest::dispatch::Dispatcher;
+//! use rebound_guest::io::IoQueue;
+//! use rebound_guest::println;
+//!
+//! let q = IoQueue::setup(64).expect("I/O ring");
+//! let mut d = Dispatcher::new();
+//! d.spawn(async move {
+//!     // Sector 8 (byte offset 4096), one 4 KiB block.
+//!     let (r, buf) = q.read(8 * 512, vec![0u8; 4096]).await;
+//!     match r {
+//!         Ok(n) => println!("read {n} bytes, first {:#x}", buf[0]),
+//!         Err(e) => println!("read failed: {e}"), // e.g. ENODEV (-19) without a disk
+//!     }
+//!     let (r, _) = q.sleep(10_000_000).await; // 10 ms
+//!     assert_eq!(r, Ok(0));
+//! });
+//! d.run();
+//! ```
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -22,7 +65,8 @@ use crate::dispatch::{Indicator, wait_for};
 use crate::hypercall::{self, Errno};
 
 /// One vCPU's I/O ring, registered with the VMM. Lives as long as the VM (the VMM keeps using
-/// its memory), so it is handed out as `&'static`.
+/// its memory), so it is handed out as `&'static`. It belongs to the vCPU that set it up: its
+/// completions wake that vCPU (the type is neither `Send` nor `Sync`).
 pub struct IoQueue {
     ring: NonNull<u8>,
     entries: u32,
@@ -30,7 +74,14 @@ pub struct IoQueue {
 }
 
 impl IoQueue {
-    /// Allocates a ring of `entries` requests (a power of two) and registers it for this vCPU.
+    /// Allocates a ring of `entries` requests (a power of two, 1 to
+    /// [`MAX_ENTRIES`](rebound_abi::io::MAX_ENTRIES) = 4096) from the heap and registers it for
+    /// this vCPU (`IO_SETUP`). `entries` bounds the requests in flight at once; more wait for
+    /// room. The ring's memory (8 + 32 × `entries` bytes) is never freed.
+    ///
+    /// Errors: `EINVAL` for a bad `entries`; `E2BIG` if the heap has no room; `EBUSY` if this
+    /// vCPU already has a ring (set up once per vCPU, keep the reference). It works without a
+    /// disk: timers need none, disk requests then complete with `ENODEV`.
     pub fn setup(entries: u32) -> Result<&'static IoQueue, Errno> {
         if !entries.is_power_of_two() || entries > io::MAX_ENTRIES {
             return Err(Errno(errno::EINVAL));
@@ -110,22 +161,42 @@ impl IoQueue {
         }
     }
 
-    /// Reads `buf.len()` bytes of the disk at `offset` into `buf`.
+    /// Reads `buf.len()` bytes of the disk, starting `offset` bytes into it, into `buf`.
+    ///
+    /// Both are multiples of 512; the length is 512 to 1 MiB. Resolves to `(Ok(len), buf)`
+    /// with the data, or to an error with `buf` unchanged: `ENODEV` (no disk), `EINVAL` (an
+    /// offset or length that is not a multiple of 512, an empty or longer than 1 MiB buffer, a
+    /// range past the end of the disk), `EIO` (the host's read failed).
+    ///
+    /// Nothing happens until the future is first polled (awaited).
     pub fn read(&'static self, offset: u64, buf: Vec<u8>) -> IoOp {
         self.op(io::OP_READ, offset, buf)
     }
 
-    /// Writes `buf` to the disk at `offset`.
+    /// Writes `buf` to the disk, starting `offset` bytes into it; the buffer comes back.
+    ///
+    /// Same sizes as [`read`](Self::read). Resolves to `(Ok(len), buf)` once the host wrote
+    /// the data to the disk file (durable after a [`flush`](Self::flush)), or to an error:
+    /// `ENODEV` (no disk), `EINVAL` (as for `read`), `EROFS` (a disk given with
+    /// `--disk-read-only`), `EIO` (the host's write failed).
+    ///
+    /// Nothing happens until the future is first polled (awaited). Requests of one ring are
+    /// performed in order.
     pub fn write(&'static self, offset: u64, buf: Vec<u8>) -> IoOp {
         self.op(io::OP_WRITE, offset, buf)
     }
 
-    /// Makes earlier writes durable.
+    /// Makes the writes completed before it durable on the host (`fdatasync` of the disk
+    /// file). Resolves to `(Ok(0), empty Vec)`, or `ENODEV` (no disk), `EIO` (the sync
+    /// failed).
     pub fn flush(&'static self) -> IoOp {
         self.op(io::OP_FLUSH, 0, Vec::new())
     }
 
-    /// Completes after `ns` nanoseconds: a sleep with no exit and no interrupt.
+    /// Completes after at least `ns` nanoseconds: a sleep with no exit and no interrupt (the
+    /// dispatcher blocks the vCPU meanwhile if nothing else can run). Needs no disk. Resolves
+    /// to `(Ok(0), empty Vec)`, or `EBUSY` if the VMM already holds 65 536 pending timers (all
+    /// vCPUs together). A pending timer survives a snapshot with the time it had left.
     pub fn sleep(&'static self, ns: u64) -> IoOp {
         self.op(io::OP_TIMER, ns, Vec::new())
     }
@@ -133,14 +204,18 @@ impl IoQueue {
 
 /// Submits a request exactly as given, spinning until the ring has room. For tests that need
 /// requests the safe API cannot express (bad ops, buffers the guest does not own); the caller
-/// keeps the completion indicator alive and valid.
+/// keeps the completion indicator alive and valid. The VMM completes a request with an unknown
+/// `op` with `EINVAL` (`ENODEV` without a disk); one whose indicator is not 8-byte aligned
+/// guest-writable memory is dropped (never completed).
 pub fn submit_raw(queue: &IoQueue, req: IoRequest) {
     while !queue.try_submit(req) {
         core::hint::spin_loop();
     }
 }
 
-/// An I/O in flight. Resolves to the result (bytes transferred) and the buffer.
+/// An I/O request, made by [`IoQueue`]'s methods. Put on the ring when first polled; resolves
+/// to `(Result<u32, Errno>, Vec<u8>)`: the bytes transferred (0 for flushes and timers) or the
+/// error, and the buffer the request was given (empty for flushes and timers).
 ///
 /// Dropping an unfinished `IoOp` leaks its buffer and indicator: the VMM may still write them.
 pub struct IoOp {

@@ -8,6 +8,26 @@
 //! Other VMs are not trusted: whatever this module reads from a region (queue positions,
 //! sequence numbers, lengths, lock words) is checked, and a queue that makes no sense is
 //! reported as [`Corrupt`] rather than followed.
+//!
+//! Regions are attached with `rebound run --share NAME` (read-write) or `--share NAME:ro`, or
+//! through the API; see `docs/sharing.md`. A VM with none sees an empty [`regions`], [`find`]
+//! returns None and [`vm_id`] is 0. Nothing here returns an [`Errno`](crate::hypercall::Errno):
+//! the two hypercalls it makes (`SHARE_NOTIFY`, `SHARE_RECOVER`) fail only with `EINVAL` for a
+//! region index that is not attached, which [`Region`]s from [`regions`] never have.
+//!
+//! ```no_run
+//! use rebound_guest::share;
+//!
+//! if let Some(r) = share::find("jobs") {
+//!     let (data, len) = r.data();
+//!     rebound_guest::println!("region {} at {data:p}: {len} bytes of data", r.name());
+//!     let counter = r.word(0).expect("the data area holds a word");
+//!     let lock = r.lock(0);
+//!     lock.lock(); // blocks this vCPU while another VM holds it
+//!     counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+//!     lock.unlock();
+//! }
+//! ```
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
@@ -18,7 +38,8 @@ use rebound_abi::{nr, port};
 
 use crate::hypercall;
 
-/// Something in a region does not make sense (another VM wrote garbage there).
+/// Something in a region does not make sense (another VM wrote garbage there), or a queue
+/// does not fit where it was asked to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Corrupt;
 
@@ -28,7 +49,8 @@ fn table() -> &'static ShareTable {
     unsafe { &*(share::TABLE_ADDR as *const ShareTable) }
 }
 
-/// This VM's id in member slots (0 if the VMM has no shared regions for it).
+/// This VM's id in member slots (0 if the VMM has no shared regions for it). A restored clone
+/// gets a new one.
 pub fn vm_id() -> u64 {
     let t = table();
     if t.magic == share::TABLE_MAGIC {
@@ -38,7 +60,8 @@ pub fn vm_id() -> u64 {
     }
 }
 
-/// Changes whenever a region is attached or detached.
+/// Changes whenever a region is attached or detached while the VM runs: look at [`regions`]
+/// again when it does.
 pub fn generation() -> u32 {
     // SAFETY: see `table`; read volatile because the VMM changes it while the guest runs.
     unsafe {
@@ -46,7 +69,7 @@ pub fn generation() -> u32 {
     }
 }
 
-/// The regions attached to this VM.
+/// The regions attached to this VM (none without `--share`).
 pub fn regions() -> impl Iterator<Item = Region> {
     let t = table();
     let count = if t.magic == share::TABLE_MAGIC {
@@ -61,13 +84,13 @@ pub fn regions() -> impl Iterator<Item = Region> {
     })
 }
 
-/// The region named `name`.
+/// The region named `name`, if attached.
 pub fn find(name: &str) -> Option<Region> {
     regions().find(|r| r.name() == name)
 }
 
 /// Marks this VM busy (its dispatcher runs tasks) or idle (about to block) in every region:
-/// others wake it only when idle.
+/// others wake it only when idle. An [`Inbox`] in a dispatcher does this itself.
 pub fn set_busy(busy: bool) {
     for r in regions() {
         r.member(r.slot())
@@ -77,14 +100,15 @@ pub fn set_busy(busy: bool) {
     fence(Ordering::SeqCst);
 }
 
-/// One region as this VM sees it.
+/// One region as this VM sees it: a copy of its share table entry (address, size, rights,
+/// this VM's member slot).
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
     entry: ShareEntry,
     index: usize,
 }
 
-/// One member slot's shared fields.
+/// One member slot's shared fields (see [`Region::member`]).
 pub struct MemberRef {
     base: *mut u8,
 }
@@ -139,7 +163,8 @@ impl Region {
         self.index
     }
 
-    /// Its address in this VM.
+    /// Its address in this VM (its header: the data area starts
+    /// [`HEADER_SIZE`](rebound_abi::share::HEADER_SIZE) bytes in, see [`data`](Self::data)).
     pub fn base(&self) -> *mut u8 {
         self.entry.addr as *mut u8
     }
@@ -149,7 +174,8 @@ impl Region {
         self.entry.size
     }
 
-    /// Whether this VM may write it.
+    /// Whether this VM may write it (`--share NAME:ro`: no; its stores are then dropped by the
+    /// VMM, and counted).
     pub fn writable(&self) -> bool {
         self.entry.flags & share::WRITABLE != 0
     }
@@ -195,7 +221,8 @@ impl Region {
         Some(unsafe { AtomicU64::from_ptr(p.add(offset).cast()) })
     }
 
-    /// Wakes the VM in `slot`, whether busy or not.
+    /// Wakes the VM in `slot`, whether busy or not (a doorbell, or the `SHARE_NOTIFY`
+    /// hypercall from a read-only member). A slot out of range is ignored.
     pub fn wake(&self, slot: usize) {
         if slot >= share::MAX_MEMBERS {
             return;
@@ -223,12 +250,13 @@ impl Region {
     }
 
     /// Has the VMM recover members whose VMMs died (their locks come back marked
-    /// inconsistent); returns how many.
+    /// inconsistent); returns how many (0 also if the VMM refused the call). One hypercall;
+    /// [`Lock::lock`] calls it itself while it waits.
     pub fn recover(&self) -> u64 {
         hypercall::raw(nr::SHARE_RECOVER, &[self.index as u64]).max(0) as u64
     }
 
-    /// Lock `index` of the region's lock table.
+    /// Lock `index` of the region's lock table (0 to 255; larger indices are clamped).
     pub fn lock(&self, index: usize) -> Lock {
         Lock {
             region: *self,
@@ -236,7 +264,8 @@ impl Region {
         }
     }
 
-    /// A queue at byte `offset` of the data area (see [`Queue`]).
+    /// The queue at byte `offset` of the data area, as [`Queue::at`]: `Corrupt` if there is
+    /// none (no queue header there) or it does not fit.
     pub fn queue(&self, offset: usize) -> Result<Queue, Corrupt> {
         Queue::at(self, offset)
     }
@@ -317,7 +346,8 @@ impl Lock {
     }
 
     /// Takes the lock exclusively, waiting (in the VMM, not spinning) while another VM holds
-    /// it or reads under it.
+    /// it or reads under it. It blocks the vCPU, not just the task: a dispatcher's other tasks
+    /// wait too. A holder that died is recovered (its lock comes back `Inconsistent`).
     pub fn lock(&self) -> Acquired {
         let got = self.wait_for(|| self.try_lock());
         // Readers that came in before us leave; no new ones enter while we hold the word.
@@ -352,7 +382,8 @@ impl Lock {
         1 << self.region.slot()
     }
 
-    /// Takes the lock shared (readers exclude writers, not each other).
+    /// Takes the lock shared (readers exclude writers, not each other); blocks the vCPU as
+    /// [`lock`](Self::lock) does.
     pub fn read_lock(&self) -> Acquired {
         self.wait_for(|| {
             self.readers().fetch_or(self.my_bit(), Ordering::SeqCst);
@@ -525,8 +556,10 @@ impl Queue {
         Ok(unsafe { p.add(offset) })
     }
 
-    /// Makes an empty queue of `capacity` cells (a power of two) at `offset` of the data area.
-    /// Only while no other VM uses it (its owner, at start).
+    /// Makes an empty queue of `capacity` cells (a power of two, at most 2^20) at `offset` of
+    /// the data area (a multiple of 64); it takes [`Queue::bytes`]`(capacity)` bytes. Only
+    /// while no other VM uses it (its owner, at start). `Corrupt` if the arguments are bad or
+    /// the queue does not fit in the data area.
     pub fn init(region: &Region, offset: usize, capacity: u64) -> Result<Queue, Corrupt> {
         Self::init_owned(region, offset, capacity, 0)
     }
@@ -557,7 +590,8 @@ impl Queue {
         self.u64(0).store(QUEUE_MAGIC, Ordering::Release);
     }
 
-    /// The queue at `offset`, as its header describes it.
+    /// The queue at `offset`, as its header describes it: `Corrupt` if there is no queue
+    /// there or its header does not fit the region.
     pub fn at(region: &Region, offset: usize) -> Result<Queue, Corrupt> {
         let head = Self::place(region, offset, 1)?;
         // SAFETY: the first words of a placed queue are in bounds (checked by `place`).
@@ -650,7 +684,7 @@ impl Queue {
         Err(Corrupt)
     }
 
-    /// Takes the oldest message, if any.
+    /// Takes the oldest message, if any; `Corrupt` if the queue makes no sense.
     pub fn pop(&self) -> Result<Option<Message>, Corrupt> {
         if !self.header_ok() {
             return Err(Corrupt);
@@ -772,7 +806,8 @@ impl Inbox {
         self.queue.format(vm_id());
     }
 
-    /// Waits for the next message.
+    /// Waits for the next message (a future for a dispatcher task; the inbox must be one of the
+    /// dispatcher's sources, or nothing wakes the task).
     pub fn recv(self: &alloc::rc::Rc<Self>) -> impl core::future::Future<Output = Message> + '_ {
         core::future::poll_fn(move |cx| match self.try_recv() {
             Some(m) => core::task::Poll::Ready(m),

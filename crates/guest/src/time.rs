@@ -1,6 +1,19 @@
-//! Clocks. The monotonic clock is read from the TSC when the VMM describes it in this vCPU's
-//! page (ABI 1.5): no exit, tens of nanoseconds instead of tens of microseconds. Otherwise,
-//! and for the wall clock, a hypercall.
+//! Clocks, in nanoseconds. The monotonic clock is read from the TSC when the VMM describes it
+//! in this vCPU's page (ABI 1.5): no exit, tens of nanoseconds instead of tens of
+//! microseconds. Otherwise, and for the wall clock, a hypercall.
+//!
+//! To wait, do not spin on a clock: in a dispatcher task await
+//! [`IoQueue::sleep`](crate::io::IoQueue::sleep); outside one, [`block`](crate::hypercall::block)
+//! with a timeout.
+//!
+//! ```no_run
+//! use rebound_guest::{println, time};
+//!
+//! let start = time::monotonic_ns();
+//! // ... work ...
+//! let us = (time::monotonic_ns() - start) / 1_000;
+//! println!("took {us} us");
+//! ```
 
 use core::arch::asm;
 use core::sync::atomic::{Ordering, compiler_fence};
@@ -18,7 +31,9 @@ fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// Nanoseconds since the VM started (monotonic).
+/// Nanoseconds since the VM started: never goes back, the same on every vCPU, and continued
+/// from the saved value after a restore (the time a snapshot spent on disk does not count).
+/// Never fails.
 pub fn monotonic_ns() -> u64 {
     let page = vcpu_page();
     loop {
@@ -41,7 +56,9 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// Nanoseconds since the Unix epoch (wall clock).
+/// Nanoseconds since the Unix epoch: the host's wall clock, which can jump when the host's
+/// clock is set (measure durations with [`monotonic_ns`]). One hypercall (an exit) per call.
+/// Never fails (0 if the host's clock is before 1970).
 pub fn realtime_ns() -> u64 {
     crate::hypercall::raw(nr::CLOCK_REALTIME, &[]) as u64
 }

@@ -282,9 +282,11 @@ fn protected_kv_keeps_every_acknowledged_write_through_kills_rollbacks_and_updat
             .unwrap()
     });
     if bench.is_some() {
-        wait_until("redis-benchmark's first SET", Duration::from_secs(60), || {
-            redis_cli(port, &["EXISTS", "key:__rand_int__"]).trim() == "1"
-        });
+        wait_until(
+            "redis-benchmark's first SET",
+            Duration::from_secs(60),
+            || redis_cli(port, &["EXISTS", "key:__rand_int__"]).trim() == "1",
+        );
     }
     let progress = |what: &str| {
         let from = acked.load(Ordering::Acquire);

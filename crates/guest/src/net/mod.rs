@@ -11,29 +11,46 @@
 //! - [`TcpListener`] and [`TcpStream`]: async TCP for the dispatcher's tasks.
 //! - [`NicDevice`]: the NIC as a `smoltcp::phy::Device`, for guests that use smoltcp directly.
 //!
+//! A VM has network interfaces only when `rebound run` is given `--publish
+//! [ADDR:]HOST_PORT[:GUEST_PORT]` (the user-mode backend: the guest is 10.0.2.15/24, gateway
+//! 10.0.2.2), `--tap NAME` or `--mac MAC`. Without one, [`nics`] is empty and
+//! [`Nic::setup`] fails with `ENODEV`; nothing else in this module can be reached without a
+//! `Nic`.
+//!
+//! Errors: setting up a NIC returns an [`Errno`]; the stack and TCP return [`Error`], see
+//! each variant for which calls return it.
+//!
 //! A TCP echo server:
 //!
-//! ```ignore
-//! let nic = Nic::setup(0, 256, 256)?;
-//! let stack = Stack::new(nic, Ipv4Addr::new(10, 0, 2, 15), 24, None)?;
-//! let mut d = Dispatcher::new();
-//! d.add_source(stack.clone());
-//! let spawner = d.spawner();
-//! d.spawn(async move {
-//!     let listener = TcpListener::bind(&stack, 7).unwrap();
-//!     while let Ok(conn) = listener.accept().await {
-//!         spawner.spawn(async move {
-//!             let mut buf = [0u8; 2048];
-//!             while let Ok(n @ 1..) = conn.read(&mut buf).await {
-//!                 if conn.write_all(&buf[..n]).await.is_err() {
-//!                     break;
+//! ```no_run
+//! use rebound_guest::dispatch::Dispatcher;
+//! use rebound_guest::net::{Error, Ipv4Addr, Nic, Stack, TcpListener};
+//!
+//! fn serve() -> Result<(), Error> {
+//!     let nic = Nic::setup(0, 256, 256)?; // ENODEV without --publish or --tap
+//!     let gateway = Some(Ipv4Addr::new(10, 0, 2, 2));
+//!     let stack = Stack::new(nic, Ipv4Addr::new(10, 0, 2, 15), 24, gateway)?;
+//!     let listener = TcpListener::bind(&stack, 7)?;
+//!     let mut d = Dispatcher::new();
+//!     d.add_source(stack.clone()); // without it, no frame moves
+//!     let spawner = d.spawner();
+//!     d.spawn(async move {
+//!         while let Ok(conn) = listener.accept().await {
+//!             spawner.spawn(async move {
+//!                 let mut buf = [0u8; 2048];
+//!                 while let Ok(n @ 1..) = conn.read(&mut buf).await {
+//!                     if conn.write_all(&buf[..n]).await.is_err() {
+//!                         break;
+//!                     }
 //!                 }
-//!             }
-//!             conn.close();
-//!         });
-//!     }
-//! });
-//! d.run();
+//!                 conn.close();
+//!             });
+//!         }
+//!     });
+//!     d.run(); // until the host asks for a shutdown
+//!     Ok(())
+//! }
+//! # serve().unwrap();
 //! ```
 
 mod nic;
@@ -53,25 +70,30 @@ pub use tcp::{CONNECT_TIMEOUT_NS, DEFAULT_BACKLOG, TcpListener, TcpStream};
 
 use crate::hypercall::Errno;
 
-/// Why a network operation failed.
+/// Why a network operation failed. `Display` says it in words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
     /// The VMM found the NIC's rings corrupt and stopped using them (`RING_BROKEN`); every
-    /// connection was aborted. [`Stack::reset`] sets the rings up again.
+    /// connection was aborted. [`Stack::reset`] sets the rings up again. Any TCP call (accept,
+    /// connect, read, write, flush) returns it from then on.
     RingBroken,
-    /// The peer refused the connection.
+    /// The peer refused the connection ([`TcpStream::connect`]: a reset answered the SYN).
     ConnectionRefused,
-    /// The connection was not established in time (no answer to ARP or to the SYN).
+    /// The connection was not established in time ([`TcpStream::connect`]: no answer to ARP
+    /// or to the SYN within [`CONNECT_TIMEOUT_NS`] or the given timeout).
     TimedOut,
-    /// The connection was reset by the peer, timed out, or was aborted.
+    /// The connection was reset by the peer, timed out (30 s without acknowledgements), or
+    /// was aborted ([`TcpStream`] reads, writes and flushes).
     ConnectionReset,
-    /// This side closed the connection: nothing more can be written.
+    /// This side closed the connection ([`TcpStream::close`]): nothing more can be written.
     Closed,
-    /// An address, prefix or port that cannot be used (unspecified, zero, out of range).
+    /// An address, prefix or port that cannot be used: [`Stack::new`] with an unspecified,
+    /// multicast or broadcast address or a prefix over 32; [`TcpListener::bind`] or
+    /// [`TcpStream::connect`] with port 0; a connect to such an address.
     InvalidAddress,
-    /// Another listener has the port.
+    /// Another listener of this stack has the port ([`TcpListener::bind`]).
     AddressInUse,
-    /// A hypercall failed.
+    /// A hypercall failed (from [`Nic::setup`] through `?`; see [`Errno`]).
     Hypercall(Errno),
 }
 
@@ -96,7 +118,7 @@ impl From<Errno> for Error {
     }
 }
 
-/// A static IPv4 configuration.
+/// A static IPv4 configuration, e.g. from the command line ([`from_args`](Self::from_args)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Config {
     /// The interface's address.
@@ -110,6 +132,15 @@ pub struct Ipv4Config {
 impl Ipv4Config {
     /// Reads `ip=A.B.C.D/P` and `gw=A.B.C.D` from a command line (other words are ignored).
     /// None without a valid `ip=`; a `gw=` that does not parse is ignored.
+    ///
+    /// ```
+    /// use rebound_guest::net::{Ipv4Addr, Ipv4Config};
+    ///
+    /// let c = Ipv4Config::from_args("serve ip=10.0.2.15/24 gw=10.0.2.2").unwrap();
+    /// assert_eq!(c.addr, Ipv4Addr::new(10, 0, 2, 15));
+    /// assert_eq!((c.prefix, c.gateway), (24, Some(Ipv4Addr::new(10, 0, 2, 2))));
+    /// assert_eq!(Ipv4Config::from_args("ip=10.0.2.15"), None); // no prefix
+    /// ```
     pub fn from_args(args: &str) -> Option<Ipv4Config> {
         let value = |key: &str| {
             args.split_whitespace()

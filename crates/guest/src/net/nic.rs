@@ -16,14 +16,20 @@ use crate::hypercall::{self, Errno};
 /// One network interface, set up for this vCPU.
 ///
 /// Its rings and buffers stay registered with the VMM, which may write them at any time:
-/// they are never freed, even when the `Nic` is dropped.
+/// they are never freed, even when the `Nic` is dropped. Set each NIC up once: a second
+/// [`setup`](Self::setup) of the same index replaces the first one's rings in the VMM, which
+/// then never moves a frame for the first `Nic` again.
+///
+/// Most guests hand it to a [`Stack`](super::Stack) and use TCP; the methods below are for
+/// guests that move Ethernet frames themselves.
 pub struct Nic {
     index: u32,
     info: NicInfo,
     rings: Rings,
 }
 
-/// The NICs the VMM described at boot.
+/// The NICs the VMM described at boot (MAC address, MTU), indexed as [`Nic::setup`] takes
+/// them. Empty when the VM has no network interface.
 pub fn nics() -> &'static [NicInfo] {
     let b = crate::Cpu::current(0).boot_info();
     &b.nics[..(b.nic_count as usize).min(abi::MAX_NICS)]
@@ -53,10 +59,17 @@ fn free(p: NonNull<u8>, size: usize) {
 }
 
 impl Nic {
-    /// Sets up NIC `index` with rings of `tx_entries` and `rx_entries` (powers of two up to
-    /// 4096): allocates the ring area (page-aligned) and one frame buffer per slot, registers
-    /// them with `NET_SETUP` (this vCPU is woken for received frames), then posts every RX
-    /// buffer. `ENODEV`: no such NIC; `EINVAL`: bad entry counts; `E2BIG`: out of memory.
+    /// Sets up NIC `index` (0 for the first; see [`nics`]) with rings of `tx_entries` and
+    /// `rx_entries` frames (powers of two, 1 to 4096): allocates the ring area (page-aligned)
+    /// and one frame buffer per slot from the heap, registers them with `NET_SETUP` (this vCPU
+    /// is the one woken for received frames), then posts every RX buffer.
+    ///
+    /// Memory: a buffer per slot of the largest frame rounded up to a power of two (2 KiB for
+    /// the default MTU of 1500), so 256 + 256 entries take 1 MiB of heap, for good.
+    ///
+    /// Errors: `ENODEV` if the VM has no NIC `index` (no network interface configured);
+    /// `EINVAL` for bad entry counts; `E2BIG` if the heap has no room. (The VMM's own `EINVAL`
+    /// and `EFAULT`, for a misplaced ring area, cannot happen with the heap's memory.)
     pub fn setup(index: u32, tx_entries: u32, rx_entries: u32) -> Result<Nic, Errno> {
         let info = *nics().get(index as usize).ok_or(Errno(errno::ENODEV))?;
         let entries_ok = |e: u32| e.is_power_of_two() && e <= MAX_ENTRIES;
@@ -108,7 +121,8 @@ impl Nic {
     }
 
     /// Sets the rings up again from scratch (after the VMM marked them broken): queued and
-    /// received frames are lost. `EBUSY` while a received frame is lent out.
+    /// received frames are lost. `EBUSY` while a received frame ([`RxFrame`]) is lent out;
+    /// otherwise the errors of `NET_SETUP` (none expected).
     pub fn reset(&self) -> Result<(), Errno> {
         if !self.rings.clear() {
             return Err(Errno(errno::EBUSY));
@@ -153,7 +167,7 @@ impl Nic {
         self.rings.flags() & LINK_UP != 0
     }
 
-    /// Counters.
+    /// Counters of frames sent, received and dropped on the guest's side.
     pub fn stats(&self) -> NicStats {
         self.rings.stats()
     }
@@ -163,7 +177,10 @@ impl Nic {
         self.rings.tx_free()
     }
 
-    /// Queues a copy of `frame` (not sent until [`flush`](Self::flush)).
+    /// Queues a copy of `frame`, a whole Ethernet frame (not sent until
+    /// [`flush`](Self::flush)). Errors ([`SendError`], the frame is dropped and counted):
+    /// `Full` (no free TX slot), `BadLength` (shorter than 14 bytes or longer than
+    /// [`max_frame`](Self::max_frame)), `Broken` (the VMM stopped using the rings).
     pub fn send(&self, frame: &[u8]) -> Result<(), SendError> {
         self.rings
             .send_with(frame.len(), |b| b.copy_from_slice(frame))
@@ -171,7 +188,8 @@ impl Nic {
     }
 
     /// Queues a frame of `len` bytes that `f` writes in place (no copy); without room (or with
-    /// a bad length) `f` writes a scratch buffer and the frame is dropped.
+    /// a bad length) `f` writes a scratch buffer and the frame is dropped. Returns whether it
+    /// was queued (the errors of [`send`](Self::send)) and what `f` returned.
     pub fn send_with<R>(
         &self,
         len: usize,
@@ -197,9 +215,10 @@ impl Nic {
         self.rings.entries().0 - self.rings.tx_free()
     }
 
-    /// Rings the doorbell and waits up to `timeout_ns` until the VMM has taken every queued
-    /// frame (it does not wake the vCPU for that: this blocks in short steps). Call it before
-    /// exiting: frames still queued when the VM ends are never sent. Whether all were taken.
+    /// Rings the doorbell and waits up to `timeout_ns` nanoseconds until the VMM has taken
+    /// every queued frame (it does not wake the vCPU for that: this blocks in 50 us steps).
+    /// Call it before exiting: frames still queued when the VM ends are never sent. Returns
+    /// whether all were taken (`false` on timeout or broken rings).
     pub fn drain_tx(&self, timeout_ns: u64) -> bool {
         self.flush();
         let start = crate::time::monotonic_ns();
@@ -217,8 +236,9 @@ impl Nic {
         self.rings.rx_ready()
     }
 
-    /// The next received frame; its buffer goes back to the VMM when it is dropped. One at a
-    /// time: None while another is held.
+    /// The next received frame (a whole Ethernet frame); its buffer goes back to the VMM when
+    /// it is dropped. None when nothing has arrived, and while another frame is held (one at a
+    /// time).
     pub fn recv(&self) -> Option<RxFrame<'_>> {
         let (slot, len) = self.rings.take_rx()?;
         Some(RxFrame {
@@ -235,7 +255,8 @@ impl Nic {
     }
 }
 
-/// A received frame, lent by its [`Nic`].
+/// A received frame, lent by its [`Nic`]: derefs to the frame's bytes. Drop it soon: its
+/// buffer is posted to the VMM again only then, and the NIC lends one frame at a time.
 pub struct RxFrame<'a> {
     rings: &'a Rings,
     slot: u32,

@@ -58,7 +58,7 @@ const TX_BUFFER: usize = 128 * 1024;
 /// Local ports for outgoing connections.
 const EPHEMERAL: core::ops::RangeInclusive<u16> = 49152..=65535;
 
-/// What the stack did.
+/// What the stack did (see [`Stack::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackStats {
     /// Times the dispatcher polled the stack as a source.
@@ -235,8 +235,10 @@ impl Inner {
     }
 }
 
-/// TCP/IP over one NIC. Add it to the dispatcher as a source (`d.add_source(stack.clone())`);
-/// [`TcpListener`](super::TcpListener) and [`TcpStream`](super::TcpStream) use it.
+/// TCP/IP (IPv4, ARP, TCP; no UDP, no DHCP) over one NIC. Add it to the dispatcher as a
+/// source (`d.add_source(stack.clone())`): it only sends and receives when the dispatcher
+/// polls it. [`TcpListener`](super::TcpListener) and [`TcpStream`](super::TcpStream) use it;
+/// use it on the vCPU that set up its NIC, from that vCPU's dispatcher.
 pub struct Stack {
     nic: Nic,
     addr: Ipv4Addr,
@@ -263,9 +265,10 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// An IPv4 interface over `nic` with address `addr`/`prefix` and an optional default
-    /// gateway. `InvalidAddress` for an unspecified, multicast or broadcast address or a
-    /// prefix over 32.
+    /// An IPv4 interface over `nic` with address `addr`/`prefix` (a static address: there is
+    /// no DHCP) and an optional default gateway; shared as an `Rc` by the dispatcher and the
+    /// sockets. `InvalidAddress` for an unspecified, multicast or broadcast address or a
+    /// prefix over 32. With `rebound run --publish`, use 10.0.2.15/24 and gateway 10.0.2.2.
     pub fn new(
         nic: Nic,
         addr: Ipv4Addr,
@@ -333,14 +336,15 @@ impl Stack {
         self.addr
     }
 
-    /// Buffer sizes of sockets made from now on (16 KiB each by default).
+    /// Receive and send buffer sizes, in bytes, of sockets made from now on (128 KiB each by
+    /// default, at least 1 KiB). The receive buffer bounds the TCP window.
     pub fn set_socket_buffers(&self, rx: usize, tx: usize) {
         let mut inner = self.inner.borrow_mut();
         inner.rx_buffer = rx.max(1024);
         inner.tx_buffer = tx.max(1024);
     }
 
-    /// Counters.
+    /// Counters: polls, clock readings, connections.
     pub fn stats(&self) -> StackStats {
         self.stats.get()
     }
@@ -378,8 +382,10 @@ impl Stack {
         self.last_now.get()
     }
 
-    /// Sets the NIC's rings up again after the VMM marked them broken. Connections were
-    /// aborted when the break was seen; listeners listen again.
+    /// Sets the NIC's rings up again after the VMM marked them broken (TCP calls returned
+    /// [`RingBroken`](super::Error::RingBroken)). Connections were aborted when the break was
+    /// seen; listeners listen again. Errors: those of [`Nic::reset`] (`EBUSY` while a received
+    /// frame is held).
     pub fn reset(&self) -> Result<(), Errno> {
         self.nic.reset()?;
         self.broken_seen.set(false);
@@ -569,7 +575,7 @@ impl phy::Device for NicDevice<'_> {
     }
 }
 
-/// A received frame, for smoltcp.
+/// A received frame, for smoltcp ([`NicDevice`]'s receive token).
 pub struct RxToken<'a>(RxFrame<'a>);
 
 impl phy::RxToken for RxToken<'_> {
@@ -578,7 +584,8 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-/// Room for a frame to send, for smoltcp.
+/// Room for a frame to send, for smoltcp ([`NicDevice`]'s transmit token). A frame that
+/// finds the ring full after all is dropped (TCP sends it again).
 pub struct TxToken<'a>(&'a Nic);
 
 impl phy::TxToken for TxToken<'_> {

@@ -13,7 +13,8 @@ use smoltcp::wire::IpAddress;
 use super::Error;
 use super::stack::{Listener, Stack};
 
-/// How long [`TcpStream::connect`] waits for the connection to be established.
+/// How long [`TcpStream::connect`] waits for the connection to be established, in
+/// nanoseconds (30 s).
 pub const CONNECT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Connections a listener keeps listening for at once, by default.
@@ -29,12 +30,15 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
-    /// Listens on `port` with [`DEFAULT_BACKLOG`].
+    /// Listens on `port` with [`DEFAULT_BACKLOG`]. Errors: `InvalidAddress` for port 0,
+    /// `AddressInUse` if another listener of this stack has the port. Dropping the listener
+    /// stops listening (connections not yet accepted get a reset).
     pub fn bind(stack: &Rc<Stack>, port: u16) -> Result<TcpListener, Error> {
         Self::bind_with_backlog(stack, port, DEFAULT_BACKLOG)
     }
 
-    /// Listens on `port`, keeping `backlog` (at least 1) sockets listening.
+    /// Listens on `port`, keeping `backlog` (at least 1) sockets listening: how many clients
+    /// can be connecting at the same moment. Errors as for [`bind`](Self::bind).
     pub fn bind_with_backlog(
         stack: &Rc<Stack>,
         port: u16,
@@ -81,7 +85,8 @@ impl TcpListener {
     }
 
     /// Waits for the next established connection (one whose client already closed its side
-    /// counts: its data is still there to read).
+    /// counts: its data is still there to read). Errors: `RingBroken` once the VMM stopped
+    /// using the NIC's rings (see [`Stack::reset`](super::Stack::reset)).
     pub async fn accept(&self) -> Result<TcpStream, Error> {
         poll_fn(|cx| {
             self.stack.check()?;
@@ -148,14 +153,16 @@ pub struct TcpStream {
 }
 
 impl TcpStream {
-    /// Connects to `addr`:`port` from an ephemeral port: `ConnectionRefused` if the peer
-    /// refuses, `TimedOut` if it is not established within [`CONNECT_TIMEOUT_NS`].
+    /// Connects to `addr`:`port` from an ephemeral port (49152 to 65535). Errors:
+    /// `InvalidAddress` for port 0 or an unspecified, broadcast or multicast address,
+    /// `ConnectionRefused` if the peer refuses, `TimedOut` if it is not established within
+    /// [`CONNECT_TIMEOUT_NS`], `RingBroken`.
     pub async fn connect(stack: &Rc<Stack>, addr: Ipv4Addr, port: u16) -> Result<TcpStream, Error> {
         Self::connect_timeout(stack, addr, port, CONNECT_TIMEOUT_NS).await
     }
 
-    /// [`connect`](Self::connect), giving up after `timeout_ns` (checked on the stack's polls,
-    /// at least every 100 ms).
+    /// [`connect`](Self::connect), giving up after `timeout_ns` nanoseconds (checked on the
+    /// stack's polls, at least every 100 ms).
     pub async fn connect_timeout(
         stack: &Rc<Stack>,
         addr: Ipv4Addr,
@@ -211,8 +218,9 @@ impl TcpStream {
             .get_mut::<tcp::Socket>(self.handle))
     }
 
-    /// Reads what has arrived into `buf`, waiting for at least one byte: `Ok(0)` once the
-    /// peer closed its side and everything was read.
+    /// Reads what has arrived into `buf`, waiting for at least one byte: how many bytes were
+    /// read, `Ok(0)` once the peer closed its side and everything was read (or for an empty
+    /// `buf`). Errors: `ConnectionReset` (reset, timed out or aborted), `RingBroken`.
     pub async fn read(&self, buf: &mut [u8]) -> Result<usize, Error> {
         if buf.is_empty() {
             return Ok(0);
@@ -237,7 +245,9 @@ impl TcpStream {
         .await
     }
 
-    /// Queues some of `buf` for sending, waiting for room: how many bytes were queued.
+    /// Queues some of `buf` for sending, waiting for room in the send buffer: how many bytes
+    /// were queued (at least one, unless `buf` is empty). Errors: `Closed` after
+    /// [`close`](Self::close), `ConnectionReset`, `RingBroken`.
     pub async fn write(&self, buf: &[u8]) -> Result<usize, Error> {
         if buf.is_empty() {
             return Ok(0);
@@ -268,7 +278,9 @@ impl TcpStream {
         .await
     }
 
-    /// Queues all of `buf` for sending.
+    /// Queues all of `buf` for sending (waiting for room as needed); errors as for
+    /// [`write`](Self::write). Queued is not sent: [`flush`](Self::flush) waits for the
+    /// peer's acknowledgement.
     pub async fn write_all(&self, mut buf: &[u8]) -> Result<(), Error> {
         while !buf.is_empty() {
             let n = self.write(buf).await?;
@@ -277,7 +289,8 @@ impl TcpStream {
         Ok(())
     }
 
-    /// Waits until the peer acknowledged everything written.
+    /// Waits until the peer acknowledged everything written. Errors: `ConnectionReset` if the
+    /// connection closed with data unacknowledged, `RingBroken`.
     pub async fn flush(&self) -> Result<(), Error> {
         poll_fn(|cx| {
             self.stack.check()?;
