@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 5;
+pub const ABI_MINOR: u32 = 6;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -97,6 +97,9 @@ pub mod nr {
 pub mod errno {
     /// An I/O error on the host side.
     pub const EIO: i64 = -5;
+    /// Try again later: too much waits already (e.g. disk writes held for a checkpoint, ABI
+    /// 1.6).
+    pub const EAGAIN: i64 = -11;
     /// A length is larger than the call allows.
     pub const E2BIG: i64 = -7;
     /// A pointer or range is outside the memory the guest may name.

@@ -262,6 +262,7 @@ pub fn snapshots() -> Result<()> {
                 same_vm: false,
                 nic_backends: Vec::new(),
                 net_journal: None,
+                disk_journal: None,
             },
         )?;
         let restore = t0.elapsed();
@@ -297,6 +298,7 @@ pub fn snapshots() -> Result<()> {
                     same_vm: false,
                     nic_backends: Vec::new(),
                     net_journal: None,
+                    disk_journal: None,
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

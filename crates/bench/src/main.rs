@@ -47,6 +47,7 @@ pub(crate) fn testguest(args: &str, vcpus: u32, mem_mib: u64) -> VmConfig {
         cache: None,
         nics: Vec::new(),
         net_journal: None,
+        disk_journal: None,
     }
 }
 

@@ -376,14 +376,16 @@ impl Outputs {
         }
     }
 
-    /// Checkpoint `epoch` is safe.
+    /// Checkpoint `epoch` is safe. The devices go first, the disk first of them: an epoch's
+    /// disk writes are on the disk before any output that may tell of them leaves.
     pub fn release(&self, epoch: u64) -> io::Result<()> {
-        let mut first = self.console.release(epoch);
+        let mut first = Ok(());
         for d in &self.devices {
             let r = d.release(epoch);
             first = first.and(r);
         }
-        first
+        let r = self.console.release(epoch);
+        first.and(r)
     }
 
     /// The VM went back to checkpoint `epoch`.

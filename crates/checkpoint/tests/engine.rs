@@ -23,6 +23,7 @@ fn config(args: &str) -> VmConfig {
         cache: None,
         nics: Vec::new(),
         net_journal: None,
+        disk_journal: None,
     }
 }
 

@@ -21,6 +21,8 @@ use crate::{Error, Instance, Load, Result};
 
 /// The received-frame journal in a state directory (see `rebound_devices::net::RxJournal`).
 const NET_JOURNAL: &str = "net-rx";
+/// The disk writes held for their checkpoint, in the state directory.
+const DISK_JOURNAL: &str = "disk-writes";
 
 /// Files a build created, removed unless the build completes.
 #[derive(Default)]
@@ -218,6 +220,7 @@ impl Instance {
         let (nics, net) = self.attach_net(None, dir.as_ref().map(|d| d.path()))?;
         config.nics = nics;
         config.net_journal = dir.as_ref().map(|d| d.path().join(NET_JOURNAL));
+        config.disk_journal = dir.as_ref().map(|d| d.path().join(DISK_JOURNAL));
         // A protected VM starts parked and runs once protection has started: no guest
         // instruction runs unprotected, and a guest that ends at once cannot race the start.
         let vm = Vm::launch_with(
@@ -274,6 +277,7 @@ impl Instance {
             same_vm: false,
             nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
             net_journal: None,
+            disk_journal: None,
         };
         let output = OutputCommit::new(self.console.user());
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;
@@ -331,6 +335,9 @@ impl Instance {
             nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
             // Frames its predecessor received after the checkpoint are delivered again.
             net_journal: Some((dir.path().join(NET_JOURNAL), Some(prepared.epoch))),
+            // Held disk writes of checkpoints up to the one recovered reach the disk; later
+            // ones were undone with memory.
+            disk_journal: Some((dir.path().join(DISK_JOURNAL), Some(prepared.epoch))),
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
         net.keep();

@@ -121,6 +121,7 @@ impl MachineConfig {
             cache: None,
             nics: Vec::new(),
             net_journal: None,
+            disk_journal: None,
         }
     }
 }

@@ -193,6 +193,7 @@ mod tests {
             cache: None,
             nics: Vec::new(),
             net_journal: None,
+            disk_journal: None,
         };
         s.configure(&mut config);
         assert_eq!(config.shared.len(), 1);

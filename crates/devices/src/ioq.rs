@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::Notify;
-use crate::disk::Disk;
+use crate::held_disk::{HeldDisk, WriteError};
 
 /// Errors setting up or running the I/O queue (not guest errors: those become errno results).
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +140,7 @@ type Timer = Reverse<(Instant, u64, u32, u64)>;
 pub struct IoQueue<M> {
     mem: M,
     writable: Range<u64>,
-    disk: Option<Disk>,
+    disk: Option<Arc<HeldDisk>>,
     rings: Mutex<Vec<Option<Ring>>>,
     doorbell: EventFd,
     notify: Arc<dyn Notify>,
@@ -165,7 +165,7 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
         mem: M,
         writable: Range<u64>,
         vcpus: u32,
-        disk: Option<Disk>,
+        disk: Option<Arc<HeldDisk>>,
         notify: Arc<dyn Notify>,
     ) -> Result<Self, IoqError> {
         Ok(Self {
@@ -196,7 +196,7 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
 
     /// Size of the disk, 0 if none.
     pub fn disk_size(&self) -> u64 {
-        self.disk.as_ref().map_or(0, Disk::size)
+        self.disk.as_ref().map_or(0, |d| d.size())
     }
 
     fn writable(&self, addr: u64, len: u64) -> bool {
@@ -519,8 +519,10 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
                 {
                     return errno::EFAULT as i32;
                 }
-                if disk.write_at(&buf, req.offset).is_err() {
-                    return errno::EIO as i32;
+                match disk.write_at(&buf, req.offset) {
+                    Ok(()) => {}
+                    Err(WriteError::Full) => return errno::EAGAIN as i32,
+                    Err(WriteError::Io(_)) => return errno::EIO as i32,
                 }
                 bump(&self.stats.writes, 1);
                 bump(&self.stats.bytes_written, len);
@@ -619,9 +621,12 @@ mod tests {
     const RING: u64 = 0x1000;
     const BUF: u64 = 0x8000;
 
+    use crate::disk::Disk;
+
     fn setup(disk: Option<Disk>) -> (Arc<IoQueue<GuestMemoryMmap>>, Arc<Counter>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let n = Arc::new(Counter::default());
+        let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
         let q = IoQueue::new(mem.clone(), 0x1000..1 << 20, 1, disk, n.clone()).unwrap();
         (Arc::new(q), n, mem)
     }

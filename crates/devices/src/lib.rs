@@ -4,6 +4,7 @@
 //!
 //! - [`console`]: where guest console output goes.
 //! - [`disk`]: a disk image backing the I/O queue.
+//! - [`held_disk`]: disk writes bound to their epoch while output commit holds them.
 //! - [`ioq`]: the asynchronous I/O queue: guest rings, completed through indicators in guest
 //!   memory, never an interrupt.
 //! - [`net`]: network devices: TX and RX rings of frames, completed the same way, frames
@@ -11,6 +12,7 @@
 
 pub mod console;
 pub mod disk;
+pub mod held_disk;
 pub mod ioq;
 pub mod net;
 pub mod net_ack;

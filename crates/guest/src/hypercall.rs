@@ -47,6 +47,7 @@ impl Errno {
     pub fn name(self) -> &'static str {
         match self.0 {
             errno::EIO => "EIO",
+            errno::EAGAIN => "EAGAIN",
             errno::E2BIG => "E2BIG",
             errno::EFAULT => "EFAULT",
             errno::EBUSY => "EBUSY",
@@ -181,8 +182,9 @@ mod tests {
     use super::*;
 
     /// Every errno the ABI defines, with the name the SDK must give it.
-    const ALL: [(i64, &str); 8] = [
+    const ALL: [(i64, &str); 9] = [
         (errno::EIO, "EIO"),
+        (errno::EAGAIN, "EAGAIN"),
         (errno::E2BIG, "E2BIG"),
         (errno::EFAULT, "EFAULT"),
         (errno::EBUSY, "EBUSY"),
@@ -210,7 +212,7 @@ mod tests {
 
     #[test]
     fn errno_values_are_the_linux_ones() {
-        let linux = [-5, -7, -14, -16, -19, -22, -30, -38];
+        let linux = [-5, -11, -7, -14, -16, -19, -22, -30, -38];
         assert_eq!(ALL.map(|(v, _)| v), linux);
     }
 }

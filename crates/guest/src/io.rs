@@ -19,7 +19,7 @@
 //! | Operation | Resolves to | Errors |
 //! |---|---|---|
 //! | [`read`](IoQueue::read) | `Ok(len)`, the buffer filled | `ENODEV` no disk; `EINVAL` bad offset or length, past the end; `EIO` host read failed |
-//! | [`write`](IoQueue::write) | `Ok(len)` | `ENODEV`; `EINVAL` as for read; `EROFS` read-only disk; `EIO` host write failed |
+//! | [`write`](IoQueue::write) | `Ok(len)` | `ENODEV`; `EINVAL` as for read; `EROFS` read-only disk; `EIO` host write failed; `EAGAIN` too many writes wait for a checkpoint (protected VM) |
 //! | [`flush`](IoQueue::flush) | `Ok(0)` | `ENODEV`; `EIO` host `fdatasync` failed |
 //! | [`sleep`](IoQueue::sleep) | `Ok(0)` | `EBUSY`: the VMM already holds 65 536 pending timers |
 //!
@@ -178,7 +178,13 @@ impl IoQueue {
     /// Same sizes as [`read`](Self::read). Resolves to `(Ok(len), buf)` once the host wrote
     /// the data to the disk file (durable after a [`flush`](Self::flush)), or to an error:
     /// `ENODEV` (no disk), `EINVAL` (as for `read`), `EROFS` (a disk given with
-    /// `--disk-read-only`), `EIO` (the host's write failed).
+    /// `--disk-read-only`), `EIO` (the host's write failed), `EAGAIN` (ABI 1.6: the VM runs
+    /// protected and 64 MiB of its writes already wait for their checkpoint; try again after
+    /// the next one, a few milliseconds later).
+    ///
+    /// While the VM runs protected, a write is held (and journaled, with a state directory)
+    /// until the checkpoint after it is safe: reads see it at once, the disk file gets it then,
+    /// and a rollback drops it, so the disk never holds a write the VM's memory has undone.
     ///
     /// Nothing happens until the future is first polled (awaited). Requests of one ring are
     /// performed in order.

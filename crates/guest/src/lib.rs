@@ -50,7 +50,7 @@
 //! |---|---|
 //! | [`IoQueue::setup`](io::IoQueue::setup) | `EINVAL` entries not a power of two in 1..=4096; `E2BIG` no heap for the ring; `EBUSY` this vCPU already has a ring |
 //! | [`IoQueue::read`](io::IoQueue::read) | `ENODEV` no disk; `EINVAL` offset or length not a multiple of 512, length 0 or over 1 MiB, past the end of the disk; `EIO` host read failed |
-//! | [`IoQueue::write`](io::IoQueue::write) | as `read`, plus `EROFS` disk given with `--disk-read-only` |
+//! | [`IoQueue::write`](io::IoQueue::write) | as `read`, plus `EROFS` disk given with `--disk-read-only`, `EAGAIN` too many writes wait for a checkpoint (protected VM) |
 //! | [`IoQueue::flush`](io::IoQueue::flush) | `ENODEV` no disk; `EIO` host sync failed |
 //! | [`IoQueue::sleep`](io::IoQueue::sleep) | `EBUSY` 65 536 timers already pending in the VMM |
 //! | [`Nic::setup`](net::Nic::setup) | `ENODEV` no such NIC (none without `--publish`/`--tap`); `EINVAL` entries not a power of two in 1..=4096; `E2BIG` no heap |

@@ -136,6 +136,11 @@ const TESTGUEST_MODES: &[Mode] = &[
         "N steps (2^26) of a deterministic sequence in memory, a line every REPORT steps (N/16)",
     ),
     mode(
+        "disk-scatter",
+        "[N] [SLOTS] [PAUSE_US]",
+        "N steps (200): each writes a record to a sector picked by the clock among SLOTS (64), prints `rec SLOT STEP TIME`, waits PAUSE_US (1000) (needs a disk)",
+    ),
+    mode(
         "dirty",
         "[PAGES]",
         "write one byte of each of PAGES pages (64), round and round, forever",

@@ -503,6 +503,7 @@ fn damaged_snapshots_are_refused_by_restore_and_merge() {
             cache: None,
             nics: Vec::new(),
             net_journal: None,
+            disk_journal: None,
         };
         let vm = rebound_vmm::Vm::launch(&config, Box::new(console.clone())).unwrap();
         console.wait_past(0);

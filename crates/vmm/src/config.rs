@@ -205,6 +205,9 @@ pub struct VmConfig {
     /// Where received frames are recorded while protected, for a successor VMM to replay (a
     /// VM in a state directory).
     pub net_journal: Option<std::path::PathBuf>,
+    /// Where disk writes held for their checkpoint are journaled, for a successor VMM to
+    /// apply (a VM in a state directory).
+    pub disk_journal: Option<std::path::PathBuf>,
 }
 
 /// Host RAM in bytes, from /proc/meminfo (None if it cannot be read).
@@ -275,6 +278,7 @@ mod tests {
             cache: None,
             nics: Vec::new(),
             net_journal: None,
+            disk_journal: None,
         }
     }
 

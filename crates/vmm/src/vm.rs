@@ -16,6 +16,7 @@ use rebound_arch::layout::USER_START;
 use rebound_devices::Notify;
 use rebound_devices::console::Console;
 use rebound_devices::disk::Disk;
+use rebound_devices::held_disk::HeldDisk;
 use rebound_devices::ioq::IoQueue;
 use rebound_devices::net::{NetState, NicSpec, Nics};
 use rebound_snapshot::state::VcpuState;
@@ -136,6 +137,8 @@ pub(crate) struct VmShared {
     pub(crate) shares: Arc<Shares>,
     /// Network interfaces, if any.
     pub(crate) nics: Option<Arc<Nics<GuestMemory>>>,
+    /// The disk, whose writes output commit holds while the VM is protected.
+    pub(crate) disk: Option<Arc<HeldDisk>>,
     /// Names for guest code addresses in fault reports.
     pub(crate) symbols: Option<Arc<crate::symbols::Symbols>>,
 }
@@ -295,6 +298,8 @@ struct Parts {
     net_state: Option<NetState>,
     /// The received-frame journal (see [`RestoreOptions::net_journal`]).
     net_journal: Option<(std::path::PathBuf, Option<u64>)>,
+    /// The held disk writes' journal (see [`RestoreOptions::disk_journal`]).
+    disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
     /// Names for the image's code addresses (a booted image; a restored VM has no image).
     symbols: Option<Arc<crate::symbols::Symbols>>,
 }
@@ -316,6 +321,10 @@ pub struct RestoreOptions {
     /// Where received frames are recorded while protected, and, for a VM recovered to
     /// checkpoint c, `Some(c)`: frames its predecessor recorded after c are delivered again.
     pub net_journal: Option<(std::path::PathBuf, Option<u64>)>,
+    /// Where disk writes held for their checkpoint are journaled while protected, and, for a
+    /// VM recovered to checkpoint c, `Some(c)`: the journaled writes of checkpoints up to c are
+    /// applied to the disk before the guest runs, later ones dropped.
+    pub disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
 }
 
 /// The NICs (MAC, MTU, host side) a saved network state describes.
@@ -523,6 +532,7 @@ impl Vm {
             nics,
             net_state: None,
             net_journal: config.net_journal.clone().map(|p| (p, None)),
+            disk_journal: config.disk_journal.clone().map(|p| (p, None)),
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
         };
         Self::build(parts, console, launched)
@@ -562,6 +572,7 @@ impl Vm {
             same_vm,
             nic_backends,
             net_journal,
+            disk_journal,
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
@@ -588,6 +599,7 @@ impl Vm {
             nics,
             net_state,
             net_journal,
+            disk_journal,
             descriptor: state.vm,
             symbols: None,
         };
@@ -634,6 +646,7 @@ impl Vm {
             nics,
             net_state,
             net_journal: options.net_journal,
+            disk_journal: options.disk_journal,
             descriptor: state.vm,
             symbols: None,
         };
@@ -657,6 +670,7 @@ impl Vm {
             nics: nic_specs_built,
             net_state,
             net_journal,
+            disk_journal,
             symbols,
         } = parts;
         kick::install().map_err(Error::State)?;
@@ -665,11 +679,23 @@ impl Vm {
         memory::register(&vm_fd, &mem, false)?;
 
         let waiters = Arc::new(Waiters::new(layout.vcpus()));
+        let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
+        if let (Some(d), Some((path, recovered_to))) = (&disk, &disk_journal) {
+            let applied = d
+                .open_journal(path, *recovered_to)
+                .map_err(|e| Error::State(format!("cannot open {}: {e}", path.display())))?;
+            if recovered_to.is_some() {
+                tracing::info!(
+                    writes = applied,
+                    "disk: journaled writes of the checkpoint applied"
+                );
+            }
+        }
         let ioq = Arc::new(IoQueue::new(
             mem.clone(),
             USER_START..layout.mem_size(),
             layout.vcpus(),
-            disk,
+            disk.clone(),
             waiters.clone(),
         )?);
         if let Some(state) = ioq_state {
@@ -789,6 +815,7 @@ impl Vm {
             vcpu_threads: Mutex::new(Vec::new()),
             shares,
             nics,
+            disk,
             symbols,
         });
         // Shared regions are in place (and the guest's table written) before it runs. A
@@ -1238,12 +1265,18 @@ impl Vm {
         }
     }
 
-    /// Device outputs that output commit holds (the NICs' frames), besides the console.
+    /// Device outputs that output commit holds besides the console: the disk's writes first
+    /// (an epoch's writes reach the disk before any of its output leaves), then the NICs'
+    /// frames.
     pub fn held_outputs(&self) -> Vec<Arc<dyn rebound_devices::HeldOutput>> {
-        match &self.shared.nics {
-            Some(n) => vec![n.clone() as Arc<dyn rebound_devices::HeldOutput>],
-            None => Vec::new(),
+        let mut out: Vec<Arc<dyn rebound_devices::HeldOutput>> = Vec::new();
+        if let Some(d) = &self.shared.disk {
+            out.push(d.clone());
         }
+        if let Some(n) = &self.shared.nics {
+            out.push(n.clone());
+        }
+        out
     }
 
     /// Each network interface's counters.

@@ -492,6 +492,7 @@ fn restore_paused(chain: &[Snapshot]) -> Result<(Vm, SharedBuffer), rebound_vmm:
             same_vm: false,
             nic_backends: Vec::new(),
             net_journal: None,
+            disk_journal: None,
         },
     )?;
     Ok((vm, out))

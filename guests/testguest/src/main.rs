@@ -76,6 +76,7 @@ fn main(cpu: Cpu) -> i32 {
             }
         }
         "seq" => seq(&cpu),
+        "disk-scatter" => disk_scatter(&cpu),
         "dirty" => {
             // Writes one byte of each of K pages, round and round: whatever the host's
             // checkpoint period, (up to) K pages are dirty at each checkpoint.
@@ -251,6 +252,48 @@ fn seq(cpu: &Cpu) -> i32 {
         }
     }
     println!("seq done {} result={:016x}", n, x);
+    0
+}
+
+/// `disk-scatter N SLOTS PAUSE_US`: N steps; step i writes the sector record
+/// `[magic, i, t]` (t: the monotonic clock) to the sector picked from t among SLOTS, prints
+/// `rec SLOT i t` once the write completed, and waits PAUSE_US. Where each write lands
+/// depends on the clock, so a step run again after a rollback writes elsewhere: a disk that
+/// kept an undone write would hold a record nothing printed.
+fn disk_scatter(cpu: &Cpu) -> i32 {
+    let n = arg(cpu, 1, 200);
+    let slots = arg(cpu, 2, 64).max(1);
+    let pause_ns = arg(cpu, 3, 1000) * 1000;
+    let q = queue();
+    let mut d = Dispatcher::new();
+    d.spawn(async move {
+        for i in 0..n {
+            let t = time::monotonic_ns();
+            let slot = (t / 997 ^ i.wrapping_mul(0x9e37_79b9)) % slots;
+            let mut rec = vec![0u8; 512];
+            rec[..8].copy_from_slice(b"SCATTER!");
+            rec[8..16].copy_from_slice(&i.to_le_bytes());
+            rec[16..24].copy_from_slice(&t.to_le_bytes());
+            loop {
+                let (r, back) = q.write(slot * 512, rec).await;
+                rec = back;
+                match r {
+                    Ok(_) => break,
+                    // Too much held for the checkpoint: it comes within an epoch.
+                    Err(e) if e.0 == abi::errno::EAGAIN => {
+                        let _ = q.sleep(1_000_000).await;
+                    }
+                    Err(e) => panic!("disk-scatter write {i}: {e}"),
+                }
+            }
+            println!("rec {slot} {i} {t}");
+            if pause_ns > 0 {
+                let _ = q.sleep(pause_ns).await;
+            }
+        }
+    });
+    d.run();
+    println!("disk-scatter done {n}");
     0
 }
 

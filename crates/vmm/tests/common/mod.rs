@@ -18,6 +18,7 @@ pub fn config(args: &str, vcpus: u32, disk: Option<DiskConfig>) -> VmConfig {
         cache: None,
         nics: Vec::new(),
         net_journal: None,
+        disk_journal: None,
     }
 }
 
