@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -7,6 +7,7 @@
 mod bare;
 mod checkpoint;
 mod dirty_log;
+mod disk;
 mod floor;
 mod net;
 mod qemu;
@@ -259,7 +260,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -285,6 +286,7 @@ fn main() -> Result<()> {
             "netstream",
             "failover",
             "netrecovery",
+            "disk",
         ]
         .map(String::from)
         .to_vec();
@@ -314,6 +316,7 @@ fn main() -> Result<()> {
             "netstream" => net::stream(64 << 20)?,
             "failover" => net::failover(20)?,
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
+            "disk" => disk::writes(20_000)?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

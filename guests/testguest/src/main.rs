@@ -269,7 +269,7 @@ fn disk_scatter(cpu: &Cpu) -> i32 {
     d.spawn(async move {
         for i in 0..n {
             let t = time::monotonic_ns();
-            let slot = (t / 997 ^ i.wrapping_mul(0x9e37_79b9)) % slots;
+            let slot = ((t / 997) ^ i.wrapping_mul(0x9e37_79b9)) % slots;
             let mut rec = vec![0u8; 512];
             rec[..8].copy_from_slice(b"SCATTER!");
             rec[8..16].copy_from_slice(&i.to_le_bytes());
