@@ -316,7 +316,7 @@ fn main() -> Result<()> {
             "netstream" => net::stream(64 << 20)?,
             "failover" => net::failover(20)?,
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
-            "disk" => disk::writes(20_000)?,
+            "disk" => disk::writes(50_000)?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

@@ -137,8 +137,8 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode(
         "disk-scatter",
-        "[N] [SLOTS] [PAUSE_US]",
-        "N steps (200): each writes a record to a sector picked by the clock among SLOTS (64), prints `rec SLOT STEP TIME`, waits PAUSE_US (1000) (needs a disk)",
+        "[N] [SLOTS] [PAUSE_US] [QUIET]",
+        "N steps (200): each writes a record to a sector picked by the clock among SLOTS (64), prints `rec SLOT STEP TIME` (not if QUIET is 1), waits PAUSE_US (1000) (needs a disk)",
     ),
     mode(
         "dirty",

@@ -255,15 +255,16 @@ fn seq(cpu: &Cpu) -> i32 {
     0
 }
 
-/// `disk-scatter N SLOTS PAUSE_US`: N steps; step i writes the sector record
+/// `disk-scatter N SLOTS PAUSE_US [QUIET]`: N steps; step i writes the sector record
 /// `[magic, i, t]` (t: the monotonic clock) to the sector picked from t among SLOTS, prints
-/// `rec SLOT i t` once the write completed, and waits PAUSE_US. Where each write lands
+/// `rec SLOT i t` once the write completed (unless QUIET is 1), and waits PAUSE_US. Where each write lands
 /// depends on the clock, so a step run again after a rollback writes elsewhere: a disk that
 /// kept an undone write would hold a record nothing printed.
 fn disk_scatter(cpu: &Cpu) -> i32 {
     let n = arg(cpu, 1, 200);
     let slots = arg(cpu, 2, 64).max(1);
     let pause_ns = arg(cpu, 3, 1000) * 1000;
+    let quiet = arg(cpu, 4, 0) == 1;
     let q = queue();
     let mut d = Dispatcher::new();
     d.spawn(async move {
@@ -286,7 +287,9 @@ fn disk_scatter(cpu: &Cpu) -> i32 {
                     Err(e) => panic!("disk-scatter write {i}: {e}"),
                 }
             }
-            println!("rec {slot} {i} {t}");
+            if !quiet {
+                println!("rec {slot} {i} {t}");
+            }
             if pause_ns > 0 {
                 let _ = q.sleep(pause_ns).await;
             }
