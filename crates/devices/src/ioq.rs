@@ -512,10 +512,13 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
                 if disk.read_only() {
                     return errno::EROFS as i32;
                 }
-                if self
-                    .mem
-                    .read_slice(&mut buf, GuestAddress(req.buf))
-                    .is_err()
+                // The data comes from memory the guest owns, never from what the VMM keeps
+                // below it (page tables, descriptor tables, the boot info).
+                if !self.writable(req.buf, len)
+                    || self
+                        .mem
+                        .read_slice(&mut buf, GuestAddress(req.buf))
+                        .is_err()
                 {
                     return errno::EFAULT as i32;
                 }
@@ -675,6 +678,7 @@ mod tests {
             (abi_io::OP_WRITE, 512, BUF, 1024, 512),
             (abi_io::OP_READ, 512, BUF + 4096, 1024, 512),
             (abi_io::OP_READ, 512, 0x10, 0, errno::EFAULT as i32), // below the writable range
+            (abi_io::OP_WRITE, 512, 0x10, 0, errno::EFAULT as i32), // from the VMM's memory
             (abi_io::OP_READ, 100, BUF, 0, errno::EINVAL as i32),  // not a sector multiple
             (abi_io::OP_READ, 512, BUF, 64 * 1024, errno::EINVAL as i32), // past the end
             (99, 512, BUF, 0, errno::EINVAL as i32),
@@ -702,7 +706,7 @@ mod tests {
         // A request whose indicator is outside writable memory is dropped, not executed.
         submit(
             &mem,
-            7,
+            reqs.len() as u32,
             IoRequest {
                 op: abi_io::OP_FLUSH,
                 completion: 0x10,
@@ -719,7 +723,7 @@ mod tests {
         let s = q.stats().snapshot();
         assert_eq!(
             (s.dropped, s.writes, s.reads, s.timers, s.errors),
-            (1, 1, 1, 1, 4)
+            (1, 1, 1, 1, 5)
         );
         assert!(notified.0.load(Ordering::SeqCst) >= 7);
         q.stop();
