@@ -23,6 +23,8 @@ fn main() {
         guests.clone(),
         root.join("crates/guest"),
         root.join("crates/abi"),
+        // The guests' build script is the `rebound new` template's.
+        root.join("crates/rebound/templates/guest"),
     ] {
         watch(&dir);
     }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::emit;
-use crate::survive::{ShmDir, rebound_bin};
+use crate::survive::{ShmDir, ran_seconds, rebound_bin};
 
 /// Runs `writes` awaited writes; returns the guest's run time in seconds.
 fn run(bin: &Path, dir: &Path, writes: u64, protect: &[&str]) -> Result<f64> {
@@ -35,12 +35,7 @@ fn run(bin: &Path, dir: &Path, writes: u64, protect: &[&str]) -> Result<f64> {
     if !out.status.success() {
         bail!("disk-scatter failed: {err}");
     }
-    // "rebound: ran 0.42 s (..."
-    err.split("rebound: ran ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse::<f64>().ok())
-        .with_context(|| format!("unexpected output: {err}"))
+    ran_seconds(&err).with_context(|| format!("unexpected output: {err}"))
 }
 
 pub fn writes(writes: u64) -> Result<()> {

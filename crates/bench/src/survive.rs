@@ -29,6 +29,17 @@ pub(crate) fn rebound_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// How long the guest ran, from `rebound run`'s report (`rebound: ran 2.73 s (...`).
+pub(crate) fn ran_seconds(stderr: &str) -> Option<f64> {
+    stderr
+        .split("rebound: ran ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A state directory under /dev/shm, removed however the benchmark ends.
 pub(crate) struct ShmDir(pub(crate) PathBuf);
 
@@ -258,12 +269,7 @@ pub fn protected_overhead(runs: usize) -> Result<()> {
         if !out.status.success() {
             bail!("demo failed: {err}");
         }
-        // "rebound: ran 2.73 s (..."
-        err.split("rebound: ran ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse::<f64>().ok())
-            .with_context(|| format!("unexpected output: {err}"))
+        ran_seconds(&err).with_context(|| format!("unexpected output: {err}"))
     };
     let (mut plain, mut protected) = (Vec::new(), Vec::new());
     for i in 0..runs {

@@ -5,12 +5,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{http, output_within, rebound, text, wait_for_socket};
+use common::{free_port, have, http, output_within, rebound, text, wait_for_socket};
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -156,14 +156,10 @@ rebound_guest::entry!(main);
 
     let echo = new_guest(tmp.path(), "echo-guest", "echo");
     let elf = build(&echo, elsewhere.path(), &target, true);
-    if Command::new("passt").arg("--version").output().is_err() {
-        eprintln!("skipped running the echo guest: passt is not installed");
+    if !have("passt") {
         return;
     }
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let sock = tmp.path().join("api.sock");
     let mut child = rebound()
         .arg("--api-sock")

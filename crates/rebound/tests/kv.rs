@@ -6,34 +6,16 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{http, output_within, rebound, shm, text, try_http, wait_for_socket, wait_until};
-
-fn have(program: &str) -> bool {
-    let ok = Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("skipped: {program} is not installed (.ci/run installs it)");
-    }
-    ok
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use common::{
+    free_port, have, http, output_within, rebound, shm, text, try_http, wait_for_socket, wait_until,
+};
 
 /// Starts `rebound` with `args` and waits until kv says it serves.
 fn start_kv(args: &[&str]) -> Child {

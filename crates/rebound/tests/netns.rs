@@ -7,12 +7,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{http, output_within, text, try_http, wait_until};
+use common::{http, installed, output_within, text, try_http, wait_until};
 use rebound_net::lab::{self, Netns, TwoPaths};
 
 fn can_netns() -> bool {
@@ -23,18 +23,9 @@ fn can_netns() -> bool {
     ok
 }
 
-fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
 #[test]
 fn kv_on_a_tap_serves_redis_clients_in_a_namespace() {
-    if !can_netns() || !have("redis-cli") {
+    if !can_netns() || !installed("redis-cli") {
         return;
     }
     let ns = Netns::new("t").unwrap();
@@ -68,7 +59,7 @@ fn kv_on_a_tap_serves_redis_clients_in_a_namespace() {
     });
     assert_eq!(cli(&["SET", "where", "tap"]), "OK");
     assert_eq!(cli(&["GET", "where"]), "tap");
-    if have("redis-benchmark") {
+    if installed("redis-benchmark") {
         let out = ns
             .command("timeout")
             .args(["120", "redis-benchmark", "-h", "10.77.0.2"])
@@ -199,7 +190,7 @@ fn a_nic_fails_over_to_another_path_without_resetting_its_connection() {
     wait_until("path a healthy again", Duration::from_secs(30), || {
         !active().contains("tapa (failed)")
     });
-    if have("nft") {
+    if installed("nft") {
         let nft = |rule: &str| {
             let out = net.vmm.command("nft").arg(rule).output().unwrap();
             assert!(out.status.success(), "nft {rule}: {}", text(&out.stderr));

@@ -7,32 +7,10 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http, output_within, rebound, shm, text, wait_until};
-
-/// passt is how guests reach the host without root; the suite installs it (`.ci/run`).
-fn have_passt() -> bool {
-    let ok = Command::new("passt")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("skipped: passt is not installed (apt-get install passt)");
-    }
-    ok
-}
-
-/// A port free on 127.0.0.1 now.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use common::{free_port, have, http, output_within, rebound, shm, text, wait_until};
 
 const GUEST_NET: &str = "ip=10.0.2.15/24 gw=10.0.2.2";
 
@@ -107,7 +85,7 @@ fn passt_gone(pid_file: &Path) -> bool {
 
 #[test]
 fn a_published_guest_port_serves_many_connections() {
-    if !have_passt() {
+    if !have("passt") {
         return;
     }
     let port = free_port();
@@ -185,7 +163,7 @@ fn a_published_guest_port_serves_many_connections() {
 
 #[test]
 fn replies_wait_for_their_checkpoint_but_not_for_the_interval() {
-    if !have_passt() {
+    if !have("passt") {
         return;
     }
     let port = free_port();
@@ -223,7 +201,7 @@ fn replies_wait_for_their_checkpoint_but_not_for_the_interval() {
 
 #[test]
 fn a_connection_outlives_kill_9_of_the_vmm() {
-    if !have_passt() {
+    if !have("passt") {
         return;
     }
     let tmp = shm();
@@ -313,7 +291,7 @@ fn a_connection_outlives_kill_9_of_the_vmm() {
 
 #[test]
 fn sigterm_to_a_protected_vmm_frees_its_published_port() {
-    if !have_passt() {
+    if !have("passt") {
         return;
     }
     let tmp = shm();

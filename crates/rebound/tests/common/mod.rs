@@ -5,9 +5,10 @@
 #[path = "../../src/client.rs"]
 mod client;
 
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test, without fault injection inherited from the environment.
@@ -123,4 +124,32 @@ pub fn output_within(
         text(&out.stderr)
     );
     out
+}
+
+/// Whether `program` runs (`program --version`).
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// [`installed`], saying that the test is skipped when not (`.ci/run` installs what the
+/// tests use).
+pub fn have(program: &str) -> bool {
+    let ok = installed(program);
+    if !ok {
+        eprintln!("skipped: {program} is not installed (.ci/run installs it)");
+    }
+    ok
+}
+
+/// A port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
