@@ -81,6 +81,11 @@ pub struct SnapshotCreateParams {
     /// Accepted for Firecracker compatibility and ignored.
     #[serde(default)]
     pub version: Option<String>,
+    /// Rebound: also save a file-backed disk's contents beside the snapshot
+    /// (`<snapshot_path>.disk`; scratch disks are always saved). A restore then gets a
+    /// copy-on-write view of them instead of reopening the file.
+    #[serde(default)]
+    pub include_disk: bool,
 }
 
 /// Snapshot kinds.

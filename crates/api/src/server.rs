@@ -208,6 +208,37 @@ async fn put_drive(
     no_content()
 }
 
+/// `PATCH /drives/{id}` (Rebound): attach a mirror, or a replacement for a failed leg.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrivePatch {
+    drive_id: String,
+    mirror_path: String,
+}
+
+async fn get_drive(State(s): State<ApiState>, Path(id): Path<String>) -> Reply {
+    let legs = on_instance(&s, move |i| i.drive_status())
+        .await?
+        .ok_or_else(|| ApiError::bad("the VM has no drive".to_string()))?;
+    Ok(Json(serde_json::json!({ "drive_id": id, "legs": legs })).into_response())
+}
+
+async fn patch_drive(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Body(d): Body<DrivePatch>,
+) -> Reply {
+    if d.drive_id != id {
+        return Err(ApiError::bad(format!(
+            "drive_id: {:?} in the body does not match {:?} in the path",
+            d.drive_id, id
+        )));
+    }
+    let path = PathBuf::from(d.mirror_path);
+    on_instance(&s, move |i| i.attach_drive_mirror(&path)).await?;
+    no_content()
+}
+
 async fn put_network_interface(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -303,8 +334,9 @@ async fn put_snapshot_create(
     };
     let path = PathBuf::from(p.snapshot_path);
     let mem = p.mem_file_path.map(PathBuf::from);
+    let with_disk = p.include_disk;
     let info = on_instance(&s, move |i| {
-        i.snapshot_with_memory(&path, kind, mem.as_deref())
+        i.snapshot_with_memory(&path, kind, mem.as_deref(), with_disk)
     })
     .await?;
     tracing::info!(?info, "snapshot written");
@@ -514,7 +546,10 @@ fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Rout
                 .patch(patch_machine_config),
         )
         .route("/boot-source", put(put_boot_source))
-        .route("/drives/{drive_id}", put(put_drive))
+        .route(
+            "/drives/{drive_id}",
+            put(put_drive).get(get_drive).patch(patch_drive),
+        )
         .route("/network-interfaces", get(get_network_interfaces))
         .route(
             "/network-interfaces/{iface_id}",

@@ -193,6 +193,7 @@ impl Instance {
                     config.disk = Some(DiskConfig::File {
                         path,
                         read_only: false,
+                        mirror: None,
                     });
                 }
                 if let Some(id) = self.sharing.identity() {
@@ -252,10 +253,12 @@ impl Instance {
             .iter()
             .map(|p| open_snapshot(p))
             .collect::<Result<Vec<_>>>()?;
-        // The drive the VM was saved with is reopened at its saved path unless another is
-        // named (Firecracker's behaviour).
+        // A named drive is used as it is (Firecracker's drive override); else the disk the
+        // snapshot saved comes back as a private copy-on-write view; else the drive is
+        // reopened at its saved path (Firecracker's behaviour).
         let disk = match &load.disk {
             Some(d) => Some(d.clone()),
+            None if rebound_vmm::persist::carries_disk(&snaps) => None,
             None => match rebound_vmm::persist::read_chain(&snaps)?.vm.disk {
                 Some(rebound_vmm::persist::DiskDescriptor::File { path, .. }) => Some(path),
                 _ => None,

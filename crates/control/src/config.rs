@@ -239,6 +239,10 @@ pub struct DriveConfig {
     /// "Sync" or "Async"; Rebound serves the disk from its I/O thread either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
+    /// Rebound: a second file (e.g. on another file system) every write also goes to; it
+    /// takes over, with no failed request, if `path_on_host` fails. Created if missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_path: Option<String>,
 }
 
 impl DriveConfig {
@@ -266,6 +270,19 @@ impl DriveConfig {
         if let Err(reason) = regular_file(Path::new(&self.path_on_host)) {
             return invalid("path_on_host", format!("{}: {reason}", self.path_on_host));
         }
+        if let Some(m) = &self.mirror_path {
+            if self.is_read_only {
+                return invalid("mirror_path", "a read-only drive is not mirrored".into());
+            }
+            if Path::new(m).exists()
+                && let Err(reason) = regular_file(Path::new(m))
+            {
+                return invalid("mirror_path", format!("{m}: {reason}"));
+            }
+            if Path::new(m) == Path::new(&self.path_on_host) {
+                return invalid("mirror_path", "must differ from path_on_host".into());
+            }
+        }
         Ok(())
     }
 
@@ -274,6 +291,7 @@ impl DriveConfig {
         DiskConfig::File {
             path: PathBuf::from(&self.path_on_host),
             read_only: self.is_read_only,
+            mirror: self.mirror_path.as_ref().map(PathBuf::from),
         }
     }
 }
@@ -530,6 +548,7 @@ mod tests {
             partuuid: None,
             cache_type: None,
             io_engine: None,
+            mirror_path: None,
         };
         let e = d.validate().unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
@@ -554,6 +573,7 @@ mod tests {
             partuuid: None,
             cache_type: Some("Unsafe".into()),
             io_engine: None,
+            mirror_path: None,
         };
         let r = Resources::default();
         r.set_drive(d("a")).unwrap();

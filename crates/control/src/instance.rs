@@ -31,7 +31,7 @@ use rebound_vmm::{DiskConfig, GuestImage, Vm, VmOutcome};
 
 use crate::config::{
     BootSource, BootSourceConfig, ConfigView, DriveConfig, MachineConfig, MachineConfigUpdate,
-    Resources,
+    Resources, regular_file,
 };
 use crate::console::Console;
 use crate::host_faults::{CpuFaultEvent, Placement, RecoveryAttribute};
@@ -206,6 +206,26 @@ impl Instance {
     /// Sets the drive as the API gives it.
     pub fn set_drive(&self, drive: DriveConfig) -> Result<()> {
         self.configure("the drive", || self.resources.set_drive(drive))
+    }
+
+    /// The running VM's disk: each leg (the file, its mirror) and its health
+    /// (`GET /drives/{id}`); `None` if the VM has no disk.
+    pub fn drive_status(&self) -> Result<Option<Vec<rebound_block::LegStatus>>> {
+        Ok(self.lifecycle.vm_for(Request::Observe)?.disk_status())
+    }
+
+    /// Attaches the file at `path` to the running VM's disk in place of its failed leg, or as
+    /// its mirror, and copies the disk to it in the background (`PATCH /drives/{id}` with
+    /// `mirror_path`). It serves reads once in sync.
+    pub fn attach_drive_mirror(&self, path: &Path) -> Result<()> {
+        let vm = self.lifecycle.vm_for(Request::Observe)?;
+        if path.exists() {
+            regular_file(path).map_err(|reason| Error::Invalid {
+                field: "mirror_path",
+                reason: format!("{}: {reason}", path.display()),
+            })?;
+        }
+        Ok(vm.attach_disk_leg(path)?)
     }
 
     /// The configuration as given (`GET /vm/config`).
@@ -456,7 +476,7 @@ impl Instance {
 
     /// Writes a full or diff snapshot of the VM to `path`.
     pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
-        self.snapshot_with_memory(path, kind, None)
+        self.snapshot_with_memory(path, kind, None, false)
     }
 
     /// [`snapshot`](Self::snapshot), also writing guest memory as a raw image to `mem_file`
@@ -468,6 +488,7 @@ impl Instance {
         path: &Path,
         kind: Kind,
         mem_file: Option<&Path>,
+        with_disk: bool,
     ) -> Result<SnapshotInfo> {
         let vm = self.lifecycle.vm_for(Request::Snapshot)?;
         for (field, p) in [("snapshot_path", Some(path)), ("mem_file_path", mem_file)] {
@@ -491,7 +512,7 @@ impl Instance {
                 reason: "must differ from snapshot_path".into(),
             });
         }
-        let info = vm.snapshot(path, kind)?;
+        let info = vm.snapshot_with(path, kind, with_disk)?;
         if let Some(mem_file) = mem_file {
             write_memory_image(path, mem_file)?;
         }

@@ -79,6 +79,7 @@ fn a_start_refused_for_a_missing_disk_leaves_the_instance_startable() {
     i.set_disk(Some(rebound_vmm::DiskConfig::File {
         path: disk.clone(),
         read_only: false,
+        mirror: None,
     }))
     .unwrap();
     let Err(e) = i.start() else {

@@ -19,8 +19,10 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rebound_snapshot::{DirtySet, PAGE_SIZE};
+
 use crate::HeldOutput;
-use crate::disk::Disk;
+use rebound_block::Disk;
 
 /// Held bytes past which a checkpoint is wanted now.
 pub const SOFT_LIMIT: u64 = 16 << 20;
@@ -67,6 +69,9 @@ pub struct HeldDisk {
     disk: Disk,
     held: Mutex<Held>,
     journal: Mutex<Option<Journal>>,
+    /// 4 KiB blocks the guest wrote since the disk's contents were last saved with a snapshot
+    /// (held or not: a snapshot saves what the guest sees).
+    written: Mutex<DirtySet>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,10 +123,40 @@ fn read_records(bytes: &[u8]) -> Vec<(u64, u64, &[u8])> {
 impl HeldDisk {
     /// `disk`, writing through until output commit holds it.
     pub fn new(disk: Disk) -> Self {
+        let blocks = disk.size().div_ceil(PAGE_SIZE);
         Self {
             disk,
             held: Mutex::new(Held::default()),
             journal: Mutex::new(None),
+            written: Mutex::new(DirtySet::new(blocks)),
+        }
+    }
+
+    /// The storage below (its legs, mirror and resync).
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// The blocks written since the last call, for a snapshot's disk image; the set starts
+    /// over.
+    pub fn take_written(&self) -> DirtySet {
+        let mut w = lock(&self.written);
+        let blocks = w.capacity();
+        std::mem::replace(&mut *w, DirtySet::new(blocks))
+    }
+
+    /// Puts back blocks [`take_written`](Self::take_written) returned that were not saved.
+    pub fn return_written(&self, set: &DirtySet) {
+        lock(&self.written).union(set);
+    }
+
+    fn mark_written(&self, offset: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let mut w = lock(&self.written);
+        for b in offset / PAGE_SIZE..=(offset + len as u64 - 1) / PAGE_SIZE {
+            w.insert(b);
         }
     }
 
@@ -199,11 +234,13 @@ impl HeldDisk {
         let mut held = lock(&self.held);
         if !held.holding {
             drop(held);
+            self.mark_written(offset, data.len());
             return Ok(self.disk.write_at(data, offset)?);
         }
         if held.bytes + data.len() as u64 > HARD_LIMIT {
             return Err(WriteError::Full);
         }
+        self.mark_written(offset, data.len());
         let epoch = held.open;
         if let Some(j) = lock(&self.journal).as_mut() {
             j.file.write_all(&record(epoch, offset, data))?;

@@ -624,7 +624,7 @@ mod tests {
     const RING: u64 = 0x1000;
     const BUF: u64 = 0x8000;
 
-    use crate::disk::Disk;
+    use rebound_block::Disk;
 
     fn setup(disk: Option<Disk>) -> (Arc<IoQueue<GuestMemoryMmap>>, Arc<Counter>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

@@ -3,7 +3,6 @@
 //! [`Notify`].
 //!
 //! - [`console`]: where guest console output goes.
-//! - [`disk`]: a disk image backing the I/O queue.
 //! - [`held_disk`]: disk writes bound to their epoch while output commit holds them.
 //! - [`ioq`]: the asynchronous I/O queue: guest rings, completed through indicators in guest
 //!   memory, never an interrupt.
@@ -11,7 +10,6 @@
 //!   going to a host [`net::Backend`].
 
 pub mod console;
-pub mod disk;
 pub mod held_disk;
 pub mod ioq;
 pub mod net;

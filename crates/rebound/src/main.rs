@@ -234,6 +234,9 @@ enum SnapshotCommand {
         /// Only the pages written since this VM's previous snapshot.
         #[arg(long)]
         diff: bool,
+        /// Also save a file-backed disk's contents (`PATH.disk`); scratch disks always are.
+        #[arg(long)]
+        with_disk: bool,
     },
     /// Merge a chain (a full snapshot, then its diffs in order) into one full snapshot.
     Merge {
@@ -354,6 +357,11 @@ struct RunArgs {
     /// Refuse guest writes to --disk.
     #[arg(long, requires = "disk")]
     disk_read_only: bool,
+
+    /// A mirror of --disk (e.g. on another file system; created if missing): every write goes
+    /// to both, and if one fails the other serves the guest with no failed request.
+    #[arg(long, value_name = "PATH", requires = "disk", conflicts_with = "disk_read_only")]
+    disk_mirror: Option<PathBuf>,
 
     /// An anonymous zero-filled disk of this size instead of --disk (the demo gets 16 MiB).
     #[arg(long, value_name = "MIB")]
@@ -540,12 +548,17 @@ fn run(mut cli: Cli) -> Result<i32> {
             survive::request_update(sock, binary)
         }
         Some(Command::Restore(args)) => restore(&cli.id, cli.api_sock.as_deref(), args),
-        Some(Command::Snapshot(SnapshotCommand::Create { path, diff })) => {
+        Some(Command::Snapshot(SnapshotCommand::Create {
+            path,
+            diff,
+            with_disk,
+        })) => {
             let sock = need_sock(cli.api_sock.as_deref())?;
             let path = std::path::absolute(&path)?;
             let body = serde_json::json!({
                 "snapshot_path": path,
                 "snapshot_type": if diff { "Diff" } else { "Full" },
+                "include_disk": with_disk,
             });
             client::call(sock, "PUT", "/snapshot/create", Some(&body))?;
             eprintln!("rebound: snapshot written to {}", path.display());
@@ -558,8 +571,15 @@ fn run(mut cli: Cli) -> Result<i32> {
                     rebound_snapshot::Snapshot::open(p, rebound_snapshot::format::Verify::Full)
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let stats =
-                rebound_snapshot::format::merge(&snaps, &out, rebound_vmm::persist::new_id())?;
+            let id = rebound_vmm::persist::new_id();
+            let disk = rebound_vmm::persist::merge_disk(&snaps, &out, id)?;
+            let stats = rebound_snapshot::format::merge(&snaps, &out, id)?;
+            if disk {
+                eprintln!(
+                    "rebound: merged the disk images into {}",
+                    rebound_block::image::path_of(&out).display()
+                );
+            }
             eprintln!(
                 "rebound: merged {} snapshots into {} ({} pages)",
                 chain.len(),
@@ -729,6 +749,7 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
         (Some(path), _) => Some(DiskConfig::File {
             path: path.clone(),
             read_only: args.disk_read_only,
+            mirror: args.disk_mirror.clone(),
         }),
         (None, Some(size_mib)) => Some(DiskConfig::Scratch { size_mib }),
         (None, None) if is_demo => Some(DiskConfig::Scratch { size_mib: 16 }),

@@ -125,6 +125,8 @@ pub mod section {
     pub const CHAIN: u32 = 7;
     /// Every component's state by id.
     pub const COMPONENTS: u32 = 8;
+    /// The disk's contents are saved beside the snapshot (`<snapshot>.disk`).
+    pub const DISK: u32 = 9;
 
     /// Name used in messages.
     pub fn name(kind: u32) -> &'static str {
@@ -137,6 +139,7 @@ pub mod section {
             SHARED => "shared",
             CHAIN => "chain",
             COMPONENTS => "components",
+            DISK => "disk",
             _ => "unknown",
         }
     }

@@ -134,6 +134,9 @@ pub enum DiskConfig {
         path: PathBuf,
         /// Refuse guest writes.
         read_only: bool,
+        /// A second file every write also goes to, which takes over if this one fails (see
+        /// [`rebound_block::disk`]); created if missing, copied to before it serves reads.
+        mirror: Option<PathBuf>,
     },
     /// A zero-filled anonymous disk that disappears with the VMM.
     Scratch {

@@ -62,7 +62,7 @@ pub enum Error {
     Arch(#[from] rebound_arch::Error),
     /// The disk could not be opened.
     #[error(transparent)]
-    Disk(#[from] rebound_devices::disk::DiskError),
+    Disk(#[from] rebound_block::Error),
     /// The I/O queue could not be set up.
     #[error(transparent)]
     Ioq(#[from] rebound_devices::ioq::IoqError),

@@ -32,6 +32,18 @@ const SHARED_VERSION: u32 = 1;
 pub const SHARED_SECTION: u32 = section::SHARED;
 /// Section kind of every component's state by id.
 pub const COMPONENTS_SECTION: u32 = section::COMPONENTS;
+/// Version of the `disk` section ([`DiskImage`]).
+const DISK_VERSION: u32 = 1;
+
+/// A snapshot whose disk contents are saved beside it (`<snapshot>.disk`, see
+/// [`rebound_block::image`]) has this section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    /// The disk's size in bytes.
+    pub size: u64,
+    /// Blocks the image stores (a diff: those written since the previous image).
+    pub blocks: u64,
+}
 
 /// The VM as configured: enough to rebuild it around restored memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +65,8 @@ pub struct VmDescriptor {
 /// The disk a VM had.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskDescriptor {
-    /// A host file: reopened on restore (its contents are the user's to keep consistent).
+    /// A host file: reopened on restore (its contents are the user's to keep consistent)
+    /// unless the snapshot saved them (on request).
     File {
         /// Path.
         path: PathBuf,
@@ -62,7 +75,7 @@ pub enum DiskDescriptor {
         /// Size in bytes when the snapshot was taken.
         size: u64,
     },
-    /// An anonymous scratch disk (not saved; a restored VM gets an empty one).
+    /// An anonymous scratch disk (its contents are saved with each snapshot of the VM).
     Scratch {
         /// Size in bytes.
         size: u64,
@@ -176,8 +189,10 @@ pub fn write_snapshot(
     path: &Path,
     meta: &SnapshotMeta,
     pages: Option<&rebound_snapshot::DirtySet>,
+    extra: Vec<SectionData>,
 ) -> Result<format::WriteStats> {
-    let sections = frozen.state().sections()?;
+    let mut sections = frozen.state().sections()?;
+    sections.extend(extra);
     let page = |p: u64| frozen.page(p).map(|b| (p, b));
     let stats = match pages {
         None => format::write(
@@ -194,8 +209,19 @@ pub fn write_snapshot(
 impl Vm {
     /// Writes a snapshot of the running VM to `path` (Firecracker's `PUT /snapshot/create`).
     /// A full snapshot turns dirty tracking on, so the next one can be a diff: the pages written
-    /// since this one, with this one as its parent.
+    /// since this one, with this one as its parent. A file-backed disk's contents are not saved
+    /// (see [`snapshot_with`](Self::snapshot_with)).
     pub fn snapshot(&self, path: &Path, kind: Kind) -> Result<SnapshotInfo> {
+        self.snapshot_with(path, kind, false)
+    }
+
+    /// [`snapshot`](Self::snapshot), choosing whether a file-backed disk's contents are saved.
+    ///
+    /// The disk's contents are saved beside it (`<path>.disk`) when the disk is a scratch disk
+    /// or a restored copy-on-write view (they exist nowhere else), and for a file-backed disk
+    /// when `with_disk`: in full, or, for a diff whose parent saved them too, the blocks
+    /// written since.
+    pub fn snapshot_with(&self, path: &Path, kind: Kind, with_disk: bool) -> Result<SnapshotInfo> {
         const CONSUMER: &str = "snapshot-api";
         let t0 = std::time::Instant::now();
         if kind == Kind::Full {
@@ -219,17 +245,41 @@ impl Vm {
             mem_size: frozen.mem_size(),
             created_unix_ns: unix_ns(),
         };
-        let written = write_snapshot(&frozen, path, &meta, (kind == Kind::Diff).then_some(&dirty));
+        let image = match self.save_disk_image(path, &meta, with_disk) {
+            Ok(i) => i,
+            Err(e) => {
+                self.return_dirty(CONSUMER, &dirty);
+                return Err(e);
+            }
+        };
+        let extra = match image.as_ref().map(|(i, _)| SectionData::encode(section::DISK, DISK_VERSION, i)) {
+            Some(Ok(s)) => vec![s],
+            Some(Err(e)) => {
+                self.return_dirty(CONSUMER, &dirty);
+                self.undo_disk_image(path, image.as_ref());
+                return Err(e.into());
+            }
+            None => Vec::new(),
+        };
+        let written = write_snapshot(
+            &frozen,
+            path,
+            &meta,
+            (kind == Kind::Diff).then_some(&dirty),
+            extra,
+        );
         let stats = match written {
             Ok(s) => s,
             Err(e) => {
                 // The dirty pages were not stored: put them back for the next diff.
                 self.return_dirty(CONSUMER, &dirty);
+                self.undo_disk_image(path, image.as_ref());
                 return Err(e);
             }
         };
         let paused_for = t0.elapsed();
         self.set_last_snapshot_id(meta.id);
+        self.set_last_disk_image(image.is_some());
         frozen.thaw()?;
         Ok(SnapshotInfo {
             id: meta.id,
@@ -240,6 +290,119 @@ impl Vm {
             pause_us: paused_for.as_micros() as u64,
             total_us: t0.elapsed().as_micros() as u64,
         })
+    }
+}
+
+impl Vm {
+    /// Saves the disk's contents beside the snapshot at `path` if they are to be saved (see
+    /// [`Vm::snapshot`]): a diff image if the last snapshot saved one, else a full one. Returns
+    /// the image's record and the blocks it took from the written set (to put back on failure).
+    fn save_disk_image(
+        &self,
+        path: &Path,
+        meta: &SnapshotMeta,
+        with_disk: bool,
+    ) -> Result<Option<(DiskImage, rebound_snapshot::DirtySet)>> {
+        let Some(disk) = self.disk() else {
+            return Ok(None);
+        };
+        let file_backed = matches!(disk.disk().origin(), rebound_block::Origin::File(_));
+        if file_backed && !with_disk {
+            return Ok(None);
+        }
+        let written = disk.take_written();
+        let diff = meta.kind == Kind::Diff && self.last_disk_image();
+        let image_meta = SnapshotMeta {
+            parent: if diff { meta.parent } else { None },
+            ..meta.clone()
+        };
+        let read = |buf: &mut [u8], at: u64| disk.read_at(buf, at);
+        match rebound_block::image::save(
+            path,
+            &image_meta,
+            disk.size(),
+            diff.then_some(&written),
+            read,
+        ) {
+            Ok(saved) => Ok(Some((
+                DiskImage {
+                    size: disk.size(),
+                    blocks: saved.blocks,
+                },
+                written,
+            ))),
+            Err(e) => {
+                disk.return_written(&written);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn undo_disk_image(&self, path: &Path, image: Option<&(DiskImage, rebound_snapshot::DirtySet)>) {
+        if let (Some(disk), Some((_, written))) = (self.disk(), image) {
+            disk.return_written(written);
+            let _ = std::fs::remove_file(rebound_block::image::path_of(path));
+        }
+    }
+}
+
+/// Whether the newest snapshot of a chain carries the disk's contents.
+pub fn carries_disk(chain: &[Snapshot]) -> bool {
+    chain.last().is_some_and(|s| s.has_section(section::DISK))
+}
+
+/// The disk images a validated chain saved: the record of the newest and the images to load
+/// (the newest full one, then the diffs after it), or `None` if the newest snapshot saved none.
+pub fn disk_images(chain: &[Snapshot]) -> Result<Option<(DiskImage, Vec<Snapshot>)>> {
+    let Some(last) = chain.last() else {
+        return Ok(None);
+    };
+    if !last.has_section(section::DISK) {
+        return Ok(None);
+    }
+    let record: DiskImage = last.decode(section::DISK, DISK_VERSION)?;
+    let mut images: Vec<Snapshot> = Vec::new();
+    for s in chain.iter().rev() {
+        if !s.has_section(section::DISK) {
+            let after = images.last().map_or_else(|| last.path(), |i| i.path());
+            return Err(Error::Restore(format!(
+                "{} saves the disk as a diff of {}, which saved no disk",
+                after.display(),
+                s.path().display()
+            )));
+        }
+        let image = rebound_block::image::open(s, format::Verify::Full)?;
+        let full = image.meta().kind == Kind::Full;
+        images.push(image);
+        if full {
+            break;
+        }
+    }
+    images.reverse();
+    Ok(Some((record, images)))
+}
+
+/// The disk a validated chain saved, as a copy-on-write view (see [`disk_images`]).
+pub fn load_disk(chain: &[Snapshot], read_only: bool) -> Result<Option<rebound_block::Disk>> {
+    match disk_images(chain)? {
+        None => Ok(None),
+        Some((record, images)) => Ok(Some(rebound_block::image::load(
+            &images,
+            record.size,
+            read_only,
+        )?)),
+    }
+}
+
+/// Merges a chain's disk images into one full image for the merged snapshot `out` (whose id
+/// is `id`); writes nothing if the chain saved no disk. Call before writing `out` itself.
+pub fn merge_disk(chain: &[Snapshot], out: &Path, id: u64) -> Result<bool> {
+    match disk_images(chain)? {
+        None => Ok(false),
+        Some((_, images)) => {
+            format::merge(&images, &rebound_block::image::path_of(out), id)?;
+            Ok(true)
+        }
     }
 }
 

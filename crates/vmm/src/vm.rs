@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use rebound_arch::Layout;
 use rebound_arch::layout::USER_START;
 use rebound_devices::Notify;
 use rebound_devices::console::Console;
-use rebound_devices::disk::Disk;
+use rebound_block::Disk;
 use rebound_devices::held_disk::HeldDisk;
 use rebound_devices::ioq::IoQueue;
 use rebound_devices::net::{NetState, NicSpec, Nics};
@@ -238,6 +238,8 @@ pub struct Vm {
     descriptor: VmDescriptor,
     dirty: Mutex<DirtyTracking>,
     last_snapshot: Mutex<Option<u64>>,
+    /// The last snapshot saved the disk's contents (the next one's can be a diff).
+    last_disk_image: std::sync::atomic::AtomicBool,
     /// The file behind guest memory (a memfd, or the snapshot a restored VM maps), kept for the
     /// VM's life.
     backing: memory::Backing,
@@ -414,11 +416,48 @@ fn reopen_disk(
             }
             Ok(Some(d))
         }
-        Some(DiskDescriptor::Scratch { size }) => {
-            tracing::warn!("a scratch disk is not saved: the restored VM gets an empty one");
-            Ok(Some(Disk::scratch(*size)?))
-        }
+        Some(DiskDescriptor::Scratch { size }) => match chosen {
+            Some(chosen) => {
+                let d = Disk::open(&chosen, false)?;
+                if d.size() != *size {
+                    return Err(Error::Restore(format!(
+                        "disk {} is {} bytes; the VM was saved with {size} bytes",
+                        chosen.display(),
+                        d.size(),
+                    )));
+                }
+                Ok(Some(d))
+            }
+            None => {
+                tracing::warn!(
+                    "the snapshot did not save the scratch disk: the restored VM gets an empty one"
+                );
+                Ok(Some(Disk::scratch(*size)?))
+            }
+        },
     }
+}
+
+/// Copies the disk to its syncing leg on a thread of its own, one chunk per step, until done
+/// (or the disk is gone with its VM).
+fn start_resync(disk: &Arc<HeldDisk>) -> Result<()> {
+    let weak = Arc::downgrade(disk);
+    spawn("disk-resync".into(), move || {
+        let t0 = Instant::now();
+        loop {
+            let Some(disk) = weak.upgrade() else { return };
+            match disk.disk().resync_step() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!("disk resync stopped: {e}");
+                    return;
+                }
+            }
+        }
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, "disk resync done");
+    })
+    .map(|_| ())
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -456,8 +495,15 @@ impl Vm {
         };
         let (disk, disk_desc) = match &config.disk {
             None => (None, None),
-            Some(DiskConfig::File { path, read_only }) => {
-                let d = Disk::open(path, *read_only)?;
+            Some(DiskConfig::File {
+                path,
+                read_only,
+                mirror,
+            }) => {
+                let mut d = Disk::open(path, *read_only)?;
+                if let Some(m) = mirror {
+                    d = d.with_mirror(m)?;
+                }
                 let desc = DiskDescriptor::File {
                     path: path.clone(),
                     read_only: *read_only,
@@ -579,7 +625,24 @@ impl Vm {
         let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
             .map_err(|e| Error::Restore(e.to_string()))?;
         let (mem, mem_file) = crate::persist::map_chain(chain, state.vm.mem_size)?;
-        let disk = reopen_disk(state.vm.disk.as_ref(), disk_path)?;
+        // A disk named here is used as it is (Firecracker's drive override); else the disk
+        // the snapshot saved, as a copy-on-write view; else the file it had.
+        let disk = match disk_path {
+            Some(p) => reopen_disk(state.vm.disk.as_ref(), Some(p))?,
+            None => {
+                let read_only = matches!(
+                    state.vm.disk,
+                    Some(DiskDescriptor::File {
+                        read_only: true,
+                        ..
+                    })
+                );
+                match crate::persist::load_disk(chain, read_only)? {
+                    Some(d) => Some(d),
+                    None => reopen_disk(state.vm.disk.as_ref(), None)?,
+                }
+            }
+        };
         let net_state = state.net()?;
         let nics = nic_specs(&saved_nics(net_state.as_ref()), &nic_backends)?;
         let parts = Parts {
@@ -680,6 +743,14 @@ impl Vm {
 
         let waiters = Arc::new(Waiters::new(layout.vcpus()));
         let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
+        if let Some(d) = &disk
+            && d.disk()
+                .status()
+                .iter()
+                .any(|l| matches!(l.state, rebound_block::LegState::Syncing { .. }))
+        {
+            start_resync(d)?;
+        }
         if let (Some(d), Some((path, recovered_to))) = (&disk, &disk_journal) {
             let applied = d
                 .open_journal(path, *recovered_to)
@@ -849,6 +920,7 @@ impl Vm {
             descriptor,
             dirty: Mutex::new(DirtyTracking::default()),
             last_snapshot: Mutex::new(None),
+            last_disk_image: std::sync::atomic::AtomicBool::new(false),
             backing: mem_file,
             components: crate::components::registry(&shared),
         };
@@ -1141,6 +1213,34 @@ impl Vm {
 
     pub(crate) fn set_last_snapshot_id(&self, id: u64) {
         *lock(&self.last_snapshot) = Some(id);
+    }
+
+    pub(crate) fn last_disk_image(&self) -> bool {
+        self.last_disk_image.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_last_disk_image(&self, saved: bool) {
+        self.last_disk_image.store(saved, Ordering::SeqCst);
+    }
+
+    /// The disk, if the VM has one.
+    pub fn disk(&self) -> Option<&Arc<HeldDisk>> {
+        self.shared.disk.as_ref()
+    }
+
+    /// The disk's legs and their health.
+    pub fn disk_status(&self) -> Option<Vec<rebound_block::LegStatus>> {
+        self.disk().map(|d| d.disk().status())
+    }
+
+    /// Attaches the file at `path` to the disk in place of its failed leg, or as its mirror,
+    /// and starts copying the disk to it (see [`rebound_block::disk`]).
+    pub fn attach_disk_leg(&self, path: &std::path::Path) -> Result<()> {
+        let disk = self
+            .disk()
+            .ok_or_else(|| Error::State("the VM has no disk".into()))?;
+        disk.disk().attach(path)?;
+        start_resync(disk)
     }
 
     /// Forgets a consumer's account.

@@ -197,6 +197,7 @@ fn a_snapshot_does_not_choose_the_host_disk() {
     let disk = rebound_vmm::DiskConfig::File {
         path: img.clone(),
         read_only: false,
+        mirror: None,
     };
     let (vm, _out) = launch(&config("ticks 5", 1, Some(disk)));
     std::thread::sleep(Duration::from_millis(30));
