@@ -274,7 +274,9 @@ impl Disk {
         }
         let mut legs = self.lock();
         if legs.iter().any(|l| l.name == name) {
-            return Err(Error::Mirror(format!("{name} is already a leg of this disk")));
+            return Err(Error::Mirror(format!(
+                "{name} is already a leg of this disk"
+            )));
         }
         if !legs.iter().any(|l| l.state == LegState::Healthy) {
             return Err(Error::Mirror(format!(
@@ -410,16 +412,13 @@ impl Disk {
             legs[from].fail("read", &e);
             return Ok(true);
         }
-        let step = legs[to]
-            .store
-            .write_at(&buf, copied)
-            .and_then(|()| {
-                if copied + len == self.size {
-                    legs[to].store.sync()
-                } else {
-                    Ok(())
-                }
-            });
+        let step = legs[to].store.write_at(&buf, copied).and_then(|()| {
+            if copied + len == self.size {
+                legs[to].store.sync()
+            } else {
+                Ok(())
+            }
+        });
         match step {
             Err(e) => {
                 let name = legs[to].name.clone();
@@ -448,7 +447,7 @@ impl Disk {
 }
 
 fn no_leg() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "no healthy disk leg")
+    io::Error::other("no healthy disk leg")
 }
 
 #[cfg(test)]
@@ -468,7 +467,10 @@ mod tests {
         assert!(matches!(Disk::open(&p, false), Err(Error::BadSize { .. })));
         assert!(Disk::scratch(0).is_err());
         let d = Disk::scratch(4096).unwrap();
-        assert!(d.attach(&tmp.path().join("m")).is_err(), "scratch disks have no mirror");
+        assert!(
+            d.attach(&tmp.path().join("m")).is_err(),
+            "scratch disks have no mirror"
+        );
     }
 
     #[test]
@@ -481,7 +483,10 @@ mod tests {
         assert_eq!(std::fs::metadata(&m).unwrap().len(), len as u64);
         // A write before the resync reaches the mirror too, and the copy does not undo it.
         d.write_at(&[1; 512], 5 * 512).unwrap();
-        assert!(matches!(d.status()[1].state, LegState::Syncing { copied: 0 }));
+        assert!(matches!(
+            d.status()[1].state,
+            LegState::Syncing { copied: 0 }
+        ));
         d.resync().unwrap();
         assert_eq!(d.status()[1].state, LegState::Healthy);
         d.write_at(&[2; 512], len as u64 - 512).unwrap();

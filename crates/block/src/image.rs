@@ -139,8 +139,8 @@ pub fn load(images: &[Snapshot], size: u64, read_only: bool) -> Result<Disk, Err
         .map_err(|e| Error::Image(format!("cannot map {len} bytes of disk image: {e}")))?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| Error::Image("disk image mapping overflows".into()))?;
-    let mem = GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|e| Error::Image(e.to_string()))?;
+    let mem =
+        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Image(e.to_string()))?;
     let mut buf = Vec::new();
     for diff in &images[1..] {
         for run in diff.runs() {
@@ -189,7 +189,11 @@ mod tests {
         // The images need the snapshots they belong to; stand-ins with the same ids do.
         for (p, id, parent) in [(&s1, 11, None), (&s2, 12, Some(11))] {
             let m = SnapshotMeta {
-                kind: if parent.is_some() { Kind::Diff } else { Kind::Full },
+                kind: if parent.is_some() {
+                    Kind::Diff
+                } else {
+                    Kind::Full
+                },
                 mem_size: 4096,
                 ..meta(id, parent)
             };
@@ -199,7 +203,10 @@ mod tests {
             .iter()
             .map(|p| Snapshot::open(p, Verify::Full).unwrap())
             .collect();
-        let images: Vec<_> = snaps.iter().map(|s| open(s, Verify::Full).unwrap()).collect();
+        let images: Vec<_> = snaps
+            .iter()
+            .map(|s| open(s, Verify::Full).unwrap())
+            .collect();
         let v = load(&images, size, false).unwrap();
         let mut buf = vec![0u8; size as usize];
         v.read_at(&mut buf, 0).unwrap();

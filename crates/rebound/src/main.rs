@@ -67,7 +67,7 @@ pub(crate) fn hooks() -> &'static rebound_api::Hooks {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a guest until it exits (default: the bundled demo).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Restore a VM from snapshots in this (new) process and run it until it exits.
     Restore(RestoreArgs),
     /// Snapshot tools: take a snapshot of a running VM, merge a chain.
@@ -360,7 +360,12 @@ struct RunArgs {
 
     /// A mirror of --disk (e.g. on another file system; created if missing): every write goes
     /// to both, and if one fails the other serves the guest with no failed request.
-    #[arg(long, value_name = "PATH", requires = "disk", conflicts_with = "disk_read_only")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "disk",
+        conflicts_with = "disk_read_only"
+    )]
     disk_mirror: Option<PathBuf>,
 
     /// An anonymous zero-filled disk of this size instead of --disk (the demo gets 16 MiB).
@@ -540,7 +545,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Some(Command::Run(args)) if args.supervise => survive::supervise_run(&cli, &args),
-        Some(Command::Run(args)) => run_guest(&cli, args),
+        Some(Command::Run(args)) => run_guest(&cli, *args),
         Some(Command::Recover(args)) if args.supervise => survive::supervise_recover(&cli, &args),
         Some(Command::Recover(args)) => survive::recover(&cli, args),
         Some(Command::Update { binary }) => {

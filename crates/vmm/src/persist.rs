@@ -252,7 +252,10 @@ impl Vm {
                 return Err(e);
             }
         };
-        let extra = match image.as_ref().map(|(i, _)| SectionData::encode(section::DISK, DISK_VERSION, i)) {
+        let extra = match image
+            .as_ref()
+            .map(|(i, _)| SectionData::encode(section::DISK, DISK_VERSION, i))
+        {
             Some(Ok(s)) => vec![s],
             Some(Err(e)) => {
                 self.return_dirty(CONSUMER, &dirty);
@@ -338,7 +341,11 @@ impl Vm {
         }
     }
 
-    fn undo_disk_image(&self, path: &Path, image: Option<&(DiskImage, rebound_snapshot::DirtySet)>) {
+    fn undo_disk_image(
+        &self,
+        path: &Path,
+        image: Option<&(DiskImage, rebound_snapshot::DirtySet)>,
+    ) {
         if let (Some(disk), Some((_, written))) = (self.disk(), image) {
             disk.return_written(written);
             let _ = std::fs::remove_file(rebound_block::image::path_of(path));

@@ -77,6 +77,7 @@ fn main(cpu: Cpu) -> i32 {
         }
         "seq" => seq(&cpu),
         "disk-scatter" => disk_scatter(&cpu),
+        "disk-flood" => disk_flood(&cpu),
         "dirty" => {
             // Writes one byte of each of K pages, round and round: whatever the host's
             // checkpoint period, (up to) K pages are dirty at each checkpoint.
@@ -255,22 +256,65 @@ fn seq(cpu: &Cpu) -> i32 {
     0
 }
 
+/// `disk-flood MIB TASKS`: TASKS tasks write MIB MiB in all, 1 MiB at a time, across the
+/// disk, as fast as they can; a write refused with `EAGAIN` (too much held for a checkpoint)
+/// is submitted again at once, as a hostile guest would. Prints how many were refused.
+fn disk_flood(cpu: &Cpu) -> i32 {
+    let mib = arg(cpu, 1, 64);
+    let tasks = arg(cpu, 2, 4).max(1);
+    let chunks = (cpu.disk_size() >> 20).max(1);
+    let refused = alloc::rc::Rc::new(core::cell::Cell::new(0u64));
+    let mut d = Dispatcher::new();
+    for t in 0..tasks {
+        let refused = refused.clone();
+        d.spawn(async move {
+            let q = queue();
+            let mut buf = vec![t as u8 + 1; 1 << 20];
+            let mut i = t;
+            while i < mib {
+                loop {
+                    let (r, back) = q.write((i % chunks) << 20, buf).await;
+                    buf = back;
+                    match r {
+                        Ok(_) => break,
+                        Err(e) if e.0 == abi::errno::EAGAIN => refused.set(refused.get() + 1),
+                        Err(e) => panic!("disk-flood write {i}: {e}"),
+                    }
+                }
+                i += tasks;
+            }
+        });
+    }
+    d.run();
+    println!(
+        "disk-flood done {mib} MiB, {} writes refused",
+        refused.get()
+    );
+    0
+}
+
 /// `disk-scatter N SLOTS PAUSE_US [QUIET]`: N steps; step i writes the sector record
 /// `[magic, i, t]` (t: the monotonic clock) to the sector picked from t among SLOTS, prints
 /// `rec SLOT i t` once the write completed (unless QUIET is 1), and waits PAUSE_US. Where each write lands
 /// depends on the clock, so a step run again after a rollback writes elsewhere: a disk that
-/// kept an undone write would hold a record nothing printed.
+/// kept an undone write would hold a record nothing printed. At the end every slot is read back
+/// and compared with what the guest remembers writing there (`disk-scatter verified N`), so a
+/// restored or rolled-back guest checks that its disk came back with its memory.
 fn disk_scatter(cpu: &Cpu) -> i32 {
     let n = arg(cpu, 1, 200);
     let slots = arg(cpu, 2, 64).max(1);
     let pause_ns = arg(cpu, 3, 1000) * 1000;
     let quiet = arg(cpu, 4, 0) == 1;
     let q = queue();
+    let bad = alloc::rc::Rc::new(core::cell::Cell::new(u64::MAX));
+    let verdict = bad.clone();
     let mut d = Dispatcher::new();
     d.spawn(async move {
+        let mut table: Vec<Option<(u64, u64)>> = alloc::vec![None; slots as usize];
         for i in 0..n {
             let t = time::monotonic_ns();
             let slot = ((t / 997) ^ i.wrapping_mul(0x9e37_79b9)) % slots;
+            table[slot as usize] = Some((i, t));
             let mut rec = vec![0u8; 512];
             rec[..8].copy_from_slice(b"SCATTER!");
             rec[8..16].copy_from_slice(&i.to_le_bytes());
@@ -294,10 +338,42 @@ fn disk_scatter(cpu: &Cpu) -> i32 {
                 let _ = q.sleep(pause_ns).await;
             }
         }
+        let mut wrong = 0;
+        for (slot, want) in table.iter().enumerate() {
+            let (r, got) = q.read(slot as u64 * 512, vec![0u8; 512]).await;
+            let ok = r == Ok(512)
+                && match want {
+                    None => got.iter().all(|b| *b == 0),
+                    Some((i, t)) => {
+                        &got[..8] == b"SCATTER!"
+                            && got[8..16] == i.to_le_bytes()
+                            && got[16..24] == t.to_le_bytes()
+                    }
+                };
+            if !ok {
+                if wrong == 0 {
+                    println!(
+                        "disk-scatter slot {slot}: want {want:?}, disk has {:?}",
+                        &got[..24]
+                    );
+                }
+                wrong += 1;
+            }
+        }
+        bad.set(wrong);
     });
     d.run();
     println!("disk-scatter done {n}");
-    0
+    match verdict.get() {
+        0 => {
+            println!("disk-scatter verified {slots}");
+            0
+        }
+        w => {
+            println!("disk-scatter: {w} slots differ from what was written");
+            1
+        }
+    }
 }
 
 #[inline(never)]
