@@ -1000,9 +1000,21 @@ fn a_snapshot_load_reopens_its_drive_or_an_override() {
     let snap = dir.path().join("vm.snap");
     let create = json!({"snapshot_path": snap, "mem_file_path": dir.path().join("mem")});
     assert_eq!(s.call("PUT", "/snapshot/create", Some(create)).0, 204);
-    // As Firecracker clients send it: the drive comes back from its saved path.
+    // As Firecracker clients send it: the drive comes back from its saved path, once the VM
+    // that writes it is gone (a disk file has one writer at a time).
     let t = Server::start();
     let load = json!({"snapshot_path": snap, "mem_backend": {"backend_type": "File", "backend_path": dir.path().join("mem")}, "resume_vm": true, "network_overrides": []});
+    let (st, e) = t.call("PUT", "/snapshot/load", Some(load.clone()));
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("in use by another VM"),
+        "{e}"
+    );
+    assert_eq!(t.call("GET", "/", None).1["state"], "Not started");
+    drop(s);
     let (st, e) = t.call("PUT", "/snapshot/load", Some(load));
     assert_eq!(st, 204, "{e}");
     assert!(wait_ticks(&t, 1));

@@ -316,7 +316,12 @@ fn main() -> Result<()> {
             "netstream" => net::stream(64 << 20)?,
             "failover" => net::failover(20)?,
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
-            "disk" => disk::writes(50_000)?,
+            "disk" => {
+                disk::writes(50_000)?;
+                disk::fsync_and_throughput()?;
+                disk::held_pause()?;
+                disk::mirror()?;
+            }
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

@@ -114,6 +114,43 @@ pub fn snapshot_bench(mem_mibs: &[u64], filled_mib: u64) -> Result<Option<Vec<Qe
     Ok(Some(results))
 }
 
+/// QEMU's `drive-mirror` (sync=full) of the raw disk `disk` to `target`, from the command to
+/// the job reporting ready (every block copied), in milliseconds; QEMU paused, as in Rebound's
+/// figure the copy is the only work. None if QEMU is not installed.
+pub fn mirror_bench(disk: &Path, target: &Path) -> Result<Option<f64>> {
+    match Command::new(QEMU).arg("--version").output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.with_context(|| format!("running {QEMU} --version"))?,
+    };
+    let dir = disk.parent().context("the disk has no directory")?;
+    let drive = format!("file={},format=raw,if=none,id=d0", disk.display());
+    let mut q = match Qemu::start(dir, KVM_ARGS, 128, &["-drive", &drive]) {
+        Ok(q) => q,
+        Err(_) => Qemu::start(dir, TCG_ARGS, 128, &["-drive", &drive])?,
+    };
+    let t = Instant::now();
+    q.cmd(
+        "drive-mirror",
+        json!({"device": "d0", "target": target, "sync": "full", "format": "raw", "mode": "absolute-paths"}),
+    )?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let jobs = q.cmd("query-block-jobs", Value::Null)?;
+        let ready = jobs
+            .as_array()
+            .and_then(|j| j.first())
+            .is_some_and(|j| j["ready"].as_bool() == Some(true));
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("drive-mirror never became ready: {jobs}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(Some(ms_since(t)))
+}
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }

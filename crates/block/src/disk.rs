@@ -147,11 +147,36 @@ fn open_file(path: &Path, read_only: bool) -> Result<(File, u64), Error> {
             path: name.clone(),
             source,
         })?;
+    lock_file(&file, &name, read_only)?;
     let size = file
         .metadata()
         .map_err(|source| Error::Open { path: name, source })?
         .len();
     Ok((file, size))
+}
+
+/// Locks a disk file for this VM (shared if read-only, exclusive else) so that no other VM,
+/// in this process or another, writes it meanwhile: a clone restored next to its parent, a
+/// second VMM started by mistake. The lock goes with the file (a crash or an exec frees it).
+fn lock_file(file: &File, name: &str, read_only: bool) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let how = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor `file` owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::InUse(name.into()));
+    }
+    Err(Error::Open {
+        path: name.into(),
+        source: e,
+    })
 }
 
 fn check_size(path: &str, size: u64) -> Result<(), Error> {
@@ -254,6 +279,7 @@ impl Disk {
                 path: name.clone(),
                 source,
             })?;
+        lock_file(&file, &name, false)?;
         let len = file
             .metadata()
             .map_err(|source| Error::Open {
@@ -458,6 +484,20 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, vec![fill; len]).unwrap();
         p
+    }
+
+    #[test]
+    fn a_disk_file_is_written_by_one_vm_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = file(tmp.path(), "d", 0, 4096);
+        let d = Disk::open(&p, false).unwrap();
+        assert!(matches!(Disk::open(&p, false), Err(Error::InUse(_))));
+        assert!(matches!(Disk::open(&p, true), Err(Error::InUse(_))));
+        drop(d);
+        let r1 = Disk::open(&p, true).unwrap();
+        let _r2 = Disk::open(&p, true).unwrap();
+        assert!(matches!(Disk::open(&p, false), Err(Error::InUse(_))));
+        drop(r1);
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub enum Error {
         /// Its size.
         size: u64,
     },
+    /// Another VM has the file open for writing (or this one wants to write a file others
+    /// read).
+    #[error(
+        "disk image {0} is in use by another VM (it is locked); a clone gets a copy-on-write \
+         view of its parent's disk when the snapshot saves the disk (include_disk)"
+    )]
+    InUse(String),
     /// Creating a scratch disk failed.
     #[error("cannot create a scratch disk: {0}")]
     Scratch(#[source] io::Error),

@@ -78,6 +78,7 @@ fn main(cpu: Cpu) -> i32 {
         "seq" => seq(&cpu),
         "disk-scatter" => disk_scatter(&cpu),
         "disk-flood" => disk_flood(&cpu),
+        "disk-fsync" => disk_fsync(&cpu),
         "dirty" => {
             // Writes one byte of each of K pages, round and round: whatever the host's
             // checkpoint period, (up to) K pages are dirty at each checkpoint.
@@ -253,6 +254,36 @@ fn seq(cpu: &Cpu) -> i32 {
         }
     }
     println!("seq done {} result={:016x}", n, x);
+    0
+}
+
+/// `disk-fsync N`: N rounds of a 4 KiB write then a `FLUSH`, each awaited; prints the median
+/// and 99th percentile of a round's latency (write + flush) in microseconds.
+fn disk_fsync(cpu: &Cpu) -> i32 {
+    let n = arg(cpu, 1, 1000).max(1);
+    let blocks = (cpu.disk_size() / 4096).max(1);
+    let lat = alloc::rc::Rc::new(core::cell::RefCell::new(Vec::with_capacity(n as usize)));
+    let l = lat.clone();
+    let mut d = Dispatcher::new();
+    d.spawn(async move {
+        let q = queue();
+        let mut buf = vec![0u8; 4096];
+        for i in 0..n {
+            buf[..8].copy_from_slice(&i.to_le_bytes());
+            let t = time::monotonic_ns();
+            let (r, back) = q.write((i % blocks) * 4096, buf).await;
+            buf = back;
+            r.expect("disk-fsync write");
+            let (r, _) = q.flush().await;
+            r.expect("disk-fsync flush");
+            l.borrow_mut().push(time::monotonic_ns() - t);
+        }
+    });
+    d.run();
+    let mut v = lat.borrow_mut();
+    v.sort_unstable();
+    let at = |q: usize| v[(v.len() - 1) * q / 100] / 1000;
+    println!("disk-fsync {n} p50_us={} p99_us={}", at(50), at(99));
     0
 }
 
