@@ -360,6 +360,7 @@ async fn put_snapshot_load(State(s): State<ApiState>, Body(p): Body<SnapshotLoad
         resume: p.resume_vm,
         generation: p.generation,
         disk,
+        disk_mirror: None,
         same_vm: false,
         network_overrides: p
             .network_overrides

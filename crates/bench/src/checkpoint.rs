@@ -263,6 +263,7 @@ pub fn snapshots() -> Result<()> {
                 nic_backends: Vec::new(),
                 net_journal: None,
                 disk_journal: None,
+                disk_mirror: None,
             },
         )?;
         let restore = t0.elapsed();
@@ -299,6 +300,7 @@ pub fn snapshots() -> Result<()> {
                     nic_backends: Vec::new(),
                     net_journal: None,
                     disk_journal: None,
+                    disk_mirror: None,
                 },
             )?;
             clones.push(t.elapsed().as_secs_f64() * 1e3);

@@ -281,6 +281,7 @@ impl Instance {
             nic_backends: nics.iter().map(|n| n.backend.clone()).collect(),
             net_journal: None,
             disk_journal: None,
+            disk_mirror: None,
         };
         let output = OutputCommit::new(self.console.user());
         let vm = Vm::restore_with(&snaps, output.writer(), options)?;
@@ -341,6 +342,7 @@ impl Instance {
             // Held disk writes of checkpoints up to the one recovered reach the disk; later
             // ones were undone with memory.
             disk_journal: Some((dir.path().join(DISK_JOURNAL), Some(prepared.epoch))),
+            disk_mirror: load.disk_mirror.clone(),
         };
         let vm = Vm::adopt(&dir.memory(), prepared.state, output.writer(), options)?;
         net.keep();

@@ -54,6 +54,8 @@ pub struct Load {
     pub generation: Option<u64>,
     /// The disk to attach if the snapshot had a file-backed one (default: the path it had).
     pub disk: Option<PathBuf>,
+    /// Recovery only: the disk's mirror, attached again and resynced from the disk.
+    pub disk_mirror: Option<PathBuf>,
     /// Recovery only: the same VM goes on from its very last state (a live update), so it
     /// keeps what it holds in shared regions.
     pub same_vm: bool,

@@ -30,6 +30,8 @@ pub struct Handover {
     pub resume: bool,
     /// The VM's disk image, if it has one outside the state directory.
     pub disk: Option<PathBuf>,
+    /// Its mirror, if it has one that has not failed (the new VMM resyncs it).
+    pub disk_mirror: Option<PathBuf>,
     /// The program to take over (None: the updater's default).
     pub binary: Option<PathBuf>,
     /// Where the vCPUs run and the recovery attribute.
@@ -227,6 +229,12 @@ impl SurvivalPart {
                     }
                     _ => None,
                 },
+                disk_mirror: vm.disk_status().and_then(|legs| {
+                    legs.into_iter()
+                        .skip(1)
+                        .find(|l| !matches!(l.state, rebound_block::LegState::Failed { .. }))
+                        .map(|l| PathBuf::from(l.path))
+                }),
                 binary,
                 placement,
                 share_claims: vm.hand_over_share_claims(),

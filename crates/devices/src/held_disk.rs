@@ -478,6 +478,7 @@ mod tests {
         bytes.extend(record(1, 4 * S as u64, &[6; S]));
         bytes[RECORD_HEADER + 7] ^= 1;
         std::fs::write(&j, &bytes).unwrap();
+        drop(d);
         let d = HeldDisk::new(Disk::open(&p, false).unwrap());
         assert_eq!(d.open_journal(&j, Some(5)).unwrap(), 0);
         assert_eq!((on_file(&p, 3), on_file(&p, 4)), (0, 0));

@@ -205,6 +205,9 @@ struct RecoverArgs {
     /// The disk image to attach, if the VM had one outside its state directory.
     #[arg(long, value_name = "PATH")]
     disk: Option<PathBuf>,
+    /// The disk's mirror, if it had one: attached again and resynced from the disk.
+    #[arg(long, value_name = "PATH", requires = "disk")]
+    disk_mirror: Option<PathBuf>,
     /// Checkpoint period in milliseconds (5-10000) once recovered.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     protect_ms: u64,

@@ -32,6 +32,7 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
         resume: !args.paused,
         generation: None,
         disk: args.disk.clone(),
+        disk_mirror: args.disk_mirror.clone(),
         // A live update hands over the very last state; a crash recovery goes back to a
         // checkpoint, so what the VM held in shared regions since then is released.
         same_vm: args.update_paused_at.is_some(),
@@ -102,6 +103,9 @@ pub fn allow_update(cli: &Cli, instance: &Instance) {
         if let Some(d) = &h.disk {
             cmd.arg("--disk").arg(d);
         }
+        if let Some(m) = &h.disk_mirror {
+            cmd.arg("--disk-mirror").arg(m);
+        }
         placement_args(&mut cmd, &h.placement);
         if !h.share_claims.is_empty() {
             cmd.env(rebound_vmm::share::INHERITED_CLAIMS_ENV, &h.share_claims);
@@ -163,7 +167,7 @@ pub fn supervise_run(cli: &Cli, args: &RunArgs) -> Result<i32> {
     let again = recover_command(
         cli,
         &dir,
-        args.disk.as_deref(),
+        (args.disk.as_deref(), args.disk_mirror.as_deref()),
         ms,
         &args.placement.placement(),
     )?;
@@ -173,15 +177,16 @@ pub fn supervise_run(cli: &Cli, args: &RunArgs) -> Result<i32> {
 /// `rebound recover --state DIR --supervise`.
 pub fn supervise_recover(cli: &Cli, args: &RecoverArgs) -> Result<i32> {
     let p = args.placement.placement();
-    let first = recover_command(cli, &args.state, args.disk.as_deref(), args.protect_ms, &p)?;
-    let again = recover_command(cli, &args.state, args.disk.as_deref(), args.protect_ms, &p)?;
+    let disk = (args.disk.as_deref(), args.disk_mirror.as_deref());
+    let first = recover_command(cli, &args.state, disk, args.protect_ms, &p)?;
+    let again = recover_command(cli, &args.state, disk, args.protect_ms, &p)?;
     supervise(first, again, &args.state)
 }
 
 fn recover_command(
     cli: &Cli,
     dir: &Path,
-    disk: Option<&Path>,
+    (disk, mirror): (Option<&Path>, Option<&Path>),
     ms: u64,
     placement: &Placement,
 ) -> Result<Command> {
@@ -200,6 +205,9 @@ fn recover_command(
         .arg(ms.to_string());
     if let Some(d) = disk {
         cmd.arg("--disk").arg(d);
+    }
+    if let Some(m) = mirror {
+        cmd.arg("--disk-mirror").arg(m);
     }
     placement_args(&mut cmd, placement);
     Ok(cmd)

@@ -477,3 +477,58 @@ fn a_flood_of_disk_writes_holds_bounded_memory() {
         "peak RSS {peak_kib} KiB for a held limit of {held_limit_kib} KiB"
     );
 }
+
+#[test]
+fn a_recovered_vm_gets_its_mirror_back_in_sync() {
+    let tmp = shm();
+    let disk = new_disk(tmp.path());
+    let mirror = tmp.path().join("mirror.img");
+    let state = tmp.path().join("vm");
+    let sock = tmp.path().join("api.sock");
+    let steps = 2000;
+    let mut child = rebound()
+        .args(["run", "--bundled", "testguest", "--mem-mib", "32"])
+        .args(["--args", &format!("disk-scatter {steps} {SLOTS} 500")])
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--disk-mirror")
+        .arg(&mirror)
+        .arg("--state")
+        .arg(&state)
+        .args(["--protect-ms", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = state.join("console.log");
+    wait_until("the guest to write", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.lines().count() > 100)
+    });
+    sigkill(&child);
+    let _ = child.wait();
+    let child = rebound()
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("recover")
+        .arg("--state")
+        .arg(&state)
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--disk-mirror")
+        .arg(&mirror)
+        .args(["--protect-ms", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    wait_until("the mirror to be in sync", Duration::from_secs(60), || {
+        leg_states(&sock) == ["healthy", "healthy"]
+    });
+    let o = output_within(child, "the recovered guest", Duration::from_secs(120));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let output = std::fs::read_to_string(&log).unwrap();
+    let want = expected(&output, steps);
+    check_disk(&disk, &want);
+    check_disk(&mirror, &want);
+}

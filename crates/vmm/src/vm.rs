@@ -327,6 +327,8 @@ pub struct RestoreOptions {
     /// VM recovered to checkpoint c, `Some(c)`: the journaled writes of checkpoints up to c are
     /// applied to the disk before the guest runs, later ones dropped.
     pub disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
+    /// A mirror to attach to the disk (resynced from it before it serves reads).
+    pub disk_mirror: Option<std::path::PathBuf>,
 }
 
 /// The NICs (MAC, MTU, host side) a saved network state describes.
@@ -619,6 +621,7 @@ impl Vm {
             nic_backends,
             net_journal,
             disk_journal,
+            disk_mirror,
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
@@ -642,6 +645,11 @@ impl Vm {
                     None => reopen_disk(state.vm.disk.as_ref(), None)?,
                 }
             }
+        };
+        let disk = match (disk, disk_mirror) {
+            (Some(d), Some(m)) => Some(d.with_mirror(&m)?),
+            (None, Some(_)) => return Err(Error::Restore("a mirror was given for no disk".into())),
+            (d, None) => d,
         };
         let net_state = state.net()?;
         let nics = nic_specs(&saved_nics(net_state.as_ref()), &nic_backends)?;
@@ -689,7 +697,13 @@ impl Vm {
             )));
         }
         let (mem, mem_file) = memory::open_file(memory, state.vm.mem_size)?;
-        let disk = reopen_disk(state.vm.disk.as_ref(), options.disk)?;
+        let mut disk = reopen_disk(state.vm.disk.as_ref(), options.disk)?;
+        if let Some(m) = &options.disk_mirror {
+            disk = match disk {
+                Some(d) => Some(d.with_mirror(m)?),
+                None => return Err(Error::Restore("a mirror was given for no disk".into())),
+            };
+        }
         let net_state = state.net()?;
         let nics = nic_specs(&saved_nics(net_state.as_ref()), &options.nic_backends)?;
         let parts = Parts {

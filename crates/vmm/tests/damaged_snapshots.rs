@@ -493,6 +493,7 @@ fn restore_paused(chain: &[Snapshot]) -> Result<(Vm, SharedBuffer), rebound_vmm:
             nic_backends: Vec::new(),
             net_journal: None,
             disk_journal: None,
+            disk_mirror: None,
         },
     )?;
     Ok((vm, out))

@@ -213,6 +213,7 @@ fn a_snapshot_does_not_choose_the_host_disk() {
         nic_backends: Vec::new(),
         net_journal: None,
         disk_journal: None,
+        disk_mirror: None,
     };
     let e = Vm::restore_with(&open(&[&path]), Box::new(std::io::sink()), options(None))
         .err()
