@@ -1088,3 +1088,49 @@ fn a_refused_state_directory_creates_nothing() {
         "{e}"
     );
 }
+
+#[test]
+fn a_running_drive_reports_its_legs_and_takes_a_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![7u8; 3 << 20]).unwrap();
+    let s = Server::start();
+    assert_eq!(s.call("GET", "/drives/rootfs", None).0, 400, "no VM yet");
+    let drive = json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true});
+    assert_eq!(s.call("PUT", "/drives/rootfs", Some(drive)).0, 204);
+    start_ticking(&s);
+    let (st, v) = s.call("GET", "/drives/rootfs", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["legs"].as_array().unwrap().len(), 1);
+    assert_eq!(v["legs"][0]["state"], "healthy");
+    let mirror = dir.path().join("mirror.img");
+    let bad = json!({"drive_id": "other", "mirror_path": mirror});
+    assert_eq!(s.call("PATCH", "/drives/rootfs", Some(bad)).0, 400);
+    let patch = json!({"drive_id": "rootfs", "mirror_path": mirror});
+    assert_eq!(s.call("PATCH", "/drives/rootfs", Some(patch)).0, 204);
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = s.call("GET", "/drives/rootfs", None);
+        if v["legs"][1]["state"] == "healthy" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never in sync: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(std::fs::read(&mirror).unwrap() == std::fs::read(&disk).unwrap());
+    // Neither leg failed: a third file has no place.
+    let third = json!({"drive_id": "rootfs", "mirror_path": dir.path().join("third.img")});
+    let (st, e) = s.call("PATCH", "/drives/rootfs", Some(third));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("neither has failed"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("third.img").exists(),
+        "a refusal creates nothing"
+    );
+}

@@ -269,6 +269,9 @@ impl Disk {
                 "{name}: only a disk backed by a file has a mirror"
             )));
         }
+        // Checked before the file is created, so a refusal leaves nothing behind; checked
+        // again when the leg goes in.
+        check_room(&self.lock(), &name)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -299,16 +302,7 @@ impl Disk {
             )));
         }
         let mut legs = self.lock();
-        if legs.iter().any(|l| l.name == name) {
-            return Err(Error::Mirror(format!(
-                "{name} is already a leg of this disk"
-            )));
-        }
-        if !legs.iter().any(|l| l.state == LegState::Healthy) {
-            return Err(Error::Mirror(format!(
-                "{name}: no healthy leg to copy the disk from"
-            )));
-        }
+        check_room(&legs, &name)?;
         let leg = Leg {
             name,
             store: Store::File(file),
@@ -319,12 +313,7 @@ impl Disk {
             .position(|l| matches!(l.state, LegState::Failed { .. }))
         {
             Some(i) => legs[i] = leg,
-            None if legs.len() < 2 => legs.push(leg),
-            None => {
-                return Err(Error::Mirror(
-                    "the disk has two legs and neither has failed".into(),
-                ));
-            }
+            None => legs.push(leg),
         }
         Ok(())
     }
@@ -470,6 +459,31 @@ impl Disk {
         while self.resync_step()? {}
         Ok(())
     }
+}
+
+/// Whether a leg named `name` can be attached: not already one, a healthy leg to copy from,
+/// and a failed leg to replace or room for a second.
+fn check_room(legs: &[Leg], name: &str) -> Result<(), Error> {
+    if legs.iter().any(|l| l.name == name) {
+        return Err(Error::Mirror(format!(
+            "{name} is already a leg of this disk"
+        )));
+    }
+    if !legs.iter().any(|l| l.state == LegState::Healthy) {
+        return Err(Error::Mirror(format!(
+            "{name}: no healthy leg to copy the disk from"
+        )));
+    }
+    if legs.len() >= 2
+        && !legs
+            .iter()
+            .any(|l| matches!(l.state, LegState::Failed { .. }))
+    {
+        return Err(Error::Mirror(
+            "the disk has two legs and neither has failed".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn no_leg() -> io::Error {
