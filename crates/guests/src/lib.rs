@@ -138,7 +138,17 @@ const TESTGUEST_MODES: &[Mode] = &[
     mode(
         "disk-scatter",
         "[N] [SLOTS] [PAUSE_US] [QUIET]",
-        "N steps (200): each writes a record to a sector picked by the clock among SLOTS (64), prints `rec SLOT STEP TIME` (not if QUIET is 1), waits PAUSE_US (1000) (needs a disk)",
+        "N steps (200): each writes a record to a sector picked by the clock among SLOTS (64), prints `rec SLOT STEP TIME` (not if QUIET is 1), waits PAUSE_US (1000); then reads every slot back and checks it against what it wrote (needs a disk)",
+    ),
+    mode(
+        "disk-flood",
+        "[MIB] [TASKS]",
+        "TASKS tasks (4) write MIB MiB (64) in 1 MiB writes as fast as they can, resubmitting at once a write refused with EAGAIN (needs a disk)",
+    ),
+    mode(
+        "disk-fsync",
+        "[N]",
+        "N rounds (1000) of a 4 KiB write then a FLUSH; prints the p50 and p99 round latency in us (needs a disk)",
     ),
     mode(
         "dirty",

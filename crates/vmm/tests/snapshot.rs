@@ -205,6 +205,8 @@ fn a_snapshot_does_not_choose_the_host_disk() {
     vm.snapshot(&path, Kind::Full).unwrap();
     vm.stop();
     vm.wait();
+    // It holds its disk file (locked) until it is gone.
+    drop(vm);
     let options = |disk| rebound_vmm::vm::RestoreOptions {
         generation: 0,
         paused: false,
