@@ -6,7 +6,9 @@
 //! | [`post_image::PostImage`] | copy dirty pages to the shadow | while paused | the shadow (pages dirtied since) |
 //! | [`double_buffered::DoubleBuffered`] | copy dirty pages to a staging buffer | after resuming, with the shadow updated then | the shadow |
 //! | [`pre_image::PreImage`] | re-protect written pages (userfaultfd) | while paused | the undo log of old page contents |
+//! | [`block_state::BlockState`] | flip written pages' image home to their working home, re-protect them (no copy) | after resuming, from each page's image home | each written page mapped from its image home again (no copy) |
 
+pub mod block_state;
 pub mod double_buffered;
 pub mod full;
 pub mod post_image;
@@ -31,15 +33,19 @@ pub enum StrategyKind {
     DoubleBuffered,
     /// Save a page's old contents before its first write in an epoch (userfaultfd write-protect).
     PreImage,
+    /// Two homes per page: the first write in an epoch moves the page's mapping to its other
+    /// home; a checkpoint flips which home holds the image, a rollback maps it back (no copies).
+    BlockState,
 }
 
 impl StrategyKind {
     /// Every strategy.
-    pub const ALL: [StrategyKind; 4] = [
+    pub const ALL: [StrategyKind; 5] = [
         Self::Full,
         Self::PostImage,
         Self::DoubleBuffered,
         Self::PreImage,
+        Self::BlockState,
     ];
 
     /// Builds the strategy for `mem_size` bytes of guest memory.
@@ -49,6 +55,7 @@ impl StrategyKind {
             Self::PostImage => Box::new(post_image::PostImage::new(mem_size)),
             Self::DoubleBuffered => Box::new(double_buffered::DoubleBuffered::new(mem_size)),
             Self::PreImage => Box::new(pre_image::PreImage::new(mem_size)),
+            Self::BlockState => Box::new(block_state::BlockState::new(mem_size)),
         }
     }
 
@@ -59,6 +66,7 @@ impl StrategyKind {
             Self::PostImage => "post_image",
             Self::DoubleBuffered => "double_buffered",
             Self::PreImage => "pre_image",
+            Self::BlockState => "block_state",
         }
     }
 }
