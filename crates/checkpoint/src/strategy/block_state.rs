@@ -649,6 +649,10 @@ impl Strategy for BlockState {
         // Dropping `r` unregisters guest memory and releases any blocked writer.
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.stats().home_b_bytes
+    }
+
     fn rollback(&mut self, _frozen: &Frozen<'_>, _dirty: &DirtySet) -> Result<(), Error> {
         let r = self.running()?;
         let mut st = lock(&r.shared);
