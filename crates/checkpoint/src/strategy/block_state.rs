@@ -709,3 +709,29 @@ impl Drop for BlockState {
         self.give_up();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_follow_flips_and_written_pages_are_where_homes_differ() {
+        let mut st = State::new(130);
+        for p in [0, 5, 6, 64, 129, 7, 6] {
+            let delta = st.flip_delta(p);
+            let home = st.working.get(p);
+            st.working.set(p, !home);
+            st.boundaries = st.boundaries.saturating_add_signed(delta);
+            assert_eq!(st.boundaries, st.count_boundaries(), "after flipping {p}");
+        }
+        // Pages 0, 5, 7, 64 and 129 are mapped from home B (6 went there and back).
+        assert_eq!(
+            st.written().iter().collect::<Vec<_>>(),
+            vec![0, 5, 7, 64, 129]
+        );
+        // A checkpoint makes the working homes the images': nothing is written any more.
+        let State { working, image, .. } = &mut st;
+        image.0.copy_from_slice(&working.0);
+        assert_eq!(st.written().count(), 0);
+    }
+}
