@@ -599,7 +599,7 @@ impl Strategy for BlockState {
             st.fail(format!("cannot write-protect written pages: {e}"));
         }
         if st.boundaries > SOFT_RUNS
-            && let Err(e) = r.ctx.compact(&mut *st)
+            && let Err(e) = r.ctx.compact(&mut st)
         {
             st.fail(format!("cannot move pages back to home A: {e}"));
         }
@@ -688,7 +688,7 @@ impl Strategy for BlockState {
             .map_err(|e| Error::Lost(format!("cannot write-protect guest memory: {e}")))?;
         if st.boundaries > SOFT_RUNS {
             r.ctx
-                .compact(&mut *st)
+                .compact(&mut st)
                 .map_err(|e| Error::Lost(format!("cannot move pages back to home A: {e}")))?;
         }
         Ok(())
