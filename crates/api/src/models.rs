@@ -223,7 +223,7 @@ pub struct ProtectionConfig {
     /// Checkpoint period, 5 to 10,000 ms; absent: checkpoints only on `PUT /checkpoint`.
     #[serde(default)]
     pub interval_ms: Option<u64>,
-    /// "full", "post_image", "double_buffered" or "pre_image".
+    /// "full", "post_image", "double_buffered", "pre_image" or "block_state".
     pub strategy: rebound_checkpoint::StrategyKind,
     /// Also write every checkpoint to this snapshot directory.
     #[serde(default)]

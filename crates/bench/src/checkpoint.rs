@@ -52,7 +52,7 @@ fn memcpy_bandwidth() -> f64 {
 
 /// Time for the guest to re-dirty K pages after a checkpoint (each first write faults).
 fn cycle(strategy: StrategyKind, k: u64) -> Duration {
-    let per_page_us = if strategy == StrategyKind::PreImage {
+    let per_page_us = if matches!(strategy, StrategyKind::PreImage | StrategyKind::BlockState) {
         200
     } else {
         40
@@ -87,21 +87,30 @@ pub fn pause_and_throughput() -> Result<()> {
                 let r = engine.checkpoint()?;
                 pauses.push(r.pause_us);
                 dirty.push(r.dirty_pages as f64);
-                if r.capture_us > 0.0 && strategy != StrategyKind::PreImage {
+                if r.capture_us > 0.0
+                    && !matches!(strategy, StrategyKind::PreImage | StrategyKind::BlockState)
+                {
                     tput.push(r.dirty_pages as f64 * 4096.0 / (r.capture_us / 1e6));
                 }
             }
+            let held = engine.strategy_memory_bytes();
             engine.stop();
             vm.stop();
             vm.wait();
             let name = strategy.name();
+            emit(
+                &format!("checkpoint_memory_{name}_{k}"),
+                held as f64 / (1 << 20) as f64,
+                "MiB",
+            );
             let (m, p) = median_p99(pauses);
             let (d, _) = median_p99(dirty);
             emit(&format!("checkpoint_pause_{name}_{k}_median"), m, "us");
             emit(&format!("checkpoint_pause_{name}_{k}_p99"), p, "us");
             emit(&format!("checkpoint_dirty_{name}_{k}"), d, "pages");
             eprintln!(
-                "checkpoint {name:>15} K={k:>5}: pause median {m:>8.0} us p99 {p:>8.0} us ({d:.0} pages captured)"
+                "checkpoint {name:>15} K={k:>5}: pause median {m:>8.0} us p99 {p:>8.0} us ({d:.0} pages captured; strategy holds {})",
+                human(held)
             );
             if k == 16384 && !tput.is_empty() {
                 let (t, _) = median_p99(tput);
@@ -132,7 +141,11 @@ pub fn pause_and_throughput() -> Result<()> {
     // The same checkpoints with a snapshot-directory sink (fsync per checkpoint): a synchronous
     // strategy pauses for the sink, the double-buffered one does not.
     let dir = tempfile::tempdir()?;
-    for strategy in [StrategyKind::PostImage, StrategyKind::DoubleBuffered] {
+    for strategy in [
+        StrategyKind::PostImage,
+        StrategyKind::DoubleBuffered,
+        StrategyKind::BlockState,
+    ] {
         let k = 1024;
         let (vm, oc, _out) = vm(&format!("dirty {k}"), 256)?;
         let sink: Box<dyn Sink> =
@@ -181,8 +194,17 @@ pub fn pause_and_throughput() -> Result<()> {
     Ok(())
 }
 
+/// Work a `rate PERMILLE SECS` guest reported.
+fn work_of(text: &str) -> Result<f64> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("work="))
+        .and_then(|w| w.parse().ok())
+        .with_context(|| format!("no work figure in {text:?}"))
+}
+
 /// Guest work rate at 10, 50 and 100 epochs/s against unprotected, for a guest writing 1% and
-/// 10% of its memory per second.
+/// 10% of its memory per second (double-buffered); then every strategy at 50 epochs/s, with
+/// the memory each holds at the end.
 pub fn slowdown() -> Result<()> {
     let secs = 3;
     for permille in [10u64, 100] {
@@ -204,12 +226,7 @@ pub fn slowdown() -> Result<()> {
             vm.wait();
             let stats = engine.as_ref().map(|e| e.stats());
             drop(engine);
-            let text = out.text();
-            let work: f64 = text
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("work="))
-                .and_then(|w| w.parse().ok())
-                .with_context(|| format!("no work figure in {text:?}"))?;
+            let work = work_of(&out.text())?;
             if eps == 0 {
                 base = work;
                 continue;
@@ -221,6 +238,42 @@ pub fn slowdown() -> Result<()> {
                 "slowdown writing {pct}%/s at {eps:>3} epochs/s (double_buffered): {slow:5.1}% ({} epochs, pause median {:.0} us)",
                 stats.as_ref().map_or(0, |s| s.epochs),
                 stats.as_ref().map_or(0.0, |s| s.pause_us.median)
+            );
+        }
+    }
+    for permille in [10u64, 100] {
+        let pct = permille as f64 / 10.0;
+        let (plain, _oc, out) = vm(&format!("rate {permille} {secs}"), 256)?;
+        plain.wait();
+        let base = work_of(&out.text())?;
+        for strategy in StrategyKind::ALL {
+            let (vm, oc, out) = vm(&format!("rate {permille} {secs}"), 256)?;
+            let engine = Engine::start(
+                vm.clone(),
+                oc,
+                EngineConfig {
+                    interval: Some(Duration::from_millis(20)),
+                    strategy,
+                },
+                vec![],
+            )?;
+            vm.wait();
+            let stats = engine.stats();
+            let held = engine.strategy_memory_bytes();
+            drop(engine);
+            let slow = 100.0 * (1.0 - work_of(&out.text())? / base);
+            let name = strategy.name();
+            emit(&format!("slowdown_{pct}pct_50eps_{name}"), slow, "%");
+            emit(
+                &format!("slowdown_memory_{pct}pct_{name}"),
+                held as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+            eprintln!(
+                "slowdown writing {pct}%/s at 50 epochs/s, {name:>15}: {slow:5.1}% ({} epochs, pause median {:.0} us, strategy holds {})",
+                stats.epochs,
+                stats.pause_us.median,
+                human(held)
             );
         }
     }

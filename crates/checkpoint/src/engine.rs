@@ -476,6 +476,12 @@ impl Engine {
         Ok(epoch)
     }
 
+    /// Memory the capture strategy holds besides guest memory, in bytes (shadow pages in RAM,
+    /// the undo log, block-state's second home).
+    pub fn strategy_memory_bytes(&self) -> u64 {
+        lock(&self.inner.work).strategy.memory_bytes()
+    }
+
     /// Counters.
     pub fn stats(&self) -> EngineStats {
         let s = lock(&self.inner.stats);

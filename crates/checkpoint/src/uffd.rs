@@ -96,6 +96,51 @@ impl Uffd {
         Ok(Self { file, start, len })
     }
 
+    /// Registers `[start, start + len)` too (a range inside the first one that was mapped anew:
+    /// a fresh mapping is not registered, even where it replaced a registered one). Pages are
+    /// left writable.
+    pub fn register_range(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(&self.file, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Waits until a fault is waiting to be read (true) or `stop` is readable (false).
+    pub fn wait(&self, stop: &impl AsRawFd) -> io::Result<bool> {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: two valid pollfds in an array we own.
+            let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if pfd[1].revents != 0 {
+                return Ok(false);
+            }
+            if pfd[0].revents != 0 {
+                return Ok(true);
+            }
+        }
+    }
+
     /// Write-protects (`true`) or releases (`false`, waking a blocked writer) a range.
     pub fn protect(&self, start: u64, len: u64, on: bool) -> io::Result<()> {
         let mut wp = UffdioWriteprotect {

@@ -34,7 +34,11 @@ fn result(out: &str) -> Option<u64> {
 
 #[test]
 fn rollback_to_an_earlier_checkpoint_by_epoch() {
-    for strategy in [StrategyKind::PostImage, StrategyKind::PreImage] {
+    for strategy in [
+        StrategyKind::PostImage,
+        StrategyKind::PreImage,
+        StrategyKind::BlockState,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let out = SharedBuffer::new();
         let i = instance(&out);

@@ -1288,6 +1288,16 @@ impl Vm {
         (base, self.shared.layout.mem_size())
     }
 
+    /// The file guest memory is mapped from, shared (a memfd, or a preserved region's file):
+    /// None for a VM restored copy-on-write from a snapshot. The block-state strategy maps its
+    /// pages as one of two homes.
+    pub fn memory_file(&self) -> Option<&std::fs::File> {
+        match &self.backing {
+            memory::Backing::Shared(f) => Some(f),
+            memory::Backing::Private { .. } => None,
+        }
+    }
+
     /// The VM's description as snapshots record it.
     pub fn descriptor(&self) -> &VmDescriptor {
         &self.descriptor

@@ -60,6 +60,10 @@ impl Strategy for DoubleBuffered {
         self.settled = true;
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.shadow.resident_bytes() + self.staging.capacity_bytes()
+    }
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
         if !self.settled {
             self.settle();

@@ -40,6 +40,10 @@ impl Strategy for Full {
         Ok(())
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.shadow.resident_bytes()
+    }
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
         // `dirty` is every page that may hold data now: any of them may have changed, and a page
         // that holds none is zero now and was zero at the checkpoint.

@@ -6,7 +6,9 @@
 //! | [`post_image::PostImage`] | copy dirty pages to the shadow | while paused | the shadow (pages dirtied since) |
 //! | [`double_buffered::DoubleBuffered`] | copy dirty pages to a staging buffer | after resuming, with the shadow updated then | the shadow |
 //! | [`pre_image::PreImage`] | re-protect written pages (userfaultfd) | while paused | the undo log of old page contents |
+//! | [`block_state::BlockState`] | flip written pages' image home to their working home, re-protect them (no copy) | after resuming, from each page's image home | each written page mapped from its image home again (no copy) |
 
+pub mod block_state;
 pub mod double_buffered;
 pub mod full;
 pub mod post_image;
@@ -31,15 +33,19 @@ pub enum StrategyKind {
     DoubleBuffered,
     /// Save a page's old contents before its first write in an epoch (userfaultfd write-protect).
     PreImage,
+    /// Two homes per page: the first write in an epoch moves the page's mapping to its other
+    /// home; a checkpoint flips which home holds the image, a rollback maps it back (no copies).
+    BlockState,
 }
 
 impl StrategyKind {
     /// Every strategy.
-    pub const ALL: [StrategyKind; 4] = [
+    pub const ALL: [StrategyKind; 5] = [
         Self::Full,
         Self::PostImage,
         Self::DoubleBuffered,
         Self::PreImage,
+        Self::BlockState,
     ];
 
     /// Builds the strategy for `mem_size` bytes of guest memory.
@@ -49,6 +55,7 @@ impl StrategyKind {
             Self::PostImage => Box::new(post_image::PostImage::new(mem_size)),
             Self::DoubleBuffered => Box::new(double_buffered::DoubleBuffered::new(mem_size)),
             Self::PreImage => Box::new(pre_image::PreImage::new(mem_size)),
+            Self::BlockState => Box::new(block_state::BlockState::new(mem_size)),
         }
     }
 
@@ -59,6 +66,7 @@ impl StrategyKind {
             Self::PostImage => "post_image",
             Self::DoubleBuffered => "double_buffered",
             Self::PreImage => "pre_image",
+            Self::BlockState => "block_state",
         }
     }
 }
@@ -107,6 +115,12 @@ pub trait Strategy: Send {
     /// Protection is given up: free what the strategy holds (shadow, write protection) now.
     fn give_up(&mut self) {}
 
+    /// Memory the strategy holds besides guest memory, in bytes (resident shadow pages, the
+    /// undo log, a second home).
+    fn memory_bytes(&self) -> u64 {
+        0
+    }
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error>;
 }
 
@@ -145,6 +159,11 @@ impl Shadow {
     /// memory is neither read nor allocated).
     pub fn copy_all(&mut self, frozen: &Frozen<'_>) {
         self.copy_pages(frozen, &frozen.data_pages());
+    }
+
+    /// Bytes of the shadow in RAM (pages never copied to are not allocated).
+    pub fn resident_bytes(&self) -> u64 {
+        resident_bytes(&self.bytes)
     }
 
     /// All of it.
@@ -207,6 +226,11 @@ impl Staging {
             .zip(self.data.chunks_exact(PAGE_SIZE as usize))
     }
 
+    /// Bytes allocated for staged pages.
+    pub fn capacity_bytes(&self) -> u64 {
+        (self.data.capacity() + self.pages.capacity() * 8) as u64
+    }
+
     /// Empties it (keeping the allocation).
     pub fn clear(&mut self) {
         self.pages.clear();
@@ -220,6 +244,24 @@ impl PageSource for Staging {
         self.data
             .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
     }
+}
+
+/// Bytes of `buf` in RAM, from `mincore` (0 if it fails).
+fn resident_bytes(buf: &[u8]) -> u64 {
+    let page = PAGE_SIZE as usize;
+    let start = buf.as_ptr() as usize & !(page - 1);
+    let end = (buf.as_ptr() as usize + buf.len()).div_ceil(page) * page;
+    if end <= start {
+        return 0;
+    }
+    let mut vec = vec![0u8; (end - start) / page];
+    // SAFETY: [start, end) covers `buf`'s pages, all mapped by the allocator for as long as `buf`
+    // lives; `vec` has one byte per page, which is all the kernel writes.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+    if r < 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE
 }
 
 /// Writes page `p` of guest memory (a rollback).

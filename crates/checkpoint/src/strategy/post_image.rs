@@ -62,6 +62,10 @@ impl Strategy for PostImage {
         Ok(())
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.shadow.resident_bytes()
+    }
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
         for p in dirty.iter() {
             self.shadow.restore_page(frozen, p)?;

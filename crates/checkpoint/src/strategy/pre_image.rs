@@ -352,6 +352,12 @@ impl Strategy for PreImage {
         })
     }
 
+    fn memory_bytes(&self) -> u64 {
+        self.running
+            .as_ref()
+            .map_or(0, |r| lock(&r.undo).len() as u64 * PAGE_SIZE)
+    }
+
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
         let r = self.running()?;
         r.drain();
