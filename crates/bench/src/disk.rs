@@ -78,7 +78,7 @@ pub fn writes(writes: u64) -> Result<()> {
 }
 
 /// The protection arguments of each mode the disk benchmarks compare.
-const MODES: [(&str, &[&str]); 5] = [
+const MODES: [(&str, &[&str]); 6] = [
     ("unprotected", &[]),
     (
         "double_buffered",
@@ -91,6 +91,10 @@ const MODES: [(&str, &[&str]); 5] = [
     (
         "pre_image",
         &["--protect-ms", "20", "--strategy", "pre_image"],
+    ),
+    (
+        "block_state",
+        &["--protect-ms", "20", "--strategy", "block_state"],
     ),
     (
         "pre_image_state_dir",
