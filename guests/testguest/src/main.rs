@@ -295,6 +295,7 @@ fn disk_flood(cpu: &Cpu) -> i32 {
     let tasks = arg(cpu, 2, 4).max(1);
     let chunks = (cpu.disk_size() >> 20).max(1);
     let refused = alloc::rc::Rc::new(core::cell::Cell::new(0u64));
+    let t0 = time::monotonic_ns();
     let mut d = Dispatcher::new();
     for t in 0..tasks {
         let refused = refused.clone();
@@ -318,8 +319,9 @@ fn disk_flood(cpu: &Cpu) -> i32 {
     }
     d.run();
     println!(
-        "disk-flood done {mib} MiB, {} writes refused",
-        refused.get()
+        "disk-flood done {mib} MiB, {} writes refused, us={}",
+        refused.get(),
+        (time::monotonic_ns() - t0) / 1000
     );
     0
 }
