@@ -53,6 +53,9 @@ struct Held {
     open: u64,
     /// Writes not yet applied, by epoch, each epoch's in the order they were made.
     epochs: BTreeMap<u64, Writes>,
+    /// For each sector a held write covers, the newest such write and where the sector is in
+    /// it: reads look sectors up instead of scanning every held write.
+    index: BTreeMap<u64, (Arc<[u8]>, usize)>,
     bytes: u64,
     pending: Option<Box<dyn Fn() + Send + Sync>>,
     asked: bool,
@@ -72,6 +75,31 @@ pub struct HeldDisk {
     /// 4 KiB blocks the guest wrote since the disk's contents were last saved with a snapshot
     /// (held or not: a snapshot saves what the guest sees).
     written: Mutex<DirtySet>,
+}
+
+const SECTOR: u64 = rebound_abi::io::SECTOR_SIZE;
+
+impl Held {
+    fn index_write(&mut self, offset: u64, data: &Arc<[u8]>) {
+        for i in 0..data.len() / SECTOR as usize {
+            self.index.insert(
+                offset / SECTOR + i as u64,
+                (data.clone(), i * SECTOR as usize),
+            );
+        }
+    }
+
+    /// The index again, from the writes still held (after some were applied or dropped).
+    fn reindex(&mut self) {
+        self.index.clear();
+        let epochs = std::mem::take(&mut self.epochs);
+        for writes in epochs.values() {
+            for (at, data) in writes {
+                self.index_write(*at, data);
+            }
+        }
+        self.epochs = epochs;
+    }
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -214,17 +242,16 @@ impl HeldDisk {
         // otherwise be seen neither in the file nor in what is held.
         let held = lock(&self.held);
         self.disk.read_at(buf, offset)?;
+        if buf.is_empty() || held.index.is_empty() {
+            return Ok(());
+        }
         let end = offset + buf.len() as u64;
-        for writes in held.epochs.values() {
-            for (at, data) in writes {
-                let (w0, w1) = (*at, *at + data.len() as u64);
-                if w1 <= offset || w0 >= end {
-                    continue;
-                }
-                let (s, e) = (w0.max(offset), w1.min(end));
-                buf[(s - offset) as usize..(e - offset) as usize]
-                    .copy_from_slice(&data[(s - w0) as usize..(e - w0) as usize]);
-            }
+        for (sector, (data, at)) in held.index.range(offset / SECTOR..=(end - 1) / SECTOR) {
+            let s0 = sector * SECTOR;
+            let (lo, hi) = (s0.max(offset), (s0 + SECTOR).min(end));
+            let from = at + (lo - s0) as usize;
+            buf[(lo - offset) as usize..(hi - offset) as usize]
+                .copy_from_slice(&data[from..from + (hi - lo) as usize]);
         }
         Ok(())
     }
@@ -240,16 +267,22 @@ impl HeldDisk {
         if held.bytes + data.len() as u64 > HARD_LIMIT {
             return Err(WriteError::Full);
         }
+        if !offset.is_multiple_of(SECTOR) || !(data.len() as u64).is_multiple_of(SECTOR) {
+            // The I/O queue passes whole sectors only; the index is by sector.
+            return Err(WriteError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a held write must cover whole sectors",
+            )));
+        }
         self.mark_written(offset, data.len());
         let epoch = held.open;
         if let Some(j) = lock(&self.journal).as_mut() {
             j.file.write_all(&record(epoch, offset, data))?;
         }
         held.bytes += data.len() as u64;
-        held.epochs
-            .entry(epoch)
-            .or_default()
-            .push((offset, data.into()));
+        let data: Arc<[u8]> = data.into();
+        held.index_write(offset, &data);
+        held.epochs.entry(epoch).or_default().push((offset, data));
         if held.bytes > SOFT_LIMIT && !held.asked {
             held.asked = true;
             if let Some(f) = &held.pending {
@@ -281,6 +314,8 @@ impl HeldDisk {
         if done.is_empty() {
             return Ok(());
         }
+        // Readers wait for the lock the caller holds until the writes are in the file.
+        held.reindex();
         for writes in done.values() {
             for (at, data) in writes {
                 self.disk.write_at(data, *at)?;
@@ -354,6 +389,7 @@ impl HeldOutput for HeldDisk {
             .flatten()
             .map(|(_, d)| d.len() as u64)
             .sum::<u64>();
+        held.reindex();
         held.open = epoch + 1;
         held.asked = false;
         if let Err(e) = self.rewrite_journal(&held) {
@@ -364,6 +400,7 @@ impl HeldOutput for HeldDisk {
     fn discard_held(&self) {
         let mut held = lock(&self.held);
         held.epochs.clear();
+        held.index.clear();
         held.bytes = 0;
         held.asked = false;
         if let Err(e) = self.rewrite_journal(&held) {
@@ -427,6 +464,38 @@ mod tests {
         d.pass_through().unwrap();
         assert_eq!(on_file(&p, 1), 4);
         assert_eq!(d.held_bytes(), 0);
+    }
+
+    #[test]
+    fn reads_see_the_newest_held_write_of_each_sector() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_p, d) = disk(tmp.path());
+        d.write_at(&[9; 4 * S], 0).unwrap();
+        d.hold(0);
+        d.write_at(&[1; 3 * S], 0).unwrap();
+        d.seal(1);
+        d.write_at(&[2; S], S as u64).unwrap();
+        let mut b = vec![0u8; 4 * S];
+        d.read_at(&mut b, 0).unwrap();
+        let firsts: Vec<u8> = b.chunks(S).map(|c| c[0]).collect();
+        assert_eq!(firsts, [1, 2, 1, 9]);
+        // A read that starts and ends inside sectors.
+        let mut part = vec![0u8; S];
+        d.read_at(&mut part, S as u64 / 2).unwrap();
+        assert!(part[..S / 2].iter().all(|&x| x == 1) && part[S / 2..].iter().all(|&x| x == 2));
+        d.discard_after(1);
+        d.read_at(&mut b, 0).unwrap();
+        let firsts: Vec<u8> = b.chunks(S).map(|c| c[0]).collect();
+        assert_eq!(
+            firsts,
+            [1, 1, 1, 9],
+            "the undone write is gone, the older one shows"
+        );
+        d.release(1).unwrap();
+        d.read_at(&mut b, 0).unwrap();
+        let firsts: Vec<u8> = b.chunks(S).map(|c| c[0]).collect();
+        assert_eq!(firsts, [1, 1, 1, 9]);
+        assert!(d.write_at(&[1; 100], 0).is_err(), "whole sectors only");
     }
 
     #[test]
