@@ -231,6 +231,10 @@ pub struct ProtectionConfig {
     /// Diffs kept in the directory before merging (default 16).
     #[serde(default)]
     pub max_chain: Option<u32>,
+    /// Replicate every checkpoint to the standby at host:port (`rebound standby`); output is
+    /// released only once the standby stored its checkpoint.
+    #[serde(default)]
+    pub standby: Option<String>,
 }
 
 /// `PUT /rollback` (optional body).

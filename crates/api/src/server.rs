@@ -379,6 +379,7 @@ async fn put_protection(State(s): State<ApiState>, Body(p): Body<ProtectionConfi
         strategy: p.strategy,
         snapshot_dir: p.snapshot_dir.map(PathBuf::from),
         max_chain: p.max_chain.unwrap_or(16) as usize,
+        standby: p.standby,
     };
     on_instance(&s, move |i| i.protect(protection)).await?;
     no_content()

@@ -233,7 +233,7 @@ fn commit_sinks(sinks: &mut [SinkSlot], c: &Commit<'_>, stats: &Mutex<StatsInner
             state,
             mem_size,
             pages: &slot.pending,
-            full: slot.needs_full,
+            full: slot.needs_full || slot.sink.wants_full(),
             data,
             source,
             output,
@@ -657,7 +657,7 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     let mem_size = frozen.mem_size();
     let data = sinks
         .iter()
-        .any(|s| s.needs_full && s.sink.stores_memory())
+        .any(|s| (s.needs_full || s.sink.wants_full()) && s.sink.stores_memory())
         .then(|| frozen.data_pages());
     let state = frozen.state().clone();
     let output = inner.output.sealed_record(e);

@@ -27,6 +27,9 @@ pub struct Protection {
     pub snapshot_dir: Option<PathBuf>,
     /// Diffs kept before the directory's chain is merged into a new full snapshot.
     pub max_chain: usize,
+    /// Replicate every checkpoint to the standby listening here (host:port; `rebound
+    /// standby`): output is released only once the standby stored its checkpoint.
+    pub standby: Option<String>,
 }
 
 impl Protection {
@@ -46,6 +49,7 @@ pub fn default_protection() -> Protection {
         strategy: StrategyKind::PreImage,
         snapshot_dir: None,
         max_chain: 16,
+        standby: None,
     }
 }
 
@@ -76,6 +80,9 @@ fn sinks(
         sinks.push(Box::new(SnapshotDir::new(dir, p.max_chain)?));
         // Protection resumed over an existing directory continues its epoch numbers.
         opts.first_epoch = rebound_checkpoint::sink::newest_epoch(dir)? + 1;
+    }
+    if let Some(addr) = &p.standby {
+        sinks.push(Box::new(rebound_cluster::Remote::new(addr, "vm")));
     }
     if let Some(Preservation { dir, recovered }) = preserved {
         if p.strategy != StrategyKind::PreImage {

@@ -103,6 +103,16 @@ enum Command {
     Guests,
     /// Create a guest crate (a program for Rebound VMs, on the guest SDK) from a template.
     New(scaffold::NewArgs),
+    /// Be the standby of protected VMs (`run --standby`): receive their checkpoints, verify
+    /// each, keep them in a snapshot directory (restore with `rebound restore --dir`).
+    Standby {
+        /// Address to listen on (host:port).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// Where the checkpoints are kept.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -288,6 +298,10 @@ struct ProtectArgs {
     /// When protected, also write every checkpoint to this snapshot directory.
     #[arg(long, value_name = "DIR", requires = "protect_ms")]
     snapshot_dir: Option<PathBuf>,
+    /// When protected, replicate every checkpoint to the standby at HOST:PORT (`rebound
+    /// standby`); output is released only once the standby stored its checkpoint.
+    #[arg(long, value_name = "HOST:PORT", requires = "protect_ms")]
+    standby: Option<String>,
 }
 
 fn parse_strategy(s: &str) -> std::result::Result<StrategyKind, String> {
@@ -309,6 +323,7 @@ impl ProtectArgs {
             strategy: self.strategy.unwrap_or(StrategyKind::DoubleBuffered),
             snapshot_dir: self.snapshot_dir.clone(),
             max_chain: 16,
+            standby: self.standby.clone(),
         })
     }
 
@@ -322,6 +337,7 @@ impl ProtectArgs {
             p.strategy = s;
         }
         p.snapshot_dir = self.snapshot_dir.clone();
+        p.standby = self.standby.clone();
         p
     }
 }
@@ -535,6 +551,17 @@ fn run(mut cli: Cli) -> Result<i32> {
         Some(Command::Share(cmd)) => share_command(cli.api_sock.as_deref(), cmd),
         Some(Command::Guests) => {
             print!("{}", guests_text());
+            Ok(0)
+        }
+        Some(Command::Standby { listen, dir }) => {
+            let listener = std::net::TcpListener::bind(&listen)
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!(
+                "rebound: standby on {}, keeping checkpoints in {}",
+                listener.local_addr()?,
+                dir.display()
+            );
+            rebound_cluster::standby::serve(&listener, &dir, || false)?;
             Ok(0)
         }
         Some(Command::New(args)) => {

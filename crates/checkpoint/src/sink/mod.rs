@@ -65,4 +65,9 @@ pub trait Sink: Send {
 
     /// Protection was given up (`reason`): what this sink holds can no longer be relied on.
     fn lost(&mut self, _reason: &str) {}
+
+    /// The next commit must hold all of memory (a standby that has nothing yet).
+    fn wants_full(&self) -> bool {
+        false
+    }
 }

@@ -1,0 +1,162 @@
+//! The primary's side of replication: a checkpoint sink that sends each epoch to the standby
+//! and acknowledges it to the engine only when the standby answered that it stored it. Output
+//! commit releases an epoch's output only after that (Remus' rule), so a standby that takes
+//! over never has less than what clients saw.
+//!
+//! A new connection (the first, or after the standby restarted or the link failed) asks the
+//! engine for a full checkpoint: every page that may hold data, then diffs again. While the
+//! standby cannot be reached, checkpoints are not acknowledged and output stays held (bounded
+//! by output commit's limits), as with Remus.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use rebound_checkpoint::sink::{CheckpointData, Sink};
+use rebound_snapshot::PAGE_SIZE;
+
+use crate::Error;
+use crate::wire::{self, Epoch, Msg};
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an acknowledgement may take (a full epoch of a large VM included).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends every checkpoint to a standby.
+pub struct Remote {
+    addr: String,
+    vm: String,
+    conn: Option<TcpStream>,
+    /// The connection has received nothing yet: the next epoch must be full.
+    fresh: bool,
+    /// The last epoch the standby acknowledged on this connection.
+    last: Option<(u64, u64)>,
+}
+
+impl Remote {
+    /// A sink replicating VM `vm` to the standby at `addr` (host:port; connected at the first
+    /// checkpoint).
+    pub fn new(addr: &str, vm: &str) -> Self {
+        Self {
+            addr: addr.to_string(),
+            vm: vm.to_string(),
+            conn: None,
+            fresh: true,
+            last: None,
+        }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> rebound_checkpoint::Error {
+        rebound_checkpoint::Error::Sink {
+            sink: self.name(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn connect(&mut self, mem_size: u64) -> Result<(), Error> {
+        let addrs: Vec<SocketAddr> = self.addr.to_socket_addrs()?.collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(mut s) => {
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(ACK_TIMEOUT))?;
+                    s.set_write_timeout(Some(ACK_TIMEOUT))?;
+                    let hello = Msg::Hello {
+                        version: wire::VERSION,
+                        vm: self.vm.clone(),
+                        mem_size,
+                    };
+                    wire::send(&mut s, &hello)?;
+                    tracing::info!(standby = %self.addr, "replication: connected");
+                    self.conn = Some(s);
+                    self.fresh = true;
+                    self.last = None;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(
+            || Error::Protocol(format!("{} names no address", self.addr)),
+            Error::Io,
+        ))
+    }
+
+    fn send(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        if self.conn.is_none() {
+            self.connect(cp.mem_size)?;
+        }
+        if self.fresh && !cp.full {
+            // The engine asks for a full checkpoint next (wants_full).
+            return Err(Error::Protocol(
+                "a new connection starts with a full checkpoint".into(),
+            ));
+        }
+        let npages = cp.mem_size / PAGE_SIZE;
+        let pages: Box<dyn Iterator<Item = u64>> = match (cp.full, cp.data) {
+            (true, Some(d)) => Box::new(d.iter()),
+            (true, None) => Box::new(0..npages),
+            (false, _) => Box::new(cp.pages.iter()),
+        };
+        let (mut list, mut data) = (Vec::new(), Vec::new());
+        for p in pages {
+            let bytes = cp
+                .source
+                .page(p)
+                .ok_or_else(|| Error::Protocol(format!("page {p} is not available")))?;
+            if cp.full && bytes.iter().all(|&b| b == 0) {
+                continue;
+            }
+            list.push(p);
+            data.extend_from_slice(bytes);
+        }
+        let epoch = Epoch {
+            epoch: cp.epoch,
+            id: cp.id,
+            follows: self.last,
+            full: cp.full,
+            vm: cp.state.vm.clone(),
+            components: cp.state.components.clone(),
+            pages: list,
+            data,
+            output_offset: cp.output.offset,
+            output: cp.output.bytes.clone(),
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Error::Protocol("not connected".into()));
+        };
+        wire::send(conn, &Msg::Epoch(Box::new(epoch)))?;
+        match wire::recv(conn, wire::HELLO_MAX)? {
+            Msg::Ack { epoch, id } if (epoch, id) == (cp.epoch, cp.id) => {
+                self.last = Some((epoch, id));
+                self.fresh = false;
+                Ok(())
+            }
+            Msg::Refuse { reason } => Err(Error::Refused(reason)),
+            other => Err(Error::Protocol(format!(
+                "expected the acknowledgement of epoch {}, got {other:?}",
+                cp.epoch
+            ))),
+        }
+    }
+}
+
+impl Sink for Remote {
+    fn name(&self) -> String {
+        format!("standby:{}", self.addr)
+    }
+
+    fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), rebound_checkpoint::Error> {
+        self.send(cp).map_err(|e| {
+            if self.conn.take().is_some() {
+                tracing::warn!(standby = %self.addr, "replication: connection dropped: {e}");
+            }
+            self.err(e)
+        })
+    }
+
+    fn wants_full(&self) -> bool {
+        self.conn.is_none() || self.fresh
+    }
+}

@@ -1,0 +1,243 @@
+//! The standby's side of replication: receives a primary's epochs, checks each, stores it in a
+//! snapshot directory (fsynced) and only then acknowledges it. `rebound restore --dir` builds
+//! the VM from the directory's newest chain (cold standby).
+//!
+//! Checked before anything is stored: each frame's checksum and size (at most the VM's memory
+//! plus [`wire::EPOCH_OVERHEAD_MAX`]); that a connection starts with a Hello of this protocol
+//! version and then a full epoch; that each epoch follows the last one acknowledged on the
+//! connection and has a larger number; that its pages are ascending, inside memory, and match
+//! their bytes. Anything else is refused and ends the connection, and what was stored stays the
+//! last acknowledged epoch.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+
+use rebound_checkpoint::CheckpointRef;
+use rebound_checkpoint::sink::{CheckpointData, Sink, SnapshotDir};
+use rebound_checkpoint::state_dir::OutputRecord;
+use rebound_checkpoint::strategy::PageSource;
+use rebound_snapshot::{DirtySet, PAGE_SIZE};
+use rebound_vmm::persist::SavedState;
+
+use crate::Error;
+use crate::wire::{self, Epoch, Msg};
+
+/// Diffs kept before the directory's chain is merged.
+const MAX_CHAIN: usize = 16;
+
+/// The pages of one received epoch.
+struct Received<'a> {
+    at: HashMap<u64, usize>,
+    data: &'a [u8],
+}
+
+impl PageSource for Received<'_> {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        let i = *self.at.get(&p)?;
+        self.data
+            .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+    }
+}
+
+/// Serves primaries one connection at a time, storing their epochs in `dir`, until `stop`
+/// returns true after a connection ends.
+pub fn serve(listener: &TcpListener, dir: &Path, stop: impl Fn() -> bool) -> Result<(), Error> {
+    let mut store = SnapshotDir::new(dir, MAX_CHAIN)?;
+    loop {
+        let (conn, peer) = listener.accept()?;
+        match receive(conn, &mut store) {
+            Ok(()) => tracing::info!(%peer, "replication: the primary closed the connection"),
+            Err(e) => tracing::warn!(%peer, "replication: connection ended: {e}"),
+        }
+        if stop() {
+            return Ok(());
+        }
+    }
+}
+
+/// Checks an epoch against the connection's state; returns its pages as a set.
+fn check(e: &Epoch, mem_size: u64, last: Option<(u64, u64)>) -> Result<DirtySet, String> {
+    match last {
+        None if !e.full => return Err("a connection's first epoch must be full".into()),
+        Some(l) if e.follows != Some(l) => {
+            return Err(format!(
+                "epoch {} follows {:?}, the last acknowledged is {l:?}",
+                e.epoch, e.follows
+            ));
+        }
+        Some((n, _)) if e.epoch <= n => {
+            return Err(format!("epoch {} after epoch {n}", e.epoch));
+        }
+        _ => {}
+    }
+    if e.vm.mem_size != mem_size {
+        return Err(format!(
+            "the VM has {mem_size} bytes of memory; epoch {} says {}",
+            e.epoch, e.vm.mem_size
+        ));
+    }
+    if e.data.len() as u64 != e.pages.len() as u64 * PAGE_SIZE {
+        return Err(format!(
+            "{} pages with {} bytes",
+            e.pages.len(),
+            e.data.len()
+        ));
+    }
+    let npages = mem_size / PAGE_SIZE;
+    let mut set = DirtySet::new(npages);
+    let mut prev = None;
+    for &p in &e.pages {
+        if p >= npages || prev.is_some_and(|q| p <= q) {
+            return Err(format!("page {p} is out of order or past memory"));
+        }
+        prev = Some(p);
+        set.insert(p);
+    }
+    Ok(set)
+}
+
+fn receive(mut conn: TcpStream, store: &mut SnapshotDir) -> Result<(), Error> {
+    conn.set_nodelay(true)?;
+    let mem_size = match wire::recv(&mut conn, wire::HELLO_MAX)? {
+        Msg::Hello {
+            version: wire::VERSION,
+            vm,
+            mem_size,
+        } if mem_size.is_multiple_of(PAGE_SIZE) && mem_size <= 64 << 30 => {
+            tracing::info!(vm, mem_size, "replication: primary connected");
+            mem_size
+        }
+        other => {
+            let reason = format!("expected a Hello of version {}: {other:?}", wire::VERSION);
+            let _ = wire::send(
+                &mut conn,
+                &Msg::Refuse {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(Error::Protocol(reason));
+        }
+    };
+    let max = mem_size + wire::EPOCH_OVERHEAD_MAX;
+    let mut last = None;
+    loop {
+        let e = match wire::recv(&mut conn, max) {
+            Ok(Msg::Epoch(e)) => e,
+            Ok(other) => {
+                let reason = format!("expected an epoch, got {other:?}");
+                let _ = wire::send(
+                    &mut conn,
+                    &Msg::Refuse {
+                        reason: reason.clone(),
+                    },
+                );
+                return Err(Error::Protocol(reason));
+            }
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let pages = match check(&e, mem_size, last) {
+            Ok(p) => p,
+            Err(reason) => {
+                let _ = wire::send(
+                    &mut conn,
+                    &Msg::Refuse {
+                        reason: reason.clone(),
+                    },
+                );
+                return Err(Error::Refused(reason));
+            }
+        };
+        let source = Received {
+            at: e.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect(),
+            data: &e.data,
+        };
+        let state = SavedState {
+            vm: e.vm.clone(),
+            components: e.components.clone(),
+        };
+        let output = OutputRecord {
+            offset: e.output_offset,
+            bytes: e.output.clone(),
+        };
+        let cp = CheckpointData {
+            epoch: e.epoch,
+            id: e.id,
+            follows: e.follows.map(|(epoch, id)| CheckpointRef { epoch, id }),
+            state: &state,
+            mem_size,
+            pages: &pages,
+            full: e.full,
+            data: e.full.then_some(&pages),
+            source: &source,
+            output: &output,
+        };
+        store.commit(&cp)?;
+        last = Some((e.epoch, e.id));
+        wire::send(
+            &mut conn,
+            &Msg::Ack {
+                epoch: e.epoch,
+                id: e.id,
+            },
+        )?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rebound_vmm::persist::VmDescriptor;
+
+    fn epoch(n: u64, follows: Option<(u64, u64)>, full: bool, pages: Vec<u64>) -> Epoch {
+        Epoch {
+            epoch: n,
+            id: n * 10,
+            follows,
+            full,
+            vm: VmDescriptor {
+                mem_size: 16 * PAGE_SIZE,
+                vcpus: 1,
+                image: "x".into(),
+                boot_args: String::new(),
+                disk: None,
+                abi_version: 0,
+            },
+            components: Default::default(),
+            data: vec![0; pages.len() * PAGE_SIZE as usize],
+            pages,
+            output_offset: 0,
+            output: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn epochs_out_of_order_or_malformed_are_refused() {
+        let m = 16 * PAGE_SIZE;
+        assert!(check(&epoch(1, None, true, vec![0, 3]), m, None).is_ok());
+        assert!(
+            check(&epoch(1, None, false, vec![]), m, None).is_err(),
+            "not full first"
+        );
+        assert!(check(&epoch(2, Some((1, 10)), false, vec![2]), m, Some((1, 10))).is_ok());
+        assert!(check(&epoch(3, Some((1, 10)), false, vec![]), m, Some((2, 20))).is_err());
+        assert!(check(&epoch(2, Some((2, 20)), false, vec![]), m, Some((2, 20))).is_err());
+        assert!(
+            check(
+                &epoch(3, Some((2, 20)), false, vec![3, 2]),
+                m,
+                Some((2, 20))
+            )
+            .is_err()
+        );
+        assert!(check(&epoch(3, Some((2, 20)), false, vec![16]), m, Some((2, 20))).is_err());
+        let mut short = epoch(3, Some((2, 20)), false, vec![1]);
+        short.data.pop();
+        assert!(check(&short, m, Some((2, 20))).is_err());
+        assert!(
+            check(&epoch(1, None, true, vec![]), 2 * m, None).is_err(),
+            "other memory size"
+        );
+    }
+}
