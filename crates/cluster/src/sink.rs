@@ -159,4 +159,24 @@ impl Sink for Remote {
     fn wants_full(&self) -> bool {
         self.conn.is_none() || self.fresh
     }
+
+    fn lost(&mut self, reason: &str) {
+        self.goodbye(reason);
+    }
+}
+
+impl Remote {
+    /// Tells the standby that the checkpoints stop on purpose, and closes.
+    fn goodbye(&mut self, why: &str) {
+        if let Some(mut c) = self.conn.take() {
+            tracing::info!(standby = %self.addr, "replication ends: {why}");
+            let _ = wire::send(&mut c, &Msg::Bye);
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.goodbye("the sink is dropped");
+    }
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::time::Duration;
 
 use rebound_checkpoint::CheckpointRef;
 use rebound_checkpoint::sink::{CheckpointData, Sink, SnapshotDir};
@@ -40,18 +41,34 @@ impl PageSource for Received<'_> {
     }
 }
 
-/// Serves primaries one connection at a time, storing their epochs in `dir`, until `stop`
-/// returns true after a connection ends.
-pub fn serve(listener: &TcpListener, dir: &Path, stop: impl Fn() -> bool) -> Result<(), Error> {
+/// How a primary's connection ended.
+enum Ended {
+    /// It said the checkpoints stop on purpose.
+    Bye,
+    /// It went away or went silent after `acked` epochs: a failure.
+    Lost { acked: u64, why: String },
+}
+
+/// Serves primaries one connection at a time, storing their epochs in `dir`. With `takeover`,
+/// returns (the reason) when a primary that had an epoch acknowledged is lost: its connection
+/// ends without a goodbye, or nothing arrives for `takeover` (longer than its checkpoint
+/// interval); the caller then builds the VM from `dir`. Without, serves forever.
+pub fn serve(
+    listener: &TcpListener,
+    dir: &Path,
+    takeover: Option<Duration>,
+) -> Result<String, Error> {
     let mut store = SnapshotDir::new(dir, MAX_CHAIN)?;
     loop {
         let (conn, peer) = listener.accept()?;
-        match receive(conn, &mut store) {
-            Ok(()) => tracing::info!(%peer, "replication: the primary closed the connection"),
-            Err(e) => tracing::warn!(%peer, "replication: connection ended: {e}"),
-        }
-        if stop() {
-            return Ok(());
+        match receive(conn, &mut store, takeover) {
+            Ended::Bye => tracing::info!(%peer, "replication: the primary ended it"),
+            Ended::Lost { acked, why } => {
+                tracing::warn!(%peer, acked, "replication: the primary is lost: {why}");
+                if takeover.is_some() && acked > 0 {
+                    return Ok(why);
+                }
+            }
         }
     }
 }
@@ -97,8 +114,36 @@ fn check(e: &Epoch, mem_size: u64, last: Option<(u64, u64)>) -> Result<DirtySet,
     Ok(set)
 }
 
-fn receive(mut conn: TcpStream, store: &mut SnapshotDir) -> Result<(), Error> {
+fn receive(conn: TcpStream, store: &mut SnapshotDir, timeout: Option<Duration>) -> Ended {
+    let mut acked = 0;
+    match receive_epochs(conn, store, timeout, &mut acked) {
+        Ok(()) => Ended::Bye,
+        Err(e) => Ended::Lost {
+            acked,
+            why: e.to_string(),
+        },
+    }
+}
+
+fn refuse(conn: &mut TcpStream, reason: String) -> Error {
+    let _ = wire::send(
+        conn,
+        &Msg::Refuse {
+            reason: reason.clone(),
+        },
+    );
+    Error::Refused(reason)
+}
+
+/// Stores and acknowledges epochs until the primary says goodbye (`Ok`) or anything fails.
+fn receive_epochs(
+    mut conn: TcpStream,
+    store: &mut SnapshotDir,
+    timeout: Option<Duration>,
+    acked: &mut u64,
+) -> Result<(), Error> {
     conn.set_nodelay(true)?;
+    conn.set_read_timeout(timeout)?;
     let mem_size = match wire::recv(&mut conn, wire::HELLO_MAX)? {
         Msg::Hello {
             version: wire::VERSION,
@@ -110,45 +155,23 @@ fn receive(mut conn: TcpStream, store: &mut SnapshotDir) -> Result<(), Error> {
         }
         other => {
             let reason = format!("expected a Hello of version {}: {other:?}", wire::VERSION);
-            let _ = wire::send(
-                &mut conn,
-                &Msg::Refuse {
-                    reason: reason.clone(),
-                },
-            );
-            return Err(Error::Protocol(reason));
+            return Err(refuse(&mut conn, reason));
         }
     };
     let max = mem_size + wire::EPOCH_OVERHEAD_MAX;
     let mut last = None;
     loop {
-        let e = match wire::recv(&mut conn, max) {
-            Ok(Msg::Epoch(e)) => e,
-            Ok(other) => {
-                let reason = format!("expected an epoch, got {other:?}");
-                let _ = wire::send(
+        let e = match wire::recv(&mut conn, max)? {
+            Msg::Epoch(e) => e,
+            Msg::Bye => return Ok(()),
+            other => {
+                return Err(refuse(
                     &mut conn,
-                    &Msg::Refuse {
-                        reason: reason.clone(),
-                    },
-                );
-                return Err(Error::Protocol(reason));
-            }
-            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let pages = match check(&e, mem_size, last) {
-            Ok(p) => p,
-            Err(reason) => {
-                let _ = wire::send(
-                    &mut conn,
-                    &Msg::Refuse {
-                        reason: reason.clone(),
-                    },
-                );
-                return Err(Error::Refused(reason));
+                    format!("expected an epoch, got {other:?}"),
+                ));
             }
         };
+        let pages = check(&e, mem_size, last).map_err(|r| refuse(&mut conn, r))?;
         let source = Received {
             at: e.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect(),
             data: &e.data,
@@ -175,6 +198,7 @@ fn receive(mut conn: TcpStream, store: &mut SnapshotDir) -> Result<(), Error> {
         };
         store.commit(&cp)?;
         last = Some((e.epoch, e.id));
+        *acked += 1;
         wire::send(
             &mut conn,
             &Msg::Ack {

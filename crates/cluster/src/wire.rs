@@ -72,6 +72,9 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    /// Primary: the VM's checkpoints stop here on purpose (it ended, or its protection
+    /// stopped): the standby must not take it over.
+    Bye,
 }
 
 /// Writes `msg` as one frame.

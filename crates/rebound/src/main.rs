@@ -112,6 +112,14 @@ enum Command {
         /// Where the checkpoints are kept.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// Take the VM over (build it from DIR and run it here) when its primary is lost: its
+        /// connection ends without a goodbye, or nothing arrives for MS milliseconds (more
+        /// than the primary's checkpoint interval).
+        #[arg(long, value_name = "MS")]
+        takeover_ms: Option<u64>,
+        /// Once taken over, protect the VM (and replicate it on with --standby).
+        #[command(flatten)]
+        protect: ProtectArgs,
     },
 }
 
@@ -553,7 +561,12 @@ fn run(mut cli: Cli) -> Result<i32> {
             print!("{}", guests_text());
             Ok(0)
         }
-        Some(Command::Standby { listen, dir }) => {
+        Some(Command::Standby {
+            listen,
+            dir,
+            takeover_ms,
+            protect,
+        }) => {
             let listener = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!(
@@ -561,8 +574,22 @@ fn run(mut cli: Cli) -> Result<i32> {
                 listener.local_addr()?,
                 dir.display()
             );
-            rebound_cluster::standby::serve(&listener, &dir, || false)?;
-            Ok(0)
+            let takeover = takeover_ms.map(std::time::Duration::from_millis);
+            let why = rebound_cluster::standby::serve(&listener, &dir, takeover)?;
+            // The old primary must find nobody to acknowledge its checkpoints: without a
+            // standby it releases no more output.
+            drop(listener);
+            eprintln!("rebound: standby: the primary is lost ({why}); taking the VM over");
+            let args = RestoreArgs {
+                chain: Vec::new(),
+                dir: Some(dir),
+                disk: None,
+                generation: None,
+                metrics: false,
+                protect,
+                placement: PlacementArgs::default(),
+            };
+            restore(&cli.id, cli.api_sock.as_deref(), args)
         }
         Some(Command::New(args)) => {
             let (dir, run) = scaffold::create(&args)?;

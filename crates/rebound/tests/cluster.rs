@@ -125,3 +125,169 @@ fn a_killed_primary_resumes_from_its_standby_and_nothing_it_released_is_ahead_of
         first - last_released
     );
 }
+
+/// A standby that takes its VM over when the primary is lost, its stdout and stderr collected.
+fn standby_taking_over(addr: &str, dir: &Path) -> (Child, Arc<Mutex<String>>, Arc<Mutex<String>>) {
+    let mut child = rebound()
+        .args(["--log-level", "info", "standby", "--listen", addr])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--takeover-ms", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(&mut child);
+    let err = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let e = err.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = e.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    wait_until("the standby to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    (child, out, err)
+}
+
+#[test]
+fn a_standby_takes_over_a_primary_that_dies_not_one_that_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A primary whose VM ends says goodbye: its standby keeps waiting.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut s, _, err) = standby_taking_over(&addr, &tmp.path().join("a"));
+    let o = rebound()
+        .args(["run", "--bundled", "testguest", "--args", "ticks 5 40"])
+        .args(["--protect-ms", "20", "--standby", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    wait_until("the goodbye", Duration::from_secs(30), || {
+        err.lock().unwrap().contains("the primary ended it")
+    });
+    assert!(matches!(s.try_wait(), Ok(None)), "{}", err.lock().unwrap());
+    assert!(!err.lock().unwrap().contains("taking the VM over"));
+    kill9(&mut s);
+
+    // A primary that dies: the standby builds the VM and it goes on there, after the last
+    // tick the primary released.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut s, vm_out, err) = standby_taking_over(&addr, &tmp.path().join("b"));
+    let mut primary = rebound()
+        .args(["run", "--bundled", "testguest"])
+        .args(["--args", &format!("ticks 5 {TICKS}")])
+        .args(["--protect-ms", "20", "--standby", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = collect(&mut primary);
+    wait_until("the primary to tick", Duration::from_secs(60), || {
+        ticks(&out.lock().unwrap()).len() >= 30
+    });
+    kill9(&mut primary);
+    let released = ticks(&out.lock().unwrap());
+    let last_released = *released.last().unwrap();
+    wait_until("the standby's VM to tick", Duration::from_secs(60), || {
+        ticks(&vm_out.lock().unwrap()).len() >= 20
+    });
+    kill9(&mut s);
+    assert!(err.lock().unwrap().contains("taking the VM over"));
+    let resumed = ticks(&vm_out.lock().unwrap());
+    assert!(
+        resumed[0] > last_released,
+        "tick {} again after the primary released {last_released}",
+        resumed[0]
+    );
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+}
+
+/// Two "hosts": namespaces joined by a veth pair, the primary's 10.79.0.1, the standby's
+/// 10.79.0.2.
+fn two_hosts() -> (rebound_net::lab::Netns, rebound_net::lab::Netns) {
+    use rebound_net::lab::Netns;
+    let a = Netns::new("ha").unwrap();
+    let b = Netns::new("hb").unwrap();
+    a.ip(&[
+        "link", "add", "rva", "type", "veth", "peer", "name", "rvb", "netns", &b.0,
+    ])
+    .unwrap();
+    a.ip(&["addr", "add", "10.79.0.1/24", "dev", "rva"])
+        .unwrap();
+    b.ip(&["addr", "add", "10.79.0.2/24", "dev", "rvb"])
+        .unwrap();
+    a.ip(&["link", "set", "rva", "up"]).unwrap();
+    b.ip(&["link", "set", "rvb", "up"]).unwrap();
+    (a, b)
+}
+
+#[test]
+fn a_partitioned_primary_releases_nothing_once_its_standby_took_over() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let (a, b) = two_hosts();
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = "10.79.0.2:7070";
+    let mut s = b.command(env!("CARGO_BIN_EXE_rebound"));
+    common::die_with_test(&mut s);
+    let mut s = s
+        .args(["standby", "--listen", addr])
+        .arg("--dir")
+        .arg(tmp.path().join("standby"))
+        .args(["--takeover-ms", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm_out = collect(&mut s);
+    let mut p = a.command(env!("CARGO_BIN_EXE_rebound"));
+    common::die_with_test(&mut p);
+    // The primary may start before the standby listens: its first checkpoints are then not
+    // acknowledged (and its output waits) until the standby is there.
+    let mut primary = p
+        .args(["run", "--bundled", "testguest"])
+        .args(["--args", &format!("ticks 5 {TICKS}")])
+        .args(["--protect-ms", "20", "--standby", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = collect(&mut primary);
+    wait_until("the primary to tick", Duration::from_secs(60), || {
+        ticks(&out.lock().unwrap()).len() >= 30
+    });
+    // The link between the hosts goes down; both ends live on.
+    a.ip(&["link", "set", "rva", "down"]).unwrap();
+    wait_until("the standby's VM to tick", Duration::from_secs(60), || {
+        ticks(&vm_out.lock().unwrap()).len() >= 10
+    });
+    let first = ticks(&vm_out.lock().unwrap())[0];
+    let old_at_takeover = ticks(&out.lock().unwrap());
+    wait_until("the standby's VM to go on", Duration::from_secs(60), || {
+        ticks(&vm_out.lock().unwrap()).len() >= 40
+    });
+    let old = ticks(&out.lock().unwrap());
+    assert!(
+        matches!(primary.try_wait(), Ok(None)),
+        "the old primary lives on"
+    );
+    kill9(&mut primary);
+    kill9(&mut s);
+    assert!(
+        old.last() < Some(&first),
+        "the old primary released tick {:?}, the new one resumed at {first}",
+        old.last()
+    );
+    assert_eq!(
+        old, old_at_takeover,
+        "the old primary released more after the takeover"
+    );
+    let resumed = ticks(&vm_out.lock().unwrap());
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+}
