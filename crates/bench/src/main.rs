@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -12,6 +12,7 @@ mod floor;
 mod net;
 mod qemu;
 mod sharing;
+mod standby;
 mod survive;
 
 use std::time::{Duration, Instant};
@@ -260,7 +261,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -287,6 +288,7 @@ fn main() -> Result<()> {
             "failover",
             "netrecovery",
             "disk",
+            "standby",
         ]
         .map(String::from)
         .to_vec();
@@ -316,6 +318,10 @@ fn main() -> Result<()> {
             "netstream" => net::stream(64 << 20)?,
             "failover" => net::failover(20)?,
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
+            "standby" => {
+                standby::failover(runs.clamp(5, 20))?;
+                standby::cost()?;
+            }
             "disk" => {
                 disk::writes(50_000)?;
                 disk::fsync_and_throughput()?;
