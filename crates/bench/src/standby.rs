@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::survive::{rebound_bin, ran_seconds};
+use crate::survive::{ran_seconds, rebound_bin};
 use crate::{emit, median_p99};
 
 /// Kills a child for good however the benchmark ends.

@@ -109,8 +109,12 @@ pub fn recv(r: &mut impl Read, max: u64) -> Result<Msg, Error> {
         )));
     }
     let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    // Memory grows with the bytes that actually arrive, not with what the header claims.
+    let mut payload = Vec::with_capacity(len.min(1 << 20) as usize);
+    r.take(len).read_to_end(&mut payload)?;
+    if payload.len() as u64 != len {
+        return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     if crc32c::crc32c(&payload) != crc {
         return Err(Error::Protocol("a frame's checksum does not match".into()));
     }
