@@ -320,7 +320,8 @@ fn main() -> Result<()> {
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
             "standby" => {
                 standby::failover(runs.clamp(5, 20))?;
-                standby::cost()?;
+                standby::cost(false)?;
+                standby::cost(true)?;
             }
             "disk" => {
                 disk::writes(50_000)?;

@@ -100,10 +100,16 @@ pub fn failover(runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// A guest writing 10% of its 256 MiB per second for 3 s (`rate 100 3`), unprotected,
+/// A guest writing 10% of its 256 MiB per second for 3 s (`rate 100 3`; with `fill`, whole
+/// pages of random bytes: `rate 100 3 1`), unprotected,
 /// protected locally (double-buffered, 50 epochs/s) and replicated to a standby as well; its
 /// work figure and run time. Medians of three.
-pub fn cost() -> Result<()> {
+pub fn cost(fill: bool) -> Result<()> {
+    let (args, what) = if fill {
+        ("rate 100 3 1", "random pages")
+    } else {
+        ("rate 100 3", "one byte per page")
+    };
     let bin = rebound_bin()?;
     let modes: [(&str, bool, bool); 3] = [
         ("unprotected", false, false),
@@ -111,6 +117,7 @@ pub fn cost() -> Result<()> {
         ("replicated", true, true),
     ];
     let mut work = vec![Vec::new(); modes.len()];
+    let mut wire = Vec::new();
     for _ in 0..3 {
         for (i, &(_, protect, replicate)) in modes.iter().enumerate() {
             let dir = tempfile::tempdir()?;
@@ -131,8 +138,9 @@ pub fn cost() -> Result<()> {
                 None
             };
             let mut cmd = Command::new(&bin);
-            cmd.args(["run", "--bundled", "testguest", "--mem-mib", "256"])
-                .args(["--args", "rate 100 3"]);
+            cmd.args(["--log-level", "info"])
+                .args(["run", "--bundled", "testguest", "--mem-mib", "256"])
+                .args(["--args", args]);
             if protect {
                 cmd.args(["--protect-ms", "20", "--strategy", "double_buffered"]);
             }
@@ -151,16 +159,49 @@ pub fn cost() -> Result<()> {
                 .and_then(|w| w.parse().ok())
                 .with_context(|| format!("no work figure in {text:?}"))?;
             work[i].push(w);
+            if replicate {
+                let num = |key: &str| -> Result<f64> {
+                    err.split_whitespace()
+                        .find_map(|w| w.strip_prefix(key))
+                        .and_then(|v| v.parse().ok())
+                        .with_context(|| format!("no {key} in {err}"))
+                };
+                wire.push((num("epochs=")?, num("page_bytes=")?, num("sent_bytes=")?));
+            }
         }
     }
+    wire.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let (epochs, raw, sent) = wire[wire.len() / 2];
+    let tag = if fill { "random" } else { "sparse" };
+    emit(
+        &format!("standby_page_bytes_per_epoch_{tag}"),
+        raw / epochs,
+        "bytes",
+    );
+    emit(
+        &format!("standby_sent_bytes_per_epoch_{tag}"),
+        sent / epochs,
+        "bytes",
+    );
+    eprintln!(
+        "replicated ({what}): {epochs:.0} epochs, {:.0} KiB of pages per epoch, {:.0} KiB sent (LZ4 where it pays: {:.0}%)",
+        raw / epochs / 1024.0,
+        sent / epochs / 1024.0,
+        sent / raw * 100.0
+    );
     let mut base = None;
     for ((name, _, _), mut w) in modes.iter().zip(work) {
         w.sort_by(f64::total_cmp);
         let m = w[1];
         let of = *base.get_or_insert(m);
-        emit(&format!("standby_cost_work_{name}"), m / of * 100.0, "%");
+        let tag = if fill { "random" } else { "sparse" };
+        emit(
+            &format!("standby_cost_work_{tag}_{name}"),
+            m / of * 100.0,
+            "%",
+        );
         eprintln!(
-            "guest writing 10%/s of 256 MiB, {name:12}: {:.0}% of unprotected work",
+            "guest writing 10%/s of 256 MiB ({what}), {name:12}: {:.0}% of unprotected work",
             m / of * 100.0
         );
     }

@@ -31,6 +31,18 @@ pub struct Remote {
     fresh: bool,
     /// The last epoch the standby acknowledged on this connection.
     last: Option<(u64, u64)>,
+    stats: Stats,
+}
+
+/// What was replicated.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    /// Epochs acknowledged.
+    epochs: u64,
+    /// Bytes of pages.
+    raw: u64,
+    /// Bytes of pages sent (compressed where it paid).
+    sent: u64,
 }
 
 impl Remote {
@@ -43,6 +55,7 @@ impl Remote {
             conn: None,
             fresh: true,
             last: None,
+            stats: Stats::default(),
         }
     }
 
@@ -111,6 +124,10 @@ impl Remote {
             list.push(p);
             data.extend_from_slice(bytes);
         }
+        let raw = data.len() as u64;
+        let (data, compressed) = wire::pack(data);
+        self.stats.raw += raw;
+        self.stats.sent += data.len() as u64;
         let epoch = Epoch {
             epoch: cp.epoch,
             id: cp.id,
@@ -119,6 +136,7 @@ impl Remote {
             vm: cp.state.vm.clone(),
             components: cp.state.components.clone(),
             pages: list,
+            compressed,
             data,
             output_offset: cp.output.offset,
             output: cp.output.bytes.clone(),
@@ -131,6 +149,7 @@ impl Remote {
             Msg::Ack { epoch, id } if (epoch, id) == (cp.epoch, cp.id) => {
                 self.last = Some((epoch, id));
                 self.fresh = false;
+                self.stats.epochs += 1;
                 Ok(())
             }
             Msg::Refuse { reason } => Err(Error::Refused(reason)),
@@ -169,7 +188,14 @@ impl Remote {
     /// Tells the standby that the checkpoints stop on purpose, and closes.
     fn goodbye(&mut self, why: &str) {
         if let Some(mut c) = self.conn.take() {
-            tracing::info!(standby = %self.addr, "replication ends: {why}");
+            let s = self.stats;
+            tracing::info!(
+                standby = %self.addr,
+                epochs = s.epochs,
+                page_bytes = s.raw,
+                sent_bytes = s.sent,
+                "replication ends: {why}"
+            );
             let _ = wire::send(&mut c, &Msg::Bye);
         }
     }

@@ -94,7 +94,7 @@ fn check(e: &Epoch, mem_size: u64, last: Option<(u64, u64)>) -> Result<DirtySet,
             e.epoch, e.vm.mem_size
         ));
     }
-    if e.data.len() as u64 != e.pages.len() as u64 * PAGE_SIZE {
+    if !e.compressed && e.data.len() as u64 != e.pages.len() as u64 * PAGE_SIZE {
         return Err(format!(
             "{} pages with {} bytes",
             e.pages.len(),
@@ -172,9 +172,10 @@ fn receive_epochs(
             }
         };
         let pages = check(&e, mem_size, last).map_err(|r| refuse(&mut conn, r))?;
+        let data = wire::unpack(&e).map_err(|r| refuse(&mut conn, r))?;
         let source = Received {
             at: e.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect(),
-            data: &e.data,
+            data: &data,
         };
         let state = SavedState {
             vm: e.vm.clone(),
@@ -229,6 +230,7 @@ mod tests {
                 abi_version: 0,
             },
             components: Default::default(),
+            compressed: false,
             data: vec![0; pages.len() * PAGE_SIZE as usize],
             pages,
             output_offset: 0,

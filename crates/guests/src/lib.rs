@@ -157,8 +157,8 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode(
         "rate",
-        "[PERMILLE] [SECS]",
-        "compute for SECS s (3) writing PERMILLE/1000 of memory per second (10); print the work",
+        "[PERMILLE] [SECS] [FILL]",
+        "compute for SECS s (3) writing PERMILLE/1000 of memory per second (10), one byte per page or, if FILL is 1, the whole page with random bytes; print the work",
     ),
     mode(
         "stress",

@@ -191,6 +191,8 @@ fn stress(cpu: &Cpu) -> i32 {
 fn rate(cpu: &Cpu) -> i32 {
     let permille = arg(cpu, 1, 10);
     let secs = arg(cpu, 2, 3);
+    // 1: fill each page written with pseudo-random bytes (incompressible), not one byte.
+    let fill = arg(cpu, 3, 0) == 1;
     let mem = cpu.boot_info().mem_size;
     let pages_per_sec = mem / 4096 * permille / 1000;
     let buf_pages = (mem / 2 / 4096) as usize;
@@ -210,8 +212,18 @@ fn rate(cpu: &Cpu) -> i32 {
         let due = (now - t0) * pages_per_sec / 1_000_000_000;
         while written < due {
             let p = (written as usize) % buf_pages;
-            // SAFETY: `p * 4096` is inside `buf`; volatile so the write happens.
-            unsafe { core::ptr::write_volatile(buf.as_mut_ptr().add(p * 4096), x as u8) };
+            if fill {
+                let mut r = x | 1;
+                for w in buf[p * 4096..(p + 1) * 4096].chunks_exact_mut(8) {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    w.copy_from_slice(&r.to_le_bytes());
+                }
+            } else {
+                // SAFETY: `p * 4096` is inside `buf`; volatile so the write happens.
+                unsafe { core::ptr::write_volatile(buf.as_mut_ptr().add(p * 4096), x as u8) };
+            }
             written += 1;
         }
     }
