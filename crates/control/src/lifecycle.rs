@@ -129,7 +129,7 @@ impl Request {
             Request::LiveUpdate => "live update",
             Request::Share => "shared region change",
             Request::Shutdown => "shutdown",
-            Request::Observe => "this",
+            Request::Observe => "reading the VM's state",
         }
     }
 }
