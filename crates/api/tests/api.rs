@@ -397,7 +397,6 @@ fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
         ),
         ("PUT", "/machine-config", b"", "invalid request body"),
         ("PUT", "/placement", br#"{"cpus": [999]}"#, "not usable here"),
-        ("PUT", "/placement", br#"{"recovery": "failover"}"#, "standby host"),
         ("PUT", "/placement", br#"{"recovery": "teleport"}"#, "unknown variant"),
         ("PUT", "/faults", br#"{"cpu": -1, "failed": true}"#, "invalid request body"),
         ("PUT", "/faults", br#"{"cpu": 0}"#, "missing field"),
@@ -430,7 +429,6 @@ fn bad_requests_get_400_with_a_reason_and_the_vm_keeps_running() {
                 "does not match",
                 "path_on_host",
                 "not usable here",
-                "standby host",
                 "cannot create",
                 "state directory",
             ];

@@ -531,6 +531,24 @@ impl Engine {
         w.strategy.give_up();
     }
 
+    /// Hands the VM over to the sinks that can take it over (a standby): a checkpoint now,
+    /// which must be acknowledged, then protection ends with what the VM did since dropped
+    /// (it will be done again from that checkpoint elsewhere). The caller stops the VM.
+    pub fn hand_over(&self) -> Result<CheckpointReport> {
+        let r = self.checkpoint()?;
+        if !r.acked {
+            return Err(Error::Config(format!(
+                "checkpoint {} was not acknowledged: nothing to hand over",
+                r.epoch
+            )));
+        }
+        for s in lock(&self.inner.work).sinks.iter_mut() {
+            s.sink.hand_over();
+        }
+        self.abandon();
+        Ok(r)
+    }
+
     /// Stops protecting and drops held output, but keeps holding new output: the VM is about to
     /// go back to a point before it, and protection will start again from there.
     pub fn abandon(&self) {

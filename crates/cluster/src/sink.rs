@@ -182,6 +182,13 @@ impl Sink for Remote {
     fn lost(&mut self, reason: &str) {
         self.goodbye(reason);
     }
+
+    fn hand_over(&mut self) {
+        // Closed without a goodbye: the standby takes the VM over from the last epoch.
+        if self.conn.take().is_some() {
+            tracing::info!(standby = %self.addr, "replication: the VM is handed over");
+        }
+    }
 }
 
 impl Remote {

@@ -32,7 +32,9 @@ pub enum RecoveryAttribute {
     RestartFromCheckpoint,
     /// Save the VM's state to its save area and stop it.
     Stop,
-    /// Move the VM to a standby host (not available yet).
+    /// Hand the VM to its standby host (protection with a standby): a checkpoint now, then the
+    /// VM stops here and the standby takes it over. Without a standby it is stopped as `stop`
+    /// does.
     Failover,
 }
 
@@ -75,12 +77,6 @@ pub struct Placement {
 impl Placement {
     /// Checks the CPUs exist for this process and the attribute is available.
     pub fn validate(&self) -> Result<(), String> {
-        if self.recovery == RecoveryAttribute::Failover {
-            return Err(
-                "recovery \"failover\" needs a standby host, which this release cannot use yet"
-                    .into(),
-            );
-        }
         let usable = rebound_vmm::affinity::usable();
         if let Some(c) = self.cpus.iter().find(|c| !usable.contains(c)) {
             return Err(format!(

@@ -332,7 +332,7 @@ impl Instance {
             return Ok(None);
         };
         let detail = match plan.action {
-            RecoveryAttribute::Resume | RecoveryAttribute::Failover => {
+            RecoveryAttribute::Resume => {
                 // The save area: the vCPUs' state, taken while they are stopped off the failed
                 // CPU, loaded again once they are moved.
                 let frozen = vm.freeze()?;
@@ -350,33 +350,25 @@ impl Instance {
                     vm.vcpu_cpus()?
                 )
             }
-            RecoveryAttribute::Stop => {
-                let area = self
-                    .placement
-                    .get()
-                    .save_area
-                    .or_else(|| self.state_dir().map(|d| d.path().join("save-area.snap")));
-                // Paused for good first: a snapshot thaws the VM afterwards, and whatever it
-                // ran (and printed) between the capture and the stop would run again when the
-                // save area is restored.
-                if let Err(e) = vm.pause() {
-                    tracing::warn!("cannot pause the VM before saving it: {e}");
+            RecoveryAttribute::Failover if self.protector.standby().is_some() => {
+                match self.fail_over(&vm, &plan.cpus) {
+                    Ok(detail) => detail,
+                    Err(e) => {
+                        tracing::error!("cannot hand the VM over to its standby: {e}");
+                        self.stop_for_fault(&vm, &plan, &format!("handing over failed: {e}"))
+                    }
                 }
-                let saved = match &area {
-                    Some(path) => match vm.snapshot(path, Kind::Full) {
-                        Ok(_) => format!("state saved to {}", path.display()),
-                        Err(e) => format!("state could not be saved to {}: {e}", path.display()),
-                    },
-                    None => "no save area configured: state not saved".to_string(),
-                };
+            }
+            RecoveryAttribute::Failover => {
+                self.stop_for_fault(&vm, &plan, "recovery attribute failover, no standby")
+            }
+            RecoveryAttribute::Stop => {
                 let why = if plan.nowhere {
                     "no healthy CPU left"
                 } else {
                     "recovery attribute stop"
                 };
-                let reason = format!("host CPU {:?} failed ({why}); {saved}", plan.cpus);
-                vm.stop_for_host_fault(reason.clone());
-                reason
+                self.stop_for_fault(&vm, &plan, why)
             }
         };
         let ev = CpuFaultEvent {
@@ -387,6 +379,50 @@ impl Instance {
         };
         self.survival.note_cpu_fault(ev.clone());
         Ok(Some(ev))
+    }
+
+    /// Hands the VM over to its standby (a checkpoint now, acknowledged) and stops it here
+    /// (exit status 75): the standby takes it over from that checkpoint.
+    fn fail_over(&self, vm: &Vm, cpus: &[usize]) -> Result<String> {
+        let standby = self.protector.standby().unwrap_or_default();
+        vm.pause()?;
+        let epoch = match self.protector.hand_over() {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = vm.resume();
+                return Err(e);
+            }
+        };
+        let reason = format!(
+            "host CPU {cpus:?} failed; handed over to the standby at {standby} from checkpoint {epoch}"
+        );
+        vm.stop_for_host_fault(reason.clone());
+        Ok(reason)
+    }
+
+    /// Saves the VM to its save area (if it has one) and stops it (exit status 75).
+    fn stop_for_fault(&self, vm: &Vm, plan: &crate::placement::FaultPlan, why: &str) -> String {
+        let area = self
+            .placement
+            .get()
+            .save_area
+            .or_else(|| self.state_dir().map(|d| d.path().join("save-area.snap")));
+        // Paused for good first: a snapshot thaws the VM afterwards, and whatever it ran (and
+        // printed) between the capture and the stop would run again when the save area is
+        // restored.
+        if let Err(e) = vm.pause() {
+            tracing::warn!("cannot pause the VM before saving it: {e}");
+        }
+        let saved = match &area {
+            Some(path) => match vm.snapshot(path, Kind::Full) {
+                Ok(_) => format!("state saved to {}", path.display()),
+                Err(e) => format!("state could not be saved to {}: {e}", path.display()),
+            },
+            None => "no save area configured: state not saved".to_string(),
+        };
+        let reason = format!("host CPU {:?} failed ({why}); {saved}", plan.cpus);
+        vm.stop_for_host_fault(reason.clone());
+        reason
     }
 
     // Survival.

@@ -167,16 +167,23 @@ mod tests {
     }
 
     #[test]
-    fn failover_is_refused_and_changes_nothing() {
+    fn failover_is_accepted_and_a_bad_placement_changes_nothing() {
         let p = part(RecoveryAttribute::Stop);
+        p.set(Placement {
+            cpus: Vec::new(),
+            recovery: RecoveryAttribute::Failover,
+            save_area: None,
+        })
+        .unwrap();
+        assert_eq!(p.get().recovery, RecoveryAttribute::Failover);
         let e = p
             .set(Placement {
-                cpus: Vec::new(),
-                recovery: RecoveryAttribute::Failover,
+                cpus: vec![usize::MAX],
+                recovery: RecoveryAttribute::Resume,
                 save_area: None,
             })
             .unwrap_err();
-        assert!(e.to_string().contains("standby"), "{e}");
-        assert_eq!(p.get().recovery, RecoveryAttribute::Stop);
+        assert!(e.to_string().contains("not usable"), "{e}");
+        assert_eq!(p.get().recovery, RecoveryAttribute::Failover);
     }
 }

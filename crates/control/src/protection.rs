@@ -165,6 +165,23 @@ impl Protector {
         let _ = self.stop();
     }
 
+    /// The standby the VM is replicated to, if protected with one.
+    pub fn standby(&self) -> Option<String> {
+        lock(&self.engine)
+            .as_ref()
+            .and_then(|(_, p)| p.standby.clone())
+    }
+
+    /// Hands the VM over to its standby (see [`Engine::hand_over`]); protection ends. Returns
+    /// the checkpoint the standby resumes from.
+    pub fn hand_over(&self) -> Result<u64> {
+        let mut engine = lock(&self.engine);
+        let (e, _) = engine.as_ref().ok_or(Error::NotProtected)?;
+        let r = e.hand_over()?;
+        *engine = None;
+        Ok(r.epoch)
+    }
+
     /// Whether the VM is protected.
     pub fn is_protected(&self) -> bool {
         lock(&self.engine).is_some()

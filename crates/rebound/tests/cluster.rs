@@ -291,3 +291,50 @@ fn a_partitioned_primary_releases_nothing_once_its_standby_took_over() {
     let resumed = ticks(&vm_out.lock().unwrap());
     assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
 }
+
+#[test]
+fn a_failed_host_cpu_hands_the_vm_over_to_its_standby() {
+    let tmp = tempfile::tempdir().unwrap();
+    let host = tmp.path().join("host");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut s, vm_out, err) = standby_taking_over(&addr, &tmp.path().join("standby"));
+    let mut primary = rebound()
+        .env("REBOUND_HOST_DIR", &host)
+        .args(["run", "--bundled", "testguest"])
+        .args(["--args", &format!("ticks 5 {TICKS}")])
+        .args(["--cpus", "1", "--recovery", "failover"])
+        .args(["--protect-ms", "20", "--standby", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(&mut primary);
+    wait_until("the primary to tick", Duration::from_secs(60), || {
+        ticks(&out.lock().unwrap()).len() >= 30
+    });
+    let o = rebound()
+        .env("REBOUND_HOST_DIR", &host)
+        .args(["fault", "cpu", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o.stderr));
+    let o = common::output_within(primary, "the primary", Duration::from_secs(60));
+    let stderr = common::text(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("handed over to the standby"), "{stderr}");
+    wait_until("the standby's VM to tick", Duration::from_secs(60), || {
+        ticks(&vm_out.lock().unwrap()).len() >= 20
+    });
+    kill9(&mut s);
+    assert!(err.lock().unwrap().contains("taking the VM over"));
+    let released = ticks(&out.lock().unwrap());
+    let resumed = ticks(&vm_out.lock().unwrap());
+    // Handed over at a checkpoint whose output was released: the standby goes on from the
+    // very next tick, nothing lost, nothing twice.
+    assert_eq!(
+        resumed[0],
+        released.last().unwrap() + 1,
+        "released {released:?}, resumed {resumed:?}"
+    );
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+}

@@ -70,4 +70,8 @@ pub trait Sink: Send {
     fn wants_full(&self) -> bool {
         false
     }
+
+    /// The VM leaves this host for good from the last committed checkpoint: a sink whose
+    /// other end can take it over lets it (a standby is left to take over, not told goodbye).
+    fn hand_over(&mut self) {}
 }
