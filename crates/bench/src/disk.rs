@@ -12,32 +12,6 @@ use anyhow::{Context, Result, bail};
 use crate::emit;
 use crate::survive::{ShmDir, ran_seconds, rebound_bin};
 
-/// Runs `writes` awaited writes; returns the guest's run time in seconds.
-fn run(bin: &Path, dir: &Path, writes: u64, protect: &[&str]) -> Result<f64> {
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 4 << 20])?;
-    let state = dir.join("vm");
-    let _ = std::fs::remove_dir_all(&state);
-    let mut cmd = Command::new(bin);
-    cmd.args(["run", "--bundled", "testguest", "--mem-mib", "64"])
-        .args(["--args", &format!("disk-scatter {writes} 8192 0 1")])
-        .arg("--disk")
-        .arg(&disk);
-    for a in protect {
-        if *a == "STATE" {
-            cmd.arg(&state);
-        } else {
-            cmd.arg(a);
-        }
-    }
-    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!("disk-scatter failed: {err}");
-    }
-    ran_seconds(&err).with_context(|| format!("unexpected output: {err}"))
-}
-
 pub fn writes(writes: u64) -> Result<()> {
     let bin = rebound_bin()?;
     let dir = ShmDir::new("disk");
@@ -60,7 +34,9 @@ pub fn writes(writes: u64) -> Result<()> {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..3 {
         for (i, (_, args)) in modes.iter().enumerate() {
-            times[i].push(run(&bin, &dir.0, writes, args)?);
+            let guest = format!("disk-scatter {writes} 8192 0 1");
+            let (_, secs) = run_guest(&bin, &dir.0, &dir.0, &guest, args, Disk::Zeroed(4 << 20))?;
+            times[i].push(secs);
         }
     }
     let mut base = None;
@@ -102,18 +78,30 @@ const MODES: [(&str, &[&str]); 6] = [
     ),
 ];
 
-/// Runs the test guest with `guest_args` on a 64 MiB disk file in `disk_dir` (the state
-/// directory, if a mode has one, in `state_dir`); returns its stdout and run time.
+/// A disk file made afresh for each run.
+enum Disk {
+    /// Written with zeros (every block allocated).
+    Zeroed(usize),
+    /// Sparse.
+    Sparse(u64),
+}
+
+/// Runs the test guest with `guest_args` on a disk file in `disk_dir` (the state directory, if
+/// a mode has one, in `state_dir`); returns its stdout and run time.
 fn run_guest(
     bin: &Path,
     disk_dir: &Path,
     state_dir: &Path,
     guest_args: &str,
     protect: &[&str],
+    disk_file: Disk,
 ) -> Result<(String, f64)> {
     let disk = disk_dir.join("disk.img");
     let _ = std::fs::remove_file(&disk);
-    std::fs::File::create(&disk)?.set_len(64 << 20)?;
+    match disk_file {
+        Disk::Zeroed(n) => std::fs::write(&disk, vec![0u8; n])?,
+        Disk::Sparse(n) => std::fs::File::create(&disk)?.set_len(n)?,
+    }
     let state = state_dir.join("vm");
     let _ = std::fs::remove_dir_all(&state);
     let mut cmd = Command::new(bin);
@@ -159,7 +147,14 @@ pub fn fsync_and_throughput() -> Result<()> {
     let flood_mib = 512.0;
     for _ in 0..3 {
         for (i, (_, args)) in MODES.iter().enumerate() {
-            let (out, _) = run_guest(&bin, disk_dir.path(), &shm.0, "disk-fsync 1000", args)?;
+            let (out, _) = run_guest(
+                &bin,
+                disk_dir.path(),
+                &shm.0,
+                "disk-fsync 1000",
+                args,
+                Disk::Sparse(64 << 20),
+            )?;
             p50[i].push(field(&out, "p50_us=")?);
             p99[i].push(field(&out, "p99_us=")?);
             let (out, _) = run_guest(
@@ -168,6 +163,7 @@ pub fn fsync_and_throughput() -> Result<()> {
                 &shm.0,
                 &format!("disk-flood {flood_mib} 4"),
                 args,
+                Disk::Sparse(64 << 20),
             )?;
             mibs[i].push(flood_mib / (field(&out, "us=")? / 1e6));
         }

@@ -27,9 +27,8 @@ pub struct Remote {
     addr: String,
     vm: String,
     conn: Option<TcpStream>,
-    /// The connection has received nothing yet: the next epoch must be full.
-    fresh: bool,
-    /// The last epoch the standby acknowledged on this connection.
+    /// The last epoch the standby acknowledged on this connection (None: nothing yet, so the
+    /// next epoch must be full).
     last: Option<(u64, u64)>,
     stats: Stats,
 }
@@ -53,7 +52,6 @@ impl Remote {
             addr: addr.to_string(),
             vm: vm.to_string(),
             conn: None,
-            fresh: true,
             last: None,
             stats: Stats::default(),
         }
@@ -83,7 +81,6 @@ impl Remote {
                     wire::send(&mut s, &hello)?;
                     tracing::info!(standby = %self.addr, "replication: connected");
                     self.conn = Some(s);
-                    self.fresh = true;
                     self.last = None;
                     return Ok(());
                 }
@@ -100,7 +97,7 @@ impl Remote {
         if self.conn.is_none() {
             self.connect(cp.mem_size)?;
         }
-        if self.fresh && !cp.full {
+        if self.last.is_none() && !cp.full {
             // The engine asks for a full checkpoint next (wants_full).
             return Err(Error::Protocol(
                 "a new connection starts with a full checkpoint".into(),
@@ -148,7 +145,6 @@ impl Remote {
         match wire::recv(conn, wire::HELLO_MAX)? {
             Msg::Ack { epoch, id } if (epoch, id) == (cp.epoch, cp.id) => {
                 self.last = Some((epoch, id));
-                self.fresh = false;
                 self.stats.epochs += 1;
                 Ok(())
             }
@@ -176,7 +172,7 @@ impl Sink for Remote {
     }
 
     fn wants_full(&self) -> bool {
-        self.conn.is_none() || self.fresh
+        self.conn.is_none() || self.last.is_none()
     }
 
     fn lost(&mut self, reason: &str) {

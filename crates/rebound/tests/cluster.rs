@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{free_port, rebound, wait_until};
+use common::{collect_lines, free_port, rebound, sigkill, wait_until};
 
 /// More than the test waits for: the guest never ends by itself.
 const TICKS: u64 = 1_000_000;
@@ -31,24 +30,34 @@ fn standby(addr: &str, dir: &Path) -> Child {
 }
 
 fn kill9(child: &mut Child) {
-    // SAFETY: signals our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    sigkill(child);
     let _ = child.wait();
 }
 
 /// Collects a child's stdout lines as they come.
 fn collect(child: &mut Child) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let stdout = child.stdout.take().unwrap();
-    let o = out.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let mut s = o.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-    out
+    collect_lines(child.stdout.take().unwrap())
+}
+
+/// A primary (from `base`: `rebound` here or in a namespace) whose guest ticks every 5 ms,
+/// protected every 20 ms and replicated to `addr`; its stdout collected.
+fn primary(
+    mut base: Command,
+    addr: &str,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Child, Arc<Mutex<String>>) {
+    let mut child = base
+        .args(["run", "--bundled", "testguest"])
+        .args(["--args", &format!("ticks 5 {TICKS}")])
+        .args(extra)
+        .args(["--protect-ms", "20", "--standby", addr])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let out = collect(&mut child);
+    (child, out)
 }
 
 /// The tick numbers of `out`'s `tick N TIME` lines.
@@ -65,15 +74,7 @@ fn a_killed_primary_resumes_from_its_standby_and_nothing_it_released_is_ahead_of
     let addr = format!("127.0.0.1:{}", free_port());
     let dir = tmp.path().join("standby");
     let mut s = standby(&addr, &dir);
-    let mut primary = rebound()
-        .args(["run", "--bundled", "testguest"])
-        .args(["--args", &format!("ticks 5 {TICKS}")])
-        .args(["--protect-ms", "20", "--standby", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = collect(&mut primary);
+    let (mut primary, out) = primary(rebound(), &addr, &[], Stdio::null());
     let printed = || ticks(&out.lock().unwrap()).len();
     wait_until("the primary to tick", Duration::from_secs(60), || {
         printed() >= 30
@@ -138,16 +139,7 @@ fn standby_taking_over(addr: &str, dir: &Path) -> (Child, Arc<Mutex<String>>, Ar
         .spawn()
         .unwrap();
     let out = collect(&mut child);
-    let err = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let e = err.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut s = e.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
+    let err = collect_lines(child.stderr.take().unwrap());
     wait_until("the standby to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(addr).is_ok()
     });
@@ -177,15 +169,7 @@ fn a_standby_takes_over_a_primary_that_dies_not_one_that_ends() {
     // tick the primary released.
     let addr = format!("127.0.0.1:{}", free_port());
     let (mut s, vm_out, err) = standby_taking_over(&addr, &tmp.path().join("b"));
-    let mut primary = rebound()
-        .args(["run", "--bundled", "testguest"])
-        .args(["--args", &format!("ticks 5 {TICKS}")])
-        .args(["--protect-ms", "20", "--standby", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = collect(&mut primary);
+    let (mut primary, out) = primary(rebound(), &addr, &[], Stdio::null());
     wait_until("the primary to tick", Duration::from_secs(60), || {
         ticks(&out.lock().unwrap()).len() >= 30
     });
@@ -250,15 +234,7 @@ fn a_partitioned_primary_releases_nothing_once_its_standby_took_over() {
     common::die_with_test(&mut p);
     // The primary may start before the standby listens: its first checkpoints are then not
     // acknowledged (and its output waits) until the standby is there.
-    let mut primary = p
-        .args(["run", "--bundled", "testguest"])
-        .args(["--args", &format!("ticks 5 {TICKS}")])
-        .args(["--protect-ms", "20", "--standby", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = collect(&mut primary);
+    let (mut primary, out) = primary(p, addr, &[], Stdio::null());
     wait_until("the primary to tick", Duration::from_secs(60), || {
         ticks(&out.lock().unwrap()).len() >= 30
     });
@@ -298,17 +274,14 @@ fn a_failed_host_cpu_hands_the_vm_over_to_its_standby() {
     let host = tmp.path().join("host");
     let addr = format!("127.0.0.1:{}", free_port());
     let (mut s, vm_out, err) = standby_taking_over(&addr, &tmp.path().join("standby"));
-    let mut primary = rebound()
-        .env("REBOUND_HOST_DIR", &host)
-        .args(["run", "--bundled", "testguest"])
-        .args(["--args", &format!("ticks 5 {TICKS}")])
-        .args(["--cpus", "1", "--recovery", "failover"])
-        .args(["--protect-ms", "20", "--standby", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = collect(&mut primary);
+    let mut base = rebound();
+    base.env("REBOUND_HOST_DIR", &host);
+    let (primary, out) = primary(
+        base,
+        &addr,
+        &["--cpus", "1", "--recovery", "failover"],
+        Stdio::piped(),
+    );
     wait_until("the primary to tick", Duration::from_secs(60), || {
         ticks(&out.lock().unwrap()).len() >= 30
     });

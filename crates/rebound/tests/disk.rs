@@ -6,13 +6,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{http, output_within, rebound, shm, text, wait_for_socket, wait_until};
+use common::{
+    collect_lines, http, output_within, rebound, shm, sigkill, text, wait_for_socket, wait_until,
+};
 
 const SLOTS: u64 = 2048;
 
@@ -76,17 +77,7 @@ fn new_disk(dir: &Path) -> std::path::PathBuf {
 
 /// Collects a child's stdout lines as they come.
 fn collect(child: &mut Child) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let stdout = child.stdout.take().unwrap();
-    let o = out.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let mut s = o.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-    out
+    collect_lines(child.stdout.take().unwrap())
 }
 
 fn lines(out: &Mutex<String>) -> usize {
@@ -138,11 +129,6 @@ fn rollbacks_never_leave_an_undone_write_on_the_disk() {
     );
     let output = out.lock().unwrap().clone();
     check_disk(&disk, &expected(&output, steps));
-}
-
-fn sigkill(child: &Child) {
-    // SAFETY: signals our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, have, http, output_within, rebound, shm, text, wait_until};
+use common::{free_port, have, http, output_within, rebound, shm, sigkill, text, wait_until};
 
 const GUEST_NET: &str = "ip=10.0.2.15/24 gw=10.0.2.2";
 
@@ -65,11 +65,6 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> Duration {
     s.read_exact(&mut got).expect("the echo");
     assert_eq!(got, msg, "the echo differs");
     t0.elapsed()
-}
-
-fn sigkill(child: &Child) {
-    // SAFETY: signals our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
 }
 
 fn passt_gone(pid_file: &Path) -> bool {

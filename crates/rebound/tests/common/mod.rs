@@ -5,10 +5,12 @@
 #[path = "../../src/client.rs"]
 mod client;
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The binary under test, without fault injection inherited from the environment.
@@ -152,4 +154,24 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// Sends SIGKILL to a child not yet reaped.
+pub fn sigkill(child: &Child) {
+    // SAFETY: signals our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+}
+
+/// Collects the lines `r` yields (a child's stdout or stderr) as they come.
+pub fn collect_lines(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let out = Arc::new(Mutex::new(String::new()));
+    let o = out.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut s = o.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    out
 }
