@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 6;
+pub const ABI_MINOR: u32 = 7;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -209,7 +209,14 @@ pub struct VcpuPage {
     pub ret: i64,
     /// The monotonic clock without an exit (ABI 1.5): see [`VcpuClock`].
     pub clock: VcpuClock,
+    /// Heartbeat (ABI 1.7): the guest bumps it as it makes progress (the SDK dispatcher, once
+    /// per pass of its loop). The VMM only reads it: a host agent tells a guest that stopped
+    /// making progress from one that waits (blocked in [`nr::BLOCK`]) without a message.
+    pub beat: u64,
 }
+
+/// Offset of [`VcpuPage::beat`] in a vCPU page.
+pub const VCPU_PAGE_BEAT_OFFSET: u64 = core::mem::offset_of!(VcpuPage, beat) as u64;
 
 /// Offset of [`VcpuPage::clock`] in a vCPU page.
 pub const VCPU_PAGE_CLOCK_OFFSET: u64 = core::mem::offset_of!(VcpuPage, clock) as u64;
@@ -607,9 +614,11 @@ pub mod completion {
     }
 }
 
-// The wire layout is the ABI: any change here is a major version bump. Checked when compiling.
+// The wire layout is the ABI: any change here is a major version bump, except a field appended
+// to the vCPU page (a whole page each: older guests never touch the tail; 1.7 added `beat`).
+// Checked when compiling.
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 216);
-const _: () = assert!(core::mem::size_of::<VcpuPage>() == 104);
+const _: () = assert!(core::mem::size_of::<VcpuPage>() == 112);
 const _: () = assert!(core::mem::size_of::<VcpuClock>() == 32);
 const _: () = assert!(io::HEADER_SIZE == 8);
 const _: () = assert!(io::REQUEST_SIZE == 32);

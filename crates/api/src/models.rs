@@ -235,6 +235,20 @@ pub struct ProtectionConfig {
     /// released only once the standby stored its checkpoint.
     #[serde(default)]
     pub standby: Option<String>,
+    /// Ask the standby to keep the VM hot (memory applied in place) rather than cold.
+    #[serde(default)]
+    pub standby_hot: bool,
+}
+
+/// `PATCH /protection`: move a replicated VM's standby while it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionUpdate {
+    /// The new standby (host:port); null: none for now (the VM runs on, protected locally).
+    pub standby: Option<String>,
+    /// Ask it to keep the VM hot.
+    #[serde(default)]
+    pub standby_hot: bool,
 }
 
 /// `PUT /rollback` (optional body).

@@ -380,8 +380,17 @@ async fn put_protection(State(s): State<ApiState>, Body(p): Body<ProtectionConfi
         snapshot_dir: p.snapshot_dir.map(PathBuf::from),
         max_chain: p.max_chain.unwrap_or(16) as usize,
         standby: p.standby,
+        standby_hot: p.standby_hot,
     };
     on_instance(&s, move |i| i.protect(protection)).await?;
+    no_content()
+}
+
+async fn patch_protection(
+    State(s): State<ApiState>,
+    Body(u): Body<ProtectionUpdate>,
+) -> Reply {
+    on_instance(&s, move |i| i.move_standby(u.standby, u.standby_hot)).await?;
     no_content()
 }
 
@@ -567,6 +576,7 @@ fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Rout
         .route(
             "/protection",
             put(put_protection)
+                .patch(patch_protection)
                 .get(get_protection)
                 .delete(delete_protection),
         )

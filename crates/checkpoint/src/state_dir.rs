@@ -759,6 +759,12 @@ fn catch_up(log: &File, shown: &File, end: u64, mirror: &mut dyn Write) -> io::R
     write_shown(shown, end)
 }
 
+/// Records the console log at `path` as shown up to `offset` (a standby that keeps a VM's log:
+/// its primary showed that output, a process taking the VM over must not show it again).
+pub fn mark_shown(path: &Path, offset: u64) -> io::Result<()> {
+    write_shown(&open_shown(path)?, offset)
+}
+
 /// Shows `mirror` the end of the log at `path` it may not have shown yet (recovery of a VM that
 /// ended: its last output may have reached the log but not stdout).
 pub fn show_unshown(path: &Path, mirror: &mut dyn Write) -> io::Result<()> {

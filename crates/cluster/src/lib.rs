@@ -8,6 +8,11 @@
 //!   follows the last one it acknowledged) and keeps the chain in a snapshot directory, from
 //!   which `rebound restore --dir` builds the VM (a cold standby).
 
+pub mod agent;
+pub mod beat;
+pub mod fence;
+pub mod host_root;
+pub mod hot;
 pub mod sink;
 pub mod standby;
 pub mod wire;

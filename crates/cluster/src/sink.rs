@@ -9,6 +9,7 @@
 //! by output commit's limits), as with Remus.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rebound_checkpoint::sink::{CheckpointData, Sink};
@@ -22,10 +23,49 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an acknowledgement may take (a full epoch of a large VM included).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where a VM is replicated to, changeable while it runs (a host agent moves a VM's standby
+/// when its host leaves or joins). Shared by the sink and whoever controls it.
+#[derive(Clone, Debug, Default)]
+pub struct Target(Arc<Mutex<Dest>>);
+
+/// A replication destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dest {
+    /// The standby (host:port); None: no standby for now (checkpoints are acknowledged
+    /// without one: the VM runs on, protected only locally, until a standby is set).
+    pub addr: Option<String>,
+    /// Ask it for a hot standby.
+    pub hot: bool,
+}
+
+impl Target {
+    /// A target of `addr`.
+    pub fn new(addr: Option<String>, hot: bool) -> Self {
+        let addr = addr.filter(|a| !a.is_empty());
+        Self(Arc::new(Mutex::new(Dest { addr, hot })))
+    }
+
+    /// Where replication goes now.
+    pub fn get(&self) -> Dest {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Moves replication: the next checkpoint goes to `dest` (a full one: the old standby is
+    /// told goodbye, the new one has nothing yet).
+    pub fn set(&self, mut dest: Dest) {
+        dest.addr = dest.addr.filter(|a| !a.is_empty());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = dest;
+    }
+}
+
 /// Sends every checkpoint to a standby.
 pub struct Remote {
+    target: Target,
+    /// Where the open connection goes.
     addr: String,
     vm: String,
+    /// Ask for a hot standby.
+    hot: bool,
     conn: Option<TcpStream>,
     /// The last epoch the standby acknowledged on this connection (None: nothing yet, so the
     /// next epoch must be full).
@@ -48,8 +88,16 @@ impl Remote {
     /// A sink replicating VM `vm` to the standby at `addr` (host:port; connected at the first
     /// checkpoint).
     pub fn new(addr: &str, vm: &str) -> Self {
+        Self::to(Target::new(Some(addr.to_string()), false), vm)
+    }
+
+    /// A sink replicating VM `vm` wherever `target` says.
+    pub fn to(target: Target, vm: &str) -> Self {
+        let dest = target.get();
         Self {
-            addr: addr.to_string(),
+            addr: dest.addr.unwrap_or_default(),
+            hot: dest.hot,
+            target,
             vm: vm.to_string(),
             conn: None,
             last: None,
@@ -77,6 +125,7 @@ impl Remote {
                         version: wire::VERSION,
                         vm: self.vm.clone(),
                         mem_size,
+                        hot: self.hot,
                     };
                     wire::send(&mut s, &hello)?;
                     tracing::info!(standby = %self.addr, "replication: connected");
@@ -93,7 +142,26 @@ impl Remote {
         ))
     }
 
+    /// Follows the target: a new destination ends the connection (with a goodbye: the old
+    /// standby must not take the VM over).
+    fn follow(&mut self) {
+        let dest = self.target.get();
+        let addr = dest.addr.unwrap_or_default();
+        if addr != self.addr || dest.hot != self.hot {
+            self.goodbye("the VM's standby moves");
+            tracing::info!(from = %self.addr, to = %addr, hot = dest.hot, "replication: new standby");
+            self.addr = addr;
+            self.hot = dest.hot;
+            self.last = None;
+        }
+    }
+
     fn send(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        self.follow();
+        if self.addr.is_empty() {
+            // No standby for now: the VM runs on, protected locally.
+            return Ok(());
+        }
         if self.conn.is_none() {
             self.connect(cp.mem_size)?;
         }
@@ -172,7 +240,9 @@ impl Sink for Remote {
     }
 
     fn wants_full(&self) -> bool {
-        self.conn.is_none() || self.last.is_none()
+        let dest = self.target.get();
+        let moving = dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot;
+        dest.addr.is_some() && (moving || self.conn.is_none() || self.last.is_none())
     }
 
     fn lost(&mut self, reason: &str) {

@@ -41,14 +41,6 @@ impl PageSource for Received<'_> {
     }
 }
 
-/// How a primary's connection ended.
-enum Ended {
-    /// It said the checkpoints stop on purpose.
-    Bye,
-    /// It went away or went silent after `acked` epochs: a failure.
-    Lost { acked: u64, why: String },
-}
-
 /// Serves primaries one connection at a time, storing their epochs in `dir`. With `takeover`,
 /// returns (the reason) when a primary that had an epoch acknowledged is lost: its connection
 /// ends without a goodbye, or nothing arrives for `takeover` (longer than its checkpoint
@@ -60,8 +52,17 @@ pub fn serve(
 ) -> Result<String, Error> {
     let mut store = SnapshotDir::new(dir, MAX_CHAIN)?;
     loop {
-        let (conn, peer) = listener.accept()?;
-        match receive(conn, &mut store, takeover) {
+        let (mut conn, peer) = listener.accept()?;
+        let ended = match handshake(&mut conn) {
+            Ok(hello) => receive(conn, &hello, takeover, &mut |cp| {
+                store.commit(cp).map_err(Error::from)
+            }),
+            Err(e) => Ended::Lost {
+                acked: 0,
+                why: e.to_string(),
+            },
+        };
+        match ended {
             Ended::Bye => tracing::info!(%peer, "replication: the primary ended it"),
             Ended::Lost { acked, why } => {
                 tracing::warn!(%peer, acked, "replication: the primary is lost: {why}");
@@ -70,6 +71,82 @@ pub fn serve(
                 }
             }
         }
+    }
+}
+
+/// What a primary said it replicates (its first message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The VM's name.
+    pub vm: String,
+    /// Its memory in bytes.
+    pub mem_size: u64,
+    /// It asks for a hot standby (memory kept applied in place).
+    pub hot: bool,
+}
+
+/// Reads and checks a connection's Hello (refusing a wrong one).
+pub fn handshake(conn: &mut TcpStream) -> Result<Hello, Error> {
+    conn.set_nodelay(true)?;
+    match wire::recv(conn, wire::HELLO_MAX)? {
+        Msg::Hello {
+            version: wire::VERSION,
+            vm,
+            mem_size,
+            hot,
+        } if mem_size.is_multiple_of(PAGE_SIZE) && mem_size <= 64 << 30 && valid_name(&vm) => {
+            tracing::info!(vm, mem_size, hot, "replication: primary connected");
+            Ok(Hello { vm, mem_size, hot })
+        }
+        other => {
+            let reason = format!(
+                "expected a Hello of version {} with a valid name and memory size: {other:?}",
+                wire::VERSION
+            );
+            Err(refuse(conn, reason))
+        }
+    }
+}
+
+/// A VM name the standby may use in a path: 1-64 letters, digits, '_', '.', '-', not starting
+/// with '.'.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// How a primary's connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// It said the checkpoints stop on purpose.
+    Bye,
+    /// It went away or went silent after `acked` epochs, or was refused: a failure.
+    Lost {
+        /// Epochs acknowledged on the connection.
+        acked: u64,
+        /// Why it ended.
+        why: String,
+    },
+}
+
+/// Receives epochs after the Hello: each is checked, given to `commit` (which stores it, or
+/// refuses it with [`Error::Refused`]), and acknowledged once `commit` returned.
+pub fn receive(
+    conn: TcpStream,
+    hello: &Hello,
+    timeout: Option<Duration>,
+    commit: &mut dyn FnMut(&CheckpointData<'_>) -> Result<(), Error>,
+) -> Ended {
+    let mut acked = 0;
+    match receive_epochs(conn, hello.mem_size, timeout, commit, &mut acked) {
+        Ok(()) => Ended::Bye,
+        Err(e) => Ended::Lost {
+            acked,
+            why: e.to_string(),
+        },
     }
 }
 
@@ -114,17 +191,6 @@ fn check(e: &Epoch, mem_size: u64, last: Option<(u64, u64)>) -> Result<DirtySet,
     Ok(set)
 }
 
-fn receive(conn: TcpStream, store: &mut SnapshotDir, timeout: Option<Duration>) -> Ended {
-    let mut acked = 0;
-    match receive_epochs(conn, store, timeout, &mut acked) {
-        Ok(()) => Ended::Bye,
-        Err(e) => Ended::Lost {
-            acked,
-            why: e.to_string(),
-        },
-    }
-}
-
 fn refuse(conn: &mut TcpStream, reason: String) -> Error {
     let _ = wire::send(
         conn,
@@ -138,26 +204,12 @@ fn refuse(conn: &mut TcpStream, reason: String) -> Error {
 /// Stores and acknowledges epochs until the primary says goodbye (`Ok`) or anything fails.
 fn receive_epochs(
     mut conn: TcpStream,
-    store: &mut SnapshotDir,
+    mem_size: u64,
     timeout: Option<Duration>,
+    commit: &mut dyn FnMut(&CheckpointData<'_>) -> Result<(), Error>,
     acked: &mut u64,
 ) -> Result<(), Error> {
-    conn.set_nodelay(true)?;
     conn.set_read_timeout(timeout)?;
-    let mem_size = match wire::recv(&mut conn, wire::HELLO_MAX)? {
-        Msg::Hello {
-            version: wire::VERSION,
-            vm,
-            mem_size,
-        } if mem_size.is_multiple_of(PAGE_SIZE) && mem_size <= 64 << 30 => {
-            tracing::info!(vm, mem_size, "replication: primary connected");
-            mem_size
-        }
-        other => {
-            let reason = format!("expected a Hello of version {}: {other:?}", wire::VERSION);
-            return Err(refuse(&mut conn, reason));
-        }
-    };
     let max = mem_size + wire::EPOCH_OVERHEAD_MAX;
     let mut last = None;
     loop {
@@ -197,7 +249,12 @@ fn receive_epochs(
             source: &source,
             output: &output,
         };
-        store.commit(&cp)?;
+        if let Err(e) = commit(&cp) {
+            return Err(match e {
+                Error::Refused(reason) => refuse(&mut conn, reason),
+                e => e,
+            });
+        }
         last = Some((e.epoch, e.id));
         *acked += 1;
         wire::send(

@@ -15,7 +15,7 @@ use crate::Error;
 const MAGIC: [u8; 4] = *b"RBRP";
 const HEADER: usize = 16;
 /// Protocol version (the Hello carries it; a standby refuses another).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame before the Hello said how large the VM is.
 pub const HELLO_MAX: u64 = 64 << 10;
 /// What an epoch frame may hold besides memory (state, output).
@@ -59,6 +59,9 @@ pub enum Msg {
         vm: String,
         /// Guest memory in bytes.
         mem_size: u64,
+        /// A hot standby is asked for: the VM's memory kept applied in place, ready to resume
+        /// (else cold: the checkpoint chain).
+        hot: bool,
     },
     /// Primary: a checkpoint.
     Epoch(Box<Epoch>),

@@ -595,7 +595,13 @@ impl Instance {
             recovered: self.survival.take_recovered(),
         });
         self.protector
-            .start(vm, self.console.output()?, p, preserved)
+            .start(vm, &self.id, self.console.output()?, p, preserved)
+    }
+
+    /// Moves a replicated VM's standby (see [`Protector::move_standby`]).
+    pub fn move_standby(&self, addr: Option<String>, hot: bool) -> Result<()> {
+        self.lifecycle.vm_for(Request::Protect)?;
+        self.protector.move_standby(addr, hot)
     }
 
     /// Stops protecting the VM (held output is released).

@@ -9,6 +9,7 @@ use rebound_checkpoint::engine::{CheckpointReport, StartOptions};
 use rebound_checkpoint::sink::{Preserved, Sink, SnapshotDir};
 use rebound_checkpoint::state_dir::StateDir;
 use rebound_checkpoint::{Engine, EngineConfig, EngineStats, OutputCommit, StrategyKind};
+use rebound_cluster::sink::{Dest, Target};
 use rebound_snapshot::Snapshot;
 use rebound_snapshot::format::Verify;
 use rebound_vmm::Vm;
@@ -30,6 +31,9 @@ pub struct Protection {
     /// Replicate every checkpoint to the standby listening here (host:port; `rebound
     /// standby`): output is released only once the standby stored its checkpoint.
     pub standby: Option<String>,
+    /// Ask the standby to keep the VM hot (memory applied in place; failover resumes it)
+    /// rather than cold (the checkpoint chain; failover builds it).
+    pub standby_hot: bool,
 }
 
 impl Protection {
@@ -50,6 +54,7 @@ pub fn default_protection() -> Protection {
         snapshot_dir: None,
         max_chain: 16,
         standby: None,
+        standby_hot: false,
     }
 }
 
@@ -69,6 +74,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The sinks protection `p` commits to, and where its epochs start.
 fn sinks(
     p: &Protection,
+    vm: &str,
+    target: &Target,
     preserved: Option<Preservation<'_>>,
 ) -> Result<(Vec<Box<dyn Sink>>, StartOptions)> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
@@ -81,8 +88,8 @@ fn sinks(
         // Protection resumed over an existing directory continues its epoch numbers.
         opts.first_epoch = rebound_checkpoint::sink::newest_epoch(dir)? + 1;
     }
-    if let Some(addr) = &p.standby {
-        sinks.push(Box::new(rebound_cluster::Remote::new(addr, "vm")));
+    if p.standby.is_some() {
+        sinks.push(Box::new(rebound_cluster::Remote::to(target.clone(), vm)));
     }
     if let Some(Preservation { dir, recovered }) = preserved {
         if p.strategy != StrategyKind::PreImage {
@@ -111,6 +118,10 @@ fn sinks(
 #[derive(Default)]
 pub struct Protector {
     engine: Mutex<Option<(Engine, Protection)>>,
+    /// Where a replicated VM's checkpoints go (moved while it runs by [`Protector::move_standby`]).
+    target: Mutex<Option<Target>>,
+    /// The VM's name (the standby knows it by it).
+    name: Mutex<String>,
     /// Protection to start with the VM (before its first instruction).
     start_with: Mutex<Option<Protection>>,
 }
@@ -134,6 +145,7 @@ impl Protector {
     pub fn start(
         &self,
         vm: Arc<Vm>,
+        name: &str,
         output: Arc<OutputCommit>,
         p: Protection,
         preserved: Option<Preservation<'_>>,
@@ -144,7 +156,10 @@ impl Protector {
         }
         let config = p.engine_config();
         config.validate()?;
-        let (sinks, opts) = sinks(&p, preserved)?;
+        let target = Target::new(p.standby.clone(), p.standby_hot);
+        let (sinks, opts) = sinks(&p, name, &target, preserved)?;
+        *lock(&self.name) = name.to_string();
+        *lock(&self.target) = p.standby.is_some().then_some(target);
         *engine = Some((Engine::start_from(vm, output, config, sinks, opts)?, p));
         Ok(())
     }
@@ -170,6 +185,26 @@ impl Protector {
         lock(&self.engine)
             .as_ref()
             .and_then(|(_, p)| p.standby.clone())
+    }
+
+    /// Moves a replicated VM's standby while it runs (None: none for now; the VM runs on,
+    /// protected locally): its next checkpoint goes, full, to the new one, and output waits
+    /// for that one's acknowledgement.
+    pub fn move_standby(&self, addr: Option<String>, hot: bool) -> Result<()> {
+        let mut engine = lock(&self.engine);
+        let (_, p) = engine.as_mut().ok_or(Error::NotProtected)?;
+        let target = lock(&self.target);
+        let t = target.as_ref().ok_or_else(|| Error::Invalid {
+            field: "standby",
+            reason: "the VM is protected without replication (protect it with a standby)".into(),
+        })?;
+        t.set(Dest {
+            addr: addr.clone(),
+            hot,
+        });
+        p.standby = addr;
+        p.standby_hot = hot;
+        Ok(())
     }
 
     /// Hands the VM over to its standby (see [`Engine::hand_over`]); protection ends. Returns
@@ -254,8 +289,14 @@ impl Protector {
         }
         let config = protection.engine_config();
         let preserved = preserved();
+        let target = lock(&self.target)
+            .clone()
+            .unwrap_or_else(|| Target::new(protection.standby.clone(), protection.standby_hot));
+        let name = lock(&self.name).clone();
         let started = sinks(
             &protection,
+            &name,
+            &target,
             preserved.as_ref().map(|(dir, recovered)| Preservation {
                 dir,
                 recovered: *recovered,

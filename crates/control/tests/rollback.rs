@@ -49,6 +49,7 @@ fn rollback_to_an_earlier_checkpoint_by_epoch() {
             snapshot_dir: Some(dir.path().into()),
             max_chain: 64,
             standby: None,
+            standby_hot: false,
         })
         .unwrap();
         // The target checkpoint once some lines are out, then more while the guest goes on.

@@ -320,6 +320,7 @@ impl Dispatcher {
     /// smallest timeout.
     fn run_inner(&mut self, mut idle: impl FnMut(bool, Option<u64>)) -> Stats {
         loop {
+            crate::hypercall::beat();
             self.tasks.append(&mut self.spawned.queue.borrow_mut());
             if self.tasks.is_empty() {
                 break;

@@ -20,6 +20,7 @@ use rebound_vmm::{DiskConfig, GuestImage};
 
 mod api_sock;
 mod client;
+mod cluster;
 mod firecracker;
 mod logging;
 mod scaffold;
@@ -103,6 +104,12 @@ enum Command {
     Guests,
     /// Create a guest crate (a program for Rebound VMs, on the guest SDK) from a template.
     New(scaffold::NewArgs),
+    /// The host agent (one per host): heartbeats, standbys of its peers' VMs, takeovers.
+    #[command(subcommand)]
+    Host(cluster::HostCommand),
+    /// The cluster as seen from a host's agent.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Be the standby of protected VMs (`run --standby`): receive their checkpoints, verify
     /// each, keep them in a snapshot directory (restore with `rebound restore --dir`).
     Standby {
@@ -240,6 +247,8 @@ struct RecoverArgs {
     supervise: bool,
     #[command(flatten)]
     placement: PlacementArgs,
+    #[command(flatten)]
+    member: cluster::MemberArgs,
     /// Live update hand-over: CLOCK_MONOTONIC (ns) when the old process paused the guest.
     #[arg(long, value_name = "NS", hide = true)]
     update_paused_at: Option<u64>,
@@ -293,10 +302,12 @@ struct RestoreArgs {
     protect: ProtectArgs,
     #[command(flatten)]
     placement: PlacementArgs,
+    #[command(flatten)]
+    member: cluster::MemberArgs,
 }
 
 #[derive(Args, Debug, Default)]
-struct ProtectArgs {
+pub(crate) struct ProtectArgs {
     /// Run protected: take a checkpoint every this many milliseconds (5-10000).
     #[arg(long, value_name = "MS")]
     protect_ms: Option<u64>,
@@ -310,6 +321,10 @@ struct ProtectArgs {
     /// standby`); output is released only once the standby stored its checkpoint.
     #[arg(long, value_name = "HOST:PORT", requires = "protect_ms")]
     standby: Option<String>,
+    /// Ask the standby to keep the VM hot (memory applied in place, failover resumes it)
+    /// rather than cold (the checkpoint chain).
+    #[arg(long, requires = "standby")]
+    hot_standby: bool,
 }
 
 fn parse_strategy(s: &str) -> std::result::Result<StrategyKind, String> {
@@ -332,6 +347,7 @@ impl ProtectArgs {
             snapshot_dir: self.snapshot_dir.clone(),
             max_chain: 16,
             standby: self.standby.clone(),
+            standby_hot: self.hot_standby,
         })
     }
 
@@ -346,6 +362,7 @@ impl ProtectArgs {
         }
         p.snapshot_dir = self.snapshot_dir.clone();
         p.standby = self.standby.clone();
+        p.standby_hot = self.hot_standby;
         p
     }
 }
@@ -447,6 +464,9 @@ struct RunArgs {
 
     #[command(flatten)]
     placement: PlacementArgs,
+
+    #[command(flatten)]
+    member: cluster::MemberArgs,
 }
 
 fn main() {
@@ -588,8 +608,13 @@ fn run(mut cli: Cli) -> Result<i32> {
                 metrics: false,
                 protect,
                 placement: PlacementArgs::default(),
+                member: cluster::MemberArgs::default(),
             };
             restore(&cli.id, cli.api_sock.as_deref(), args)
+        }
+        Some(Command::Host(cluster::HostCommand::Serve(args))) => cluster::serve(&cli, args),
+        Some(Command::Cluster(cluster::ClusterCommand::Status { root, metrics })) => {
+            cluster::status(&root, metrics)
         }
         Some(Command::New(args)) => {
             let (dir, run) = scaffold::create(&args)?;
@@ -749,7 +774,7 @@ fn need_sock(sock: Option<&Path>) -> Result<&Path> {
 }
 
 /// Restores a VM in this process (optionally protected and with the API) and runs it.
-fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> {
+fn restore(id: &str, api_sock: Option<&Path>, mut args: RestoreArgs) -> Result<i32> {
     let chain = match &args.dir {
         Some(dir) => rebound_checkpoint::sink::newest_chain(dir).map_err(|e| match e {
             rebound_checkpoint::Error::Sink { reason, .. } => {
@@ -761,6 +786,13 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
     };
     let instance = new_instance(id);
     args.placement.apply(&instance)?;
+    let default_sock = args
+        .member
+        .host_root
+        .as_ref()
+        .map(|r| cluster::default_api_sock(r, id));
+    let api_sock = api_sock.or(default_sock.as_deref());
+    let joining = join_host(&args.member, id, &mut args.protect, api_sock)?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
@@ -784,6 +816,9 @@ fn restore(id: &str, api_sock: Option<&Path>, args: RestoreArgs) -> Result<i32> 
         instance.protect(p)?;
         instance.resume()?;
     }
+    if let Some(j) = joining {
+        cluster::watch(j, &instance)?;
+    }
     finish(&instance, t0, args.metrics)
 }
 
@@ -792,8 +827,19 @@ pub(crate) fn console() -> Box<dyn Write + Send> {
 }
 
 /// Runs a guest from the command line (optionally with the API alongside) until it ends.
-fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
+fn run_guest(cli: &Cli, mut args: RunArgs) -> Result<i32> {
     let (id, api_sock) = (cli.id.as_str(), cli.api_sock.as_deref());
+    let default_sock = args
+        .member
+        .host_root
+        .as_ref()
+        .map(|r| cluster::default_api_sock(r, id));
+    let api_sock = api_sock.or(default_sock.as_deref());
+    if args.member.host_root.is_some() && args.protect.protect_ms.is_none() && args.state.is_none()
+    {
+        bail!("--host-root needs a protected VM (--protect-ms or --state)");
+    }
+    let joining = join_host(&args.member, id, &mut args.protect, api_sock)?;
     let (image, is_demo) = match (&args.guest, &args.bundled) {
         (Some(path), _) => (GuestImage::from_path(path)?, false),
         (None, Some(name)) => {
@@ -881,7 +927,31 @@ fn run_guest(cli: &Cli, args: RunArgs) -> Result<i32> {
     }
     let t0 = Instant::now();
     instance.start()?;
+    if let Some(j) = joining {
+        cluster::watch(j, &instance)?;
+    }
     finish(&instance, t0, args.metrics)
+}
+
+/// Joins the host agent of `member.host_root`, if given: the VM's ownership lock, and its
+/// standby resolved into `protect` (none yet if the agent is to place it).
+pub(crate) fn join_host(
+    member: &cluster::MemberArgs,
+    id: &str,
+    protect: &mut ProtectArgs,
+    api_sock: Option<&Path>,
+) -> Result<Option<cluster::Joining>> {
+    let Some(sock) = api_sock else {
+        return Ok(None);
+    };
+    let Some((joining, addr, hot)) = member.join(id, protect.standby.as_deref(), sock)? else {
+        return Ok(None);
+    };
+    if protect.standby.is_some() || member.standby_host.is_some() {
+        protect.standby = Some(addr.unwrap_or_default());
+        protect.hot_standby = hot;
+    }
+    Ok(Some(joining))
 }
 
 /// Serves the API and runs whatever it starts, Firecracker style.

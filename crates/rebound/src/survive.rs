@@ -24,7 +24,15 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
     let instance = new_instance(&cli.id);
     args.placement.apply(&instance)?;
     allow_update(cli, &instance);
-    if let Some(sock) = cli.api_sock.as_deref() {
+    let default_sock = args
+        .member
+        .host_root
+        .as_ref()
+        .map(|r| crate::cluster::default_api_sock(r, &cli.id));
+    let api_sock = cli.api_sock.as_deref().or(default_sock.as_deref());
+    let mut protect = crate::ProtectArgs::default();
+    let joining = crate::join_host(&args.member, &cli.id, &mut protect, api_sock)?;
+    if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
     let t0 = Instant::now();
@@ -40,6 +48,8 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
     };
     let mut protection = rebound_control::default_protection();
     protection.interval_ms = Some(args.protect_ms);
+    protection.standby = protect.standby;
+    protection.standby_hot = protect.hot_standby;
     let epoch = match instance.recover(&args.state, &load, Some(protection)) {
         Ok(epoch) => epoch,
         Err(rebound_control::Error::Checkpoint(rebound_checkpoint::Error::Ended {
@@ -71,6 +81,9 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
             t0.elapsed().as_secs_f64() * 1e3,
             instance.survival().undone_pages.unwrap_or(0)
         ),
+    }
+    if let Some(j) = joining {
+        crate::cluster::watch(j, &instance)?;
     }
     finish(&instance, t0, args.metrics)
 }

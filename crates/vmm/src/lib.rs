@@ -25,7 +25,7 @@ mod wait;
 
 pub use config::{ConfigError, DiskConfig, GuestImage, VmConfig};
 pub use fault::FaultReport;
-pub use vm::{Vm, VmOutcome, VmState};
+pub use vm::{Progress, Vm, VmOutcome, VmState};
 
 /// Errors building or driving a VM.
 #[derive(Debug, thiserror::Error)]

@@ -306,6 +306,15 @@ struct Parts {
     symbols: Option<Arc<crate::symbols::Symbols>>,
 }
 
+/// What [`Vm::progress`] sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The sum of the vCPUs' heartbeat words: it changes while the guest makes progress.
+    pub beat: u64,
+    /// Every vCPU waits in `BLOCK`.
+    pub waiting: bool,
+}
+
 /// How to restore.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -1461,6 +1470,27 @@ impl Vm {
     /// How the VM ended, if it has.
     pub fn outcome(&self) -> Option<VmOutcome> {
         lock(&self.shared.outcome).clone()
+    }
+
+    /// Whether the guest makes progress, read without stopping it: the sum of its vCPUs'
+    /// heartbeat words (ABI 1.7; the SDK dispatcher bumps its vCPU's word every pass) and
+    /// whether every vCPU waits in `BLOCK` (a guest with nothing to do, not a stuck one).
+    pub fn progress(&self) -> Progress {
+        use vm_memory::Bytes;
+        let s = &self.shared;
+        let vcpus = s.layout.vcpus();
+        let beat = (0..vcpus)
+            .map(|id| {
+                let at = vm_memory::GuestAddress(
+                    s.layout.vcpu_page(id) + rebound_abi::VCPU_PAGE_BEAT_OFFSET,
+                );
+                s.mem.read_obj::<u64>(at).unwrap_or(0)
+            })
+            .fold(0u64, u64::wrapping_add);
+        Progress {
+            beat,
+            waiting: s.waiters.blocked() >= vcpus,
+        }
     }
 
     /// Current counters.

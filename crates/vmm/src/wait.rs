@@ -159,13 +159,30 @@ pub enum Wake {
 /// The `BLOCK` waiters of all vCPUs of a VM. Devices wake them through [`Notify`].
 pub struct Waiters {
     slots: Vec<Waiter>,
+    /// vCPUs in `BLOCK` now (a guest that waits, not one that stopped making progress).
+    blocked: std::sync::atomic::AtomicU32,
+}
+
+/// Counts a vCPU as blocked while it lives.
+struct Blocked<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Waiters {
     pub fn new(vcpus: u32) -> Self {
         Self {
             slots: (0..vcpus).map(|_| Waiter::default()).collect(),
+            blocked: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// How many vCPUs are in `BLOCK` now.
+    pub fn blocked(&self) -> u32 {
+        self.blocked.load(Ordering::Acquire)
     }
 
     /// Cuts every current and next `BLOCK` short (the controller needs the vCPUs).
@@ -182,6 +199,8 @@ impl Waiters {
             return Wake::Interrupted;
         };
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        self.blocked.fetch_add(1, Ordering::AcqRel);
+        let _blocked = Blocked(&self.blocked);
         let mut f = lock(&w.flags);
         loop {
             if f.pending {

@@ -1,0 +1,841 @@
+//! The host agent (`rebound host serve`): one per host. It
+//!
+//! - reads the liveness of every VM on its host from their status records (`host_root`), with
+//!   no message per VM: a VMM's pid and its record's sequence, the guest's heartbeat word;
+//! - sends one aggregated heartbeat per interval to each peer (`beat`), carrying every VM's
+//!   state, and reads theirs;
+//! - keeps the standbys of its peers' VMs: it accepts their replication connections and stores
+//!   each epoch, hot (memory applied in place, `hot`) or cold (the checkpoint chain), before
+//!   acknowledging it;
+//! - takes a VM over when its host's heartbeats stop, or its host reports it dead, once its
+//!   ownership lock shows the old VMM gone (`fence`): a hot standby is resumed
+//!   (`recover --state`), a cold one built (`restore --dir`);
+//! - places its own VMs' standbys: on the host each asks for while that host is alive (else
+//!   none for now: the VM runs on, protected locally), hot or cold by the VM's `failover`
+//!   and the standby host's free memory for hot standbys, and moves them when hosts come and
+//!   go.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rebound_checkpoint::sink::{Sink, SnapshotDir};
+use serde::Serialize;
+
+use crate::beat::{self, Beat, VmBeat, VmState};
+use crate::host_root::{Failover, HostConfig, HostRoot, Member, Status};
+use crate::hot::HotStore;
+use crate::standby::{self, Ended};
+use crate::{Error, fence};
+
+/// What a cold failover is planned to take (restore from the chain, page faults after).
+pub const COLD_FAILOVER_ESTIMATE_MS: u64 = 1000;
+/// Diffs kept in a cold standby's chain before it is merged.
+const MAX_CHAIN: usize = 16;
+
+/// What the binary does for the agent (the agent does not know the command line or HTTP).
+pub trait Hooks: Send + Sync {
+    /// Starts VM `t.name` on this host from its standby copy (`t.hot`: a state directory to
+    /// recover; else a snapshot directory to restore), its console going to `t.out`.
+    fn take_over(&self, t: &Takeover) -> io::Result<Child>;
+    /// Moves a running VM's standby (its VMM's `PATCH /protection`).
+    fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> io::Result<()>;
+}
+
+/// A VM to take over.
+#[derive(Clone, Debug)]
+pub struct Takeover {
+    /// Its name.
+    pub name: String,
+    /// From a hot standby.
+    pub hot: bool,
+    /// Its standby copy.
+    pub dir: PathBuf,
+    /// Where its console output goes.
+    pub out: PathBuf,
+    /// The host it ran on (where its standby goes once that host is back).
+    pub from: String,
+    /// Its failover requirement, carried over.
+    pub failover: Failover,
+}
+
+/// The agent's settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This host's name.
+    pub name: String,
+    /// Where it listens: heartbeats (UDP) and replication (TCP) on the same address.
+    pub listen: SocketAddr,
+    /// Peers by name.
+    pub peers: BTreeMap<String, String>,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// A peer silent this long is dead.
+    pub dead_after: Duration,
+    /// A guest whose heartbeat does not move this long (while not waiting for work) is
+    /// stalled: its VMM is killed and the VM fails over.
+    pub stall_after: Option<Duration>,
+    /// Memory it gives hot standbys, in bytes.
+    pub hot_budget: u64,
+    /// The host's cluster directory.
+    pub root: PathBuf,
+    /// Where ownership locks are.
+    pub lock_dir: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A standby kept here.
+struct Slot {
+    hot: bool,
+    mem_size: u64,
+    /// Taken over: nothing more is acknowledged.
+    taken: bool,
+    store: Box<dyn Sink>,
+    epochs: u64,
+    bytes: u64,
+    last_epoch: u64,
+    connected: bool,
+}
+
+struct Peer {
+    addr: String,
+    resolved: Option<SocketAddr>,
+    last: Option<Instant>,
+    beat: Option<Beat>,
+}
+
+impl Peer {
+    fn alive(&self, dead_after: Duration) -> bool {
+        self.last.is_some_and(|t| t.elapsed() < dead_after)
+    }
+}
+
+/// What the agent knows of a VM running here.
+#[derive(Default)]
+struct Own {
+    /// The standby placement applied to it: (host, addr, hot), or None for none.
+    applied: Option<Option<(String, String, bool)>>,
+    /// Why it has no standby, if it wants one.
+    reason: Option<String>,
+    state: Option<VmState>,
+    last_seq: u64,
+    last_beat: u64,
+    beat_moved: Option<Instant>,
+    seq_moved: Option<Instant>,
+}
+
+/// A failover this agent did.
+#[derive(Clone, Debug, Serialize)]
+struct Event {
+    vm: String,
+    from: String,
+    method: &'static str,
+    /// When (unix ms).
+    at_ms: u64,
+    /// From the last heartbeat of the old host (or its report) to the takeover starting.
+    detect_ms: u64,
+    pid: u32,
+}
+
+#[derive(Default, Clone, Copy, Serialize)]
+struct Counters {
+    beats_sent: u64,
+    beat_bytes_sent: u64,
+    beats_received: u64,
+}
+
+struct State {
+    peers: BTreeMap<String, Peer>,
+    slots: BTreeMap<String, Arc<Mutex<Slot>>>,
+    own: BTreeMap<String, Own>,
+    events: Vec<Event>,
+    counters: Counters,
+    children: Vec<Child>,
+    /// VMs whose owner still holds the lock (logged once).
+    fenced_off: BTreeMap<String, Instant>,
+}
+
+/// A running agent.
+pub struct Agent {
+    config: AgentConfig,
+    root: HostRoot,
+    hooks: Box<dyn Hooks>,
+    incarnation: u64,
+    state: Mutex<State>,
+    stop: AtomicBool,
+}
+
+impl Agent {
+    /// Prepares an agent: writes the host's settings for its VMMs.
+    pub fn new(config: AgentConfig, hooks: Box<dyn Hooks>) -> Result<Arc<Self>, Error> {
+        let root = HostRoot::new(&config.root)?;
+        root.write_config(&HostConfig {
+            name: config.name.clone(),
+            listen: config.listen.to_string(),
+            peers: config.peers.clone(),
+            heartbeat_ms: config.heartbeat.as_millis() as u64,
+            lock_dir: config.lock_dir.clone(),
+        })?;
+        let peers = config
+            .peers
+            .iter()
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    Peer {
+                        addr: a.clone(),
+                        resolved: None,
+                        last: None,
+                        beat: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Arc::new(Self {
+            incarnation: rebound_vmm::persist::new_id(),
+            root,
+            hooks,
+            state: Mutex::new(State {
+                peers,
+                slots: BTreeMap::new(),
+                own: BTreeMap::new(),
+                events: Vec::new(),
+                counters: Counters::default(),
+                children: Vec::new(),
+                fenced_off: BTreeMap::new(),
+            }),
+            stop: AtomicBool::new(false),
+            config,
+        }))
+    }
+
+    /// Runs until [`stop`](Self::stop): heartbeats, standbys, takeovers, placement.
+    pub fn run(self: &Arc<Self>) -> Result<(), Error> {
+        let udp = UdpSocket::bind(self.config.listen)?;
+        udp.set_read_timeout(Some(self.config.heartbeat.min(Duration::from_millis(5))))?;
+        let tcp = TcpListener::bind(self.config.listen)?;
+        let _ = std::fs::remove_file(self.root.socket());
+        let status = UnixListener::bind(self.root.socket())?;
+        {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("agent-replication".into())
+                .spawn(move || me.accept_replication(&tcp))?;
+        }
+        {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("agent-status".into())
+                .spawn(move || me.serve_status(&status))?;
+        }
+        tracing::info!(host = %self.config.name, listen = %self.config.listen, "host agent up");
+        let mut next = Instant::now();
+        let mut buf = vec![0u8; beat::MAX_DATAGRAM];
+        while !self.stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= next {
+                self.tick(&udp);
+                next = now + self.config.heartbeat;
+            }
+            // Beats arrive between ticks (the socket's timeout keeps this loop going).
+            if let Ok((n, _)) = udp.recv_from(&mut buf)
+                && let Some(b) = beat::decode(&buf[..n])
+            {
+                self.on_beat(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends [`run`](Self::run).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    fn on_beat(&self, b: Beat) {
+        let mut s = lock(&self.state);
+        s.counters.beats_received += 1;
+        if let Some(p) = s.peers.get_mut(&b.host) {
+            p.last = Some(Instant::now());
+            p.beat = Some(b);
+        }
+    }
+
+    /// One heartbeat interval.
+    fn tick(&self, udp: &UdpSocket) {
+        let members = self.root.members();
+        let vms = self.watch_own(&members);
+        self.send_beats(udp, vms);
+        self.take_overs();
+        self.place(&members);
+        self.reap();
+    }
+
+    /// Reads the VMs running here; kills a stalled one (it then fails over as dead).
+    fn watch_own(&self, members: &[(Member, Option<Status>)]) -> Vec<VmBeat> {
+        let mut s = lock(&self.state);
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for (m, status) in members {
+            seen.push(m.name.clone());
+            if status.is_some_and(|st| st.ended) {
+                // Ended on purpose: forgotten, never failed over.
+                self.root.leave(&m.name);
+                continue;
+            }
+            let o = s.own.entry(m.name.clone()).or_default();
+            let now = Instant::now();
+            let alive = process_alive(m.pid);
+            let state = if !alive {
+                VmState::Dead
+            } else if let Some(st) = status {
+                if st.seq != o.last_seq {
+                    o.last_seq = st.seq;
+                    o.seq_moved = Some(now);
+                }
+                if st.beat != o.last_beat || st.waiting {
+                    o.last_beat = st.beat;
+                    o.beat_moved = Some(now);
+                }
+                let beat_moved = *o.beat_moved.get_or_insert(now);
+                let seq_moved = *o.seq_moved.get_or_insert(now);
+                let stuck = |t: Instant| self.config.stall_after.is_some_and(|d| t.elapsed() > d);
+                if stuck(beat_moved) || stuck(seq_moved) {
+                    VmState::Stalled
+                } else {
+                    VmState::Running
+                }
+            } else {
+                VmState::Running
+            };
+            if state == VmState::Stalled && o.state != Some(VmState::Stalled) {
+                tracing::warn!(vm = %m.name, pid = m.pid, "the VM stopped making progress: its VMM is killed, the VM fails over");
+                // SAFETY: kill(2) on the pid the VM's own VMM registered; a stale pid is
+                // guarded by `process_alive` having just seen it.
+                unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
+            }
+            if o.state != Some(state) {
+                tracing::info!(vm = %m.name, ?state, "VM state");
+            }
+            o.state = Some(state);
+            let (standby, hot) = match &o.applied {
+                Some(Some((h, _, hot))) => (Some(h.clone()), *hot),
+                _ => (None, false),
+            };
+            out.push(VmBeat {
+                name: m.name.clone(),
+                state,
+                standby,
+                hot,
+            });
+        }
+        s.own.retain(|n, _| seen.contains(n));
+        // A dead VM another host now runs is forgotten here.
+        let elsewhere: Vec<String> = out
+            .iter()
+            .filter(|v| v.state == VmState::Dead)
+            .filter(|v| {
+                s.peers.values().any(|p| {
+                    p.alive(self.config.dead_after)
+                        && p.beat.as_ref().is_some_and(|b| {
+                            b.vms
+                                .iter()
+                                .any(|w| w.name == v.name && w.state == VmState::Running)
+                        })
+                })
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for n in &elsewhere {
+            self.root.leave(n);
+        }
+        out.retain(|v| !elsewhere.contains(&v.name));
+        out
+    }
+
+    fn hot_free(&self, s: &State) -> u64 {
+        let used: u64 = s
+            .slots
+            .values()
+            .map(|sl| lock(sl))
+            .filter(|sl| sl.hot && !sl.taken)
+            .map(|sl| sl.mem_size)
+            .sum();
+        self.config.hot_budget.saturating_sub(used)
+    }
+
+    fn send_beats(&self, udp: &UdpSocket, vms: Vec<VmBeat>) {
+        let mut s = lock(&self.state);
+        let seq = s.counters.beats_sent + 1;
+        let b = Beat {
+            host: self.config.name.clone(),
+            incarnation: self.incarnation,
+            seq,
+            hot_free: self.hot_free(&s),
+            vms,
+        };
+        let Some(d) = beat::encode(&b) else {
+            tracing::error!("too many VMs for one heartbeat datagram");
+            return;
+        };
+        let mut sent = (0, 0);
+        for p in s.peers.values_mut() {
+            if p.resolved.is_none() {
+                p.resolved = p.addr.to_socket_addrs().ok().and_then(|mut a| a.next());
+            }
+            if let Some(a) = p.resolved
+                && udp.send_to(&d, a).is_ok()
+            {
+                sent.0 += 1;
+                sent.1 += d.len() as u64;
+            }
+        }
+        s.counters.beats_sent += sent.0;
+        s.counters.beat_bytes_sent += sent.1;
+    }
+
+    /// Takes over the VMs whose standby is here and whose host is dead or reports them dead.
+    fn take_overs(&self) {
+        let mut s = lock(&self.state);
+        let dead_after = self.config.dead_after;
+        let mut todo = Vec::new();
+        for (name, slot) in &s.slots {
+            let sl = lock(slot);
+            if sl.taken || sl.epochs == 0 {
+                continue;
+            }
+            for (host, p) in &s.peers {
+                let Some(b) = &p.beat else { continue };
+                let Some(v) = b.vms.iter().find(|v| &v.name == name) else {
+                    continue;
+                };
+                let since = p.last.map_or(Duration::ZERO, |t| t.elapsed());
+                if !p.alive(dead_after) {
+                    todo.push((name.clone(), host.clone(), v.clone(), since));
+                } else if v.state == VmState::Dead {
+                    todo.push((name.clone(), host.clone(), v.clone(), Duration::ZERO));
+                }
+            }
+        }
+        for (name, from, _v, since) in todo {
+            match fence::owner_gone(&self.config.lock_dir, &name) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if !s.fenced_off.contains_key(&name) {
+                        tracing::warn!(vm = %name, %from, "its host looks gone but its VMM still owns it: not taken over");
+                        s.fenced_off.insert(name.clone(), Instant::now());
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, "cannot check its ownership lock: {e}");
+                    continue;
+                }
+            }
+            s.fenced_off.remove(&name);
+            let Some(slot) = s.slots.remove(&name) else {
+                continue;
+            };
+            let hot = {
+                let mut sl = lock(&slot);
+                // From here nothing more is acknowledged to the old primary: what the
+                // standby holds is what the VM resumes from.
+                sl.taken = true;
+                sl.hot
+            };
+            let t = Takeover {
+                name: name.clone(),
+                hot,
+                dir: self.root.standby_dir(&name, hot),
+                out: self.root.takeover_output(&name),
+                from: from.clone(),
+                failover: if hot { Failover::Hot } else { Failover::Cold },
+            };
+            match self.hooks.take_over(&t) {
+                Ok(child) => {
+                    tracing::warn!(vm = %name, %from, hot, pid = child.id(), "VM taken over");
+                    s.events.push(Event {
+                        vm: name,
+                        from,
+                        method: if hot { "hot" } else { "cold" },
+                        at_ms: unix_ms(),
+                        detect_ms: since.as_millis() as u64,
+                        pid: child.id(),
+                    });
+                    s.children.push(child);
+                }
+                Err(e) => tracing::error!(vm = %name, "cannot take the VM over: {e}"),
+            }
+        }
+    }
+
+    /// Places (or moves) the standbys of the VMs running here.
+    fn place(&self, members: &[(Member, Option<Status>)]) {
+        let mut moves = Vec::new();
+        {
+            let mut s = lock(&self.state);
+            let dead_after = self.config.dead_after;
+            for (m, _) in members {
+                let Some(want) = &m.standby else { continue };
+                let Some(sock) = &m.api_sock else { continue };
+                let peer = s.peers.get(want);
+                let (desired, reason) = match peer {
+                    None => (None, Some(format!("{want} is not a peer of this host"))),
+                    Some(p) if !p.alive(dead_after) => {
+                        (None, Some(format!("{want} is down: protected locally only")))
+                    }
+                    Some(p) => {
+                        let free = p.beat.as_ref().map_or(0, |b| b.hot_free);
+                        let current_hot = matches!(
+                            s.own.get(&m.name).and_then(|o| o.applied.clone()),
+                            Some(Some((_, _, true)))
+                        );
+                        // A hot standby already placed counts in its host's free memory.
+                        let free = if current_hot { free + m.mem_size } else { free };
+                        match plan(m.failover, m.max_failover_ms, m.mem_size, free) {
+                            Ok(hot) => (Some((want.clone(), p.addr.clone(), hot)), None),
+                            Err(r) => (None, Some(r)),
+                        }
+                    }
+                };
+                let o = s.own.entry(m.name.clone()).or_default();
+                o.reason = reason;
+                if o.applied.as_ref() != Some(&desired) {
+                    moves.push((m.name.clone(), sock.clone(), desired));
+                }
+            }
+        }
+        for (name, sock, desired) in moves {
+            let (addr, hot) = match &desired {
+                Some((_, a, h)) => (Some(a.as_str()), *h),
+                None => (None, false),
+            };
+            match self.hooks.move_standby(&sock, addr, hot) {
+                Ok(()) => {
+                    tracing::info!(vm = %name, standby = ?addr, hot, "standby placed");
+                    if let Some(o) = lock(&self.state).own.get_mut(&name) {
+                        o.applied = Some(desired);
+                    }
+                }
+                Err(e) => tracing::debug!(vm = %name, "cannot place its standby yet: {e}"),
+            }
+        }
+    }
+
+    fn reap(&self) {
+        let mut s = lock(&self.state);
+        s.children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+    }
+
+    /// Accepts replication connections: one thread per primary.
+    fn accept_replication(self: Arc<Self>, listener: &TcpListener) {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let me = Arc::clone(&self);
+            let _ = std::thread::Builder::new()
+                .name("agent-standby".into())
+                .spawn(move || me.keep_standby(conn));
+        }
+    }
+
+    fn keep_standby(&self, mut conn: TcpStream) {
+        let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+        let hello = match standby::handshake(&mut conn) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%peer, "replication refused: {e}");
+                return;
+            }
+        };
+        let slot = match self.slot_for(&hello) {
+            Ok(s) => s,
+            Err(reason) => {
+                let _ = crate::wire::send(&mut conn, &crate::wire::Msg::Refuse { reason });
+                return;
+            }
+        };
+        lock(&slot).connected = true;
+        // No read timeout: a primary that goes silent is judged by its host's heartbeats.
+        let ended = standby::receive(conn, &hello, None, &mut |cp| {
+            let mut sl = lock(&slot);
+            if sl.taken {
+                return Err(Error::Refused("the VM was taken over here".into()));
+            }
+            sl.store.commit(cp)?;
+            sl.epochs += 1;
+            sl.last_epoch = cp.epoch;
+            sl.bytes += if cp.full {
+                cp.data.map_or(0, |d| d.count())
+            } else {
+                cp.pages.count()
+            } * rebound_snapshot::PAGE_SIZE;
+            Ok(())
+        });
+        lock(&slot).connected = false;
+        match ended {
+            Ended::Bye => {
+                tracing::info!(vm = %hello.vm, "replication ended by the primary");
+                let mut s = lock(&self.state);
+                if s.slots.get(&hello.vm).is_some_and(|x| Arc::ptr_eq(x, &slot)) {
+                    s.slots.remove(&hello.vm);
+                }
+            }
+            Ended::Lost { acked, why } => {
+                tracing::info!(vm = %hello.vm, acked, "replication connection lost: {why}");
+            }
+        }
+    }
+
+    /// The standby slot for a primary's Hello: the one it had (same kind), or a new one.
+    fn slot_for(&self, h: &standby::Hello) -> Result<Arc<Mutex<Slot>>, String> {
+        let mut s = lock(&self.state);
+        if s.own.contains_key(&h.vm) && self.root.vm_dir(&h.vm).exists() {
+            return Err(format!("VM {} runs on this host", h.vm));
+        }
+        if let Some(existing) = s.slots.get(&h.vm) {
+            let sl = lock(existing);
+            if sl.hot == h.hot && sl.mem_size == h.mem_size && !sl.taken {
+                drop(sl);
+                return Ok(Arc::clone(existing));
+            }
+        }
+        if h.hot {
+            let free = self.hot_free(&s)
+                + s.slots
+                    .get(&h.vm)
+                    .map(|x| lock(x))
+                    .filter(|x| x.hot)
+                    .map_or(0, |x| x.mem_size);
+            if free < h.mem_size {
+                return Err(format!(
+                    "no memory for a hot standby of {} MiB here ({} MiB free of the host's hot budget)",
+                    h.mem_size >> 20,
+                    free >> 20
+                ));
+            }
+        }
+        let dir = self.root.standby_dir(&h.vm, h.hot);
+        let store: Box<dyn Sink> = if h.hot {
+            Box::new(HotStore::new(&dir))
+        } else {
+            Box::new(SnapshotDir::new(&dir, MAX_CHAIN).map_err(|e| e.to_string())?)
+        };
+        let slot = Arc::new(Mutex::new(Slot {
+            hot: h.hot,
+            mem_size: h.mem_size,
+            taken: false,
+            store,
+            epochs: 0,
+            bytes: 0,
+            last_epoch: 0,
+            connected: false,
+        }));
+        s.slots.insert(h.vm.clone(), Arc::clone(&slot));
+        Ok(slot)
+    }
+
+    fn serve_status(&self, listener: &UnixListener) {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut req = [0u8; 16];
+            let n = conn.read(&mut req).unwrap_or(0);
+            let body = if req[..n].starts_with(b"metrics") {
+                self.metrics()
+            } else {
+                serde_json::to_string_pretty(&self.status()).unwrap_or_default() + "\n"
+            };
+            let _ = conn.write_all(body.as_bytes());
+        }
+    }
+
+    /// The cluster as this agent sees it.
+    pub fn status(&self) -> serde_json::Value {
+        let s = lock(&self.state);
+        let dead_after = self.config.dead_after;
+        let peers: Vec<_> = s
+            .peers
+            .iter()
+            .map(|(n, p)| {
+                serde_json::json!({
+                    "name": n,
+                    "addr": p.addr,
+                    "alive": p.alive(dead_after),
+                    "last_heartbeat_ms_ago": p.last.map(|t| t.elapsed().as_millis() as u64),
+                    "hot_free_bytes": p.beat.as_ref().map(|b| b.hot_free),
+                    "vms": p.beat.as_ref().map(|b| &b.vms),
+                })
+            })
+            .collect();
+        let vms: Vec<_> = s
+            .own
+            .iter()
+            .map(|(n, o)| {
+                let (standby, method) = match &o.applied {
+                    Some(Some((h, _, hot))) => (Some(h.clone()), Some(if *hot { "hot" } else { "cold" })),
+                    _ => (None, None),
+                };
+                serde_json::json!({
+                    "name": n,
+                    "owner": self.config.name,
+                    "state": o.state,
+                    "standby": standby,
+                    "method": method,
+                    "unprotected_because": o.reason,
+                })
+            })
+            .collect();
+        let standbys: Vec<_> = s
+            .slots
+            .iter()
+            .map(|(n, sl)| {
+                let sl = lock(sl);
+                serde_json::json!({
+                    "vm": n,
+                    "method": if sl.hot { "hot" } else { "cold" },
+                    "connected": sl.connected,
+                    "epochs": sl.epochs,
+                    "last_epoch": sl.last_epoch,
+                    "bytes": sl.bytes,
+                    "mem_size": sl.mem_size,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "host": self.config.name,
+            "incarnation": self.incarnation,
+            "hot_budget_bytes": self.config.hot_budget,
+            "hot_free_bytes": self.hot_free(&s),
+            "peers": peers,
+            "vms": vms,
+            "standbys": standbys,
+            "failovers": s.events,
+            "heartbeats": s.counters,
+        })
+    }
+
+    /// The same in Prometheus' text format.
+    pub fn metrics(&self) -> String {
+        let s = lock(&self.state);
+        let dead_after = self.config.dead_after;
+        let mut m = String::new();
+        let c = s.counters;
+        let h = &self.config.name;
+        m += &format!("rebound_cluster_heartbeats_sent_total{{host=\"{h}\"}} {}\n", c.beats_sent);
+        m += &format!(
+            "rebound_cluster_heartbeat_bytes_sent_total{{host=\"{h}\"}} {}\n",
+            c.beat_bytes_sent
+        );
+        m += &format!(
+            "rebound_cluster_heartbeats_received_total{{host=\"{h}\"}} {}\n",
+            c.beats_received
+        );
+        for (n, p) in &s.peers {
+            m += &format!(
+                "rebound_cluster_peer_alive{{host=\"{h}\",peer=\"{n}\"}} {}\n",
+                u8::from(p.alive(dead_after))
+            );
+        }
+        m += &format!("rebound_cluster_vms{{host=\"{h}\"}} {}\n", s.own.len());
+        m += &format!("rebound_cluster_failovers_total{{host=\"{h}\"}} {}\n", s.events.len());
+        for (n, sl) in &s.slots {
+            let sl = lock(sl);
+            m += &format!(
+                "rebound_cluster_standby_epochs_total{{host=\"{h}\",vm=\"{n}\"}} {}\n",
+                sl.epochs
+            );
+            m += &format!(
+                "rebound_cluster_standby_bytes_total{{host=\"{h}\",vm=\"{n}\"}} {}\n",
+                sl.bytes
+            );
+        }
+        m
+    }
+}
+
+/// Chooses a VM's standby method: hot (true) or cold (false), or why neither meets it.
+pub fn plan(
+    failover: Failover,
+    max_ms: Option<u64>,
+    mem_size: u64,
+    hot_free: u64,
+) -> Result<bool, String> {
+    let hot_fits = hot_free >= mem_size;
+    let cold_meets = max_ms.is_none_or(|m| m >= COLD_FAILOVER_ESTIMATE_MS);
+    match failover {
+        Failover::Hot if hot_fits => Ok(true),
+        Failover::Hot => Err(format!(
+            "hot standby refused: the standby host has {} MiB free for hot standbys, the VM needs {} MiB",
+            hot_free >> 20,
+            mem_size >> 20
+        )),
+        Failover::Cold => Ok(false),
+        Failover::Auto if hot_fits => Ok(true),
+        Failover::Auto if cold_meets => Ok(false),
+        Failover::Auto => Err(format!(
+            "no standby meets a {} ms failover: no room for a hot standby ({} MiB free, {} MiB needed) and a cold one takes about {COLD_FAILOVER_ESTIMATE_MS} ms",
+            max_ms.unwrap_or(0),
+            hot_free >> 20,
+            mem_size >> 20
+        )),
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold anything.
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planning_meets_the_requirement_or_says_why() {
+        let mib = 1 << 20;
+        assert_eq!(plan(Failover::Hot, None, 64 * mib, 128 * mib), Ok(true));
+        assert!(plan(Failover::Hot, None, 64 * mib, 32 * mib).is_err());
+        assert_eq!(plan(Failover::Cold, Some(10), 64 * mib, 0), Ok(false));
+        assert_eq!(plan(Failover::Auto, Some(100), 64 * mib, 64 * mib), Ok(true));
+        assert_eq!(plan(Failover::Auto, None, 64 * mib, 0), Ok(false));
+        assert_eq!(plan(Failover::Auto, Some(5000), 64 * mib, 0), Ok(false));
+        let why = plan(Failover::Auto, Some(100), 64 * mib, 0).unwrap_err();
+        assert!(why.contains("100 ms"), "{why}");
+    }
+
+    #[test]
+    fn process_liveness() {
+        assert!(process_alive(std::process::id()));
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        // Exited but not reaped: a zombie is not alive.
+        let t = Instant::now();
+        while process_alive(pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::yield_now();
+        }
+        assert!(!process_alive(pid));
+        c.wait().unwrap();
+    }
+}

@@ -1,0 +1,313 @@
+//! The command line of the cluster: `rebound host serve` (the host agent), `rebound cluster
+//! status`, and a VM joining its host's agent (`--host-root` on run, restore, recover).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rebound_cluster::agent::{Agent, AgentConfig, Hooks, Takeover};
+use rebound_cluster::fence;
+use rebound_cluster::host_root::{Failover, HostRoot, Member};
+use rebound_control::Instance;
+
+use crate::Cli;
+
+/// `rebound host ...`.
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Run this host's agent: heartbeats with its peers, the standbys of their VMs, takeovers.
+    Serve(ServeArgs),
+}
+
+/// `rebound host serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// This host's name.
+    #[arg(long)]
+    name: String,
+    /// Where to listen: heartbeats (UDP) and replication (TCP), host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// The host's cluster directory (on tmpfs: hot standbys keep guest memory there).
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// A peer host: NAME=HOST:PORT (repeat for each).
+    #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
+    peers: Vec<String>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    heartbeat_ms: u64,
+    /// A peer silent this long is dead (its VMs are taken over). Default: 5 heartbeats.
+    #[arg(long, value_name = "MS")]
+    dead_ms: Option<u64>,
+    /// A guest whose heartbeat does not move this long (while it does not wait for work) is
+    /// stalled: its VMM is killed and the VM fails over. Default: never.
+    #[arg(long, value_name = "MS")]
+    stall_ms: Option<u64>,
+    /// Memory this host gives hot standbys, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    hot_budget_mib: u64,
+    /// Where VM ownership locks are (every agent that may own a VM must see the same one).
+    #[arg(long, value_name = "DIR", default_value = "/dev/shm/rebound-owners")]
+    lock_dir: PathBuf,
+    /// Checkpoint period of a VM taken over here.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    protect_ms: u64,
+}
+
+/// `rebound cluster ...`.
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// The cluster as a host's agent sees it: hosts, VMs, owners, standbys, failovers (JSON).
+    Status {
+        /// The host's cluster directory.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// Prometheus text instead of JSON.
+        #[arg(long)]
+        metrics: bool,
+    },
+}
+
+/// A VM joining its host's agent.
+#[derive(Args, Debug, Default, Clone)]
+pub struct MemberArgs {
+    /// Join the host agent of this cluster directory: its liveness is watched, its standby
+    /// placed on the host --standby names, and it is taken over there if this host fails.
+    #[arg(long, value_name = "DIR")]
+    pub host_root: Option<PathBuf>,
+    /// With --host-root: how the VM survives its host (hot, cold or auto).
+    #[arg(long, value_name = "METHOD", default_value = "auto", value_parser = parse_failover)]
+    pub failover: Failover,
+    /// With --host-root and --failover auto: the longest failover the VM accepts.
+    #[arg(long, value_name = "MS")]
+    pub max_failover_ms: Option<u64>,
+    /// The host to place the standby on once the agent sees it alive (a VM taken over: its
+    /// old host).
+    #[arg(long, value_name = "HOST", hide = true)]
+    pub standby_host: Option<String>,
+}
+
+fn parse_failover(s: &str) -> std::result::Result<Failover, String> {
+    s.parse()
+}
+
+/// What joining gives the VMM before its VM starts: the ownership lock (held for the
+/// process's life) and the standby's address and kind.
+pub struct Joining {
+    root: HostRoot,
+    member: Member,
+    heartbeat: Duration,
+    _owner: fence::Ownership,
+}
+
+impl MemberArgs {
+    /// Takes the VM's ownership lock and resolves its standby. `standby` is the --standby
+    /// given (a host name of the cluster, or host:port); returns the address to replicate to
+    /// now (None with a standby: none yet, the agent places it) and whether hot.
+    pub fn join(
+        &self,
+        id: &str,
+        standby: Option<&str>,
+        api_sock: &Path,
+    ) -> Result<Option<(Joining, Option<String>, bool)>> {
+        let Some(root) = &self.host_root else {
+            return Ok(None);
+        };
+        let root = HostRoot::new(root)?;
+        let config = root.config().with_context(|| {
+            format!(
+                "no host agent in {} (start `rebound host serve --root {}`)",
+                root.path().display(),
+                root.path().display()
+            )
+        })?;
+        let owner = fence::own(&config.lock_dir, id)?;
+        let host = self.standby_host.as_deref().or(standby);
+        let (addr, hot) = match host {
+            // A VM taken over starts with none: its old host is down; the agent places it.
+            _ if self.standby_host.is_some() => (None, false),
+            Some(h) => match config.peers.get(h) {
+                Some(a) => (Some(a.clone()), self.failover == Failover::Hot),
+                None if h.contains(':') => (Some(h.to_string()), self.failover == Failover::Hot),
+                None => bail!(
+                    "--standby {h}: not a peer of host {} (peers: {})",
+                    config.name,
+                    config.peers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            },
+            None => (None, false),
+        };
+        let member = Member {
+            name: id.to_string(),
+            pid: std::process::id(),
+            api_sock: Some(api_sock.to_path_buf()),
+            standby: host.map(str::to_string),
+            failover: self.failover,
+            max_failover_ms: self.max_failover_ms,
+            mem_size: 0,
+        };
+        Ok(Some((
+            Joining {
+                root,
+                member,
+                heartbeat: Duration::from_millis(config.heartbeat_ms.max(1)),
+                _owner: owner,
+            },
+            addr,
+            hot,
+        )))
+    }
+}
+
+/// The API socket a VM joining a host uses when none was given.
+pub fn default_api_sock(root: &Path, id: &str) -> PathBuf {
+    root.join("vms").join(format!("{id}.sock"))
+}
+
+/// Registers the started VM with the agent and keeps its status record current until it ends.
+pub fn watch(joining: Joining, instance: &Arc<Instance>) -> Result<()> {
+    let Joining {
+        root,
+        mut member,
+        heartbeat,
+        _owner,
+    } = joining;
+    let vm = instance.wait_started();
+    member.mem_size = vm.descriptor().mem_size;
+    let mut writer = root.join(&member)?;
+    std::thread::Builder::new()
+        .name("cluster-status".into())
+        .spawn(move || {
+            // The lock lives as long as this thread: the process's life.
+            let _owner = _owner;
+            loop {
+                let p = vm.progress();
+                // A VM stopped by a host fault (75) is handed over, not ended.
+                let ended = vm.outcome().is_some_and(|o| o.exit_code() != 75);
+                if let Err(e) = writer.write(p.beat, p.waiting, ended) {
+                    tracing::warn!("cannot write the VM's status record: {e}");
+                }
+                if ended {
+                    break;
+                }
+                std::thread::sleep(heartbeat);
+            }
+        })?;
+    Ok(())
+}
+
+struct CliHooks {
+    exe: PathBuf,
+    root: PathBuf,
+    log_level: String,
+    protect_ms: u64,
+}
+
+impl Hooks for CliHooks {
+    fn take_over(&self, t: &Takeover) -> std::io::Result<Child> {
+        let out = std::fs::File::create(&t.out)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--id")
+            .arg(&t.name)
+            .arg("--log-level")
+            .arg(&self.log_level)
+            .arg("--api-sock")
+            .arg(default_api_sock(&self.root, &t.name));
+        if t.hot {
+            cmd.arg("recover").arg("--state").arg(&t.dir);
+        } else {
+            cmd.arg("restore").arg("--dir").arg(&t.dir);
+        }
+        cmd.arg("--protect-ms")
+            .arg(self.protect_ms.to_string())
+            .arg("--host-root")
+            .arg(&self.root)
+            .arg("--failover")
+            .arg(match t.failover {
+                Failover::Hot => "hot",
+                Failover::Cold => "cold",
+                Failover::Auto => "auto",
+            })
+            .arg("--standby-host")
+            .arg(&t.from)
+            .stdin(Stdio::null())
+            .stdout(out);
+        cmd.spawn()
+    }
+
+    fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> std::io::Result<()> {
+        let body = serde_json::json!({"standby": addr, "standby_hot": hot});
+        crate::client::call(api_sock, "PATCH", "/protection", Some(&body))
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+}
+
+/// `rebound host serve`.
+pub fn serve(cli: &Cli, a: ServeArgs) -> Result<i32> {
+    let listen = std::net::ToSocketAddrs::to_socket_addrs(&a.listen)
+        .with_context(|| format!("--listen {}", a.listen))?
+        .next()
+        .with_context(|| format!("--listen {} names no address", a.listen))?;
+    let mut peers = BTreeMap::new();
+    for p in &a.peers {
+        let (n, addr) = p
+            .split_once('=')
+            .with_context(|| format!("--peer {p}: expected NAME=HOST:PORT"))?;
+        if n == a.name {
+            bail!("--peer {p}: that is this host");
+        }
+        peers.insert(n.to_string(), addr.to_string());
+    }
+    if a.heartbeat_ms == 0 {
+        bail!("--heartbeat-ms must be at least 1");
+    }
+    let dead_ms = a.dead_ms.unwrap_or(5 * a.heartbeat_ms);
+    if dead_ms <= a.heartbeat_ms {
+        bail!("--dead-ms ({dead_ms}) must exceed --heartbeat-ms ({})", a.heartbeat_ms);
+    }
+    let config = AgentConfig {
+        name: a.name.clone(),
+        listen,
+        peers,
+        heartbeat: Duration::from_millis(a.heartbeat_ms),
+        dead_after: Duration::from_millis(dead_ms),
+        stall_after: a.stall_ms.map(Duration::from_millis),
+        hot_budget: a.hot_budget_mib << 20,
+        root: a.root.clone(),
+        lock_dir: a.lock_dir.clone(),
+    };
+    let hooks = CliHooks {
+        exe: std::env::current_exe()?,
+        root: a.root.clone(),
+        log_level: cli.log_level.clone(),
+        protect_ms: a.protect_ms,
+    };
+    let agent = Agent::new(config, Box::new(hooks))?;
+    eprintln!(
+        "rebound: host {} serving on {listen} (cluster directory {})",
+        a.name,
+        a.root.display()
+    );
+    agent.run()?;
+    Ok(0)
+}
+
+/// `rebound cluster status`.
+pub fn status(root: &Path, metrics: bool) -> Result<i32> {
+    let sock = HostRoot::new(root)?.socket();
+    let mut s = UnixStream::connect(&sock)
+        .with_context(|| format!("no host agent answers at {}", sock.display()))?;
+    s.write_all(if metrics { b"metrics\n" } else { b"status\n" })?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    print!("{out}");
+    Ok(0)
+}
