@@ -386,10 +386,7 @@ async fn put_protection(State(s): State<ApiState>, Body(p): Body<ProtectionConfi
     no_content()
 }
 
-async fn patch_protection(
-    State(s): State<ApiState>,
-    Body(u): Body<ProtectionUpdate>,
-) -> Reply {
+async fn patch_protection(State(s): State<ApiState>, Body(u): Body<ProtectionUpdate>) -> Reply {
     on_instance(&s, move |i| i.move_standby(u.standby, u.standby_hot)).await?;
     no_content()
 }

@@ -110,6 +110,8 @@ struct Slot {
     bytes: u64,
     last_epoch: u64,
     connected: bool,
+    /// Counts connections: an old one that ends late does not touch a newer one's slot.
+    conn: u64,
 }
 
 struct Peer {
@@ -154,9 +156,13 @@ struct Event {
 
 #[derive(Default, Clone, Copy, Serialize)]
 struct Counters {
+    /// Heartbeat intervals (each sends one datagram per peer, whatever the number of VMs).
+    intervals: u64,
     beats_sent: u64,
     beat_bytes_sent: u64,
     beats_received: u64,
+    /// Takeovers not done because the VM's owner still held its lock.
+    takeovers_fenced: u64,
 }
 
 struct State {
@@ -381,7 +387,8 @@ impl Agent {
 
     fn send_beats(&self, udp: &UdpSocket, vms: Vec<VmBeat>) {
         let mut s = lock(&self.state);
-        let seq = s.counters.beats_sent + 1;
+        s.counters.intervals += 1;
+        let seq = s.counters.intervals;
         let b = Beat {
             host: self.config.name.clone(),
             incarnation: self.incarnation,
@@ -436,6 +443,7 @@ impl Agent {
             match fence::owner_gone(&self.config.lock_dir, &name) {
                 Ok(true) => {}
                 Ok(false) => {
+                    s.counters.takeovers_fenced += 1;
                     if !s.fenced_off.contains_key(&name) {
                         tracing::warn!(vm = %name, %from, "its host looks gone but its VMM still owns it: not taken over");
                         s.fenced_off.insert(name.clone(), Instant::now());
@@ -496,9 +504,10 @@ impl Agent {
                 let peer = s.peers.get(want);
                 let (desired, reason) = match peer {
                     None => (None, Some(format!("{want} is not a peer of this host"))),
-                    Some(p) if !p.alive(dead_after) => {
-                        (None, Some(format!("{want} is down: protected locally only")))
-                    }
+                    Some(p) if !p.alive(dead_after) => (
+                        None,
+                        Some(format!("{want} is down: protected locally only")),
+                    ),
                     Some(p) => {
                         let free = p.beat.as_ref().map_or(0, |b| b.hot_free);
                         let current_hot = matches!(
@@ -539,7 +548,8 @@ impl Agent {
 
     fn reap(&self) {
         let mut s = lock(&self.state);
-        s.children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        s.children
+            .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
     }
 
     /// Accepts replication connections: one thread per primary.
@@ -554,7 +564,9 @@ impl Agent {
     }
 
     fn keep_standby(&self, mut conn: TcpStream) {
-        let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+        let peer = conn
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
         let hello = match standby::handshake(&mut conn) {
             Ok(h) => h,
             Err(e) => {
@@ -569,7 +581,12 @@ impl Agent {
                 return;
             }
         };
-        lock(&slot).connected = true;
+        let me = {
+            let mut sl = lock(&slot);
+            sl.connected = true;
+            sl.conn += 1;
+            sl.conn
+        };
         // No read timeout: a primary that goes silent is judged by its host's heartbeats.
         let ended = standby::receive(conn, &hello, None, &mut |cp| {
             let mut sl = lock(&slot);
@@ -586,15 +603,26 @@ impl Agent {
             } * rebound_snapshot::PAGE_SIZE;
             Ok(())
         });
-        lock(&slot).connected = false;
+        let latest = {
+            let mut sl = lock(&slot);
+            let latest = sl.conn == me;
+            if latest {
+                sl.connected = false;
+            }
+            latest
+        };
         match ended {
-            Ended::Bye => {
+            Ended::Bye if latest => {
                 tracing::info!(vm = %hello.vm, "replication ended by the primary");
                 let mut s = lock(&self.state);
-                if s.slots.get(&hello.vm).is_some_and(|x| Arc::ptr_eq(x, &slot)) {
+                if s.slots
+                    .get(&hello.vm)
+                    .is_some_and(|x| Arc::ptr_eq(x, &slot))
+                {
                     s.slots.remove(&hello.vm);
                 }
             }
+            Ended::Bye => {}
             Ended::Lost { acked, why } => {
                 tracing::info!(vm = %hello.vm, acked, "replication connection lost: {why}");
             }
@@ -644,6 +672,7 @@ impl Agent {
             bytes: 0,
             last_epoch: 0,
             connected: false,
+            conn: 0,
         }));
         s.slots.insert(h.vm.clone(), Arc::clone(&slot));
         Ok(slot)
@@ -687,7 +716,9 @@ impl Agent {
             .iter()
             .map(|(n, o)| {
                 let (standby, method) = match &o.applied {
-                    Some(Some((h, _, hot))) => (Some(h.clone()), Some(if *hot { "hot" } else { "cold" })),
+                    Some(Some((h, _, hot))) => {
+                        (Some(h.clone()), Some(if *hot { "hot" } else { "cold" }))
+                    }
                     _ => (None, None),
                 };
                 serde_json::json!({
@@ -736,7 +767,10 @@ impl Agent {
         let mut m = String::new();
         let c = s.counters;
         let h = &self.config.name;
-        m += &format!("rebound_cluster_heartbeats_sent_total{{host=\"{h}\"}} {}\n", c.beats_sent);
+        m += &format!(
+            "rebound_cluster_heartbeats_sent_total{{host=\"{h}\"}} {}\n",
+            c.beats_sent
+        );
         m += &format!(
             "rebound_cluster_heartbeat_bytes_sent_total{{host=\"{h}\"}} {}\n",
             c.beat_bytes_sent
@@ -752,7 +786,10 @@ impl Agent {
             );
         }
         m += &format!("rebound_cluster_vms{{host=\"{h}\"}} {}\n", s.own.len());
-        m += &format!("rebound_cluster_failovers_total{{host=\"{h}\"}} {}\n", s.events.len());
+        m += &format!(
+            "rebound_cluster_failovers_total{{host=\"{h}\"}} {}\n",
+            s.events.len()
+        );
         for (n, sl) in &s.slots {
             let sl = lock(sl);
             m += &format!(
@@ -818,7 +855,10 @@ mod tests {
         assert_eq!(plan(Failover::Hot, None, 64 * mib, 128 * mib), Ok(true));
         assert!(plan(Failover::Hot, None, 64 * mib, 32 * mib).is_err());
         assert_eq!(plan(Failover::Cold, Some(10), 64 * mib, 0), Ok(false));
-        assert_eq!(plan(Failover::Auto, Some(100), 64 * mib, 64 * mib), Ok(true));
+        assert_eq!(
+            plan(Failover::Auto, Some(100), 64 * mib, 64 * mib),
+            Ok(true)
+        );
         assert_eq!(plan(Failover::Auto, None, 64 * mib, 0), Ok(false));
         assert_eq!(plan(Failover::Auto, Some(5000), 64 * mib, 0), Ok(false));
         let why = plan(Failover::Auto, Some(100), 64 * mib, 0).unwrap_err();

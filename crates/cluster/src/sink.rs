@@ -22,6 +22,8 @@ use crate::wire::{self, Epoch, Msg};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an acknowledgement may take (a full epoch of a large VM included).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a wait for an acknowledgement checks whether the standby moved.
+const ACK_POLL: Duration = Duration::from_millis(20);
 
 /// Where a VM is replicated to, changeable while it runs (a host agent moves a VM's standby
 /// when its host leaves or joins). Shared by the sink and whoever controls it.
@@ -210,6 +212,31 @@ impl Remote {
             return Err(Error::Protocol("not connected".into()));
         };
         wire::send(conn, &Msg::Epoch(Box::new(epoch)))?;
+        // Waits for the answer in short steps: a standby moved meanwhile (its host was
+        // declared dead) ends the wait at once instead of holding output for ACK_TIMEOUT.
+        let t0 = std::time::Instant::now();
+        conn.set_read_timeout(Some(ACK_POLL))?;
+        loop {
+            match conn.peek(&mut [0u8; 1]) {
+                Ok(_) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let dest = self.target.get();
+                    if dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot {
+                        return Err(Error::Protocol("the standby moved".into()));
+                    }
+                    if t0.elapsed() > ACK_TIMEOUT {
+                        return Err(Error::Io(e));
+                    }
+                }
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+        conn.set_read_timeout(Some(ACK_TIMEOUT))?;
         match wire::recv(conn, wire::HELLO_MAX)? {
             Msg::Ack { epoch, id } if (epoch, id) == (cp.epoch, cp.id) => {
                 self.last = Some((epoch, id));

@@ -353,6 +353,8 @@ mod tests {
         p.strategy = StrategyKind::Full;
         let e = sinks(
             &p,
+            "vm",
+            &Target::default(),
             Some(Preservation {
                 dir: &sd,
                 recovered: None,
@@ -363,6 +365,8 @@ mod tests {
         assert!(e.to_string().starts_with("strategy:"), "{e}");
         let (s, opts) = sinks(
             &default_protection(),
+            "vm",
+            &Target::default(),
             Some(Preservation {
                 dir: &sd,
                 recovered: None,

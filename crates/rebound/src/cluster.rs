@@ -130,20 +130,19 @@ impl MemberArgs {
         })?;
         let owner = fence::own(&config.lock_dir, id)?;
         let host = self.standby_host.as_deref().or(standby);
-        let (addr, hot) = match host {
-            // A VM taken over starts with none: its old host is down; the agent places it.
-            _ if self.standby_host.is_some() => (None, false),
-            Some(h) => match config.peers.get(h) {
-                Some(a) => (Some(a.clone()), self.failover == Failover::Hot),
-                None if h.contains(':') => (Some(h.to_string()), self.failover == Failover::Hot),
-                None => bail!(
-                    "--standby {h}: not a peer of host {} (peers: {})",
-                    config.name,
-                    config.peers.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            },
-            None => (None, false),
-        };
+        if let Some(h) = host
+            && !config.peers.contains_key(h)
+        {
+            bail!(
+                "--standby {h}: not a peer of host {} (peers: {})",
+                config.name,
+                config.peers.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        // The VM starts with no standby: the agent places one on `host` within a heartbeat
+        // interval, hot or cold as planned (an initial checkpoint sent to a standby host that
+        // is down or full would fail the start).
+        let (addr, hot) = (None, false);
         let member = Member {
             name: id.to_string(),
             pid: std::process::id(),
@@ -271,7 +270,10 @@ pub fn serve(cli: &Cli, a: ServeArgs) -> Result<i32> {
     }
     let dead_ms = a.dead_ms.unwrap_or(5 * a.heartbeat_ms);
     if dead_ms <= a.heartbeat_ms {
-        bail!("--dead-ms ({dead_ms}) must exceed --heartbeat-ms ({})", a.heartbeat_ms);
+        bail!(
+            "--dead-ms ({dead_ms}) must exceed --heartbeat-ms ({})",
+            a.heartbeat_ms
+        );
     }
     let config = AgentConfig {
         name: a.name.clone(),

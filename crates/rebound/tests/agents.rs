@@ -1,0 +1,383 @@
+//! Host agents (`rebound host serve`): "hosts" are network namespaces joined by a veth pair,
+//! each with its own agent and cluster directory; the VMs' ownership locks are shared (one
+//! machine). Real processes, real sockets, real `kill -9` of every process of a host.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::wait_until;
+use rebound_net::lab::Netns;
+use serde_json::Value;
+
+const REBOUND: &str = env!("CARGO_BIN_EXE_rebound");
+/// Heartbeat interval and the silence after which a host is dead: generous, so a machine
+/// loaded by other tests never declares a live host dead (and if it did, the fence would
+/// refuse the takeover anyway).
+const HEARTBEAT_MS: &str = "20";
+const DEAD_MS: &str = "400";
+
+struct Host {
+    ns: Netns,
+    name: &'static str,
+    addr: String,
+    root: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Host {
+    fn agent(&mut self, peer: &Host, locks: &Path, extra: &[&str]) {
+        let mut c = self.ns.command(REBOUND);
+        common::die_with_test(&mut c);
+        let child = c
+            .args(["--log-level", "warn", "host", "serve", "--name", self.name])
+            .args(["--listen", &self.addr])
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--peer", &format!("{}={}", peer.name, peer.addr)])
+            .args(["--heartbeat-ms", HEARTBEAT_MS, "--dead-ms", DEAD_MS])
+            .arg("--lock-dir")
+            .arg(locks)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+        let sock = self.root.join("agent.sock");
+        wait_until("the agent to serve", Duration::from_secs(30), || {
+            sock.exists() && status(&self.root).is_some()
+        });
+    }
+
+    /// Starts a VM here, its console into `out`.
+    fn run_vm(&self, name: &str, failover: &str, standby: &str, out: &Path) -> Child {
+        let mut c = self.ns.command(REBOUND);
+        common::die_with_test(&mut c);
+        c.args(["--id", name, "run", "--bundled", "testguest"])
+            .args([
+                "--args",
+                "ticks 5 0",
+                "--mem-mib",
+                "32",
+                "--protect-ms",
+                "20",
+            ])
+            .arg("--host-root")
+            .arg(&self.root)
+            .args(["--standby", standby, "--failover", failover])
+            .stdout(std::fs::File::create(out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `kill -9` of every process of the host: its agent and its VMMs.
+    fn kill_all(&mut self) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.ns.0])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) on processes of the namespace this test created.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.wait();
+        }
+        wait_until(
+            "the host's processes to die",
+            Duration::from_secs(30),
+            || {
+                std::process::Command::new("ip")
+                    .args(["netns", "pids", &self.ns.0])
+                    .output()
+                    .is_ok_and(|o| o.stdout.is_empty())
+            },
+        );
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Two hosts: A at 10.80.0.1, B at 10.80.0.2, cluster directories on tmpfs; `tag` tells
+/// the namespaces of tests running at once apart.
+fn two_hosts(tmp: &Path, tag: &str) -> (Host, Host) {
+    let a = Netns::new(&format!("{tag}a")).unwrap();
+    let b = Netns::new(&format!("{tag}b")).unwrap();
+    a.ip(&[
+        "link", "add", "rxa", "type", "veth", "peer", "name", "rxb", "netns", &b.0,
+    ])
+    .unwrap();
+    a.ip(&["addr", "add", "10.80.0.1/24", "dev", "rxa"])
+        .unwrap();
+    b.ip(&["addr", "add", "10.80.0.2/24", "dev", "rxb"])
+        .unwrap();
+    a.ip(&["link", "set", "rxa", "up"]).unwrap();
+    b.ip(&["link", "set", "rxb", "up"]).unwrap();
+    let host = |ns, name, ip: &str| Host {
+        ns,
+        name,
+        addr: format!("{ip}:7400"),
+        root: tmp.join(name),
+        agent: None,
+    };
+    (host(a, "A", "10.80.0.1"), host(b, "B", "10.80.0.2"))
+}
+
+/// The agent's view (`rebound cluster status`), None if it does not answer.
+fn status(root: &Path) -> Option<Value> {
+    let out = std::process::Command::new(REBOUND)
+        .args(["cluster", "status", "--root"])
+        .arg(root)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The standby `host` keeps of `vm`: acknowledged epochs on the current connection.
+fn standby_epochs(root: &Path, vm: &str) -> u64 {
+    status(root)
+        .and_then(|s| {
+            s["standbys"]
+                .as_array()?
+                .iter()
+                .find(|x| x["vm"] == vm && x["connected"] == true)
+                .and_then(|x| x["epochs"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
+/// Whether `host`'s agent runs `vm`, Running.
+fn runs(root: &Path, vm: &str) -> bool {
+    status(root).is_some_and(|s| {
+        s["vms"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|x| x["name"] == vm && x["state"] == "Running"))
+    })
+}
+
+/// The tick numbers in a console file.
+fn ticks_in(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The console files of `vm` taken over on `host`, in order.
+fn takeover_outputs(root: &Path, vm: &str) -> Vec<PathBuf> {
+    (1..)
+        .map(|n| root.join("out").join(format!("{vm}.{n}")))
+        .take_while(|p| p.exists())
+        .collect()
+}
+
+#[test]
+fn fifty_host_failures_alternating_hot_and_cold_lose_and_repeat_nothing() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b) = two_hosts(tmp.path(), "fo");
+    a.agent(&b, &locks, &[]);
+    b.agent(&a, &locks, &[]);
+    let vms = ["hot", "cold"];
+    let first: Vec<PathBuf> = vms
+        .iter()
+        .map(|v| tmp.path().join(format!("{v}.first")))
+        .collect();
+    let _vmms: Vec<Child> = vms
+        .iter()
+        .zip(&first)
+        .map(|(v, out)| a.run_vm(v, v, "B", out))
+        .collect();
+    // Each VM's console files in the order the VM ran in them.
+    let mut order: Vec<Vec<PathBuf>> = first.iter().map(|f| vec![f.clone()]).collect();
+    let (mut primary, mut standby) = (&mut a, &mut b);
+    const ROUNDS: usize = 25;
+    for round in 0..ROUNDS {
+        // The standby host has the VMs in sync.
+        for v in vms {
+            let base = standby_epochs(&standby.root, v);
+            wait_until(
+                &format!("round {round}: {v}'s standby on {} to sync", standby.name),
+                Duration::from_secs(60),
+                || standby_epochs(&standby.root, v) >= base.max(1) + 3,
+            );
+        }
+        primary.kill_all();
+        let before: Vec<usize> = vms
+            .iter()
+            .map(|v| takeover_outputs(&standby.root, v).len())
+            .collect();
+        for (i, v) in vms.iter().enumerate() {
+            wait_until(
+                &format!("round {round}: {} to take {v} over", standby.name),
+                Duration::from_secs(60),
+                || runs(&standby.root, v) && takeover_outputs(&standby.root, v).len() > before[i],
+            );
+            let out = takeover_outputs(&standby.root, v).pop().unwrap();
+            wait_until(
+                &format!("round {round}: {v} to tick on {}", standby.name),
+                Duration::from_secs(60),
+                || !ticks_in(&out).is_empty(),
+            );
+            order[i].push(out);
+        }
+        let peer = &*standby;
+        primary.agent(peer, &locks, &[]);
+        std::mem::swap(&mut primary, &mut standby);
+    }
+    for (i, v) in vms.iter().enumerate() {
+        let mut all = Vec::new();
+        for f in &order[i] {
+            let t = ticks_in(f);
+            assert!(!t.is_empty(), "{v}: no ticks in {}", f.display());
+            all.push(t);
+        }
+        let flat: Vec<u64> = all.concat();
+        // Nothing repeated: every tick once, in order, across 2 x ROUNDS failovers.
+        assert!(
+            flat.windows(2).all(|w| w[1] > w[0]),
+            "{v}: a tick was repeated or went back across a failover: {:?}",
+            all.iter()
+                .map(|t| (t.first(), t.last()))
+                .collect::<Vec<_>>()
+        );
+        let gaps = flat.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        eprintln!(
+            "{v}: {} failovers, {} ticks, {gaps} gaps",
+            order[i].len() - 1,
+            flat.len()
+        );
+    }
+}
+
+#[test]
+fn partitions_never_make_two_owners() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b) = two_hosts(tmp.path(), "pa");
+    a.agent(&b, &locks, &[]);
+    b.agent(&a, &locks, &[]);
+    let out = tmp.path().join("vm.out");
+    let mut vm = a.run_vm("p", "hot", "B", &out);
+    for round in 0..20 {
+        let base = standby_epochs(&b.root, "p");
+        wait_until(
+            &format!("round {round}: the standby to sync"),
+            Duration::from_secs(60),
+            || standby_epochs(&b.root, "p") >= base.max(1) + 3,
+        );
+        let fenced = |s: &Value| s["heartbeats"]["takeovers_fenced"].as_u64().unwrap_or(0);
+        let before = status(&b.root).map_or(0, |s| fenced(&s));
+        a.ns.ip(&["link", "set", "rxa", "down"]).unwrap();
+        // Both hosts see the other gone; B would take the VM over but its owner lives.
+        wait_until(
+            &format!("round {round}: B to find A's VM still owned"),
+            Duration::from_secs(60),
+            || status(&b.root).is_some_and(|s| fenced(&s) > before),
+        );
+        a.ns.ip(&["link", "set", "rxa", "up"]).unwrap();
+    }
+    let s = status(&b.root).unwrap();
+    assert_eq!(s["failovers"], serde_json::json!([]), "{s}");
+    assert!(matches!(vm.try_wait(), Ok(None)), "the VM runs on its host");
+    assert!(!runs(&b.root, "p"), "B runs no copy of the VM");
+    let t = ticks_in(&out);
+    assert!(t.len() > 100, "the VM went on ticking: {}", t.len());
+    assert!(
+        t.windows(2).all(|w| w[1] == w[0] + 1),
+        "every tick once, in order"
+    );
+    common::sigkill(&vm);
+    let _ = vm.wait();
+}
+
+#[test]
+fn one_heartbeat_per_interval_whatever_the_number_of_vms() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b) = two_hosts(tmp.path(), "hb");
+    a.agent(&b, &locks, &["--hot-budget-mib", "16"]);
+    b.agent(&a, &locks, &["--hot-budget-mib", "16"]);
+    let mut vmms = Vec::new();
+    let mut per_interval = Vec::new();
+    for n in [1usize, 8, 64] {
+        while vmms.len() < n {
+            let name = format!("v{}", vmms.len());
+            let mut c = a.ns.command(REBOUND);
+            common::die_with_test(&mut c);
+            // Idle guests, checkpointed once a second, standby wanted on B and hot: a 32 MiB
+            // VM does not fit B's 16 MiB hot budget, so each says why it has none.
+            let child = c
+                .args(["--id", &name, "run", "--bundled", "testguest"])
+                .args(["--args", "ticks 1000 0", "--mem-mib", "32"])
+                .args(["--protect-ms", "1000", "--host-root"])
+                .arg(&a.root)
+                .args(["--standby", "B", "--failover", "hot"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            vmms.push(child);
+        }
+        // B hears about every VM of A in A's heartbeats.
+        wait_until(
+            &format!("B to see A's {n} VMs"),
+            Duration::from_secs(120),
+            || {
+                status(&b.root).is_some_and(|s| {
+                    s["peers"][0]["vms"]
+                        .as_array()
+                        .is_some_and(|v| v.len() == n && v.iter().all(|x| x["state"] == "Running"))
+                })
+            },
+        );
+        let s = status(&a.root).unwrap();
+        let hb = &s["heartbeats"];
+        let (intervals, sent) = (
+            hb["intervals"].as_u64().unwrap(),
+            hb["beats_sent"].as_u64().unwrap(),
+        );
+        // One datagram per interval to the one peer, however many VMs.
+        assert!(
+            sent == intervals || sent + 1 == intervals,
+            "{n} VMs: {sent} heartbeats in {intervals} intervals"
+        );
+        per_interval.push((n, sent, intervals));
+        let vm = &s["vms"][0];
+        assert!(
+            vm["unprotected_because"]
+                .as_str()
+                .is_some_and(|r| r.contains("hot standby refused")),
+            "{vm}"
+        );
+    }
+    eprintln!("(VMs, heartbeats sent, intervals): {per_interval:?}");
+    for c in &mut vmms {
+        common::sigkill(c);
+        let _ = c.wait();
+    }
+}
