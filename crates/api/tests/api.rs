@@ -586,6 +586,25 @@ fn snapshot_protection_checkpoint_and_rollback_through_the_api() {
     let (_, info) = s.call("GET", "/protection", None);
     assert_eq!(info["enabled"], true);
     assert!(info["stats"]["rollbacks"].as_u64().unwrap() >= 1);
+    // Moving the standby of a VM protected without replication is refused with a reason.
+    let (st, e) = s.call(
+        "PATCH",
+        "/protection",
+        Some(json!({"standby": "127.0.0.1:9", "standby_hot": true})),
+    );
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("without replication"),
+        "{e}"
+    );
+    assert_eq!(
+        s.raw("PATCH", "/protection", br#"{"standby": 7}"#).0,
+        400,
+        "a bad body"
+    );
     // A named checkpoint from the snapshot directory; unknown ones and bad bodies are refused.
     let (st, r) = s.call("PUT", "/rollback", Some(json!({"epoch": 1})));
     assert_eq!((st, r["epoch"].as_u64()), (200, Some(1)));

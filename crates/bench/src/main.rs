@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|cluster|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -6,6 +6,7 @@
 
 mod bare;
 mod checkpoint;
+mod cluster;
 mod dirty_log;
 mod disk;
 mod floor;
@@ -261,7 +262,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|cluster|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -289,6 +290,7 @@ fn main() -> Result<()> {
             "netrecovery",
             "disk",
             "standby",
+            "cluster",
         ]
         .map(String::from)
         .to_vec();
@@ -318,6 +320,10 @@ fn main() -> Result<()> {
             "netstream" => net::stream(64 << 20)?,
             "failover" => net::failover(20)?,
             "netrecovery" => net::recovery(runs.clamp(5, 20))?,
+            "cluster" => {
+                cluster::failover(runs.clamp(5, 20))?;
+                cluster::heartbeats()?;
+            }
             "standby" => {
                 standby::failover(runs.clamp(5, 20))?;
                 standby::cost(false)?;

@@ -138,6 +138,36 @@ pub fn redis(n: u64) -> Result<()> {
             "20".into(),
         ],
     ));
+    // Replicated: the same, every checkpoint also stored by a standby (another process over
+    // loopback TCP) before its output is released.
+    let standby_dir = ShmDir::new("kv-standby");
+    let mut standbys = Vec::new();
+    for (name, hot) in [("kv_replicated_cold", false), ("kv_replicated_hot", true)] {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(&bin);
+        cmd.args(["standby", "--listen", &addr])
+            .arg("--dir")
+            .arg(standby_dir.0.join(name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if hot {
+            cmd.arg("--hot");
+        }
+        standbys.push(Proc(cmd.spawn()?));
+        targets.push((
+            name,
+            [
+                "--protect-ms",
+                "20",
+                "--strategy",
+                "double_buffered",
+                "--standby",
+                &addr,
+            ]
+            .map(String::from)
+            .to_vec(),
+        ));
+    }
     let mut results: Vec<(String, u32, String, f64, f64, f64)> = Vec::new();
     if have("redis-server") {
         let port = free_port()?;

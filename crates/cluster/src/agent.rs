@@ -256,7 +256,12 @@ impl Agent {
             let now = Instant::now();
             if now >= next {
                 self.tick(&udp);
-                next = now + self.config.heartbeat;
+                // On the interval's grid (a late tick does not push the next ones back),
+                // unless a whole interval was missed.
+                next += self.config.heartbeat;
+                if next < now {
+                    next = now + self.config.heartbeat;
+                }
             }
             // Beats arrive between ticks (the socket's timeout keeps this loop going).
             if let Ok((n, _)) = udp.recv_from(&mut buf)

@@ -50,7 +50,15 @@ pub fn serve(
     dir: &Path,
     takeover: Option<Duration>,
 ) -> Result<String, Error> {
-    let mut store = SnapshotDir::new(dir, MAX_CHAIN)?;
+    serve_into(listener, &mut SnapshotDir::new(dir, MAX_CHAIN)?, takeover)
+}
+
+/// [`serve`] into any store: a snapshot directory (cold) or a [`crate::hot::HotStore`].
+pub fn serve_into(
+    listener: &TcpListener,
+    store: &mut dyn Sink,
+    takeover: Option<Duration>,
+) -> Result<String, Error> {
     loop {
         let (mut conn, peer) = listener.accept()?;
         let ended = match handshake(&mut conn) {

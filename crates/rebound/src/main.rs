@@ -124,6 +124,10 @@ enum Command {
         /// than the primary's checkpoint interval).
         #[arg(long, value_name = "MS")]
         takeover_ms: Option<u64>,
+        /// Keep the VM hot: its memory applied in place in DIR (a state directory, on tmpfs),
+        /// taken over with `rebound recover --state DIR`.
+        #[arg(long)]
+        hot: bool,
         /// Once taken over, protect the VM (and replicate it on with --standby).
         #[command(flatten)]
         protect: ProtectArgs,
@@ -585,6 +589,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             listen,
             dir,
             takeover_ms,
+            hot,
             protect,
         }) => {
             let listener = std::net::TcpListener::bind(&listen)
@@ -595,7 +600,30 @@ fn run(mut cli: Cli) -> Result<i32> {
                 dir.display()
             );
             let takeover = takeover_ms.map(std::time::Duration::from_millis);
-            let why = rebound_cluster::standby::serve(&listener, &dir, takeover)?;
+            let why = if hot {
+                let mut store = rebound_cluster::hot::HotStore::new(&dir);
+                rebound_cluster::standby::serve_into(&listener, &mut store, takeover)?
+            } else {
+                rebound_cluster::standby::serve(&listener, &dir, takeover)?
+            };
+            if hot {
+                // A hot standby is taken over where it is: recover from the state directory.
+                drop(listener);
+                eprintln!("rebound: standby: the primary is lost ({why}); taking the VM over");
+                let args = RecoverArgs {
+                    state: dir,
+                    disk: None,
+                    disk_mirror: None,
+                    protect_ms: protect.protect_ms.unwrap_or(50),
+                    paused: false,
+                    metrics: false,
+                    supervise: false,
+                    placement: PlacementArgs::default(),
+                    member: cluster::MemberArgs::default(),
+                    update_paused_at: None,
+                };
+                return survive::recover(&cli, args);
+            }
             // The old primary must find nobody to acknowledge its checkpoints: without a
             // standby it releases no more output.
             drop(listener);

@@ -1,0 +1,269 @@
+//! Host agents (issue 12): failover time from the dead host's last heartbeat to the VM's first
+//! output on its standby host, hot and cold, and heartbeat traffic against the number of VMs.
+//! Real `rebound host serve` agents on loopback, real `kill -9` of a host's agent and VMMs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::survive::rebound_bin;
+use crate::{emit, median_p99};
+
+const HEARTBEAT_MS: u64 = 20;
+
+/// Kills a child for good however the benchmark ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Host {
+    name: &'static str,
+    addr: String,
+    root: PathBuf,
+    agent: Option<Killed>,
+    vmms: Vec<Killed>,
+}
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let t0 = Instant::now();
+    while !f() {
+        if t0.elapsed() > limit {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+fn status(bin: &Path, root: &Path) -> Option<Value> {
+    let out = Command::new(bin)
+        .args(["cluster", "status", "--root"])
+        .arg(root)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+impl Host {
+    fn start(&mut self, bin: &Path, peer: &Host, locks: &Path) -> Result<()> {
+        let child = Command::new(bin)
+            .args(["--log-level", "error", "host", "serve", "--name", self.name])
+            .args(["--listen", &self.addr, "--root"])
+            .arg(&self.root)
+            .args(["--peer", &format!("{}={}", peer.name, peer.addr)])
+            .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string(), "--lock-dir"])
+            .arg(locks)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.agent = Some(Killed(child));
+        wait("an agent", Duration::from_secs(30), || {
+            status(bin, &self.root).is_some()
+        })
+    }
+
+    /// Every process of the host: its agent, the VMMs it started, and the VMs it took over.
+    fn kill_all(&mut self, bin: &Path) {
+        if let Some(s) = status(bin, &self.root)
+            && let Some(events) = s["failovers"].as_array()
+        {
+            for e in events {
+                if let Some(pid) = e["pid"].as_i64() {
+                    // SAFETY: kill(2) on a VMM this benchmark's agent started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        self.agent = None;
+        self.vmms.clear();
+    }
+}
+
+fn takeovers(root: &Path, vm: &str) -> Vec<PathBuf> {
+    (1..)
+        .map(|n| root.join("out").join(format!("{vm}.{n}")))
+        .take_while(|p| p.exists())
+        .collect()
+}
+
+fn standby_epochs(bin: &Path, root: &Path, vm: &str) -> u64 {
+    status(bin, root)
+        .and_then(|s| {
+            s["standbys"]
+                .as_array()?
+                .iter()
+                .find(|x| x["vm"] == vm && x["connected"] == true)
+                .and_then(|x| x["epochs"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
+fn two_hosts(tmp: &Path) -> Result<(Host, Host)> {
+    let port = |_| -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let host = |name, p: u16| Host {
+        name,
+        addr: format!("127.0.0.1:{p}"),
+        root: tmp.join(name),
+        agent: None,
+        vmms: Vec::new(),
+    };
+    Ok((host("A", port(())?), host("B", port(())?)))
+}
+
+/// `runs` host failures for a VM with `failover` (hot or cold), alternating between two
+/// hosts: from the dead host's last heartbeat to the VM's first tick on the other, in ms.
+fn failovers(bin: &Path, failover: &str, runs: usize) -> Result<Vec<f64>> {
+    let tmp = tempfile::tempdir_in("/dev/shm")?;
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b) = two_hosts(tmp.path())?;
+    a.start(bin, &b, &locks)?;
+    b.start(bin, &a, &locks)?;
+    let vm = format!("{failover}-vm");
+    a.vmms.push(Killed(
+        Command::new(bin)
+            .args([
+                "--id",
+                &vm,
+                "run",
+                "--bundled",
+                "testguest",
+                "--mem-mib",
+                "128",
+            ])
+            .args(["--args", "ticks 5 0", "--protect-ms", "20", "--host-root"])
+            .arg(&a.root)
+            .args(["--standby", "B", "--failover", failover])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ));
+    let mut times = Vec::new();
+    let (mut primary, mut standby) = (&mut a, &mut b);
+    for _ in 0..runs {
+        let base = standby_epochs(bin, &standby.root, &vm);
+        wait("the standby to sync", Duration::from_secs(60), || {
+            standby_epochs(bin, &standby.root, &vm) >= base.max(1) + 5
+        })?;
+        let before = takeovers(&standby.root, &vm).len();
+        primary.kill_all(bin);
+        wait("the takeover", Duration::from_secs(30), || {
+            takeovers(&standby.root, &vm).len() > before
+        })?;
+        let out = takeovers(&standby.root, &vm)
+            .pop()
+            .context("no takeover output")?;
+        wait("the first tick", Duration::from_secs(30), || {
+            std::fs::read_to_string(&out).is_ok_and(|s| s.contains("tick "))
+        })?;
+        let first = unix_ms();
+        let s = status(bin, &standby.root).context("no status")?;
+        let e = s["failovers"]
+            .as_array()
+            .and_then(|v| v.last())
+            .context("no failover recorded")?;
+        let last_beat = e["at_ms"].as_f64().unwrap_or(0.0) - e["detect_ms"].as_f64().unwrap_or(0.0);
+        times.push(first - last_beat);
+        let peer = &*standby;
+        primary.start(bin, peer, &locks)?;
+        std::mem::swap(&mut primary, &mut standby);
+    }
+    // The VM taken over last runs under the standby's agent.
+    standby.kill_all(bin);
+    primary.kill_all(bin);
+    Ok(times)
+}
+
+/// Failover time, hot and cold.
+pub fn failover(runs: usize) -> Result<()> {
+    let bin = rebound_bin()?;
+    for method in ["hot", "cold"] {
+        let (median, p99) = median_p99(failovers(&bin, method, runs)?);
+        emit(&format!("cluster_{method}_failover_median"), median, "ms");
+        emit(&format!("cluster_{method}_failover_p99"), p99, "ms");
+        eprintln!(
+            "{method} failover (last heartbeat of the killed host to the VM's first output on its standby host, heartbeat {HEARTBEAT_MS} ms, {runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
+        );
+    }
+    eprintln!(
+        "  peers: Remus reports seconds of downtime; Cloud Hypervisor's live-migration downtime target is 300 ms (a planned move)"
+    );
+    Ok(())
+}
+
+/// Heartbeat messages and bytes per second between two hosts, with 1, 8 and 64 VMs on one.
+pub fn heartbeats() -> Result<()> {
+    let bin = rebound_bin()?;
+    let tmp = tempfile::tempdir_in("/dev/shm")?;
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b) = two_hosts(tmp.path())?;
+    a.start(&bin, &b, &locks)?;
+    b.start(&bin, &a, &locks)?;
+    let counters = |root: &Path| -> Result<(f64, f64, Instant)> {
+        let s = status(&bin, root).context("no status")?;
+        let hb = &s["heartbeats"];
+        Ok((
+            hb["beats_sent"].as_f64().unwrap_or(0.0),
+            hb["beat_bytes_sent"].as_f64().unwrap_or(0.0),
+            Instant::now(),
+        ))
+    };
+    for n in [1usize, 8, 64] {
+        while a.vmms.len() < n {
+            let name = format!("v{}", a.vmms.len());
+            a.vmms.push(Killed(
+                Command::new(&bin)
+                    .args(["--id", &name, "run", "--bundled", "testguest"])
+                    .args(["--args", "ticks 1000 0", "--mem-mib", "32"])
+                    .args(["--protect-ms", "1000", "--host-root"])
+                    .arg(&a.root)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            ));
+        }
+        wait("the VMs to join", Duration::from_secs(120), || {
+            status(&bin, &b.root).is_some_and(|s| {
+                s["peers"][0]["vms"]
+                    .as_array()
+                    .is_some_and(|v| v.len() == n)
+            })
+        })?;
+        let (m0, b0, t0) = counters(&a.root)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (m1, b1, t1) = counters(&a.root)?;
+        let secs = (t1 - t0).as_secs_f64();
+        let (msgs, bytes) = ((m1 - m0) / secs, (b1 - b0) / secs);
+        emit(
+            &format!("cluster_heartbeat_msgs_per_s_{n}_vms"),
+            msgs,
+            "messages/s",
+        );
+        emit(
+            &format!("cluster_heartbeat_bytes_per_s_{n}_vms"),
+            bytes,
+            "bytes/s",
+        );
+        eprintln!(
+            "heartbeats from a host with {n:>2} VMs to its one peer: {msgs:.1} messages/s, {bytes:.0} bytes/s"
+        );
+    }
+    Ok(())
+}
