@@ -28,11 +28,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rebound_checkpoint::sink::{Sink, SnapshotDir};
 use serde::Serialize;
 
+use crate::Error;
 use crate::beat::{self, Beat, VmBeat, VmState};
+use crate::fence::{Fence, Standing};
 use crate::host_root::{Failover, HostConfig, HostRoot, Member, Status};
 use crate::hot::HotStore;
 use crate::standby::{self, Ended};
-use crate::{Error, fence};
 
 /// What a cold failover is planned to take (restore from the chain, page faults after).
 pub const COLD_FAILOVER_ESTIMATE_MS: u64 = 1000;
@@ -85,8 +86,6 @@ pub struct AgentConfig {
     pub hot_budget: u64,
     /// The host's cluster directory.
     pub root: PathBuf,
-    /// Where ownership locks are.
-    pub lock_dir: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +105,7 @@ struct Slot {
     /// Taken over: nothing more is acknowledged.
     taken: bool,
     store: Box<dyn Sink>,
+    /// Epochs stored on the current connection.
     epochs: u64,
     bytes: u64,
     last_epoch: u64,
@@ -139,6 +139,10 @@ struct Own {
     last_beat: u64,
     beat_moved: Option<Instant>,
     seq_moved: Option<Instant>,
+    /// Its ownership is recorded (etcd).
+    claimed: bool,
+    /// It died here and was given up for its standby.
+    released: bool,
 }
 
 /// A failover this agent did.
@@ -161,8 +165,10 @@ struct Counters {
     beats_sent: u64,
     beat_bytes_sent: u64,
     beats_received: u64,
-    /// Takeovers not done because the VM's owner still held its lock.
+    /// Takeovers not done (yet) because the VM's old owner was not provably gone.
     takeovers_fenced: u64,
+    /// Times this host stopped or ended its own VMMs, unable to prove it owned them.
+    self_fenced: u64,
 }
 
 struct State {
@@ -172,6 +178,8 @@ struct State {
     events: Vec<Event>,
     counters: Counters,
     children: Vec<Child>,
+    /// This host's VMMs are stopped: it cannot prove it owns their VMs.
+    fenced: bool,
     /// VMs whose owner still holds the lock (logged once).
     fenced_off: BTreeMap<String, Instant>,
 }
@@ -179,6 +187,7 @@ struct State {
 /// A running agent.
 pub struct Agent {
     config: AgentConfig,
+    fence: Mutex<Box<dyn Fence>>,
     root: HostRoot,
     hooks: Box<dyn Hooks>,
     incarnation: u64,
@@ -188,14 +197,18 @@ pub struct Agent {
 
 impl Agent {
     /// Prepares an agent: writes the host's settings for its VMMs.
-    pub fn new(config: AgentConfig, hooks: Box<dyn Hooks>) -> Result<Arc<Self>, Error> {
+    pub fn new(
+        config: AgentConfig,
+        fence: Box<dyn Fence>,
+        hooks: Box<dyn Hooks>,
+    ) -> Result<Arc<Self>, Error> {
         let root = HostRoot::new(&config.root)?;
         root.write_config(&HostConfig {
             name: config.name.clone(),
             listen: config.listen.to_string(),
             peers: config.peers.clone(),
             heartbeat_ms: config.heartbeat.as_millis() as u64,
-            lock_dir: config.lock_dir.clone(),
+            lock_dir: fence.lock_dir().map(Path::to_path_buf),
         })?;
         let peers = config
             .peers
@@ -223,9 +236,11 @@ impl Agent {
                 events: Vec::new(),
                 counters: Counters::default(),
                 children: Vec::new(),
+                fenced: false,
                 fenced_off: BTreeMap::new(),
             }),
             stop: AtomicBool::new(false),
+            fence: Mutex::new(fence),
             config,
         }))
     }
@@ -290,11 +305,52 @@ impl Agent {
     /// One heartbeat interval.
     fn tick(&self, udp: &UdpSocket) {
         let members = self.root.members();
+        self.self_fence(&members);
         let vms = self.watch_own(&members);
         self.send_beats(udp, vms);
         self.take_overs();
         self.place(&members);
         self.reap();
+    }
+
+    /// Stops this host's VMMs while it cannot prove it owns their VMs, resumes them once it
+    /// can again, and ends them if it lost them.
+    fn self_fence(&self, members: &[(Member, Option<Status>)]) {
+        let standing = lock(&self.fence).standing();
+        let mut s = lock(&self.state);
+        let signal = match (standing, s.fenced) {
+            (Standing::Owner, true) => {
+                tracing::warn!("ownership proven again: the VMs go on");
+                Some(libc::SIGCONT)
+            }
+            (Standing::Unsure, false) => {
+                tracing::error!("cannot prove this host still owns its VMs: they are stopped");
+                Some(libc::SIGSTOP)
+            }
+            (Standing::Lost, _) => {
+                tracing::error!("this host lost its VMs (its lease is gone): they are ended");
+                Some(libc::SIGKILL)
+            }
+            _ => None,
+        };
+        s.fenced = standing == Standing::Unsure;
+        if standing == Standing::Lost {
+            s.counters.self_fenced += 1;
+            for o in s.own.values_mut() {
+                o.claimed = false;
+            }
+        }
+        if standing == Standing::Unsure && signal.is_some() {
+            s.counters.self_fenced += 1;
+        }
+        if let Some(sig) = signal {
+            for (m, _) in members {
+                if process_alive(m.pid) {
+                    // SAFETY: kill(2) on the VMMs registered on this host.
+                    unsafe { libc::kill(m.pid as i32, sig) };
+                }
+            }
+        }
     }
 
     /// Reads the VMs running here; kills a stalled one (it then fails over as dead).
@@ -334,6 +390,24 @@ impl Agent {
             } else {
                 VmState::Running
             };
+            if state == VmState::Running && !o.claimed && !s.fenced {
+                let claimed = lock(&self.fence).claim(&m.name);
+                let o = s.own.entry(m.name.clone()).or_default();
+                match claimed {
+                    Ok(c) => o.claimed = c,
+                    Err(why) => {
+                        tracing::error!(vm = %m.name, pid = m.pid, "{why}: it must not run here; its VMM is killed");
+                        // SAFETY: kill(2) on the pid the VM's own VMM registered, seen alive.
+                        unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+            let o = s.own.entry(m.name.clone()).or_default();
+            let degraded = matches!(o.applied, Some(None));
+            if state == VmState::Dead && !o.released && m.standby.is_some() && !degraded {
+                o.released = true;
+                lock(&self.fence).release(&m.name);
+            }
             if state == VmState::Stalled && o.state != Some(VmState::Stalled) {
                 tracing::warn!(vm = %m.name, pid = m.pid, "the VM stopped making progress: its VMM is killed, the VM fails over");
                 // SAFETY: kill(2) on the pid the VM's own VMM registered; a stale pid is
@@ -445,18 +519,19 @@ impl Agent {
             }
         }
         for (name, from, _v, since) in todo {
-            match fence::owner_gone(&self.config.lock_dir, &name) {
+            let from_dead = since >= dead_after;
+            match lock(&self.fence).take(&name, &from, from_dead) {
                 Ok(true) => {}
                 Ok(false) => {
                     s.counters.takeovers_fenced += 1;
                     if !s.fenced_off.contains_key(&name) {
-                        tracing::warn!(vm = %name, %from, "its host looks gone but its VMM still owns it: not taken over");
+                        tracing::warn!(vm = %name, %from, "its old owner is not provably gone yet: not taken over");
                         s.fenced_off.insert(name.clone(), Instant::now());
                     }
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(vm = %name, "cannot check its ownership lock: {e}");
+                    tracing::error!(vm = %name, "cannot take the VM over: {e}");
                     continue;
                 }
             }
@@ -502,6 +577,10 @@ impl Agent {
         let mut moves = Vec::new();
         {
             let mut s = lock(&self.state);
+            if s.fenced {
+                // Its VMMs are stopped: they answer nothing until it is sure again.
+                return;
+            }
             let dead_after = self.config.dead_after;
             for (m, _) in members {
                 let Some(want) = &m.standby else { continue };
@@ -539,9 +618,30 @@ impl Agent {
                 Some((_, a, h)) => (Some(a.as_str()), *h),
                 None => (None, false),
             };
+            if desired.is_none() {
+                // Running on without a standby releases output no standby has: first make
+                // sure no standby can take the VM over from what it has (it would repeat
+                // that output), or do not go on without one (output waits instead).
+                match lock(&self.fence).degrade(&name) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(vm = %name, "cannot record that it runs without a standby yet: its output waits");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, "{e}: its output waits for its standby");
+                        continue;
+                    }
+                }
+            }
             match self.hooks.move_standby(&sock, addr, hot) {
                 Ok(()) => {
                     tracing::info!(vm = %name, standby = ?addr, hot, "standby placed");
+                    if desired.is_some() {
+                        // A new standby is trusted once it acknowledged a full checkpoint
+                        // (its slot counts epochs per connection).
+                        lock(&self.fence).replicated(&name);
+                    }
                     if let Some(o) = lock(&self.state).own.get_mut(&name) {
                         o.applied = Some(desired);
                     }
@@ -590,6 +690,9 @@ impl Agent {
             let mut sl = lock(&slot);
             sl.connected = true;
             sl.conn += 1;
+            // What it holds is trusted again only once this connection's first (full) epoch
+            // is stored: until then it may be older than what the primary released.
+            sl.epochs = 0;
             sl.conn
         };
         // No read timeout: a primary that goes silent is judged by its host's heartbeats.
@@ -752,8 +855,11 @@ impl Agent {
                 })
             })
             .collect();
+        let fence = lock(&self.fence).describe();
         serde_json::json!({
             "host": self.config.name,
+            "fence": fence,
+            "self_fenced": s.fenced,
             "incarnation": self.incarnation,
             "hot_budget_bytes": self.config.hot_budget,
             "hot_free_bytes": self.hot_free(&s),

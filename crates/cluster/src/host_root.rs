@@ -59,8 +59,9 @@ pub struct HostConfig {
     pub peers: BTreeMap<String, String>,
     /// Heartbeat interval.
     pub heartbeat_ms: u64,
-    /// Where VM ownership locks live (shared by every agent that may own the VMs).
-    pub lock_dir: PathBuf,
+    /// Where VMMs take their VM's ownership lock (shared by every agent that may own the
+    /// VMs); None when ownership is kept in etcd.
+    pub lock_dir: Option<PathBuf>,
 }
 
 /// A VM running on this host.

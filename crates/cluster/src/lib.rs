@@ -13,6 +13,7 @@ pub mod beat;
 pub mod fence;
 pub mod host_root;
 pub mod hot;
+pub mod lease;
 pub mod sink;
 pub mod standby;
 pub mod wire;

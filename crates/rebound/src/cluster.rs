@@ -53,9 +53,19 @@ pub struct ServeArgs {
     /// Memory this host gives hot standbys, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     hot_budget_mib: u64,
-    /// Where VM ownership locks are (every agent that may own a VM must see the same one).
+    /// Where VM ownership locks are (every agent that may own a VM must see the same one),
+    /// unless --etcd.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm/rebound-owners")]
     lock_dir: PathBuf,
+    /// Keep VM ownership in etcd (host:port or URL): leases instead of lock files; needed for
+    /// hosts that share no filesystem.
+    #[arg(long, value_name = "URL")]
+    etcd: Option<String>,
+    /// With --etcd: how long this host trusts its lease after sending the last keep-alive etcd
+    /// answered; past that its VMs are stopped. A standby waits as long after revoking a dead
+    /// host's lease. Default: --dead-ms.
+    #[arg(long, value_name = "MS", requires = "etcd")]
+    lease_grace_ms: Option<u64>,
     /// Checkpoint period of a VM taken over here.
     #[arg(long, value_name = "MS", default_value_t = 20)]
     protect_ms: u64,
@@ -104,7 +114,7 @@ pub struct Joining {
     root: HostRoot,
     member: Member,
     heartbeat: Duration,
-    _owner: fence::Ownership,
+    _owner: Option<fence::Ownership>,
 }
 
 impl MemberArgs {
@@ -128,7 +138,12 @@ impl MemberArgs {
                 root.path().display()
             )
         })?;
-        let owner = fence::own(&config.lock_dir, id)?;
+        let owner = match &config.lock_dir {
+            Some(dir) => Some(fence::own(dir, id)?),
+            // Ownership is in etcd: the agent records it, and kills a VMM whose VM runs
+            // elsewhere.
+            None => None,
+        };
         let host = self.standby_host.as_deref().or(standby);
         if let Some(h) = host
             && !config.peers.contains_key(h)
@@ -243,9 +258,15 @@ impl Hooks for CliHooks {
 
     fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> std::io::Result<()> {
         let body = serde_json::json!({"standby": addr, "standby_hot": hot});
-        crate::client::call(api_sock, "PATCH", "/protection", Some(&body))
-            .map(|_| ())
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+        crate::client::call_within(
+            api_sock,
+            "PATCH",
+            "/protection",
+            Some(&body),
+            Some(Duration::from_secs(1)),
+        )
+        .map(|_| ())
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }
 }
 
@@ -284,7 +305,19 @@ pub fn serve(cli: &Cli, a: ServeArgs) -> Result<i32> {
         stall_after: a.stall_ms.map(Duration::from_millis),
         hot_budget: a.hot_budget_mib << 20,
         root: a.root.clone(),
-        lock_dir: a.lock_dir.clone(),
+    };
+    let fence: Box<dyn rebound_cluster::fence::Fence> = match &a.etcd {
+        Some(url) => Box::new(
+            rebound_cluster::lease::Etcd::connect(
+                url,
+                &a.name,
+                Duration::from_millis(a.heartbeat_ms),
+                Duration::from_millis(a.lease_grace_ms.unwrap_or(dead_ms)),
+            )
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--etcd {url}"))?,
+        ),
+        None => Box::new(rebound_cluster::fence::Locks::new(&a.lock_dir)),
     };
     let hooks = CliHooks {
         exe: std::env::current_exe()?,
@@ -292,7 +325,7 @@ pub fn serve(cli: &Cli, a: ServeArgs) -> Result<i32> {
         log_level: cli.log_level.clone(),
         protect_ms: a.protect_ms,
     };
-    let agent = Agent::new(config, Box::new(hooks))?;
+    let agent = Agent::new(config, fence, Box::new(hooks))?;
     eprintln!(
         "rebound: host {} serving on {listen} (cluster directory {})",
         a.name,

@@ -13,6 +13,14 @@ use rebound_net::lab::Netns;
 use serde_json::Value;
 
 const REBOUND: &str = env!("CARGO_BIN_EXE_rebound");
+
+/// One test at a time: each runs two or three "hosts" whose agents must keep their heartbeat
+/// interval; several at once on a 2-core machine starve them into seeing each other dead.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 /// Heartbeat interval and the silence after which a host is dead: generous, so a machine
 /// loaded by other tests never declares a live host dead (and if it did, the fence would
 /// refuse the takeover anyway).
@@ -133,8 +141,20 @@ fn two_hosts(tmp: &Path, tag: &str) -> (Host, Host) {
     (host(a, "A", "10.80.0.1"), host(b, "B", "10.80.0.2"))
 }
 
-/// The agent's view (`rebound cluster status`), None if it does not answer.
+/// The agent's view (what `rebound cluster status` prints), read from its status socket
+/// (tests poll it: a process per poll would load the machine), None if it does not answer.
 fn status(root: &Path) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(root.join("agent.sock")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"status\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+/// The same through the command line.
+fn status_cli(root: &Path) -> Option<Value> {
     let out = std::process::Command::new(REBOUND)
         .args(["cluster", "status", "--root"])
         .arg(root)
@@ -189,6 +209,7 @@ fn fifty_host_failures_alternating_hot_and_cold_lose_and_repeat_nothing() {
         eprintln!("skipped: needs root and iproute2");
         return;
     }
+    let _serial = serial();
     let tmp = common::shm();
     let locks = tmp.path().join("owners");
     let (mut a, mut b) = two_hosts(tmp.path(), "fo");
@@ -272,6 +293,7 @@ fn partitions_never_make_two_owners() {
         eprintln!("skipped: needs root and iproute2");
         return;
     }
+    let _serial = serial();
     let tmp = common::shm();
     let locks = tmp.path().join("owners");
     let (mut a, mut b) = two_hosts(tmp.path(), "pa");
@@ -317,6 +339,7 @@ fn one_heartbeat_per_interval_whatever_the_number_of_vms() {
         eprintln!("skipped: needs root and iproute2");
         return;
     }
+    let _serial = serial();
     let tmp = common::shm();
     let locks = tmp.path().join("owners");
     let (mut a, mut b) = two_hosts(tmp.path(), "hb");
@@ -355,7 +378,7 @@ fn one_heartbeat_per_interval_whatever_the_number_of_vms() {
                 })
             },
         );
-        let s = status(&a.root).unwrap();
+        let s = status_cli(&a.root).unwrap();
         let hb = &s["heartbeats"];
         let (intervals, sent) = (
             hb["intervals"].as_u64().unwrap(),
@@ -380,4 +403,236 @@ fn one_heartbeat_per_interval_whatever_the_number_of_vms() {
         common::sigkill(c);
         let _ = c.wait();
     }
+}
+
+/// etcd in its own namespace, E (10.81.0.3), bridged to hosts A (10.81.0.1) and B (10.81.0.2):
+/// a host whose link goes down is cut from both the other host and etcd.
+struct EtcdLab {
+    e: Netns,
+    data: PathBuf,
+    etcd: Option<Child>,
+}
+
+impl EtcdLab {
+    const URL: &'static str = "http://10.81.0.3:2379";
+
+    fn start_etcd(&mut self) {
+        let mut c = self.e.command("etcd");
+        common::die_with_test(&mut c);
+        let child = c
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--listen-client-urls", Self::URL])
+            .args(["--advertise-client-urls", Self::URL])
+            .args(["--listen-peer-urls", "http://10.81.0.3:2380"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.etcd = Some(child);
+        let e = self.e.0.clone();
+        wait_until("etcd to serve", Duration::from_secs(60), || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &e, "bash", "-c"])
+                .arg("exec 3<>/dev/tcp/10.81.0.3/2379")
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+
+    fn kill_etcd(&mut self) {
+        if let Some(c) = self.etcd.take() {
+            common::sigkill(&c);
+            let mut c = c;
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdLab {
+    fn drop(&mut self) {
+        self.kill_etcd();
+    }
+}
+
+fn etcd_hosts(tmp: &Path, tag: &str) -> (Host, Host, EtcdLab) {
+    let e = Netns::new(&format!("{tag}e")).unwrap();
+    e.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    e.ip(&["addr", "add", "10.81.0.3/24", "dev", "br0"])
+        .unwrap();
+    e.ip(&["link", "set", "br0", "up"]).unwrap();
+    let mut hosts = Vec::new();
+    for (i, name) in [(1, "A"), (2, "B")] {
+        let ns = Netns::new(&format!("{tag}{}", name.to_lowercase())).unwrap();
+        let (inner, outer) = (format!("h{i}"), format!("h{i}e"));
+        ns.ip(&[
+            "link", "add", &inner, "type", "veth", "peer", "name", &outer, "netns", &e.0,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", &format!("10.81.0.{i}/24"), "dev", &inner])
+            .unwrap();
+        ns.ip(&["link", "set", &inner, "up"]).unwrap();
+        e.ip(&["link", "set", &outer, "master", "br0"]).unwrap();
+        e.ip(&["link", "set", &outer, "up"]).unwrap();
+        hosts.push(Host {
+            ns,
+            name,
+            addr: format!("10.81.0.{i}:7400"),
+            root: tmp.join(name),
+            agent: None,
+        });
+    }
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let mut lab = EtcdLab {
+        e,
+        data: tmp.join("etcd"),
+        etcd: None,
+    };
+    lab.start_etcd();
+    (a, b, lab)
+}
+
+/// The host's link to the others (and etcd).
+fn link(h: &Host, up: bool) {
+    let dev = if h.name == "A" { "h1" } else { "h2" };
+    h.ns.ip(&["link", "set", dev, if up { "up" } else { "down" }])
+        .unwrap();
+}
+
+#[test]
+fn partitioned_primaries_fence_themselves_and_their_standby_takes_over() {
+    if !rebound_net::lab::available() || !common::have("etcd") {
+        eprintln!("skipped: needs root, iproute2 and etcd (apt-get install etcd-server)");
+        return;
+    }
+    let _serial = serial();
+    let tmp = common::shm();
+    let locks = tmp.path().join("unused");
+    let (mut a, mut b, _etcd) = etcd_hosts(tmp.path(), "ep");
+    let etcd = ["--etcd", EtcdLab::URL];
+    a.agent(&b, &locks, &etcd);
+    b.agent(&a, &locks, &etcd);
+    let first = tmp.path().join("vm.first");
+    let mut vm = a.run_vm("e", "hot", "B", &first);
+    let mut order = vec![first];
+    let (mut primary, mut standby) = (&a, &b);
+    const PARTITIONS: usize = 20;
+    for round in 0..PARTITIONS {
+        let base = standby_epochs(&standby.root, "e");
+        wait_until(
+            &format!("round {round}: the standby on {} to sync", standby.name),
+            Duration::from_secs(60),
+            || standby_epochs(&standby.root, "e") >= base.max(1) + 3,
+        );
+        let before = takeover_outputs(&standby.root, "e").len();
+        let old_out = order.last().unwrap().clone();
+        // The primary host is cut off, alive: it must stop its VM itself, and its standby
+        // take it over only once it has.
+        link(primary, false);
+        wait_until(
+            &format!("round {round}: {} to take the VM over", standby.name),
+            Duration::from_secs(60),
+            || runs(&standby.root, "e") && takeover_outputs(&standby.root, "e").len() > before,
+        );
+        let out = takeover_outputs(&standby.root, "e").pop().unwrap();
+        wait_until(
+            &format!("round {round}: the VM to tick on {}", standby.name),
+            Duration::from_secs(60),
+            || !ticks_in(&out).is_empty(),
+        );
+        let old_at_takeover = ticks_in(&old_out);
+        let new_first = ticks_in(&out)[0];
+        assert!(
+            old_at_takeover.last() < Some(&new_first),
+            "round {round}: the old primary released tick {:?}, the new one started at {new_first}",
+            old_at_takeover.last()
+        );
+        link(primary, true);
+        // Back on the network, the old primary learns its lease is gone and ends its VMM.
+        wait_until(
+            &format!("round {round}: {} to end its copy of the VM", primary.name),
+            Duration::from_secs(60),
+            || !runs(&primary.root, "e"),
+        );
+        assert_eq!(
+            ticks_in(&old_out),
+            old_at_takeover,
+            "round {round}: the old primary released more after the takeover"
+        );
+        order.push(out);
+        std::mem::swap(&mut primary, &mut standby);
+    }
+    let all: Vec<u64> = order.iter().flat_map(|f| ticks_in(f)).collect();
+    assert!(
+        all.windows(2).all(|w| w[1] > w[0]),
+        "a tick was repeated or went back across a failover"
+    );
+    let gaps = all.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    eprintln!("{PARTITIONS} partitions, {} ticks, {gaps} gaps", all.len());
+    a.kill_all();
+    b.kill_all();
+    let _ = vm.wait();
+}
+
+#[test]
+fn an_etcd_restart_or_an_agent_restart_moves_nothing_and_loses_nothing() {
+    if !rebound_net::lab::available() || !common::have("etcd") {
+        eprintln!("skipped: needs root, iproute2 and etcd (apt-get install etcd-server)");
+        return;
+    }
+    let _serial = serial();
+    let tmp = common::shm();
+    let locks = tmp.path().join("unused");
+    let (mut a, mut b, mut etcd) = etcd_hosts(tmp.path(), "er");
+    let args = ["--etcd", EtcdLab::URL];
+    a.agent(&b, &locks, &args);
+    b.agent(&a, &locks, &args);
+    let out = tmp.path().join("vm.out");
+    let mut vm = a.run_vm("r", "cold", "B", &out);
+    let sync = |what: &str| {
+        let base = standby_epochs(&b.root, "r");
+        wait_until(what, Duration::from_secs(60), || {
+            standby_epochs(&b.root, "r") >= base.max(1) + 3
+        });
+    };
+    sync("the standby to sync");
+    // etcd goes away and comes back: every host stops its VMs meanwhile (none can prove it
+    // owns them), then they go on; nobody takes anything over.
+    etcd.kill_etcd();
+    wait_until("A to stop its VM", Duration::from_secs(60), || {
+        status(&a.root).is_some_and(|s| s["self_fenced"] == true)
+    });
+    etcd.start_etcd();
+    wait_until("A to resume its VM", Duration::from_secs(60), || {
+        status(&a.root).is_some_and(|s| s["self_fenced"] == false)
+    });
+    let t = ticks_in(&out).len();
+    wait_until("the VM to tick on", Duration::from_secs(60), || {
+        ticks_in(&out).len() > t + 20
+    });
+    // A's agent restarts (its VMMs live on).
+    let agent = a.agent.take().unwrap();
+    common::sigkill(&agent);
+    let mut agent = agent;
+    let _ = agent.wait();
+    a.agent(&b, &locks, &args);
+    sync("the standby to sync after the agent restart");
+    let t = ticks_in(&out).len();
+    wait_until("the VM to tick on", Duration::from_secs(60), || {
+        ticks_in(&out).len() > t + 20
+    });
+    assert!(matches!(vm.try_wait(), Ok(None)), "the VM ran on");
+    let s = status(&b.root).unwrap();
+    assert_eq!(s["failovers"], serde_json::json!([]), "{s}");
+    let ticks = ticks_in(&out);
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "every tick once, in order"
+    );
+    common::sigkill(&vm);
+    let _ = vm.wait();
+    a.kill_all();
+    b.kill_all();
 }

@@ -48,7 +48,7 @@ pub fn shm() -> tempfile::TempDir {
 /// One HTTP/1.1 request over the API socket (the CLI's own client): the status and the raw
 /// body.
 pub fn http_raw(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    client::request(sock, method, path, body).expect("an HTTP exchange over the API socket")
+    client::request(sock, method, path, body, None).expect("an HTTP exchange over the API socket")
 }
 
 /// One request; the body parsed as JSON (null when empty or not JSON).
@@ -64,7 +64,7 @@ pub fn try_http(
     path: &str,
     body: &str,
 ) -> Option<(u16, serde_json::Value)> {
-    let (status, body) = client::request(sock, method, path, body).ok()?;
+    let (status, body) = client::request(sock, method, path, body, None).ok()?;
     (status != 0).then(|| (status, serde_json::from_str(&body).unwrap_or_default()))
 }
 
