@@ -60,7 +60,21 @@ fn status(bin: &Path, root: &Path) -> Option<Value> {
 
 impl Host {
     fn start(&mut self, bin: &Path, peer: &Host, locks: &Path) -> Result<()> {
-        let child = Command::new(bin)
+        self.start_with(bin, peer, locks, None)
+    }
+
+    fn start_with(
+        &mut self,
+        bin: &Path,
+        peer: &Host,
+        locks: &Path,
+        etcd: Option<&str>,
+    ) -> Result<()> {
+        let mut cmd = Command::new(bin);
+        if let Some(url) = etcd {
+            cmd.args(["--etcd", url]);
+        }
+        let child = cmd
             .args(["--log-level", "error", "host", "serve", "--name", self.name])
             .args(["--listen", &self.addr, "--root"])
             .arg(&self.root)
@@ -90,6 +104,50 @@ impl Host {
         }
         self.agent = None;
         self.vmms.clear();
+    }
+}
+
+/// A throwaway etcd on loopback.
+struct Etcd {
+    url: String,
+    _dir: tempfile::TempDir,
+    _proc: Killed,
+}
+
+impl Etcd {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = |_| -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (client, peer) = (port(())?, port(())?);
+        let url = format!("http://127.0.0.1:{client}");
+        let proc = Killed(
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("etcd (apt-get install etcd-server)")?,
+        );
+        wait("etcd", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
+        })?;
+        Ok(Self {
+            url,
+            _dir: dir,
+            _proc: proc,
+        })
     }
 }
 
@@ -129,13 +187,14 @@ fn two_hosts(tmp: &Path) -> Result<(Host, Host)> {
 }
 
 /// `runs` host failures for a VM with `failover` (hot or cold), alternating between two
-/// hosts: from the dead host's last heartbeat to the VM's first tick on the other, in ms.
-fn failovers(bin: &Path, failover: &str, runs: usize) -> Result<Vec<f64>> {
+/// hosts fenced by ownership locks or (`etcd`) etcd leases: from the dead host's last
+/// heartbeat to the VM's first tick on the other, in ms.
+fn failovers(bin: &Path, failover: &str, runs: usize, etcd: Option<&str>) -> Result<Vec<f64>> {
     let tmp = tempfile::tempdir_in("/dev/shm")?;
     let locks = tmp.path().join("owners");
     let (mut a, mut b) = two_hosts(tmp.path())?;
-    a.start(bin, &b, &locks)?;
-    b.start(bin, &a, &locks)?;
+    a.start_with(bin, &b, &locks, etcd)?;
+    b.start_with(bin, &a, &locks, etcd)?;
     let vm = format!("{failover}-vm");
     a.vmms.push(Killed(
         Command::new(bin)
@@ -182,7 +241,7 @@ fn failovers(bin: &Path, failover: &str, runs: usize) -> Result<Vec<f64>> {
         let last_beat = e["at_ms"].as_f64().unwrap_or(0.0) - e["detect_ms"].as_f64().unwrap_or(0.0);
         times.push(first - last_beat);
         let peer = &*standby;
-        primary.start(bin, peer, &locks)?;
+        primary.start_with(bin, peer, &locks, etcd)?;
         std::mem::swap(&mut primary, &mut standby);
     }
     // The VM taken over last runs under the standby's agent.
@@ -191,16 +250,34 @@ fn failovers(bin: &Path, failover: &str, runs: usize) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// Failover time, hot and cold.
+/// Failover time, hot and cold, fenced by ownership locks and (if etcd is installed) by etcd
+/// leases.
 pub fn failover(runs: usize) -> Result<()> {
     let bin = rebound_bin()?;
     for method in ["hot", "cold"] {
-        let (median, p99) = median_p99(failovers(&bin, method, runs)?);
+        let (median, p99) = median_p99(failovers(&bin, method, runs, None)?);
         emit(&format!("cluster_{method}_failover_median"), median, "ms");
         emit(&format!("cluster_{method}_failover_p99"), p99, "ms");
         eprintln!(
-            "{method} failover (last heartbeat of the killed host to the VM's first output on its standby host, heartbeat {HEARTBEAT_MS} ms, {runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
+            "{method} failover, ownership locks (last heartbeat of the killed host to the VM's first output on its standby host, heartbeat {HEARTBEAT_MS} ms, {runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
         );
+    }
+    match Etcd::start() {
+        Ok(etcd) => {
+            for method in ["hot", "cold"] {
+                let (median, p99) = median_p99(failovers(&bin, method, runs, Some(&etcd.url))?);
+                emit(
+                    &format!("cluster_{method}_failover_etcd_median"),
+                    median,
+                    "ms",
+                );
+                emit(&format!("cluster_{method}_failover_etcd_p99"), p99, "ms");
+                eprintln!(
+                    "{method} failover, etcd leases (grace = dead time, {runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
+                );
+            }
+        }
+        Err(e) => eprintln!("etcd failover not measured: {e}"),
     }
     eprintln!(
         "  peers: Remus reports seconds of downtime; Cloud Hypervisor's live-migration downtime target is 300 ms (a planned move)"
