@@ -585,6 +585,11 @@ impl Agent {
             for (m, _) in members {
                 let Some(want) = &m.standby else { continue };
                 let Some(sock) = &m.api_sock else { continue };
+                // Only a VM that runs here is placed: a dead one's record (its VMM gone, the
+                // VM taken over elsewhere) must not touch what its new host records.
+                if s.own.get(&m.name).and_then(|o| o.state) != Some(VmState::Running) {
+                    continue;
+                }
                 let peer = s.peers.get(want);
                 let (desired, reason) = match peer {
                     None => (None, Some(format!("{want} is not a peer of this host"))),

@@ -6,6 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::wait_until;
@@ -457,6 +459,13 @@ impl Drop for EtcdLab {
 }
 
 fn etcd_hosts(tmp: &Path, tag: &str) -> (Host, Host, EtcdLab) {
+    let (a, b, mut lab) = bridged_hosts(tmp, tag);
+    lab.start_etcd();
+    (a, b, lab)
+}
+
+/// Hosts A and B and a third namespace E bridging them (where etcd or a client runs).
+fn bridged_hosts(tmp: &Path, tag: &str) -> (Host, Host, EtcdLab) {
     let e = Netns::new(&format!("{tag}e")).unwrap();
     e.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
     e.ip(&["addr", "add", "10.81.0.3/24", "dev", "br0"])
@@ -473,6 +482,9 @@ fn etcd_hosts(tmp: &Path, tag: &str) -> (Host, Host, EtcdLab) {
         ns.ip(&["addr", "add", &format!("10.81.0.{i}/24"), "dev", &inner])
             .unwrap();
         ns.ip(&["link", "set", &inner, "up"]).unwrap();
+        // passt wants a routable interface: everything goes through E.
+        ns.ip(&["route", "add", "default", "via", "10.81.0.3"])
+            .unwrap();
         e.ip(&["link", "set", &outer, "master", "br0"]).unwrap();
         e.ip(&["link", "set", &outer, "up"]).unwrap();
         hosts.push(Host {
@@ -485,12 +497,11 @@ fn etcd_hosts(tmp: &Path, tag: &str) -> (Host, Host, EtcdLab) {
     }
     let b = hosts.pop().unwrap();
     let a = hosts.pop().unwrap();
-    let mut lab = EtcdLab {
+    let lab = EtcdLab {
         e,
         data: tmp.join("etcd"),
         etcd: None,
     };
-    lab.start_etcd();
     (a, b, lab)
 }
 
@@ -635,4 +646,154 @@ fn an_etcd_restart_or_an_agent_restart_moves_nothing_and_loses_nothing() {
     let _ = vm.wait();
     a.kill_all();
     b.kill_all();
+}
+
+/// Sends `INCR counter` until `stop` to whichever host serves the kv guest on `port`; returns
+/// the value of every acknowledged increment, in order. A connection that fails or stays
+/// silent for 2 s is given up and the other host tried. Bounded: at most 10 minutes and a
+/// million requests.
+fn incr_client(port: u16, stop: Arc<AtomicBool>) -> Vec<i64> {
+    use std::io::{BufRead, BufReader, Write};
+    let hosts = [format!("10.81.0.1:{port}"), format!("10.81.0.2:{port}")];
+    let mut acked = Vec::new();
+    let t0 = std::time::Instant::now();
+    let mut at = 0;
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Acquire)
+        && t0.elapsed() < Duration::from_secs(600)
+        && sent < 1_000_000
+    {
+        let addr: std::net::SocketAddr = hosts[at % 2].parse().unwrap();
+        let Ok(conn) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        else {
+            at += 1;
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        let mut line = String::new();
+        while !stop.load(Ordering::Acquire) && sent < 1_000_000 {
+            sent += 1;
+            if w.write_all(b"*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n")
+                .is_err()
+            {
+                break;
+            }
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(n) if n > 0 => match line.trim_end().strip_prefix(':') {
+                    Some(v) => acked.push(v.parse::<i64>().unwrap()),
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        at += 1;
+    }
+    acked
+}
+
+#[test]
+fn kv_guests_under_checking_clients_lose_and_repeat_nothing_across_host_failures() {
+    if !rebound_net::lab::available() || !common::have("passt") {
+        eprintln!("skipped: needs root, iproute2 and passt");
+        return;
+    }
+    let _serial = serial();
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, mut b, lab) = bridged_hosts(tmp.path(), "kv");
+    a.agent(&b, &locks, &[]);
+    b.agent(&a, &locks, &[]);
+    // Two kv guests, one with a hot standby and one with a cold one, each under its client.
+    let guests = [("kvhot", "hot", 6379u16), ("kvcold", "cold", 6380)];
+    let mut vmms = Vec::new();
+    for (name, method, port) in guests {
+        let mut c = a.ns.command(REBOUND);
+        common::die_with_test(&mut c);
+        vmms.push(
+            c.args(["--id", name, "run", "--bundled", "kv", "--mem-mib", "64"])
+                .args(["--args", &format!("port={port} maxmemory=16")])
+                .args(["--publish", &format!("0.0.0.0:{port}:{port}")])
+                .args(["--protect-ms", "20", "--host-root"])
+                .arg(&a.root)
+                .args(["--standby", "B", "--failover", method])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = guests
+        .iter()
+        .map(|&(_, _, port)| {
+            let stop = stop.clone();
+            lab.e.on_thread(move || incr_client(port, stop))
+        })
+        .collect();
+    let (mut primary, mut standby) = (&mut a, &mut b);
+    const ROUNDS: usize = 26;
+    for round in 0..ROUNDS {
+        for (name, ..) in guests {
+            let base = standby_epochs(&standby.root, name);
+            wait_until(
+                &format!(
+                    "round {round}: {name}'s standby on {} to sync",
+                    standby.name
+                ),
+                Duration::from_secs(120),
+                || standby_epochs(&standby.root, name) >= base.max(1) + 5,
+            );
+        }
+        primary.kill_all();
+        for (name, ..) in guests {
+            wait_until(
+                &format!("round {round}: {} to take {name} over", standby.name),
+                Duration::from_secs(120),
+                || runs(&standby.root, name),
+            );
+        }
+        let peer = &*standby;
+        primary.agent(peer, &locks, &[]);
+        std::mem::swap(&mut primary, &mut standby);
+    }
+    // Let the clients get replies from the last primary too.
+    for (name, ..) in guests {
+        let base = standby_epochs(&standby.root, name);
+        wait_until(
+            "the last primary to serve",
+            Duration::from_secs(120),
+            || standby_epochs(&standby.root, name) >= base + 10,
+        );
+    }
+    stop.store(true, Ordering::Release);
+    for ((name, ..), client) in guests.iter().zip(clients) {
+        let acked = client.join().unwrap();
+        assert!(
+            acked.len() > 50,
+            "{name}: the client got {} replies",
+            acked.len()
+        );
+        // No acknowledged increment was undone: every reply is larger than the one before
+        // (a rollback past an acknowledged one would hand its value out again).
+        assert!(
+            acked.windows(2).all(|w| w[1] > w[0]),
+            "{name}: an acknowledged increment was lost (a value came back): {:?}",
+            acked.windows(2).find(|w| w[1] <= w[0])
+        );
+        let gaps = acked.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        eprintln!(
+            "{name}: {ROUNDS} failovers, {} acknowledged increments, last {}, {gaps} gaps (a reply lost with its connection)",
+            acked.len(),
+            acked.last().unwrap()
+        );
+    }
+    a.kill_all();
+    b.kill_all();
+    for mut v in vmms {
+        let _ = v.wait();
+    }
 }
