@@ -71,11 +71,12 @@ impl Host {
         etcd: Option<&str>,
     ) -> Result<()> {
         let mut cmd = Command::new(bin);
+        cmd.args(["--log-level", "error", "host", "serve"]);
         if let Some(url) = etcd {
             cmd.args(["--etcd", url]);
         }
         let child = cmd
-            .args(["--log-level", "error", "host", "serve", "--name", self.name])
+            .args(["--name", self.name])
             .args(["--listen", &self.addr, "--root"])
             .arg(&self.root)
             .args(["--peer", &format!("{}={}", peer.name, peer.addr)])
