@@ -143,6 +143,10 @@ struct Own {
     claimed: bool,
     /// It died here and was given up for its standby.
     released: bool,
+    /// The newest checkpoint every sink acknowledged, from its status record.
+    acked_epoch: u64,
+    /// Output held for acknowledgement.
+    held_bytes: u64,
 }
 
 /// A failover this agent did.
@@ -422,11 +426,16 @@ impl Agent {
                 Some(Some((h, _, hot))) => (Some(h.clone()), *hot),
                 _ => (None, false),
             };
+            if let Some(st) = status {
+                o.acked_epoch = st.acked_epoch;
+                o.held_bytes = st.held_bytes;
+            }
             out.push(VmBeat {
                 name: m.name.clone(),
                 state,
                 standby,
                 hot,
+                acked_epoch: o.acked_epoch,
             });
         }
         s.own.retain(|n, _| seen.contains(n));
@@ -468,12 +477,25 @@ impl Agent {
         let mut s = lock(&self.state);
         s.counters.intervals += 1;
         let seq = s.counters.intervals;
+        let kept = s
+            .slots
+            .iter()
+            .map(|(vm, sl)| {
+                let sl = lock(sl);
+                beat::Kept {
+                    vm: vm.clone(),
+                    epoch: sl.last_epoch,
+                    bytes: sl.bytes,
+                }
+            })
+            .collect();
         let b = Beat {
             host: self.config.name.clone(),
             incarnation: self.incarnation,
             seq,
             hot_free: self.hot_free(&s),
             vms,
+            kept,
         };
         let Some(d) = beat::encode(&b) else {
             tracing::error!("too many VMs for one heartbeat datagram");
@@ -834,12 +856,34 @@ impl Agent {
                     }
                     _ => (None, None),
                 };
+                // How far the standby is behind: what it stored (its host's heartbeat) against
+                // what this VM's checkpoints reached; output still waiting, in bytes.
+                let kept = standby.as_ref().and_then(|h| {
+                    s.peers
+                        .get(h)?
+                        .beat
+                        .as_ref()?
+                        .kept
+                        .iter()
+                        .find(|k| &k.vm == n)
+                        .cloned()
+                });
+                let replication = kept.map(|k| {
+                    serde_json::json!({
+                        "acked_epoch": o.acked_epoch,
+                        "standby_epoch": k.epoch,
+                        "lag_epochs": o.acked_epoch.saturating_sub(k.epoch),
+                        "standby_bytes": k.bytes,
+                        "held_output_bytes": o.held_bytes,
+                    })
+                });
                 serde_json::json!({
                     "name": n,
                     "owner": self.config.name,
                     "state": o.state,
                     "standby": standby,
                     "method": method,
+                    "replication": replication,
                     "unprotected_because": o.reason,
                 })
             })
@@ -902,6 +946,26 @@ impl Agent {
             );
         }
         m += &format!("rebound_cluster_vms{{host=\"{h}\"}} {}\n", s.own.len());
+        for (n, o) in &s.own {
+            let Some(Some((sh, ..))) = &o.applied else {
+                continue;
+            };
+            let kept = s
+                .peers
+                .get(sh)
+                .and_then(|p| p.beat.as_ref())
+                .and_then(|b| b.kept.iter().find(|k| &k.vm == n));
+            if let Some(k) = kept {
+                m += &format!(
+                    "rebound_cluster_replication_lag_epochs{{host=\"{h}\",vm=\"{n}\"}} {}\n",
+                    o.acked_epoch.saturating_sub(k.epoch)
+                );
+            }
+            m += &format!(
+                "rebound_cluster_held_output_bytes{{host=\"{h}\",vm=\"{n}\"}} {}\n",
+                o.held_bytes
+            );
+        }
         m += &format!(
             "rebound_cluster_failovers_total{{host=\"{h}\"}} {}\n",
             s.events.len()

@@ -34,6 +34,19 @@ pub struct VmBeat {
     pub standby: Option<String>,
     /// Its standby is hot.
     pub hot: bool,
+    /// The newest checkpoint its standby (and every other sink) acknowledged.
+    pub acked_epoch: u64,
+}
+
+/// A standby a host keeps for a peer's VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// The VM.
+    pub vm: String,
+    /// The newest epoch stored.
+    pub epoch: u64,
+    /// Bytes of pages stored in all.
+    pub bytes: u64,
 }
 
 /// One host's heartbeat.
@@ -49,6 +62,8 @@ pub struct Beat {
     pub hot_free: u64,
     /// Its VMs.
     pub vms: Vec<VmBeat>,
+    /// The standbys it keeps (what its peers' VMs' replication reached).
+    pub kept: Vec<Kept>,
 }
 
 /// Encodes a beat into a datagram (None: too many VMs for one datagram).
@@ -89,8 +104,10 @@ mod tests {
                     state: VmState::Running,
                     standby: Some("h2".into()),
                     hot: i % 2 == 0,
+                    acked_epoch: 1000 + i as u64,
                 })
                 .collect(),
+            kept: Vec::new(),
         }
     }
 

@@ -94,10 +94,14 @@ pub struct Status {
     pub waiting: bool,
     /// The VM ended (on purpose: no failover).
     pub ended: bool,
+    /// The newest checkpoint every sink (the standby included) acknowledged.
+    pub acked_epoch: u64,
+    /// Output held for acknowledgement, in bytes.
+    pub held_bytes: u64,
 }
 
 const STATUS_MAGIC: [u8; 8] = *b"RBNDVMST";
-const STATUS_SIZE: usize = 40;
+const STATUS_SIZE: usize = 56;
 
 impl Status {
     fn encode(&self) -> [u8; STATUS_SIZE] {
@@ -106,8 +110,10 @@ impl Status {
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..24].copy_from_slice(&self.beat.to_le_bytes());
         b[24] = u8::from(self.waiting) | (u8::from(self.ended) << 1);
-        let crc = crc32c::crc32c(&b[..32]);
-        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b[32..40].copy_from_slice(&self.acked_epoch.to_le_bytes());
+        b[40..48].copy_from_slice(&self.held_bytes.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..48]);
+        b[48..52].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -115,7 +121,7 @@ impl Status {
         if b.len() != STATUS_SIZE || b[0..8] != STATUS_MAGIC {
             return None;
         }
-        if crc32c::crc32c(&b[..32]).to_le_bytes() != b[32..36] {
+        if crc32c::crc32c(&b[..48]).to_le_bytes() != b[48..52] {
             return None;
         }
         let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default());
@@ -124,6 +130,8 @@ impl Status {
             beat: word(16),
             waiting: b[24] & 1 != 0,
             ended: b[24] & 2 != 0,
+            acked_epoch: word(32),
+            held_bytes: word(40),
         })
     }
 }
@@ -242,13 +250,13 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// Writes the record with the guest's progress (`seq` counts up).
-    pub fn write(&mut self, beat: u64, waiting: bool, ended: bool) -> io::Result<()> {
-        self.status.seq += 1;
-        self.status.beat = beat;
-        self.status.waiting = waiting;
-        self.status.ended = ended;
-        // One pwrite of 40 bytes inside the first page: a reader sees the old or the new
+    /// Writes the record (`seq` counts up).
+    pub fn write(&mut self, status: Status) -> io::Result<()> {
+        self.status = Status {
+            seq: self.status.seq + 1,
+            ..status
+        };
+        // One pwrite of 56 bytes inside the first page: a reader sees the old or the new
         // record (and a torn one fails its checksum).
         self.file.write_all_at(&self.status.encode(), 0)
     }
@@ -277,6 +285,8 @@ mod tests {
             beat: 1234,
             waiting: true,
             ended: false,
+            acked_epoch: 77,
+            held_bytes: 5,
         };
         let b = s.encode();
         assert_eq!(Status::decode(&b), Some(s));
@@ -300,7 +310,11 @@ mod tests {
             mem_size: 1 << 20,
         };
         let mut w = root.join(&m).unwrap();
-        w.write(5, false, false).unwrap();
+        w.write(Status {
+            beat: 5,
+            ..Status::default()
+        })
+        .unwrap();
         let got = root.members();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, m);

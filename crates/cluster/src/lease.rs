@@ -137,10 +137,10 @@ impl Etcd {
             .valid_until
             .store(sent + self.grace.as_nanos() as u64, Ordering::Release);
         let (interval, grace) = (self.interval, self.grace.as_nanos() as u64);
-        let endpoint = self.endpoint.clone();
+        let (endpoint, first) = (self.endpoint.clone(), self.client.clone());
         self.keeper = Some(
             self.rt
-                .spawn(keep_alive(endpoint, id, shared, interval, grace)),
+                .spawn(keep_alive(endpoint, first, id, shared, interval, grace)),
         );
         tracing::info!(lease = id, "etcd lease granted");
         Ok(())
@@ -200,19 +200,28 @@ impl Etcd {
 /// request was sent.
 async fn keep_alive(
     endpoint: String,
+    first: Client,
     id: i64,
     shared: Arc<Shared>,
     interval: Duration,
     grace: u64,
 ) {
+    // The first round on the connection the lease was granted on (no new connection to wait
+    // for: the lease is renewed at once).
+    let mut first = Some(first);
     loop {
         // A fresh connection after any failure: one that stalled during a partition can take
         // TCP's retransmission backoff (tens of seconds) to come back.
-        let connected = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            Client::connect([endpoint.as_str()], Some(options(interval))),
-        )
-        .await;
+        let connected = match first.take() {
+            Some(c) => Ok(Ok(c)),
+            None => {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    Client::connect([endpoint.as_str()], Some(options(interval))),
+                )
+                .await
+            }
+        };
         let mut client = match connected {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {

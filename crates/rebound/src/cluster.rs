@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use rebound_cluster::agent::{Agent, AgentConfig, Hooks, Takeover};
 use rebound_cluster::fence;
-use rebound_cluster::host_root::{Failover, HostRoot, Member};
+use rebound_cluster::host_root::{Failover, HostRoot, Member, Status};
 use rebound_control::Instance;
 
 use crate::Cli;
@@ -194,6 +194,7 @@ pub fn watch(joining: Joining, instance: &Arc<Instance>) -> Result<()> {
         _owner,
     } = joining;
     let vm = instance.wait_started();
+    let instance = Arc::clone(instance);
     member.mem_size = vm.descriptor().mem_size;
     let mut writer = root.join(&member)?;
     std::thread::Builder::new()
@@ -205,7 +206,18 @@ pub fn watch(joining: Joining, instance: &Arc<Instance>) -> Result<()> {
                 let p = vm.progress();
                 // A VM stopped by a host fault (75) is handed over, not ended.
                 let ended = vm.outcome().is_some_and(|o| o.exit_code() != 75);
-                if let Err(e) = writer.write(p.beat, p.waiting, ended) {
+                let (acked_epoch, held_bytes) = instance
+                    .protection()
+                    .map_or((0, 0), |(_, s)| (s.acked_epoch, s.output.held_bytes));
+                let status = Status {
+                    seq: 0,
+                    beat: p.beat,
+                    waiting: p.waiting,
+                    ended,
+                    acked_epoch,
+                    held_bytes,
+                };
+                if let Err(e) = writer.write(status) {
                     tracing::warn!("cannot write the VM's status record: {e}");
                 }
                 if ended {

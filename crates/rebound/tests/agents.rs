@@ -241,6 +241,20 @@ fn fifty_host_failures_alternating_hot_and_cold_lose_and_repeat_nothing() {
                 || standby_epochs(&standby.root, v) >= base.max(1) + 3,
             );
         }
+        if round == 0 {
+            // The primary's view of its VMs' replication: where the standby is, how far behind.
+            let s = status(&primary.root).unwrap();
+            let v = s["vms"]
+                .as_array()
+                .and_then(|v| v.iter().find(|x| x["name"] == "hot").cloned())
+                .unwrap();
+            assert_eq!(v["standby"], "B", "{v}");
+            assert_eq!(v["method"], "hot", "{v}");
+            assert!(
+                v["replication"]["standby_epoch"].as_u64().unwrap() > 0,
+                "{v}"
+            );
+        }
         primary.kill_all();
         let before: Vec<usize> = vms
             .iter()
