@@ -29,7 +29,7 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn have(program: &str) -> bool {
+pub(crate) fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())

@@ -107,7 +107,11 @@ struct Slot {
     store: Box<dyn Sink>,
     /// Epochs stored on the current connection.
     epochs: u64,
+    /// Epochs stored in all, and the bytes of their pages as they were and as they came over
+    /// the wire (compressed where it paid).
+    all_epochs: u64,
     bytes: u64,
+    wire_bytes: u64,
     last_epoch: u64,
     connected: bool,
     /// Counts connections: an old one that ends late does not touch a newer one's slot.
@@ -723,13 +727,15 @@ impl Agent {
             sl.conn
         };
         // No read timeout: a primary that goes silent is judged by its host's heartbeats.
-        let ended = standby::receive(conn, &hello, None, &mut |cp| {
+        let ended = standby::receive(conn, &hello, None, &mut |cp, wire| {
             let mut sl = lock(&slot);
             if sl.taken {
                 return Err(Error::Refused("the VM was taken over here".into()));
             }
             sl.store.commit(cp)?;
             sl.epochs += 1;
+            sl.all_epochs += 1;
+            sl.wire_bytes += wire;
             sl.last_epoch = cp.epoch;
             sl.bytes += if cp.full {
                 cp.data.map_or(0, |d| d.count())
@@ -804,7 +810,9 @@ impl Agent {
             taken: false,
             store,
             epochs: 0,
+            all_epochs: 0,
             bytes: 0,
+            wire_bytes: 0,
             last_epoch: 0,
             connected: false,
             conn: 0,
@@ -898,8 +906,10 @@ impl Agent {
                     "method": if sl.hot { "hot" } else { "cold" },
                     "connected": sl.connected,
                     "epochs": sl.epochs,
+                    "all_epochs": sl.all_epochs,
                     "last_epoch": sl.last_epoch,
                     "bytes": sl.bytes,
+                    "wire_bytes": sl.wire_bytes,
                     "mem_size": sl.mem_size,
                 })
             })

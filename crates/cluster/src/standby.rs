@@ -62,7 +62,7 @@ pub fn serve_into(
     loop {
         let (mut conn, peer) = listener.accept()?;
         let ended = match handshake(&mut conn) {
-            Ok(hello) => receive(conn, &hello, takeover, &mut |cp| {
+            Ok(hello) => receive(conn, &hello, takeover, &mut |cp, _| {
                 store.commit(cp).map_err(Error::from)
             }),
             Err(e) => Ended::Lost {
@@ -140,13 +140,14 @@ pub enum Ended {
     },
 }
 
-/// Receives epochs after the Hello: each is checked, given to `commit` (which stores it, or
-/// refuses it with [`Error::Refused`]), and acknowledged once `commit` returned.
+/// Receives epochs after the Hello: each is checked, given to `commit` with the bytes its pages
+/// took on the wire (which stores it, or refuses it with [`Error::Refused`]), and acknowledged
+/// once `commit` returned.
 pub fn receive(
     conn: TcpStream,
     hello: &Hello,
     timeout: Option<Duration>,
-    commit: &mut dyn FnMut(&CheckpointData<'_>) -> Result<(), Error>,
+    commit: &mut dyn FnMut(&CheckpointData<'_>, u64) -> Result<(), Error>,
 ) -> Ended {
     let mut acked = 0;
     match receive_epochs(conn, hello.mem_size, timeout, commit, &mut acked) {
@@ -214,7 +215,7 @@ fn receive_epochs(
     mut conn: TcpStream,
     mem_size: u64,
     timeout: Option<Duration>,
-    commit: &mut dyn FnMut(&CheckpointData<'_>) -> Result<(), Error>,
+    commit: &mut dyn FnMut(&CheckpointData<'_>, u64) -> Result<(), Error>,
     acked: &mut u64,
 ) -> Result<(), Error> {
     conn.set_read_timeout(timeout)?;
@@ -257,7 +258,7 @@ fn receive_epochs(
             source: &source,
             output: &output,
         };
-        if let Err(e) = commit(&cp) {
+        if let Err(e) = commit(&cp, e.data.len() as u64) {
             return Err(match e {
                 Error::Refused(reason) => refuse(&mut conn, reason),
                 e => e,
