@@ -811,3 +811,58 @@ fn kv_guests_under_checking_clients_lose_and_repeat_nothing_across_host_failures
         let _ = v.wait();
     }
 }
+
+#[test]
+fn a_guest_that_stops_making_progress_is_killed_and_a_waiting_one_is_not() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let _serial = serial();
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, b) = two_hosts(tmp.path(), "st");
+    a.agent(&b, &locks, &["--stall-ms", "1000"]);
+    let start = |name: &str, args: &str| {
+        let mut c = a.ns.command(REBOUND);
+        common::die_with_test(&mut c);
+        c.args([
+            "--id",
+            name,
+            "run",
+            "--bundled",
+            "testguest",
+            "--mem-mib",
+            "32",
+        ])
+        .args(["--args", args, "--protect-ms", "50", "--host-root"])
+        .arg(&a.root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    // One computes forever without passing through its dispatcher (its heartbeat word never
+    // moves); one ticks every 2 s (it waits in BLOCK between ticks: idle, not stuck).
+    let mut stuck = start("stuck", "spin");
+    let mut idle = start("idle", "ticks 2000 0");
+    wait_until("both VMs to join", Duration::from_secs(60), || {
+        runs(&a.root, "stuck") && runs(&a.root, "idle")
+    });
+    wait_until("the stuck VM to be killed", Duration::from_secs(60), || {
+        matches!(stuck.try_wait(), Ok(Some(_)))
+    });
+    // The idle one lives on through several stall periods.
+    let t0 = std::time::Instant::now();
+    wait_until("three stall periods", Duration::from_secs(60), || {
+        t0.elapsed() > Duration::from_secs(3)
+    });
+    assert!(
+        matches!(idle.try_wait(), Ok(None)),
+        "the idle VM was killed"
+    );
+    assert!(runs(&a.root, "idle"));
+    common::sigkill(&idle);
+    let _ = idle.wait();
+    a.kill_all();
+}
