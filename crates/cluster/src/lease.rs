@@ -27,6 +27,8 @@ use crate::fence::{Fence, Standing};
 const TTL_S: i64 = 10;
 /// How long one etcd request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an agent starting waits for etcd to grant it a lease.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 
 fn key(vm: &str) -> String {
     format!("/rebound/vms/{vm}")
@@ -100,7 +102,14 @@ impl Etcd {
             .build()
             .map_err(etcd_err)?;
         let client = rt
-            .block_on(Client::connect([endpoint], Some(options(interval))))
+            .block_on(async {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    Client::connect([endpoint], Some(options(interval))),
+                )
+                .await
+            })
+            .map_err(|_| etcd_err("no answer in time"))?
             .map_err(etcd_err)?;
         let mut e = Self {
             rt,
@@ -118,8 +127,18 @@ impl Etcd {
             keeper: None,
             stolen: HashMap::new(),
         };
-        e.new_lease()?;
-        Ok(e)
+        // An etcd that just started (or lost its leader) refuses leases for a moment.
+        let t0 = Instant::now();
+        loop {
+            match e.new_lease() {
+                Ok(()) => return Ok(e),
+                Err(why) if t0.elapsed() > STARTUP_PATIENCE => return Err(why),
+                Err(why) => {
+                    tracing::info!("no etcd lease yet: {why}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
     }
 
     /// Grants a fresh lease and starts renewing it.

@@ -57,7 +57,7 @@ impl Host {
             .unwrap();
         self.agent = Some(child);
         let sock = self.root.join("agent.sock");
-        wait_until("the agent to serve", Duration::from_secs(30), || {
+        wait_until("the agent to serve", Duration::from_secs(60), || {
             sock.exists() && status(&self.root).is_some()
         });
     }
