@@ -192,6 +192,22 @@ struct State {
     fenced_off: BTreeMap<String, Instant>,
 }
 
+impl State {
+    /// What the standby of VM `vm` (placed as `o` says) stored, as its host's heartbeat says.
+    fn kept_for(&self, vm: &str, o: &Own) -> Option<&beat::Kept> {
+        let Some(Some((host, ..))) = &o.applied else {
+            return None;
+        };
+        self.peers
+            .get(host)?
+            .beat
+            .as_ref()?
+            .kept
+            .iter()
+            .find(|k| k.vm == vm)
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     config: AgentConfig,
@@ -866,17 +882,7 @@ impl Agent {
                 };
                 // How far the standby is behind: what it stored (its host's heartbeat) against
                 // what this VM's checkpoints reached; output still waiting, in bytes.
-                let kept = standby.as_ref().and_then(|h| {
-                    s.peers
-                        .get(h)?
-                        .beat
-                        .as_ref()?
-                        .kept
-                        .iter()
-                        .find(|k| &k.vm == n)
-                        .cloned()
-                });
-                let replication = kept.map(|k| {
+                let replication = s.kept_for(n, o).map(|k| {
                     serde_json::json!({
                         "acked_epoch": o.acked_epoch,
                         "standby_epoch": k.epoch,
@@ -957,15 +963,10 @@ impl Agent {
         }
         m += &format!("rebound_cluster_vms{{host=\"{h}\"}} {}\n", s.own.len());
         for (n, o) in &s.own {
-            let Some(Some((sh, ..))) = &o.applied else {
+            if o.applied.is_none() {
                 continue;
-            };
-            let kept = s
-                .peers
-                .get(sh)
-                .and_then(|p| p.beat.as_ref())
-                .and_then(|b| b.kept.iter().find(|k| &k.vm == n));
-            if let Some(k) = kept {
+            }
+            if let Some(k) = s.kept_for(n, o) {
                 m += &format!(
                     "rebound_cluster_replication_lag_epochs{{host=\"{h}\",vm=\"{n}\"}} {}\n",
                     o.acked_epoch.saturating_sub(k.epoch)

@@ -185,6 +185,15 @@ pub fn default_api_sock(root: &Path, id: &str) -> PathBuf {
     root.join("vms").join(format!("{id}.sock"))
 }
 
+impl MemberArgs {
+    /// The VM's API socket: `given`, else its host's default if it joins one.
+    pub fn api_sock(&self, id: &str, given: Option<&Path>) -> Option<PathBuf> {
+        given
+            .map(Path::to_path_buf)
+            .or_else(|| self.host_root.as_ref().map(|r| default_api_sock(r, id)))
+    }
+}
+
 /// Registers the started VM with the agent and keeps its status record current until it ends.
 pub fn watch(joining: Joining, instance: &Arc<Instance>) -> Result<()> {
     let Joining {

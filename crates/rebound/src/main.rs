@@ -814,12 +814,8 @@ fn restore(id: &str, api_sock: Option<&Path>, mut args: RestoreArgs) -> Result<i
     };
     let instance = new_instance(id);
     args.placement.apply(&instance)?;
-    let default_sock = args
-        .member
-        .host_root
-        .as_ref()
-        .map(|r| cluster::default_api_sock(r, id));
-    let api_sock = api_sock.or(default_sock.as_deref());
+    let api_sock = args.member.api_sock(id, api_sock);
+    let api_sock = api_sock.as_deref();
     let joining = join_host(&args.member, id, &mut args.protect, api_sock)?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
@@ -857,12 +853,8 @@ pub(crate) fn console() -> Box<dyn Write + Send> {
 /// Runs a guest from the command line (optionally with the API alongside) until it ends.
 fn run_guest(cli: &Cli, mut args: RunArgs) -> Result<i32> {
     let (id, api_sock) = (cli.id.as_str(), cli.api_sock.as_deref());
-    let default_sock = args
-        .member
-        .host_root
-        .as_ref()
-        .map(|r| cluster::default_api_sock(r, id));
-    let api_sock = api_sock.or(default_sock.as_deref());
+    let api_sock = args.member.api_sock(id, api_sock);
+    let api_sock = api_sock.as_deref();
     if args.member.host_root.is_some() && args.protect.protect_ms.is_none() && args.state.is_none()
     {
         bail!("--host-root needs a protected VM (--protect-ms or --state)");

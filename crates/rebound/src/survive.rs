@@ -24,12 +24,8 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
     let instance = new_instance(&cli.id);
     args.placement.apply(&instance)?;
     allow_update(cli, &instance);
-    let default_sock = args
-        .member
-        .host_root
-        .as_ref()
-        .map(|r| crate::cluster::default_api_sock(r, &cli.id));
-    let api_sock = cli.api_sock.as_deref().or(default_sock.as_deref());
+    let api_sock = args.member.api_sock(&cli.id, cli.api_sock.as_deref());
+    let api_sock = api_sock.as_deref();
     let mut protect = crate::ProtectArgs::default();
     let joining = crate::join_host(&args.member, &cli.id, &mut protect, api_sock)?;
     if let Some(sock) = api_sock {
