@@ -305,6 +305,14 @@ mod tests {
     }
 
     #[test]
+    fn hostile_vm_names_are_refused() {
+        assert!(valid_name("web-1.a_b"));
+        for bad in ["", ".", "..", "../x", "a/b", "a\0b", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn epochs_out_of_order_or_malformed_are_refused() {
         let m = 16 * PAGE_SIZE;
         assert!(check(&epoch(1, None, true, vec![0, 3]), m, None).is_ok());
