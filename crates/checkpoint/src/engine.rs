@@ -13,7 +13,7 @@ use rebound_vmm::persist::SavedState;
 use serde::Serialize;
 
 use crate::output::{OutputCommit, OutputStats, Outputs};
-use crate::sink::{CheckpointData, Sink};
+use crate::sink::{CheckpointData, LiveMemory, Sink};
 use crate::state_dir::{OutputRecord, StateDir};
 use crate::strategy::pre_image::PreImage;
 use crate::strategy::{FrozenSource, PageSource, Strategy, StrategyKind};
@@ -191,6 +191,15 @@ pub struct Engine {
     ticker: Mutex<Option<JoinHandle<()>>>,
     /// Stopped or abandoned: dropping it does nothing more.
     finished: AtomicBool,
+}
+
+/// The running VM's memory, for sinks' work between checkpoints.
+struct LiveVm<'a>(&'a Vm);
+
+impl LiveMemory for LiveVm<'_> {
+    fn copy_page(&self, p: u64, buf: &mut [u8]) -> bool {
+        self.0.copy_page(p, buf).is_ok()
+    }
 }
 
 /// What sinks read from at one checkpoint.
@@ -747,6 +756,10 @@ fn checkpoint(inner: &Inner) -> Result<CheckpointReport> {
     }
     if acked && !strategy.moves_on_commit() {
         *committed = Some(this);
+    }
+    let live = LiveVm(&inner.vm);
+    for s in sinks.iter_mut() {
+        s.sink.between(&live);
     }
     if acked && let Err(err) = inner.output.release(e) {
         // Released output that could not be written where it goes: what the outside saw can

@@ -25,15 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rebound_checkpoint::sink::{Sink, SnapshotDir};
+use rebound_checkpoint::sink::CheckpointData;
 use serde::Serialize;
 
 use crate::Error;
 use crate::beat::{self, Beat, VmBeat, VmState};
+use crate::cold::ColdStore;
 use crate::fence::{Fence, Standing};
 use crate::host_root::{Failover, HostConfig, HostRoot, Member, Status};
 use crate::hot::HotStore;
-use crate::standby::{self, Ended};
+use crate::standby::{self, Ended, Store};
 
 /// What a cold failover is planned to take (restore from the chain, page faults after).
 pub const COLD_FAILOVER_ESTIMATE_MS: u64 = 1000;
@@ -104,9 +105,12 @@ struct Slot {
     mem_size: u64,
     /// Taken over: nothing more is acknowledged.
     taken: bool,
-    store: Box<dyn Sink>,
-    /// Epochs stored on the current connection.
+    store: Box<dyn Store>,
+    /// Epochs stored on the current connection after its full one: those a takeover may
+    /// start from (0 while the connection resyncs).
     epochs: u64,
+    /// Resyncs (full copies) started.
+    resyncs: u64,
     /// Epochs stored in all, and the bytes of their pages as they were and as they came over
     /// the wire (compressed where it paid).
     all_epochs: u64,
@@ -116,6 +120,53 @@ struct Slot {
     connected: bool,
     /// Counts connections: an old one that ends late does not touch a newer one's slot.
     conn: u64,
+}
+
+/// Stores one connection's checkpoints in its slot.
+struct SlotReceiver<'a> {
+    slot: &'a Mutex<Slot>,
+    /// The connection's number: a newer connection of the same VM supersedes it.
+    me: u64,
+}
+
+impl SlotReceiver<'_> {
+    fn slot(&self) -> Result<MutexGuard<'_, Slot>, Error> {
+        let sl = lock(self.slot);
+        if sl.taken {
+            return Err(Error::Refused("the VM was taken over here".into()));
+        }
+        if sl.conn != self.me {
+            return Err(Error::Refused(
+                "a newer connection replicates this VM".into(),
+            ));
+        }
+        Ok(sl)
+    }
+}
+
+impl standby::Receiver for SlotReceiver<'_> {
+    fn invalidate(&mut self) -> Result<(), Error> {
+        let mut sl = self.slot()?;
+        sl.resyncs += 1;
+        Ok(sl.store.invalidate()?)
+    }
+
+    fn commit(&mut self, cp: &CheckpointData<'_>, wire: u64) -> Result<(), Error> {
+        let mut sl = self.slot()?;
+        sl.store.commit(cp)?;
+        if !cp.full {
+            sl.epochs += 1;
+        }
+        sl.all_epochs += 1;
+        sl.wire_bytes += wire;
+        sl.last_epoch = cp.epoch;
+        sl.bytes += if cp.full {
+            cp.data.map_or(0, |d| d.count())
+        } else {
+            cp.pages.count()
+        } * rebound_snapshot::PAGE_SIZE;
+        Ok(())
+    }
 }
 
 struct Peer {
@@ -737,29 +788,13 @@ impl Agent {
             let mut sl = lock(&slot);
             sl.connected = true;
             sl.conn += 1;
-            // What it holds is trusted again only once this connection's first (full) epoch
-            // is stored: until then it may be older than what the primary released.
+            // What it holds is trusted again only once this connection's resync is over:
+            // until then it may be older than what the primary released.
             sl.epochs = 0;
             sl.conn
         };
         // No read timeout: a primary that goes silent is judged by its host's heartbeats.
-        let ended = standby::receive(conn, &hello, None, &mut |cp, wire| {
-            let mut sl = lock(&slot);
-            if sl.taken {
-                return Err(Error::Refused("the VM was taken over here".into()));
-            }
-            sl.store.commit(cp)?;
-            sl.epochs += 1;
-            sl.all_epochs += 1;
-            sl.wire_bytes += wire;
-            sl.last_epoch = cp.epoch;
-            sl.bytes += if cp.full {
-                cp.data.map_or(0, |d| d.count())
-            } else {
-                cp.pages.count()
-            } * rebound_snapshot::PAGE_SIZE;
-            Ok(())
-        });
+        let ended = standby::receive(conn, &hello, None, &mut SlotReceiver { slot: &slot, me });
         let latest = {
             let mut sl = lock(&slot);
             let latest = sl.conn == me;
@@ -815,10 +850,10 @@ impl Agent {
             }
         }
         let dir = self.root.standby_dir(&h.vm, h.hot);
-        let store: Box<dyn Sink> = if h.hot {
+        let store: Box<dyn Store> = if h.hot {
             Box::new(HotStore::new(&dir))
         } else {
-            Box::new(SnapshotDir::new(&dir, MAX_CHAIN).map_err(|e| e.to_string())?)
+            Box::new(ColdStore::new(&dir, MAX_CHAIN).map_err(|e| e.to_string())?)
         };
         let slot = Arc::new(Mutex::new(Slot {
             hot: h.hot,
@@ -826,6 +861,7 @@ impl Agent {
             taken: false,
             store,
             epochs: 0,
+            resyncs: 0,
             all_epochs: 0,
             bytes: 0,
             wire_bytes: 0,
@@ -912,6 +948,8 @@ impl Agent {
                     "method": if sl.hot { "hot" } else { "cold" },
                     "connected": sl.connected,
                     "epochs": sl.epochs,
+                    "resyncing": sl.connected && sl.epochs == 0,
+                    "resyncs": sl.resyncs,
                     "all_epochs": sl.all_epochs,
                     "last_epoch": sl.last_epoch,
                     "bytes": sl.bytes,

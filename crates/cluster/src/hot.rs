@@ -21,6 +21,8 @@ use rebound_checkpoint::state_dir::{StateDir, UndoJournal, mark_shown, replay_ou
 use rebound_checkpoint::{CheckpointRef, Error};
 use rebound_snapshot::PAGE_SIZE;
 
+use crate::standby::Store;
+
 /// Keeps one VM's memory and state applied in a state directory.
 pub struct HotStore {
     path: PathBuf,
@@ -45,6 +47,7 @@ impl HotStore {
     /// A store at `path` (on tmpfs: it holds guest memory). What is there stays the newest
     /// usable checkpoint until a full epoch replaces it.
     pub fn new(path: &Path) -> Self {
+        crate::cold::remove_retired(path);
         Self {
             path: path.to_path_buf(),
             open: None,
@@ -151,6 +154,13 @@ impl HotStore {
 /// by the time a takeover shows anything), so the process taking over does not show it again.
 fn end_of(cp: &CheckpointData<'_>) -> u64 {
     cp.output.offset + cp.output.bytes.len() as u64
+}
+
+impl Store for HotStore {
+    fn invalidate(&mut self) -> Result<(), Error> {
+        self.open = None;
+        crate::cold::retire(&self.path)
+    }
 }
 
 impl Sink for HotStore {

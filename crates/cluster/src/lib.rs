@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod beat;
+pub mod cold;
 pub mod fence;
 pub mod host_root;
 pub mod hot;

@@ -3,20 +3,31 @@
 //! commit releases an epoch's output only after that (Remus' rule), so a standby that takes
 //! over never has less than what clients saw.
 //!
-//! A new connection (the first, or after the standby restarted or the link failed) asks the
-//! engine for a full checkpoint: every page that may hold data, then diffs again. While the
-//! standby cannot be reached, checkpoints are not acknowledged and output stays held (bounded
-//! by output commit's limits), as with Remus.
+//! A new connection (the first, or after the standby restarted or the link failed) starts with
+//! a resync that never pauses the VM for the copy:
+//! 1. At a checkpoint, the standby is told to make its old copy unusable and answers.
+//! 2. Between checkpoints, with the VM running, the checkpoint thread copies a bounded share
+//!    of the pages that may hold data ([`Sink::between`]); every page written meanwhile is
+//!    remembered from the checkpoints' dirty sets.
+//! 3. The checkpoint after the copy sends those pages as a full epoch: the copy and that epoch
+//!    together are its memory. The standby writes it all while the VM runs on.
+//! 4. Once that is acknowledged, the next checkpoint sends what was written since and waits
+//!    for its acknowledgement, as every one after it does.
+//!
+//! Until step 4 the standby has nothing a takeover could start from, so checkpoints are
+//! acknowledged to the engine without it and output flows (the VM is protected locally only,
+//! as with no standby). While the standby cannot be reached, checkpoints are not acknowledged
+//! and output stays held (bounded by output commit's limits), as with Remus.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rebound_checkpoint::sink::{CheckpointData, Sink};
-use rebound_snapshot::PAGE_SIZE;
+use rebound_checkpoint::sink::{CheckpointData, LiveMemory, Sink};
+use rebound_snapshot::{DirtySet, PAGE_SIZE};
 
 use crate::Error;
-use crate::wire::{self, Epoch, Msg};
+use crate::wire::{self, Base, Epoch, Msg};
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -24,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a wait for an acknowledgement checks whether the standby moved.
 const ACK_POLL: Duration = Duration::from_millis(20);
+/// How long a full copy may work between two checkpoints (the checkpoint thread does it).
+const COPY_BUDGET: Duration = Duration::from_millis(8);
+/// Pages per message of a full copy.
+const COPY_CHUNK: usize = 256;
 
 /// Where a VM is replicated to, changeable while it runs (a host agent moves a VM's standby
 /// when its host leaves or joins). Shared by the sink and whoever controls it.
@@ -69,10 +84,32 @@ pub struct Remote {
     /// Ask for a hot standby.
     hot: bool,
     conn: Option<TcpStream>,
-    /// The last epoch the standby acknowledged on this connection (None: nothing yet, so the
-    /// next epoch must be full).
-    last: Option<(u64, u64)>,
+    /// How far this connection is.
+    sync: Sync,
     stats: Stats,
+}
+
+/// Where a connection is in its resync.
+enum Sync {
+    /// Nothing sent yet: the next checkpoint starts a resync.
+    Fresh,
+    /// Copying memory while the VM runs (`between`): the pages of `todo` from `cursor` on
+    /// are still to copy; `since` holds every page written since the copy started.
+    Copying {
+        todo: DirtySet,
+        cursor: u64,
+        since: DirtySet,
+    },
+    /// The full epoch `sent` ended the copy; its acknowledgement is awaited without waiting
+    /// (the standby writes the whole copy); `since` holds the pages written after it.
+    Completing {
+        sent: (u64, u64),
+        at: Instant,
+        since: DirtySet,
+    },
+    /// The standby acknowledged `last`: from here on every checkpoint waits for its
+    /// acknowledgement.
+    Synced { last: (u64, u64) },
 }
 
 /// What was replicated.
@@ -84,6 +121,26 @@ struct Stats {
     raw: u64,
     /// Bytes of pages sent (compressed where it paid).
     sent: u64,
+}
+
+/// The pages listed by `pages`, read from `source`, as (list, bytes); zero pages are left
+/// out when `skip_zero`.
+fn gather(
+    pages: impl Iterator<Item = u64>,
+    mut read: impl FnMut(u64, &mut Vec<u8>) -> Result<(), Error>,
+    skip_zero: bool,
+) -> Result<(Vec<u64>, Vec<u8>), Error> {
+    let (mut list, mut data) = (Vec::new(), Vec::new());
+    for p in pages {
+        let at = data.len();
+        read(p, &mut data)?;
+        if skip_zero && data[at..].iter().all(|&b| b == 0) {
+            data.truncate(at);
+            continue;
+        }
+        list.push(p);
+    }
+    Ok((list, data))
 }
 
 impl Remote {
@@ -102,7 +159,7 @@ impl Remote {
             target,
             vm: vm.to_string(),
             conn: None,
-            last: None,
+            sync: Sync::Fresh,
             stats: Stats::default(),
         }
     }
@@ -132,7 +189,7 @@ impl Remote {
                     wire::send(&mut s, &hello)?;
                     tracing::info!(standby = %self.addr, "replication: connected");
                     self.conn = Some(s);
-                    self.last = None;
+                    self.sync = Sync::Fresh;
                     return Ok(());
                 }
                 Err(e) => last = Some(e),
@@ -144,77 +201,44 @@ impl Remote {
         ))
     }
 
+    /// Whether the target no longer is where this connection goes.
+    fn moved(&self) -> bool {
+        let dest = self.target.get();
+        dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot
+    }
+
     /// Follows the target: a new destination ends the connection (with a goodbye: the old
     /// standby must not take the VM over).
     fn follow(&mut self) {
-        let dest = self.target.get();
-        let addr = dest.addr.unwrap_or_default();
-        if addr != self.addr || dest.hot != self.hot {
+        if self.moved() {
+            let dest = self.target.get();
+            let addr = dest.addr.unwrap_or_default();
             self.goodbye("the VM's standby moves");
             tracing::info!(from = %self.addr, to = %addr, hot = dest.hot, "replication: new standby");
             self.addr = addr;
             self.hot = dest.hot;
-            self.last = None;
         }
     }
 
-    fn send(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
-        self.follow();
-        if self.addr.is_empty() {
-            // No standby for now: the VM runs on, protected locally.
-            return Ok(());
-        }
-        if self.conn.is_none() {
-            self.connect(cp.mem_size)?;
-        }
-        if self.last.is_none() && !cp.full {
-            // The engine asks for a full checkpoint next (wants_full).
-            return Err(Error::Protocol(
-                "a new connection starts with a full checkpoint".into(),
-            ));
-        }
-        let npages = cp.mem_size / PAGE_SIZE;
-        let pages: Box<dyn Iterator<Item = u64>> = match (cp.full, cp.data) {
-            (true, Some(d)) => Box::new(d.iter()),
-            (true, None) => Box::new(0..npages),
-            (false, _) => Box::new(cp.pages.iter()),
-        };
-        let (mut list, mut data) = (Vec::new(), Vec::new());
-        for p in pages {
-            let bytes = cp
-                .source
-                .page(p)
-                .ok_or_else(|| Error::Protocol(format!("page {p} is not available")))?;
-            if cp.full && bytes.iter().all(|&b| b == 0) {
-                continue;
+    fn conn(&mut self) -> Result<&mut TcpStream, Error> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("not connected".into()))
+    }
+
+    /// Waits for the standby's answer in short steps: a standby moved meanwhile (its host was
+    /// declared dead) ends the wait at once instead of holding output for ACK_TIMEOUT.
+    fn reply(&mut self) -> Result<Msg, Error> {
+        let t0 = Instant::now();
+        let moved = {
+            let target = self.target.clone();
+            let (addr, hot) = (self.addr.clone(), self.hot);
+            move || {
+                let d = target.get();
+                d.addr.as_deref().unwrap_or("") != addr || d.hot != hot
             }
-            list.push(p);
-            data.extend_from_slice(bytes);
-        }
-        let raw = data.len() as u64;
-        let (data, compressed) = wire::pack(data);
-        self.stats.raw += raw;
-        self.stats.sent += data.len() as u64;
-        let epoch = Epoch {
-            epoch: cp.epoch,
-            id: cp.id,
-            follows: self.last,
-            full: cp.full,
-            vm: cp.state.vm.clone(),
-            components: cp.state.components.clone(),
-            pages: list,
-            compressed,
-            data,
-            output_offset: cp.output.offset,
-            output: cp.output.bytes.clone(),
         };
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(Error::Protocol("not connected".into()));
-        };
-        wire::send(conn, &Msg::Epoch(Box::new(epoch)))?;
-        // Waits for the answer in short steps: a standby moved meanwhile (its host was
-        // declared dead) ends the wait at once instead of holding output for ACK_TIMEOUT.
-        let t0 = std::time::Instant::now();
+        let conn = self.conn()?;
         conn.set_read_timeout(Some(ACK_POLL))?;
         loop {
             match conn.peek(&mut [0u8; 1]) {
@@ -225,8 +249,7 @@ impl Remote {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    let dest = self.target.get();
-                    if dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot {
+                    if moved() {
                         return Err(Error::Protocol("the standby moved".into()));
                     }
                     if t0.elapsed() > ACK_TIMEOUT {
@@ -238,17 +261,227 @@ impl Remote {
         }
         conn.set_read_timeout(Some(ACK_TIMEOUT))?;
         match wire::recv(conn, wire::HELLO_MAX)? {
-            Msg::Ack { epoch, id } if (epoch, id) == (cp.epoch, cp.id) => {
-                self.last = Some((epoch, id));
+            Msg::Refuse { reason } => Err(Error::Refused(reason)),
+            m => Ok(m),
+        }
+    }
+
+    /// Whether an answer has arrived, without waiting for one.
+    fn reply_arrived(&mut self) -> Result<bool, Error> {
+        let conn = self.conn()?;
+        conn.set_nonblocking(true)?;
+        let r = conn.peek(&mut [0u8; 1]);
+        conn.set_nonblocking(false)?;
+        match r {
+            Ok(0) => Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(Error::Io(e)),
+        }
+    }
+
+    /// Sends `cp` with `pages` (a diff, or with `full` the pages written since the copy
+    /// started) following `follows`.
+    fn send_epoch(
+        &mut self,
+        cp: &CheckpointData<'_>,
+        pages: &DirtySet,
+        full: bool,
+        follows: Option<(u64, u64)>,
+    ) -> Result<(), Error> {
+        let (list, data) = gather(
+            pages.iter(),
+            |p, out| {
+                let bytes = cp
+                    .source
+                    .page(p)
+                    .ok_or_else(|| Error::Protocol(format!("page {p} is not available")))?;
+                out.extend_from_slice(bytes);
+                Ok(())
+            },
+            false,
+        )?;
+        let raw = data.len() as u64;
+        let (data, compressed) = wire::pack(data);
+        self.stats.raw += raw;
+        self.stats.sent += data.len() as u64;
+        let epoch = Epoch {
+            epoch: cp.epoch,
+            id: cp.id,
+            follows,
+            full,
+            vm: cp.state.vm.clone(),
+            components: cp.state.components.clone(),
+            pages: list,
+            compressed,
+            data,
+            output_offset: cp.output.offset,
+            output: cp.output.bytes.clone(),
+        };
+        wire::send(self.conn()?, &Msg::Epoch(Box::new(epoch)))
+    }
+
+    /// Waits for the acknowledgement of `(epoch, id)`.
+    fn acknowledged(&mut self, epoch: u64, id: u64) -> Result<(), Error> {
+        match self.reply()? {
+            Msg::Ack { epoch: e, id: i } if (e, i) == (epoch, id) => {
                 self.stats.epochs += 1;
                 Ok(())
             }
-            Msg::Refuse { reason } => Err(Error::Refused(reason)),
             other => Err(Error::Protocol(format!(
-                "expected the acknowledgement of epoch {}, got {other:?}",
-                cp.epoch
+                "expected the acknowledgement of epoch {epoch}, got {other:?}"
             ))),
         }
+    }
+
+    fn send(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        self.follow();
+        if self.addr.is_empty() {
+            // No standby for now: the VM runs on, protected locally.
+            return Ok(());
+        }
+        if cp.full && !matches!(self.sync, Sync::Fresh) {
+            // Everything is asked for again: a new connection, a new copy.
+            self.goodbye("a full copy is asked for");
+        }
+        if self.conn.is_none() {
+            self.connect(cp.mem_size)?;
+        }
+        let npages = cp.mem_size / PAGE_SIZE;
+        match std::mem::replace(&mut self.sync, Sync::Fresh) {
+            Sync::Fresh => {
+                // Not acknowledged by the standby (it has nothing yet) but acknowledged to the
+                // engine: the VM's output flows on during the copy, as with no standby. The
+                // standby made its old copy unusable first, so no takeover or restore can
+                // start behind what is released now.
+                wire::send(self.conn()?, &Msg::Resync)?;
+                match self.reply()? {
+                    Msg::Ready => {}
+                    other => {
+                        return Err(Error::Protocol(format!(
+                            "expected the standby ready to resync, got {other:?}"
+                        )));
+                    }
+                }
+                let todo = cp.data.cloned().unwrap_or_else(|| DirtySet::full(npages));
+                tracing::info!(standby = %self.addr, pages = todo.count(), "replication: copying memory while the VM runs");
+                self.sync = Sync::Copying {
+                    todo,
+                    cursor: 0,
+                    since: DirtySet::new(npages),
+                };
+                Ok(())
+            }
+            Sync::Copying {
+                todo,
+                cursor,
+                mut since,
+            } => {
+                since.union(cp.pages);
+                if cursor < npages {
+                    self.sync = Sync::Copying {
+                        todo,
+                        cursor,
+                        since,
+                    };
+                    return Ok(());
+                }
+                // The copy is done: this epoch carries every page written since it started.
+                self.send_epoch(cp, &since, true, None)?;
+                tracing::info!(standby = %self.addr, epoch = cp.epoch, pages = since.count(), "replication: the copy is complete");
+                self.sync = Sync::Completing {
+                    sent: (cp.epoch, cp.id),
+                    at: Instant::now(),
+                    since: DirtySet::new(npages),
+                };
+                Ok(())
+            }
+            Sync::Completing {
+                sent,
+                at,
+                mut since,
+            } => {
+                since.union(cp.pages);
+                if !self.reply_arrived()? {
+                    if at.elapsed() > ACK_TIMEOUT {
+                        return Err(Error::Protocol(
+                            "the standby did not store the copy in time".into(),
+                        ));
+                    }
+                    self.sync = Sync::Completing { sent, at, since };
+                    return Ok(());
+                }
+                self.acknowledged(sent.0, sent.1)?;
+                // From here on the standby is trusted: this epoch and every one after wait
+                // for it.
+                self.send_epoch(cp, &since, false, Some(sent))?;
+                self.acknowledged(cp.epoch, cp.id)?;
+                tracing::info!(standby = %self.addr, epoch = cp.epoch, "replication: in sync");
+                self.sync = Sync::Synced {
+                    last: (cp.epoch, cp.id),
+                };
+                Ok(())
+            }
+            Sync::Synced { last } => {
+                self.send_epoch(cp, cp.pages, false, Some(last))?;
+                self.acknowledged(cp.epoch, cp.id)?;
+                self.sync = Sync::Synced {
+                    last: (cp.epoch, cp.id),
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies a bounded share of memory while the VM runs.
+    fn copy_some(&mut self, live: &dyn LiveMemory) -> Result<(), Error> {
+        let t0 = Instant::now();
+        while t0.elapsed() < COPY_BUDGET {
+            let Sync::Copying { todo, cursor, .. } = &mut self.sync else {
+                return Ok(());
+            };
+            let npages = todo.capacity();
+            if *cursor >= npages {
+                return Ok(());
+            }
+            let from = *cursor;
+            let chunk: Vec<u64> = todo
+                .iter()
+                .skip_while(|&p| p < from)
+                .take(COPY_CHUNK)
+                .collect();
+            *cursor = match chunk.last() {
+                Some(&p) if chunk.len() == COPY_CHUNK => p + 1,
+                _ => npages,
+            };
+            let (pages, data) = gather(
+                chunk.into_iter(),
+                |p, out| {
+                    let at = out.len();
+                    out.resize(at + PAGE_SIZE as usize, 0);
+                    if live.copy_page(p, &mut out[at..]) {
+                        Ok(())
+                    } else {
+                        Err(Error::Protocol(format!("page {p} is not in memory")))
+                    }
+                },
+                true,
+            )?;
+            if pages.is_empty() {
+                continue;
+            }
+            let raw = data.len() as u64;
+            let (data, compressed) = wire::pack(data);
+            self.stats.raw += raw;
+            self.stats.sent += data.len() as u64;
+            let base = Base {
+                pages,
+                compressed,
+                data,
+            };
+            wire::send(self.conn()?, &Msg::Base(Box::new(base)))?;
+        }
+        Ok(())
     }
 }
 
@@ -259,17 +492,20 @@ impl Sink for Remote {
 
     fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), rebound_checkpoint::Error> {
         self.send(cp).map_err(|e| {
-            if self.conn.take().is_some() {
-                tracing::warn!(standby = %self.addr, "replication: connection dropped: {e}");
-            }
+            self.drop_conn(&e);
             self.err(e)
         })
     }
 
     fn wants_full(&self) -> bool {
-        let dest = self.target.get();
-        let moving = dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot;
-        dest.addr.is_some() && (moving || self.conn.is_none() || self.last.is_none())
+        self.target.get().addr.is_some()
+            && (self.moved() || self.conn.is_none() || matches!(self.sync, Sync::Fresh))
+    }
+
+    fn between(&mut self, live: &dyn LiveMemory) {
+        if let Err(e) = self.copy_some(live) {
+            self.drop_conn(&e);
+        }
     }
 
     fn lost(&mut self, reason: &str) {
@@ -279,14 +515,27 @@ impl Sink for Remote {
     fn hand_over(&mut self) {
         // Closed without a goodbye: the standby takes the VM over from the last epoch.
         if self.conn.take().is_some() {
-            tracing::info!(standby = %self.addr, "replication: the VM is handed over");
+            if matches!(self.sync, Sync::Synced { .. }) {
+                tracing::info!(standby = %self.addr, "replication: the VM is handed over");
+            } else {
+                tracing::warn!(standby = %self.addr, "replication: the VM is handed over during a resync: the standby has no copy to take it over from");
+            }
         }
+        self.sync = Sync::Fresh;
     }
 }
 
 impl Remote {
+    fn drop_conn(&mut self, e: &Error) {
+        if self.conn.take().is_some() {
+            tracing::warn!(standby = %self.addr, "replication: connection dropped: {e}");
+        }
+        self.sync = Sync::Fresh;
+    }
+
     /// Tells the standby that the checkpoints stop on purpose, and closes.
     fn goodbye(&mut self, why: &str) {
+        self.sync = Sync::Fresh;
         if let Some(mut c) = self.conn.take() {
             let s = self.stats;
             tracing::info!(

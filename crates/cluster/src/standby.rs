@@ -2,12 +2,21 @@
 //! snapshot directory (fsynced) and only then acknowledges it. `rebound restore --dir` builds
 //! the VM from the directory's newest chain (cold standby).
 //!
+//! A connection starts with a resync: the primary copies its memory while the VM runs, so the
+//! primary is never paused for it. The standby first makes what it kept unusable (from now on
+//! the primary releases output without waiting for it, so the old copy may be older than what
+//! clients saw), then collects the copy's pages, and the full epoch that ends the copy carries
+//! every page written since it started: the two together are that epoch's memory. The copy is
+//! trusted (a takeover may start from it) only from the next epoch, the first one the primary
+//! waits for again.
+//!
 //! Checked before anything is stored: each frame's checksum and size (at most the VM's memory
 //! plus [`wire::EPOCH_OVERHEAD_MAX`]); that a connection starts with a Hello of this protocol
-//! version and then a full epoch; that each epoch follows the last one acknowledged on the
-//! connection and has a larger number; that its pages are ascending, inside memory, and match
-//! their bytes. Anything else is refused and ends the connection, and what was stored stays the
-//! last acknowledged epoch.
+//! version, then the resync, then a full epoch; that the copy's pages ascend and stay inside
+//! memory; that each epoch follows the last one acknowledged on the connection and has a
+//! larger number; that its pages are ascending, inside memory, and match their bytes. Anything
+//! else is refused and ends the connection, and what was stored stays the last acknowledged
+//! epoch.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -15,14 +24,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use rebound_checkpoint::CheckpointRef;
-use rebound_checkpoint::sink::{CheckpointData, Sink, SnapshotDir};
+use rebound_checkpoint::sink::{CheckpointData, Sink};
 use rebound_checkpoint::state_dir::OutputRecord;
 use rebound_checkpoint::strategy::PageSource;
 use rebound_snapshot::{DirtySet, PAGE_SIZE};
 use rebound_vmm::persist::SavedState;
 
 use crate::Error;
-use crate::wire::{self, Epoch, Msg};
+use crate::cold::ColdStore;
+use crate::wire::{self, Base, Epoch, Msg};
 
 /// Diffs kept before the directory's chain is merged.
 const MAX_CHAIN: usize = 16;
@@ -41,6 +51,100 @@ impl PageSource for Received<'_> {
     }
 }
 
+/// A full copy being received while the primary's VM runs: at most one of each page, since
+/// pages must ascend.
+struct Staging {
+    npages: u64,
+    /// The lowest page the next part may hold.
+    next: u64,
+    at: HashMap<u64, usize>,
+    data: Vec<u8>,
+    set: DirtySet,
+    /// Bytes the copy took on the wire.
+    wire: u64,
+}
+
+impl Staging {
+    fn new(npages: u64) -> Self {
+        Self {
+            npages,
+            next: 0,
+            at: HashMap::new(),
+            data: Vec::new(),
+            set: DirtySet::new(npages),
+            wire: 0,
+        }
+    }
+
+    /// Checks and keeps one part of the copy.
+    fn add(&mut self, b: &Base) -> Result<(), String> {
+        let mut next = self.next;
+        for &p in &b.pages {
+            if p < next || p >= self.npages {
+                return Err(format!("copied page {p} is out of order or past memory"));
+            }
+            next = p + 1;
+        }
+        let bytes = wire::unpack_pages(b.pages.len(), b.compressed, &b.data)?;
+        self.next = next;
+        for &p in &b.pages {
+            self.at.insert(p, self.at.len());
+            self.set.insert(p);
+        }
+        self.data.extend_from_slice(&bytes);
+        self.wire += b.data.len() as u64;
+        Ok(())
+    }
+}
+
+impl PageSource for Staging {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        let i = *self.at.get(&p)?;
+        self.data
+            .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+    }
+}
+
+/// The epoch's pages over the copy's.
+struct Overlay<'a> {
+    top: &'a Received<'a>,
+    base: Option<&'a Staging>,
+}
+
+impl PageSource for Overlay<'_> {
+    fn page(&self, p: u64) -> Option<&[u8]> {
+        self.top
+            .page(p)
+            .or_else(|| self.base.and_then(|b| b.page(p)))
+    }
+}
+
+/// What keeps a standby's copy of a VM.
+pub trait Store: Sink {
+    /// Makes what is kept unusable (durably: no takeover or restore may start from it), for a
+    /// resync after which the primary releases output this copy does not have.
+    fn invalidate(&mut self) -> Result<(), rebound_checkpoint::Error>;
+}
+
+/// Where a connection's checkpoints go.
+pub trait Receiver {
+    /// A resync starts: see [`Store::invalidate`].
+    fn invalidate(&mut self) -> Result<(), Error>;
+    /// Stores `cp` (or refuses it with [`Error::Refused`]); `wire` is the bytes its pages took
+    /// on the wire.
+    fn commit(&mut self, cp: &CheckpointData<'_>, wire: u64) -> Result<(), Error>;
+}
+
+impl<S: Store + ?Sized> Receiver for &mut S {
+    fn invalidate(&mut self) -> Result<(), Error> {
+        Store::invalidate(&mut **self).map_err(Error::from)
+    }
+
+    fn commit(&mut self, cp: &CheckpointData<'_>, _wire: u64) -> Result<(), Error> {
+        Sink::commit(&mut **self, cp).map_err(Error::from)
+    }
+}
+
 /// Serves primaries one connection at a time, storing their epochs in `dir`. With `takeover`,
 /// returns (the reason) when a primary that had an epoch acknowledged is lost: its connection
 /// ends without a goodbye, or nothing arrives for `takeover` (longer than its checkpoint
@@ -50,21 +154,19 @@ pub fn serve(
     dir: &Path,
     takeover: Option<Duration>,
 ) -> Result<String, Error> {
-    serve_into(listener, &mut SnapshotDir::new(dir, MAX_CHAIN)?, takeover)
+    serve_into(listener, &mut ColdStore::new(dir, MAX_CHAIN)?, takeover)
 }
 
 /// [`serve`] into any store: a snapshot directory (cold) or a [`crate::hot::HotStore`].
 pub fn serve_into(
     listener: &TcpListener,
-    store: &mut dyn Sink,
+    mut store: &mut dyn Store,
     takeover: Option<Duration>,
 ) -> Result<String, Error> {
     loop {
         let (mut conn, peer) = listener.accept()?;
         let ended = match handshake(&mut conn) {
-            Ok(hello) => receive(conn, &hello, takeover, &mut |cp, _| {
-                store.commit(cp).map_err(Error::from)
-            }),
+            Ok(hello) => receive(conn, &hello, takeover, &mut store),
             Err(e) => Ended::Lost {
                 acked: 0,
                 why: e.to_string(),
@@ -133,24 +235,24 @@ pub enum Ended {
     Bye,
     /// It went away or went silent after `acked` epochs, or was refused: a failure.
     Lost {
-        /// Epochs acknowledged on the connection.
+        /// Epochs acknowledged on the connection after its full one (those a takeover may
+        /// start from).
         acked: u64,
         /// Why it ended.
         why: String,
     },
 }
 
-/// Receives epochs after the Hello: each is checked, given to `commit` with the bytes its pages
-/// took on the wire (which stores it, or refuses it with [`Error::Refused`]), and acknowledged
-/// once `commit` returned.
+/// Receives the resync and the epochs after the Hello: each epoch is checked, given to `rx`
+/// and acknowledged once stored.
 pub fn receive(
     conn: TcpStream,
     hello: &Hello,
     timeout: Option<Duration>,
-    commit: &mut dyn FnMut(&CheckpointData<'_>, u64) -> Result<(), Error>,
+    rx: &mut dyn Receiver,
 ) -> Ended {
     let mut acked = 0;
-    match receive_epochs(conn, hello.mem_size, timeout, commit, &mut acked) {
+    match receive_epochs(conn, hello.mem_size, timeout, rx, &mut acked) {
         Ok(()) => Ended::Bye,
         Err(e) => Ended::Lost {
             acked,
@@ -215,16 +317,33 @@ fn receive_epochs(
     mut conn: TcpStream,
     mem_size: u64,
     timeout: Option<Duration>,
-    commit: &mut dyn FnMut(&CheckpointData<'_>, u64) -> Result<(), Error>,
+    rx: &mut dyn Receiver,
     acked: &mut u64,
 ) -> Result<(), Error> {
     conn.set_read_timeout(timeout)?;
     let max = mem_size + wire::EPOCH_OVERHEAD_MAX;
+    let npages = mem_size / PAGE_SIZE;
     let mut last = None;
+    let mut staging: Option<Staging> = None;
     loop {
         let e = match wire::recv(&mut conn, max)? {
             Msg::Epoch(e) => e,
             Msg::Bye => return Ok(()),
+            Msg::Resync if last.is_none() && staging.is_none() => {
+                if let Err(e) = rx.invalidate() {
+                    return Err(refuse(&mut conn, format!("cannot resync: {e}")));
+                }
+                staging = Some(Staging::new(npages));
+                wire::send(&mut conn, &Msg::Ready)?;
+                continue;
+            }
+            Msg::Base(b) => {
+                let Some(st) = staging.as_mut().filter(|_| last.is_none()) else {
+                    return Err(refuse(&mut conn, "copied pages outside a resync".into()));
+                };
+                st.add(&b).map_err(|r| refuse(&mut conn, r))?;
+                continue;
+            }
             other => {
                 return Err(refuse(
                     &mut conn,
@@ -232,11 +351,22 @@ fn receive_epochs(
                 ));
             }
         };
-        let pages = check(&e, mem_size, last).map_err(|r| refuse(&mut conn, r))?;
+        let mut pages = check(&e, mem_size, last).map_err(|r| refuse(&mut conn, r))?;
         let data = wire::unpack(&e).map_err(|r| refuse(&mut conn, r))?;
-        let source = Received {
+        let received = Received {
             at: e.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect(),
             data: &data,
+        };
+        // The full epoch ending a copy: its pages over the copy's are its memory.
+        let base = if e.full { staging.take() } else { None };
+        let mut wire_bytes = e.data.len() as u64;
+        if let Some(b) = &base {
+            pages.union(&b.set);
+            wire_bytes += b.wire;
+        }
+        let source = Overlay {
+            top: &received,
+            base: base.as_ref(),
         };
         let state = SavedState {
             vm: e.vm.clone(),
@@ -258,14 +388,17 @@ fn receive_epochs(
             source: &source,
             output: &output,
         };
-        if let Err(e) = commit(&cp, e.data.len() as u64) {
+        if let Err(e) = rx.commit(&cp, wire_bytes) {
             return Err(match e {
                 Error::Refused(reason) => refuse(&mut conn, reason),
                 e => e,
             });
         }
+        drop(base);
         last = Some((e.epoch, e.id));
-        *acked += 1;
+        if !e.full {
+            *acked += 1;
+        }
         wire::send(
             &mut conn,
             &Msg::Ack {
@@ -302,6 +435,36 @@ mod tests {
             output_offset: 0,
             output: Vec::new(),
         }
+    }
+
+    #[test]
+    fn copied_pages_out_of_order_past_memory_or_short_are_refused() {
+        let part = |pages: Vec<u64>| Base {
+            data: vec![7; pages.len() * PAGE_SIZE as usize],
+            pages,
+            compressed: false,
+        };
+        let mut st = Staging::new(16);
+        st.add(&part(vec![1, 2])).unwrap();
+        assert!(st.add(&part(vec![2])).is_err(), "a page twice");
+        assert!(st.add(&part(vec![5, 4])).is_err(), "descending");
+        let mut st = Staging::new(16);
+        assert!(st.add(&part(vec![16])).is_err(), "past memory");
+        let mut short = part(vec![3]);
+        short.data.pop();
+        assert!(st.add(&short).is_err(), "short");
+        let bomb = Base {
+            pages: vec![3],
+            compressed: true,
+            data: lz4_flex::block::compress(&[0u8; 2 * PAGE_SIZE as usize]),
+        };
+        assert!(
+            st.add(&bomb).is_err(),
+            "decompresses to more than its pages"
+        );
+        st.add(&part(vec![3, 15])).unwrap();
+        assert_eq!(st.set.count(), 2);
+        assert_eq!(st.page(15).unwrap()[0], 7);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::Error;
 const MAGIC: [u8; 4] = *b"RBRP";
 const HEADER: usize = 16;
 /// Protocol version (the Hello carries it; a standby refuses another).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame before the Hello said how large the VM is.
 pub const HELLO_MAX: u64 = 64 << 10;
 /// What an epoch frame may hold besides memory (state, output).
@@ -80,6 +80,26 @@ pub enum Msg {
     /// Primary: the VM's checkpoints stop here on purpose (it ended, or its protection
     /// stopped): the standby must not take it over.
     Bye,
+    /// Primary: a full copy starts, made while the VM runs (first message after the Hello).
+    /// What the standby kept may from now on be older than what the primary releases: it
+    /// makes it unusable, then answers [`Msg::Ready`].
+    Resync,
+    /// Standby: what it kept is unusable; the copy may start.
+    Ready,
+    /// Primary: pages of the full copy, read from the running VM (so not consistent until
+    /// the full epoch that ends the copy carries every page written since it started).
+    Base(Box<Base>),
+}
+
+/// Part of a full copy made while the VM runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    /// Page numbers, ascending and above every page of earlier parts.
+    pub pages: Vec<u64>,
+    /// `data` is an LZ4 block.
+    pub compressed: bool,
+    /// The pages' bytes, 4096 each, in order.
+    pub data: Vec<u8>,
 }
 
 /// Compresses the pages' bytes `raw` if that pays (the result is at most 7/8 of them);
@@ -96,14 +116,27 @@ pub fn pack(raw: Vec<u8>) -> (Vec<u8>, bool) {
 /// The pages' bytes of `e`: `e.data`, decompressed if it is. The result must be exactly one
 /// page per listed page (checked: a hostile stream cannot make it larger).
 pub fn unpack(e: &Epoch) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-    let want = e.pages.len() * rebound_snapshot::PAGE_SIZE as usize;
-    if !e.compressed {
-        return Ok(std::borrow::Cow::Borrowed(&e.data));
+    unpack_pages(e.pages.len(), e.compressed, &e.data)
+}
+
+/// The bytes of `pages` pages sent as `data` (compressed or not), checked to be exactly that
+/// many pages.
+pub fn unpack_pages(
+    pages: usize,
+    compressed: bool,
+    data: &[u8],
+) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+    let want = pages * rebound_snapshot::PAGE_SIZE as usize;
+    if !compressed {
+        if data.len() != want {
+            return Err(format!("{pages} pages with {} bytes", data.len()));
+        }
+        return Ok(std::borrow::Cow::Borrowed(data));
     }
     let mut out = vec![0u8; want];
-    match lz4_flex::block::decompress_into(&e.data, &mut out) {
+    match lz4_flex::block::decompress_into(data, &mut out) {
         Ok(n) if n == want => Ok(std::borrow::Cow::Owned(out)),
-        Ok(n) => Err(format!("{n} bytes of pages for {} pages", e.pages.len())),
+        Ok(n) => Err(format!("{n} bytes of pages for {pages} pages")),
         Err(err) => Err(format!("the pages do not decompress: {err}")),
     }
 }

@@ -1514,6 +1514,17 @@ impl Vm {
     pub fn memory(&self) -> &GuestMemory {
         &self.shared.mem
     }
+
+    /// Copies guest page `page` as it is now, with the VM running. The page may change during
+    /// the copy: whoever copies this way copies it again once it is reported dirty.
+    pub fn copy_page(&self, page: u64, buf: &mut [u8]) -> Result<()> {
+        vm_memory::Bytes::read_slice(
+            &self.shared.mem,
+            buf,
+            vm_memory::GuestAddress(page * PAGE_SIZE),
+        )
+        .map_err(|e| Error::Memory(e.to_string()))
+    }
 }
 
 /// A paused VM whose state was captured. Guest memory does not change while this exists: the

@@ -74,4 +74,15 @@ pub trait Sink: Send {
     /// The VM leaves this host for good from the last committed checkpoint: a sink whose
     /// other end can take it over lets it (a standby is left to take over, not told goodbye).
     fn hand_over(&mut self) {}
+
+    /// Called after each checkpoint with the VM running again: a sink may do a bounded share
+    /// of work here that must not pause the VM (a standby's full copy, read from `live`).
+    fn between(&mut self, _live: &dyn LiveMemory) {}
+}
+
+/// Guest memory as it is now, with the VM running: a page copied may change during the copy,
+/// so whoever copies this way must copy again every page reported dirty after it started.
+pub trait LiveMemory {
+    /// Copies page `p` into `buf` (one page long); false if `p` is outside memory.
+    fn copy_page(&self, p: u64, buf: &mut [u8]) -> bool;
 }
