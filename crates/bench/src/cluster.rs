@@ -60,7 +60,7 @@ fn status(bin: &Path, root: &Path) -> Option<Value> {
 
 impl Host {
     fn start(&mut self, bin: &Path, peer: &Host, locks: &Path) -> Result<()> {
-        self.start_with(bin, peer, locks, None)
+        self.start_with(bin, peer, locks, None, &[])
     }
 
     fn start_with(
@@ -69,12 +69,14 @@ impl Host {
         peer: &Host,
         locks: &Path,
         etcd: Option<&str>,
+        extra: &[&str],
     ) -> Result<()> {
         let mut cmd = Command::new(bin);
         cmd.args(["--log-level", "error", "host", "serve"]);
         if let Some(url) = etcd {
             cmd.args(["--etcd", url]);
         }
+        cmd.args(extra);
         let child = cmd
             .args(["--name", self.name])
             .args(["--listen", &self.addr, "--root"])
@@ -359,14 +361,20 @@ fn two_hosts(tmp: &Path) -> Result<(Host, Host)> {
 }
 
 /// `runs` host failures for a VM with `failover` (hot or cold), alternating between two
-/// hosts fenced by ownership locks or (`etcd`) etcd leases: from the dead host's last
-/// heartbeat to the VM's first tick on the other, in ms.
-fn failovers(bin: &Path, failover: &str, runs: usize, etcd: Option<&str>) -> Result<Vec<f64>> {
+/// hosts fenced by ownership locks or (`etcd`) etcd leases, their agents started with `extra`:
+/// from the dead host's last heartbeat to the VM's first tick on the other, in ms.
+fn failovers(
+    bin: &Path,
+    failover: &str,
+    runs: usize,
+    etcd: Option<&str>,
+    extra: &[&str],
+) -> Result<Vec<f64>> {
     let tmp = tempfile::tempdir_in("/dev/shm")?;
     let locks = tmp.path().join("owners");
     let (mut a, mut b) = two_hosts(tmp.path())?;
-    a.start_with(bin, &b, &locks, etcd)?;
-    b.start_with(bin, &a, &locks, etcd)?;
+    a.start_with(bin, &b, &locks, etcd, extra)?;
+    b.start_with(bin, &a, &locks, etcd, extra)?;
     let vm = format!("{failover}-vm");
     a.vmms.push(Killed(
         Command::new(bin)
@@ -413,7 +421,7 @@ fn failovers(bin: &Path, failover: &str, runs: usize, etcd: Option<&str>) -> Res
         let last_beat = e["at_ms"].as_f64().unwrap_or(0.0) - e["detect_ms"].as_f64().unwrap_or(0.0);
         times.push(first - last_beat);
         let peer = &*standby;
-        primary.start_with(bin, peer, &locks, etcd)?;
+        primary.start_with(bin, peer, &locks, etcd, extra)?;
         std::mem::swap(&mut primary, &mut standby);
     }
     // The VM taken over last runs under the standby's agent.
@@ -427,7 +435,7 @@ fn failovers(bin: &Path, failover: &str, runs: usize, etcd: Option<&str>) -> Res
 pub fn failover(runs: usize) -> Result<()> {
     let bin = rebound_bin()?;
     for method in ["hot", "cold"] {
-        let (median, p99) = median_p99(failovers(&bin, method, runs, None)?);
+        let (median, p99) = median_p99(failovers(&bin, method, runs, None, &[])?);
         emit(&format!("cluster_{method}_failover_median"), median, "ms");
         emit(&format!("cluster_{method}_failover_p99"), p99, "ms");
         eprintln!(
@@ -445,7 +453,8 @@ pub fn failover(runs: usize) -> Result<()> {
     match Etcd::start() {
         Ok(etcd) => {
             for method in ["hot", "cold"] {
-                let (median, p99) = median_p99(failovers(&bin, method, runs, Some(&etcd.url))?);
+                let (median, p99) =
+                    median_p99(failovers(&bin, method, runs, Some(&etcd.url), &[])?);
                 emit(
                     &format!("cluster_{method}_failover_etcd_median"),
                     median,
@@ -456,6 +465,15 @@ pub fn failover(runs: usize) -> Result<()> {
                     "{method} failover, etcd leases (grace = dead time, {runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
                 );
             }
+            // Tighter: a host dead after 3 missed heartbeats, a lease trusted for 3 intervals
+            // after its last answered keep-alive (shorter etcd stalls stop VMs briefly).
+            let tight = ["--dead-ms", "60", "--lease-grace-ms", "60"];
+            let (median, p99) = median_p99(failovers(&bin, "hot", runs, Some(&etcd.url), &tight)?);
+            emit("cluster_hot_failover_etcd_tight_median", median, "ms");
+            emit("cluster_hot_failover_etcd_tight_p99", p99, "ms");
+            eprintln!(
+                "hot failover, etcd leases, --dead-ms 60 --lease-grace-ms 60 ({runs} runs): median {median:.0} ms, p99 {p99:.0} ms"
+            );
         }
         Err(e) => eprintln!("etcd failover not measured: {e}"),
     }

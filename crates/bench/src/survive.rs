@@ -18,6 +18,10 @@ const WORKING_SET_MIB: u64 = 128;
 const HOT_PAGES: u64 = 64;
 
 pub(crate) fn rebound_bin() -> Result<PathBuf> {
+    // Another build to compare with (e.g. an older commit's).
+    if let Some(bin) = std::env::var_os("REBOUND_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("rebound");
     if !bin.exists() {

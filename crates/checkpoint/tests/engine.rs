@@ -202,6 +202,8 @@ fn snapshot_directory_sink_restores_and_compacts() {
     engine.stop();
     let stats = engine.stats();
     assert!(stats.epochs >= 12 && stats.sink_errors == 0, "{stats:?}");
+    // Dropping the sink waits for a merge still running in the background.
+    drop(engine);
     let chain = newest_chain(dir.path()).unwrap();
     assert!(
         (1..=5).contains(&chain.len()),

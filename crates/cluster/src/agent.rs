@@ -352,6 +352,10 @@ impl Agent {
                 if next < now {
                     next = now + self.config.heartbeat;
                 }
+            } else {
+                // A dead host's VMs are taken over as soon as it is judged dead and fencing
+                // allows, not at the next tick: up to an interval less of downtime.
+                self.take_overs(true);
             }
             // Beats arrive between ticks (the socket's timeout keeps this loop going).
             if let Ok((n, _)) = udp.recv_from(&mut buf)
@@ -383,7 +387,7 @@ impl Agent {
         self.self_fence(&members);
         let vms = self.watch_own(&members);
         self.send_beats(udp, vms);
-        self.take_overs();
+        self.take_overs(false);
         self.place(&members);
         self.reap();
     }
@@ -588,10 +592,14 @@ impl Agent {
         s.counters.beat_bytes_sent += sent.1;
     }
 
-    /// Takes over the VMs whose standby is here and whose host is dead or reports them dead.
-    fn take_overs(&self) {
+    /// Takes over the VMs whose standby is here and whose host is dead or (unless
+    /// `dead_hosts_only`) reports them dead.
+    fn take_overs(&self, dead_hosts_only: bool) {
         let mut s = lock(&self.state);
         let dead_after = self.config.dead_after;
+        if dead_hosts_only && s.peers.values().all(|p| p.alive(dead_after)) {
+            return;
+        }
         let mut todo = Vec::new();
         for (name, slot) in &s.slots {
             let sl = lock(slot);
@@ -606,7 +614,7 @@ impl Agent {
                 let since = p.last.map_or(Duration::ZERO, |t| t.elapsed());
                 if !p.alive(dead_after) {
                     todo.push((name.clone(), host.clone(), v.clone(), since));
-                } else if v.state == VmState::Dead {
+                } else if v.state == VmState::Dead && !dead_hosts_only {
                     todo.push((name.clone(), host.clone(), v.clone(), Duration::ZERO));
                 }
             }

@@ -429,11 +429,24 @@ fn recurse(n: u64) -> u64 {
     recurse(n + 1) + pad[3]
 }
 
-/// Prints `tick N` every `ms` milliseconds (blocking in the VMM in between), `count` times
-/// (0: forever).
+/// `ticks MS COUNT [MIB]`: prints `tick N TIME` every MS ms (blocking in the VMM in between),
+/// COUNT times (0: forever), after filling MIB MiB with incompressible bytes (memory a full
+/// copy has to move).
 fn ticks(cpu: &Cpu) -> i32 {
     let ms = arg(cpu, 1, 20);
     let count = arg(cpu, 2, 0);
+    let mib = arg(cpu, 3, 0) as usize;
+    let mut held: Vec<u64> = vec![0; mib << 17];
+    let mut x = time::monotonic_ns() | 1;
+    for w in held.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    if mib > 0 {
+        println!("filled {} MiB {:x}", mib, held.iter().fold(0, |a, w| a ^ w));
+    }
     let mut i = 0;
     loop {
         if rebound_guest::boot::shutdown_requested() {

@@ -1,7 +1,16 @@
 //! The snapshot-directory sink: every checkpoint as a snapshot file (a full one, then diffs,
 //! merged into a new full file once the chain is long), restorable with `rebound restore --dir`.
+//!
+//! Merging runs in the background: it reads the whole chain and writes a VM's worth of memory,
+//! which on the commit path would hold every checkpoint (and, on a standby, every
+//! acknowledgement) for that long. The merged file takes a sequence number reserved when the
+//! merge starts, between the chain it merges and the diffs written meanwhile, and the id of the
+//! chain's last file, so those diffs follow it. Until it appears (renamed into place when
+//! complete) the directory's newest chain is the unmerged one; once it appears, that chain's
+//! files are deleted at the next commit.
 
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use rebound_snapshot::format::{self, Verify};
 use rebound_snapshot::{Kind, PAGE_SIZE, Snapshot, SnapshotMeta};
@@ -18,6 +27,19 @@ pub struct SnapshotDir {
     max_chain: usize,
     chain: Vec<(PathBuf, u64)>,
     seq: u64,
+    merging: Option<Merging>,
+}
+
+/// A merge running in the background.
+struct Merging {
+    /// The chain's first `upto` files are merged...
+    upto: usize,
+    /// ...into this file, with the id of the last of them.
+    path: PathBuf,
+    id: u64,
+    /// A full snapshot was written since: the merge is of an abandoned chain.
+    abandoned: bool,
+    done: JoinHandle<Result<(), String>>,
 }
 
 impl SnapshotDir {
@@ -42,6 +64,7 @@ impl SnapshotDir {
             max_chain: max_chain.max(1),
             chain: Vec::new(),
             seq,
+            merging: None,
         })
     }
 
@@ -52,21 +75,82 @@ impl SnapshotDir {
         }
     }
 
-    fn compact(&mut self) -> Result<(), Error> {
-        let snaps = self
-            .chain
-            .iter()
-            .map(|(p, _)| Snapshot::open(p, Verify::Metadata))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
+    /// Starts merging the chain in the background if it is long and no merge runs.
+    fn start_merge(&mut self) {
+        if self.merging.is_some() || self.chain.len() <= self.max_chain {
+            return;
+        }
+        let Some(&(_, id)) = self.chain.last() else {
+            return;
+        };
+        let files: Vec<PathBuf> = self.chain.iter().map(|(p, _)| p.clone()).collect();
         self.seq += 1;
         let path = self.dir.join(format!("{:010}-full.snap", self.seq));
-        let id = new_id();
-        format::merge(&snaps, &path, id).map_err(|e| self.err(e))?;
-        for (old, _) in std::mem::replace(&mut self.chain, vec![(path, id)]) {
-            let _ = std::fs::remove_file(old);
+        let out = path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-merge".into())
+            .spawn(move || {
+                let snaps = files
+                    .iter()
+                    .map(|p| Snapshot::open(p, Verify::Metadata))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                format::merge(&snaps, &out, id)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        match spawned {
+            Ok(done) => {
+                self.merging = Some(Merging {
+                    upto: self.chain.len(),
+                    path,
+                    id,
+                    abandoned: false,
+                    done,
+                });
+            }
+            Err(e) => tracing::warn!("cannot merge {}: {e}", self.dir.display()),
         }
-        Ok(())
+    }
+
+    /// Takes a finished merge's result (or waits for it, with `wait`): the merged file replaces
+    /// the files it merged.
+    fn finish_merge(&mut self, wait: bool) {
+        if self
+            .merging
+            .as_ref()
+            .is_none_or(|m| !wait && !m.done.is_finished())
+        {
+            return;
+        }
+        let Some(m) = self.merging.take() else {
+            return;
+        };
+        let result = m
+            .done
+            .join()
+            .unwrap_or_else(|_| Err("the merge panicked".into()));
+        match result {
+            // Its chain was replaced by a full snapshot (and may have been deleted under it).
+            _ if m.abandoned => {
+                let _ = std::fs::remove_file(m.path);
+            }
+            Ok(()) => {
+                let merged: Vec<_> = self.chain.drain(..m.upto).collect();
+                self.chain.insert(0, (m.path, m.id));
+                for (old, _) in merged {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
+            // The chain stays as it is; the merge is tried again at the next commit.
+            Err(e) => tracing::warn!("cannot merge {}: {e}", self.dir.display()),
+        }
+    }
+}
+
+impl Drop for SnapshotDir {
+    fn drop(&mut self) {
+        self.finish_merge(true);
     }
 }
 
@@ -76,6 +160,7 @@ impl Sink for SnapshotDir {
     }
 
     fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), Error> {
+        self.finish_merge(false);
         let full = cp.full || self.chain.is_empty();
         let kind = if full { Kind::Full } else { Kind::Diff };
         let id = new_id();
@@ -114,6 +199,9 @@ impl Sink for SnapshotDir {
         }
         w.finish().map_err(|e| self.err(e))?;
         let old_chain = if full {
+            if let Some(m) = &mut self.merging {
+                m.abandoned = true;
+            }
             std::mem::take(&mut self.chain)
         } else {
             Vec::new()
@@ -122,13 +210,7 @@ impl Sink for SnapshotDir {
         for (old, _) in old_chain {
             let _ = std::fs::remove_file(old);
         }
-        if self.chain.len() > self.max_chain
-            && let Err(e) = self.compact()
-        {
-            // The checkpoint itself is durable; only the housekeeping failed (it is retried at
-            // the next commit).
-            tracing::warn!("cannot compact {}: {e}", self.dir.display());
-        }
+        self.start_merge();
         Ok(())
     }
 }
@@ -227,4 +309,89 @@ pub fn chain_to_epoch(dir: &Path, epoch: u64) -> Result<Vec<PathBuf>, Error> {
         .rposition(|(_, m)| m.kind == Kind::Full)
         .ok_or_else(|| err(format!("no full snapshot before checkpoint {epoch}")))?;
     Ok(files[start..=end].iter().map(|(p, _)| p.clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_dir::OutputRecord;
+    use crate::strategy::PageSource;
+    use rebound_snapshot::DirtySet;
+    use rebound_vmm::persist::{SavedState, VmDescriptor};
+
+    struct Pages(Vec<u8>);
+
+    impl PageSource for Pages {
+        fn page(&self, p: u64) -> Option<&[u8]> {
+            self.0
+                .get((p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize)
+        }
+    }
+
+    /// The memory the directory's newest chain restores.
+    fn restored(dir: &Path, npages: u64) -> Vec<u8> {
+        let snaps: Vec<Snapshot> = newest_chain(dir)
+            .unwrap()
+            .iter()
+            .map(|p| Snapshot::open(p, Verify::Metadata).unwrap())
+            .collect();
+        format::check_chain(&snaps).unwrap();
+        let out = dir.join("check.merged");
+        format::merge(&snaps, &out, 1).unwrap();
+        let m = Snapshot::open(&out, Verify::Metadata).unwrap();
+        let mut mem = vec![0u8; (npages * PAGE_SIZE) as usize];
+        m.read_memory(0, &mut mem).unwrap();
+        std::fs::remove_file(out).unwrap();
+        mem
+    }
+
+    #[test]
+    fn merging_in_the_background_keeps_the_newest_chain_restorable_at_every_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let npages = 8;
+        let mut sink = SnapshotDir::new(tmp.path(), 2).unwrap();
+        let state = SavedState {
+            vm: VmDescriptor {
+                mem_size: npages * PAGE_SIZE,
+                vcpus: 1,
+                image: "x".into(),
+                boot_args: String::new(),
+                disk: None,
+                abi_version: 0,
+            },
+            components: Default::default(),
+        };
+        let mut mem = vec![0u8; (npages * PAGE_SIZE) as usize];
+        for epoch in 1..=60u64 {
+            let p = epoch % npages;
+            mem[(p * PAGE_SIZE) as usize..][..8].copy_from_slice(&epoch.to_le_bytes());
+            let mut dirty = DirtySet::new(npages);
+            dirty.insert(p);
+            // Now and then a full one, abandoning a merge that may be running.
+            let full = epoch == 1 || epoch % 17 == 0;
+            let all = DirtySet::full(npages);
+            let source = Pages(mem.clone());
+            sink.commit(&CheckpointData {
+                epoch,
+                id: epoch,
+                follows: None,
+                state: &state,
+                mem_size: npages * PAGE_SIZE,
+                pages: &dirty,
+                full,
+                data: full.then_some(&all),
+                source: &source,
+                output: &OutputRecord::default(),
+            })
+            .unwrap();
+            assert_eq!(restored(tmp.path(), npages), mem, "after epoch {epoch}");
+            assert!(
+                newest_epoch(tmp.path()).unwrap() == epoch,
+                "epoch {epoch} is the newest"
+            );
+        }
+        drop(sink);
+        let files = std::fs::read_dir(tmp.path()).unwrap().count();
+        assert!(files <= 4, "merged chains are deleted: {files} files left");
+    }
 }
