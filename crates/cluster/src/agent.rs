@@ -48,7 +48,32 @@ pub trait Hooks: Send + Sync {
     fn take_over(&self, t: &Takeover) -> io::Result<Child>;
     /// Moves a running VM's standby (its VMM's `PATCH /protection`).
     fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> io::Result<()>;
+    /// Recovers VM `r.name`, whose VMM died, on this host from its state directory.
+    fn restart(&self, r: &Restart) -> io::Result<Child>;
 }
+
+/// A VM to recover on its own host.
+#[derive(Clone, Debug)]
+pub struct Restart {
+    /// Its name.
+    pub name: String,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Where its console output goes.
+    pub out: PathBuf,
+    /// The host its standby goes on, if any.
+    pub standby: Option<String>,
+    /// Its failover requirement, carried over.
+    pub failover: Failover,
+    /// Its longest acceptable failover.
+    pub max_failover_ms: Option<u64>,
+}
+
+/// Restarts of one VM allowed within [`RESTART_WINDOW`]; past them it is failed over (or
+/// left dead): a VM that keeps dying here would only die again.
+pub const MAX_RESTARTS: usize = 3;
+/// See [`MAX_RESTARTS`].
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// A VM to take over.
 #[derive(Clone, Debug)]
@@ -202,6 +227,12 @@ struct Own {
     acked_epoch: u64,
     /// Output held for acknowledgement.
     held_bytes: u64,
+    /// Its VMM's pid.
+    pid: u32,
+    /// When it was restarted here lately.
+    restarts: Vec<Instant>,
+    /// A restart under way: the dead VMM's pid and the recovering process's.
+    restarting: Option<(u32, u32)>,
 }
 
 /// A failover this agent did.
@@ -228,6 +259,8 @@ struct Counters {
     takeovers_fenced: u64,
     /// Times this host stopped or ended its own VMMs, unable to prove it owned them.
     self_fenced: u64,
+    /// VMs recovered here after their VMM died.
+    restarts: u64,
 }
 
 struct State {
@@ -444,11 +477,48 @@ impl Agent {
                 self.root.leave(&m.name);
                 continue;
             }
+            let fenced = s.fenced;
             let o = s.own.entry(m.name.clone()).or_default();
             let now = Instant::now();
             let alive = process_alive(m.pid);
+            if o.pid != m.pid {
+                // A new VMM for it (a restart here): judged afresh.
+                // Its standby is placed and its ownership recorded again.
+                *o = Own {
+                    pid: m.pid,
+                    restarts: std::mem::take(&mut o.restarts),
+                    state: o.state,
+                    ..Own::default()
+                };
+            }
+            let mut restart = false;
             let state = if !alive {
-                VmState::Dead
+                match o.restarting {
+                    Some((dead, by)) if dead == m.pid => {
+                        if process_alive(by) {
+                            VmState::Restarting
+                        } else {
+                            tracing::error!(vm = %m.name, "recovering the VM here failed: it fails over");
+                            o.restarting = None;
+                            VmState::Dead
+                        }
+                    }
+                    _ => {
+                        // Only a VMM this agent saw running is recovered here: after an agent
+                        // restart, a VM found dead may already run elsewhere.
+                        let watched = matches!(o.state, Some(VmState::Running | VmState::Stalled));
+                        o.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+                        restart = watched
+                            && !fenced
+                            && m.state_dir.is_some()
+                            && o.restarts.len() < MAX_RESTARTS;
+                        if restart {
+                            VmState::Restarting
+                        } else {
+                            VmState::Dead
+                        }
+                    }
+                }
             } else if let Some(st) = status {
                 if st.seq != o.last_seq {
                     o.last_seq = st.seq;
@@ -481,6 +551,11 @@ impl Agent {
                     }
                 }
             }
+            let state = if restart {
+                self.restart(&mut s, m)
+            } else {
+                state
+            };
             let o = s.own.entry(m.name.clone()).or_default();
             let degraded = matches!(o.applied, Some(None));
             if state == VmState::Dead && !o.released && m.standby.is_some() && !degraded {
@@ -488,7 +563,7 @@ impl Agent {
                 lock(&self.fence).release(&m.name);
             }
             if state == VmState::Stalled && o.state != Some(VmState::Stalled) {
-                tracing::warn!(vm = %m.name, pid = m.pid, "the VM stopped making progress: its VMM is killed, the VM fails over");
+                tracing::warn!(vm = %m.name, pid = m.pid, "the VM stopped making progress: its VMM is killed (the VM is recovered here or fails over)");
                 // SAFETY: kill(2) on the pid the VM's own VMM registered; a stale pid is
                 // guarded by `process_alive` having just seen it.
                 unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
@@ -535,6 +610,41 @@ impl Agent {
         }
         out.retain(|v| !elsewhere.contains(&v.name));
         out
+    }
+
+    /// Recovers VM `m`, whose VMM died, here from its state directory (if this host still
+    /// owns it): its state from now on.
+    fn restart(&self, s: &mut State, m: &Member) -> VmState {
+        let Some(state_dir) = m.state_dir.clone() else {
+            return VmState::Dead;
+        };
+        if let Err(why) = lock(&self.fence).claim(&m.name) {
+            tracing::warn!(vm = %m.name, "not recovered here: {why}");
+            return VmState::Dead;
+        }
+        let r = Restart {
+            name: m.name.clone(),
+            state_dir,
+            out: self.root.takeover_output(&m.name),
+            standby: m.standby.clone(),
+            failover: m.failover,
+            max_failover_ms: m.max_failover_ms,
+        };
+        match self.hooks.restart(&r) {
+            Ok(child) => {
+                tracing::warn!(vm = %m.name, dead = m.pid, pid = child.id(), "the VM's VMM died: recovering it here");
+                let o = s.own.entry(m.name.clone()).or_default();
+                o.restarting = Some((m.pid, child.id()));
+                o.restarts.push(Instant::now());
+                s.counters.restarts += 1;
+                s.children.push(child);
+                VmState::Restarting
+            }
+            Err(e) => {
+                tracing::error!(vm = %m.name, "cannot recover the VM here: {e}");
+                VmState::Dead
+            }
+        }
     }
 
     fn hot_free(&self, s: &State) -> u64 {
@@ -611,6 +721,12 @@ impl Agent {
                 let Some(v) = b.vms.iter().find(|v| &v.name == name) else {
                     continue;
                 };
+                if v.standby.as_deref() != Some(self.config.name.as_str()) {
+                    // Its host last named another standby (or none: it ran on alone, so any
+                    // copy here is older than what it released): a copy left here from an
+                    // earlier connection is not its standby.
+                    continue;
+                }
                 let since = p.last.map_or(Duration::ZERO, |t| t.elapsed());
                 if !p.alive(dead_after) {
                     todo.push((name.clone(), host.clone(), v.clone(), since));
@@ -939,6 +1055,8 @@ impl Agent {
                     "name": n,
                     "owner": self.config.name,
                     "state": o.state,
+                    "pid": o.pid,
+                    "restarts": o.restarts.len(),
                     "standby": standby,
                     "method": method,
                     "replication": replication,

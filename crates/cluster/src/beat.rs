@@ -21,6 +21,9 @@ pub enum VmState {
     Stalled,
     /// Its VMM process died: a per-VM failure.
     Dead,
+    /// Its VMM process died and its host recovers it from its state directory: not for its
+    /// standby to take over.
+    Restarting,
 }
 
 /// One VM in a heartbeat.

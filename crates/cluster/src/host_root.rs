@@ -8,7 +8,7 @@
 //! ROOT/vms/NAME/status       its VMM's status record, rewritten every heartbeat interval
 //! ROOT/standby/NAME.hot      a hot standby kept here (a state directory)
 //! ROOT/standby/NAME.cold     a cold standby kept here (a snapshot directory)
-//! ROOT/out/NAME.N            console output of a VM this agent took over (its Nth takeover)
+//! ROOT/out/NAME.N            console output of a VM this agent took over or restarted (Nth)
 //! ```
 //!
 //! The agent reads every VM's status record each interval: a VM's liveness reaches it without
@@ -81,6 +81,10 @@ pub struct Member {
     pub max_failover_ms: Option<u64>,
     /// Its memory in bytes (what a hot standby needs).
     pub mem_size: u64,
+    /// Its state directory, if it keeps one: a VM whose VMM dies while its host is fine is
+    /// recovered from it on this host (a few times a minute at most) rather than failed over.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What a VMM says about its VM every interval.
@@ -308,6 +312,7 @@ mod tests {
             failover: Failover::Auto,
             max_failover_ms: Some(500),
             mem_size: 1 << 20,
+            state_dir: Some("/dev/shm/vm1".into()),
         };
         let mut w = root.join(&m).unwrap();
         w.write(Status {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use rebound_cluster::agent::{Agent, AgentConfig, Hooks, Takeover};
+use rebound_cluster::agent::{Agent, AgentConfig, Hooks, Restart, Takeover};
 use rebound_cluster::fence;
 use rebound_cluster::host_root::{Failover, HostRoot, Member, Status};
 use rebound_control::Instance;
@@ -126,6 +126,7 @@ impl MemberArgs {
         id: &str,
         standby: Option<&str>,
         api_sock: &Path,
+        state_dir: Option<&Path>,
     ) -> Result<Option<(Joining, Option<String>, bool)>> {
         let Some(root) = &self.host_root else {
             return Ok(None);
@@ -166,6 +167,7 @@ impl MemberArgs {
             failover: self.failover,
             max_failover_ms: self.max_failover_ms,
             mem_size: 0,
+            state_dir: state_dir.map(absolute),
         };
         Ok(Some((
             Joining {
@@ -178,6 +180,19 @@ impl MemberArgs {
             hot,
         )))
     }
+}
+
+fn failover_name(f: Failover) -> &'static str {
+    match f {
+        Failover::Hot => "hot",
+        Failover::Cold => "cold",
+        Failover::Auto => "auto",
+    }
+}
+
+/// `p` as an absolute path (the agent that uses it runs elsewhere).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// The API socket a VM joining a host uses when none was given.
@@ -265,16 +280,39 @@ impl Hooks for CliHooks {
             .arg("--host-root")
             .arg(&self.root)
             .arg("--failover")
-            .arg(match t.failover {
-                Failover::Hot => "hot",
-                Failover::Cold => "cold",
-                Failover::Auto => "auto",
-            })
+            .arg(failover_name(t.failover))
             .arg("--standby-host")
             .arg(&t.from)
             .stdin(Stdio::null())
             .stdout(out);
         cmd.spawn()
+    }
+
+    fn restart(&self, r: &Restart) -> std::io::Result<Child> {
+        let out = std::fs::File::create(&r.out)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--id")
+            .arg(&r.name)
+            .arg("--log-level")
+            .arg(&self.log_level)
+            .arg("--api-sock")
+            .arg(default_api_sock(&self.root, &r.name))
+            .arg("recover")
+            .arg("--state")
+            .arg(&r.state_dir)
+            .arg("--protect-ms")
+            .arg(self.protect_ms.to_string())
+            .arg("--host-root")
+            .arg(&self.root)
+            .arg("--failover")
+            .arg(failover_name(r.failover));
+        if let Some(h) = &r.standby {
+            cmd.arg("--standby-host").arg(h);
+        }
+        if let Some(ms) = r.max_failover_ms {
+            cmd.arg("--max-failover-ms").arg(ms.to_string());
+        }
+        cmd.stdin(Stdio::null()).stdout(out).spawn()
     }
 
     fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> std::io::Result<()> {

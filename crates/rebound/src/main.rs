@@ -816,7 +816,7 @@ fn restore(id: &str, api_sock: Option<&Path>, mut args: RestoreArgs) -> Result<i
     args.placement.apply(&instance)?;
     let api_sock = args.member.api_sock(id, api_sock);
     let api_sock = api_sock.as_deref();
-    let joining = join_host(&args.member, id, &mut args.protect, api_sock)?;
+    let joining = join_host(&args.member, id, &mut args.protect, api_sock, None)?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }
@@ -859,7 +859,13 @@ fn run_guest(cli: &Cli, mut args: RunArgs) -> Result<i32> {
     {
         bail!("--host-root needs a protected VM (--protect-ms or --state)");
     }
-    let joining = join_host(&args.member, id, &mut args.protect, api_sock)?;
+    let joining = join_host(
+        &args.member,
+        id,
+        &mut args.protect,
+        api_sock,
+        args.state.as_deref(),
+    )?;
     let (image, is_demo) = match (&args.guest, &args.bundled) {
         (Some(path), _) => (GuestImage::from_path(path)?, false),
         (None, Some(name)) => {
@@ -954,17 +960,21 @@ fn run_guest(cli: &Cli, mut args: RunArgs) -> Result<i32> {
 }
 
 /// Joins the host agent of `member.host_root`, if given: the VM's ownership lock, and its
-/// standby resolved into `protect` (none yet if the agent is to place it).
+/// standby resolved into `protect` (none yet if the agent is to place it). A VM with a state
+/// directory is recovered from it by the agent if its VMM dies.
 pub(crate) fn join_host(
     member: &cluster::MemberArgs,
     id: &str,
     protect: &mut ProtectArgs,
     api_sock: Option<&Path>,
+    state_dir: Option<&Path>,
 ) -> Result<Option<cluster::Joining>> {
     let Some(sock) = api_sock else {
         return Ok(None);
     };
-    let Some((joining, addr, hot)) = member.join(id, protect.standby.as_deref(), sock)? else {
+    let Some((joining, addr, hot)) =
+        member.join(id, protect.standby.as_deref(), sock, state_dir)?
+    else {
         return Ok(None);
     };
     if protect.standby.is_some() || member.standby_host.is_some() {

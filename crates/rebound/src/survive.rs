@@ -27,7 +27,13 @@ pub fn recover(cli: &Cli, args: RecoverArgs) -> Result<i32> {
     let api_sock = args.member.api_sock(&cli.id, cli.api_sock.as_deref());
     let api_sock = api_sock.as_deref();
     let mut protect = crate::ProtectArgs::default();
-    let joining = crate::join_host(&args.member, &cli.id, &mut protect, api_sock)?;
+    let joining = crate::join_host(
+        &args.member,
+        &cli.id,
+        &mut protect,
+        api_sock,
+        Some(&args.state),
+    )?;
     if let Some(sock) = api_sock {
         start_api(sock, instance.clone())?;
     }

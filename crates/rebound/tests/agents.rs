@@ -866,3 +866,94 @@ fn a_guest_that_stops_making_progress_is_killed_and_a_waiting_one_is_not() {
     let _ = idle.wait();
     a.kill_all();
 }
+
+/// The pid and state of VM `vm` as its host's agent reports it.
+fn vm_on(root: &Path, vm: &str) -> Option<(u64, String)> {
+    let s = status(root)?;
+    let v = s["vms"]
+        .as_array()?
+        .iter()
+        .find(|x| x["name"] == vm)?
+        .clone();
+    Some((v["pid"].as_u64()?, v["state"].as_str()?.to_string()))
+}
+
+#[test]
+fn a_vm_whose_vmm_dies_is_recovered_on_its_host_and_one_that_keeps_failing_is_not() {
+    if !rebound_net::lab::available() {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let _serial = serial();
+    let tmp = common::shm();
+    let locks = tmp.path().join("owners");
+    let (mut a, b) = two_hosts(tmp.path(), "rs");
+    a.agent(&b, &locks, &["--stall-ms", "1000"]);
+    let start = |name: &str, args: &str, out: Stdio| {
+        let mut c = a.ns.command(REBOUND);
+        common::die_with_test(&mut c);
+        c.args([
+            "--id",
+            name,
+            "run",
+            "--bundled",
+            "testguest",
+            "--mem-mib",
+            "32",
+        ])
+        .args(["--args", args, "--protect-ms", "20", "--state"])
+        .arg(tmp.path().join(format!("{name}.state")))
+        .arg("--host-root")
+        .arg(&a.root)
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let first = tmp.path().join("crashy.out");
+    let mut crashy = start(
+        "crashy",
+        "ticks 5 0",
+        Stdio::from(std::fs::File::create(&first).unwrap()),
+    );
+    wait_until("the VM to join and tick", Duration::from_secs(60), || {
+        runs(&a.root, "crashy") && ticks_in(&first).len() >= 20
+    });
+    let (pid, _) = vm_on(&a.root, "crashy").unwrap();
+    assert_eq!(pid, u64::from(crashy.id()));
+    common::sigkill(&crashy);
+    let _ = crashy.wait();
+    // Recovered here from its state directory, by a new VMM, its console in ROOT/out.
+    let again = a.root.join("out").join("crashy.1");
+    wait_until("the VM recovered here", Duration::from_secs(60), || {
+        vm_on(&a.root, "crashy").is_some_and(|(p, s)| p != pid && s == "Running")
+            && ticks_in(&again).len() >= 20
+    });
+    let (before, after) = (ticks_in(&first), ticks_in(&again));
+    let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+    assert!(
+        all.windows(2).all(|w| w[1] > w[0]),
+        "a tick shown twice or out of order: {before:?} then {after:?}"
+    );
+
+    // A guest that stalls again after every recovery: recovered MAX_RESTARTS (3) times, then
+    // left dead.
+    let mut stuck = start("stuck", "spin", Stdio::null());
+    wait_until(
+        "the stuck VM dead for good",
+        Duration::from_secs(120),
+        || vm_on(&a.root, "stuck").is_some_and(|(_, s)| s == "Dead"),
+    );
+    let _ = stuck.wait();
+    let s = status(&a.root).unwrap();
+    let v = s["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "stuck")
+        .unwrap()
+        .clone();
+    assert_eq!(v["restarts"], 3, "{v}");
+    assert_eq!(s["heartbeats"]["restarts"], 4, "{s}");
+    a.kill_all();
+}
