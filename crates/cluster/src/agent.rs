@@ -31,10 +31,17 @@ use serde::Serialize;
 use crate::Error;
 use crate::beat::{self, Beat, VmBeat, VmState};
 use crate::cold::ColdStore;
-use crate::fence::{Fence, Standing};
+use crate::fence::{Fence, Standing, Watch};
 use crate::host_root::{Failover, HostConfig, HostRoot, Member, Status};
 use crate::hot::HotStore;
 use crate::standby::{self, Ended, Store};
+
+/// The next tick on the interval's grid (a late tick does not push the next ones back), unless
+/// a whole interval was missed.
+fn next_tick(next: Instant, now: Instant, interval: Duration) -> Instant {
+    let n = next + interval;
+    if n < now { now + interval } else { n }
+}
 
 /// What a cold failover is planned to take (restore from the chain, page faults after).
 pub const COLD_FAILOVER_ESTIMATE_MS: u64 = 1000;
@@ -274,6 +281,8 @@ struct State {
     fenced: bool,
     /// VMs whose owner still holds the lock (logged once).
     fenced_off: BTreeMap<String, Instant>,
+    /// This host's VMs as the control thread last saw them: what heartbeats carry.
+    vms: Vec<VmBeat>,
 }
 
 impl State {
@@ -296,6 +305,8 @@ impl State {
 pub struct Agent {
     config: AgentConfig,
     fence: Mutex<Box<dyn Fence>>,
+    /// The fence's standing without waiting for it (the heartbeat thread's).
+    watch: Watch,
     root: HostRoot,
     hooks: Box<dyn Hooks>,
     incarnation: u64,
@@ -346,8 +357,10 @@ impl Agent {
                 children: Vec::new(),
                 fenced: false,
                 fenced_off: BTreeMap::new(),
+                vms: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            watch: fence.watch(),
             fence: Mutex::new(fence),
             config,
         }))
@@ -372,23 +385,31 @@ impl Agent {
                 .name("agent-status".into())
                 .spawn(move || me.serve_status(&status))?;
         }
+        // The control thread does what may wait (etcd, VMMs' APIs); this one only what must
+        // keep time: heartbeats out and in, and stopping the VMMs when ownership is unsure.
+        let control = {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("agent-control".into())
+                .spawn(move || me.control())?
+        };
         tracing::info!(host = %self.config.name, listen = %self.config.listen, "host agent up");
         let mut next = Instant::now();
         let mut buf = vec![0u8; beat::MAX_DATAGRAM];
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             if now >= next {
-                self.tick(&udp);
-                // On the interval's grid (a late tick does not push the next ones back),
-                // unless a whole interval was missed.
-                next += self.config.heartbeat;
-                if next < now {
-                    next = now + self.config.heartbeat;
-                }
-            } else {
-                // A dead host's VMs are taken over as soon as it is judged dead and fencing
-                // allows, not at the next tick: up to an interval less of downtime.
-                self.take_overs(true);
+                let members = self.root.members();
+                // Lost is acted on by the control thread (it also renews the lease); here it
+                // means at least: stop now.
+                let standing = match self.watch.standing() {
+                    Standing::Lost => Standing::Unsure,
+                    s => s,
+                };
+                self.self_fence(standing, &members);
+                let vms = lock(&self.state).vms.clone();
+                self.send_beats(&udp, vms);
+                next = next_tick(next, now, self.config.heartbeat);
             }
             // Beats arrive between ticks (the socket's timeout keeps this loop going).
             if let Ok((n, _)) = udp.recv_from(&mut buf)
@@ -397,7 +418,25 @@ impl Agent {
                 self.on_beat(b);
             }
         }
+        let _ = control.join();
         Ok(())
+    }
+
+    /// The control thread: every interval, the fence renewed, this host's VMs watched,
+    /// standbys taken over and placed; between intervals, a dead host's VMs taken over as
+    /// soon as it is judged dead and fencing allows.
+    fn control(&self) {
+        let mut next = Instant::now();
+        while !self.stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= next {
+                self.tick();
+                next = next_tick(next, now, self.config.heartbeat);
+            } else {
+                self.take_overs(true);
+                std::thread::sleep((next - now).min(Duration::from_millis(5)));
+            }
+        }
     }
 
     /// Ends [`run`](Self::run).
@@ -414,21 +453,23 @@ impl Agent {
         }
     }
 
-    /// One heartbeat interval.
-    fn tick(&self, udp: &UdpSocket) {
+    /// One interval of the control thread.
+    fn tick(&self) {
         let members = self.root.members();
-        self.self_fence(&members);
+        let standing = lock(&self.fence).standing();
+        if standing == Standing::Lost {
+            self.self_fence(standing, &members);
+        }
         let vms = self.watch_own(&members);
-        self.send_beats(udp, vms);
+        lock(&self.state).vms = vms;
         self.take_overs(false);
         self.place(&members);
         self.reap();
     }
 
-    /// Stops this host's VMMs while it cannot prove it owns their VMs, resumes them once it
-    /// can again, and ends them if it lost them.
-    fn self_fence(&self, members: &[(Member, Option<Status>)]) {
-        let standing = lock(&self.fence).standing();
+    /// Stops this host's VMMs while it cannot prove it owns their VMs (`standing`), resumes
+    /// them once it can again, and ends them if it lost them.
+    fn self_fence(&self, standing: Standing, members: &[(Member, Option<Status>)]) {
         let mut s = lock(&self.state);
         let signal = match (standing, s.fenced) {
             (Standing::Owner, true) => {
@@ -465,8 +506,59 @@ impl Agent {
         }
     }
 
-    /// Reads the VMs running here; kills a stalled one (it then fails over as dead).
+    /// Reads the VMs running here; kills a stalled one (it is then recovered here or fails
+    /// over as dead). What needs the fence (an etcd call, perhaps slow) is done without
+    /// holding the agent's state.
     fn watch_own(&self, members: &[(Member, Option<Status>)]) -> Vec<VmBeat> {
+        let (mut to_claim, mut to_restart, mut to_release) = (Vec::new(), Vec::new(), Vec::new());
+        let mut out = self.observe_own(members, &mut to_claim, &mut to_restart, &mut to_release);
+        for (name, pid) in to_claim {
+            let claimed = lock(&self.fence).claim(&name);
+            let mut s = lock(&self.state);
+            match claimed {
+                Ok(c) => {
+                    if let Some(o) = s.own.get_mut(&name).filter(|o| o.pid == pid) {
+                        o.claimed = c;
+                    }
+                }
+                Err(why) => {
+                    tracing::error!(vm = %name, pid, "{why}: it must not run here; its VMM is killed");
+                    // SAFETY: kill(2) on the pid the VM's own VMM registered, seen alive.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        for m in to_restart {
+            let state = self.restart(&m);
+            if state == VmState::Dead {
+                let mut s = lock(&self.state);
+                if let Some(o) = s.own.get_mut(&m.name) {
+                    o.state = Some(VmState::Dead);
+                    if m.standby.is_some() && !o.released && !matches!(o.applied, Some(None)) {
+                        o.released = true;
+                        to_release.push(m.name.clone());
+                    }
+                }
+                if let Some(v) = out.iter_mut().find(|v| v.name == m.name) {
+                    v.state = VmState::Dead;
+                }
+            }
+        }
+        for name in to_release {
+            lock(&self.fence).release(&name);
+        }
+        out
+    }
+
+    /// [`watch_own`](Self::watch_own)'s look at the VMs, under the agent's state: what to
+    /// claim, recover here and give up goes into the lists.
+    fn observe_own(
+        &self,
+        members: &[(Member, Option<Status>)],
+        to_claim: &mut Vec<(String, u32)>,
+        to_restart: &mut Vec<Member>,
+        to_release: &mut Vec<String>,
+    ) -> Vec<VmBeat> {
         let mut s = lock(&self.state);
         let mut out = Vec::new();
         let mut seen = Vec::new();
@@ -539,28 +631,16 @@ impl Agent {
             } else {
                 VmState::Running
             };
-            if state == VmState::Running && !o.claimed && !s.fenced {
-                let claimed = lock(&self.fence).claim(&m.name);
-                let o = s.own.entry(m.name.clone()).or_default();
-                match claimed {
-                    Ok(c) => o.claimed = c,
-                    Err(why) => {
-                        tracing::error!(vm = %m.name, pid = m.pid, "{why}: it must not run here; its VMM is killed");
-                        // SAFETY: kill(2) on the pid the VM's own VMM registered, seen alive.
-                        unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
-                    }
-                }
+            if state == VmState::Running && !o.claimed && !fenced {
+                to_claim.push((m.name.clone(), m.pid));
             }
-            let state = if restart {
-                self.restart(&mut s, m)
-            } else {
-                state
-            };
-            let o = s.own.entry(m.name.clone()).or_default();
+            if restart {
+                to_restart.push(m.clone());
+            }
             let degraded = matches!(o.applied, Some(None));
             if state == VmState::Dead && !o.released && m.standby.is_some() && !degraded {
                 o.released = true;
-                lock(&self.fence).release(&m.name);
+                to_release.push(m.name.clone());
             }
             if state == VmState::Stalled && o.state != Some(VmState::Stalled) {
                 tracing::warn!(vm = %m.name, pid = m.pid, "the VM stopped making progress: its VMM is killed (the VM is recovered here or fails over)");
@@ -614,7 +694,7 @@ impl Agent {
 
     /// Recovers VM `m`, whose VMM died, here from its state directory (if this host still
     /// owns it): its state from now on.
-    fn restart(&self, s: &mut State, m: &Member) -> VmState {
+    fn restart(&self, m: &Member) -> VmState {
         let Some(state_dir) = m.state_dir.clone() else {
             return VmState::Dead;
         };
@@ -622,6 +702,7 @@ impl Agent {
             tracing::warn!(vm = %m.name, "not recovered here: {why}");
             return VmState::Dead;
         }
+        let mut s = lock(&self.state);
         let r = Restart {
             name: m.name.clone(),
             state_dir,
@@ -705,7 +786,7 @@ impl Agent {
     /// Takes over the VMs whose standby is here and whose host is dead or (unless
     /// `dead_hosts_only`) reports them dead.
     fn take_overs(&self, dead_hosts_only: bool) {
-        let mut s = lock(&self.state);
+        let s = lock(&self.state);
         let dead_after = self.config.dead_after;
         if dead_hosts_only && s.peers.values().all(|p| p.alive(dead_after)) {
             return;
@@ -735,9 +816,13 @@ impl Agent {
                 }
             }
         }
+        drop(s);
         for (name, from, _v, since) in todo {
             let from_dead = since >= dead_after;
-            match lock(&self.fence).take(&name, &from, from_dead) {
+            // The fence may ask etcd: not under the agent's state.
+            let taken = lock(&self.fence).take(&name, &from, from_dead);
+            let mut s = lock(&self.state);
+            match taken {
                 Ok(true) => {}
                 Ok(false) => {
                     s.counters.takeovers_fenced += 1;
@@ -753,6 +838,14 @@ impl Agent {
                 }
             }
             s.fenced_off.remove(&name);
+            // Still a copy to take over from (no new connection started a resync meanwhile).
+            let usable = s.slots.get(&name).is_some_and(|sl| {
+                let sl = lock(sl);
+                !sl.taken && sl.epochs > 0
+            });
+            if !usable {
+                continue;
+            }
             let Some(slot) = s.slots.remove(&name) else {
                 continue;
             };

@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A held ownership lock (released when dropped or when the process ends).
 #[derive(Debug)]
@@ -83,10 +84,31 @@ pub enum Standing {
     Lost,
 }
 
+/// A host's standing as it is now, read without waiting on anything: the thread that stops
+/// this host's VMMs must act at once, whatever else waits on the fence (an etcd call).
+#[derive(Clone, Default)]
+pub struct Watch(Option<Arc<dyn Fn() -> Standing + Send + Sync>>);
+
+impl Watch {
+    /// Standing as `f` tells it (it must not block).
+    pub fn new(f: impl Fn() -> Standing + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)))
+    }
+
+    /// The standing now (the owner, for fences that have no other).
+    pub fn standing(&self) -> Standing {
+        self.0.as_ref().map_or(Standing::Owner, |f| f())
+    }
+}
+
 /// How a host proves it owns its VMs and takes over another host's.
 pub trait Fence: Send {
     /// Called every heartbeat interval: renews what must be renewed; what this host may do.
     fn standing(&mut self) -> Standing;
+    /// The standing, read without waiting (see [`Watch`]).
+    fn watch(&self) -> Watch {
+        Watch::default()
+    }
     /// Records this host as the owner of VM `vm`, which runs here: `Ok(true)` once recorded,
     /// `Ok(false)` if that cannot be done now (try again), `Err` (why) if another host owns it:
     /// it must not run here.

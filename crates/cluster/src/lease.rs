@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
 
-use crate::fence::{Fence, Standing};
+use crate::fence::{Fence, Standing, Watch};
 
 /// How long a lease lives in etcd without keep-alives (it is revoked long before by a standby
 /// that takes over; this only cleans up after hosts that went away for good).
@@ -305,6 +305,19 @@ async fn keep_alive(
 }
 
 impl Fence for Etcd {
+    fn watch(&self) -> Watch {
+        let shared = Arc::clone(&self.shared);
+        Watch::new(move || {
+            if shared.revoked.load(Ordering::Acquire) {
+                Standing::Lost
+            } else if shared.now() < shared.valid_until.load(Ordering::Acquire) {
+                Standing::Owner
+            } else {
+                Standing::Unsure
+            }
+        })
+    }
+
     fn standing(&mut self) -> Standing {
         if self.shared.revoked.load(Ordering::Acquire) {
             // Start over with a new lease for what runs here later.
