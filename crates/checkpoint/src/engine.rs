@@ -476,6 +476,11 @@ impl Engine {
         };
         frozen.restore_state(&state).map_err(vm_err)?;
         inner.output.discard_after(epoch);
+        // The pages put back are what every sink has, unless one copied them since (a
+        // standby's resync reads memory between checkpoints): they go again.
+        for s in sinks.iter_mut() {
+            s.pending.union(&dirty);
+        }
         frozen.thaw().map_err(vm_err)?;
         if let Some(e) = lost {
             give_up(inner, strategy.as_mut(), sinks, &e);
@@ -551,8 +556,15 @@ impl Engine {
                 r.epoch
             )));
         }
+        let mut taken = false;
         for s in lock(&self.inner.work).sinks.iter_mut() {
-            s.sink.hand_over();
+            taken |= s.sink.hand_over();
+        }
+        if !taken {
+            return Err(Error::Config(format!(
+                "no sink can take the VM over from checkpoint {} (a standby still resyncing has no copy)",
+                r.epoch
+            )));
         }
         self.abandon();
         Ok(r)

@@ -137,7 +137,9 @@ struct Slot {
     mem_size: u64,
     /// Taken over: nothing more is acknowledged.
     taken: bool,
-    store: Box<dyn Store>,
+    /// Its own lock: a store write (a whole copy, fsynced) never holds what heartbeats and
+    /// the status read. Taken before the slot's when both are.
+    store: Arc<Mutex<Box<dyn Store>>>,
     /// Epochs stored on the current connection after its full one: those a takeover may
     /// start from (0 while the connection resyncs).
     epochs: u64,
@@ -178,14 +180,19 @@ impl SlotReceiver<'_> {
 
 impl standby::Receiver for SlotReceiver<'_> {
     fn invalidate(&mut self) -> Result<(), Error> {
-        let mut sl = self.slot()?;
-        sl.resyncs += 1;
-        Ok(sl.store.invalidate()?)
+        let store = Arc::clone(&self.slot()?.store);
+        let mut st = lock(&store);
+        // Checked again under the store's lock, which a takeover holds to mark the slot taken.
+        self.slot()?.resyncs += 1;
+        Ok(st.invalidate()?)
     }
 
     fn commit(&mut self, cp: &CheckpointData<'_>, wire: u64) -> Result<(), Error> {
+        let store = Arc::clone(&self.slot()?.store);
+        let mut st = lock(&store);
+        drop(self.slot()?);
+        st.commit(cp)?;
         let mut sl = self.slot()?;
-        sl.store.commit(cp)?;
         if !cp.full {
             sl.epochs += 1;
         }
@@ -480,12 +487,15 @@ impl Agent {
                 tracing::error!("cannot prove this host still owns its VMs: they are stopped");
                 Some(libc::SIGSTOP)
             }
+            // Again every interval: a VMM that joined meanwhile stops too.
+            (Standing::Unsure, true) => Some(libc::SIGSTOP),
             (Standing::Lost, _) => {
                 tracing::error!("this host lost its VMs (its lease is gone): they are ended");
                 Some(libc::SIGKILL)
             }
             _ => None,
         };
+        let was_fenced = s.fenced;
         s.fenced = standing == Standing::Unsure;
         if standing == Standing::Lost {
             s.counters.self_fenced += 1;
@@ -493,7 +503,7 @@ impl Agent {
                 o.claimed = false;
             }
         }
-        if standing == Standing::Unsure && signal.is_some() {
+        if standing == Standing::Unsure && !was_fenced {
             s.counters.self_fenced += 1;
         }
         if let Some(sig) = signal {
@@ -698,11 +708,22 @@ impl Agent {
         let Some(state_dir) = m.state_dir.clone() else {
             return VmState::Dead;
         };
-        if let Err(why) = lock(&self.fence).claim(&m.name) {
-            tracing::warn!(vm = %m.name, "not recovered here: {why}");
-            return VmState::Dead;
+        // Only while this host provably owns it (a claim that could not be made is not one).
+        match lock(&self.fence).claim(&m.name) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(vm = %m.name, "not recovered here: its ownership cannot be recorded now");
+                return VmState::Dead;
+            }
+            Err(why) => {
+                tracing::warn!(vm = %m.name, "not recovered here: {why}");
+                return VmState::Dead;
+            }
         }
         let mut s = lock(&self.state);
+        if s.fenced {
+            return VmState::Dead;
+        }
         let r = Restart {
             name: m.name.clone(),
             state_dir,
@@ -817,10 +838,18 @@ impl Agent {
             }
         }
         drop(s);
+        // Slots taken over, dropped once the agent's state is free (dropping a store may wait).
+        let mut retired = Vec::new();
         for (name, from, _v, since) in todo {
             let from_dead = since >= dead_after;
             // The fence may ask etcd: not under the agent's state.
             let taken = lock(&self.fence).take(&name, &from, from_dead);
+            // A commit under way ends first (it holds the store), without the agent's state.
+            let store = lock(&self.state)
+                .slots
+                .get(&name)
+                .map(|sl| Arc::clone(&lock(sl).store));
+            let _store = store.as_ref().map(|st| lock(st));
             let mut s = lock(&self.state);
             match taken {
                 Ok(true) => {}
@@ -849,6 +878,7 @@ impl Agent {
             let Some(slot) = s.slots.remove(&name) else {
                 continue;
             };
+            retired.push(Arc::clone(&slot));
             let hot = {
                 let mut sl = lock(&slot);
                 // From here nothing more is acknowledged to the old primary: what the
@@ -1076,7 +1106,7 @@ impl Agent {
             hot: h.hot,
             mem_size: h.mem_size,
             taken: false,
-            store,
+            store: Arc::new(Mutex::new(store)),
             epochs: 0,
             resyncs: 0,
             all_epochs: 0,
@@ -1086,7 +1116,10 @@ impl Agent {
             connected: false,
             conn: 0,
         }));
-        s.slots.insert(h.vm.clone(), Arc::clone(&slot));
+        let old = s.slots.insert(h.vm.clone(), Arc::clone(&slot));
+        // Dropping a store may wait (a merge finishing): not under the agent's state.
+        drop(s);
+        drop(old);
         Ok(slot)
     }
 
@@ -1107,6 +1140,8 @@ impl Agent {
 
     /// The cluster as this agent sees it.
     pub fn status(&self) -> serde_json::Value {
+        // The fence may be busy in an etcd call: asked before the agent's state is held.
+        let fence = lock(&self.fence).describe();
         let s = lock(&self.state);
         let dead_after = self.config.dead_after;
         let peers: Vec<_> = s
@@ -1177,7 +1212,6 @@ impl Agent {
                 })
             })
             .collect();
-        let fence = lock(&self.fence).describe();
         serde_json::json!({
             "host": self.config.name,
             "fence": fence,

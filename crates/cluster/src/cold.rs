@@ -39,6 +39,8 @@ impl Sink for ColdStore {
 
 impl Store for ColdStore {
     fn invalidate(&mut self) -> Result<(), Error> {
+        // A merge of the old chain must not finish into the new directory.
+        self.snaps.abandon_merge();
         retire(&self.dir)?;
         self.snaps = SnapshotDir::new(&self.dir, self.max_chain)?;
         Ok(())

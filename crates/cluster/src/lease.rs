@@ -60,6 +60,8 @@ pub struct Etcd {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// VMs whose key this host took from a dead host (revoking its lease), and when.
     stolen: HashMap<String, Instant>,
+    /// The lease's loss was reported (a new one is taken at the next look).
+    lost_told: bool,
 }
 
 fn etcd_err(e: impl std::fmt::Display) -> String {
@@ -126,6 +128,7 @@ impl Etcd {
             }),
             keeper: None,
             stolen: HashMap::new(),
+            lost_told: false,
         };
         // An etcd that just started (or lost its leader) refuses leases for a moment.
         let t0 = Instant::now();
@@ -320,12 +323,19 @@ impl Fence for Etcd {
 
     fn standing(&mut self) -> Standing {
         if self.shared.revoked.load(Ordering::Acquire) {
+            // Lost is said once before a new lease is taken (at the next call): the VMMs are
+            // ended before anything could see this host as the owner again.
+            if !self.lost_told {
+                self.lost_told = true;
+                return Standing::Lost;
+            }
             // Start over with a new lease for what runs here later.
             if let Err(e) = self.new_lease() {
                 tracing::warn!("cannot get a new etcd lease: {e}");
                 self.shared.revoked.store(true, Ordering::Release);
+                return Standing::Lost;
             }
-            return Standing::Lost;
+            self.lost_told = false;
         }
         if self.shared.now() < self.shared.valid_until.load(Ordering::Acquire) {
             Standing::Owner

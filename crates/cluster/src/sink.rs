@@ -445,11 +445,7 @@ impl Remote {
                 return Ok(());
             }
             let from = *cursor;
-            let chunk: Vec<u64> = todo
-                .iter()
-                .skip_while(|&p| p < from)
-                .take(COPY_CHUNK)
-                .collect();
+            let chunk: Vec<u64> = todo.iter_from(from).take(COPY_CHUNK).collect();
             *cursor = match chunk.last() {
                 Some(&p) if chunk.len() == COPY_CHUNK => p + 1,
                 _ => npages,
@@ -492,7 +488,13 @@ impl Sink for Remote {
 
     fn commit(&mut self, cp: &CheckpointData<'_>) -> Result<(), rebound_checkpoint::Error> {
         self.send(cp).map_err(|e| {
-            self.drop_conn(&e);
+            if self.moved() {
+                // The old standby must not take the VM over: the new one resyncs, and output
+                // flows meanwhile.
+                self.goodbye("the VM's standby moves");
+            } else {
+                self.drop_conn(&e);
+            }
             self.err(e)
         })
     }
@@ -512,16 +514,16 @@ impl Sink for Remote {
         self.goodbye(reason);
     }
 
-    fn hand_over(&mut self) {
-        // Closed without a goodbye: the standby takes the VM over from the last epoch.
-        if self.conn.take().is_some() {
-            if matches!(self.sync, Sync::Synced { .. }) {
-                tracing::info!(standby = %self.addr, "replication: the VM is handed over");
-            } else {
-                tracing::warn!(standby = %self.addr, "replication: the VM is handed over during a resync: the standby has no copy to take it over from");
-            }
+    fn hand_over(&mut self) -> bool {
+        if !matches!(self.sync, Sync::Synced { .. }) || self.conn.is_none() {
+            // During a resync the standby has no copy to take the VM over from.
+            return false;
         }
+        // Closed without a goodbye: the standby takes the VM over from the last epoch.
+        self.conn = None;
         self.sync = Sync::Fresh;
+        tracing::info!(standby = %self.addr, "replication: the VM is handed over");
+        true
     }
 }
 
@@ -545,6 +547,8 @@ impl Remote {
                 sent_bytes = s.sent,
                 "replication ends: {why}"
             );
+            // Best effort, and brief: the standby may be gone.
+            let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
             let _ = wire::send(&mut c, &Msg::Bye);
         }
     }

@@ -87,11 +87,15 @@ impl Staging {
         }
         let bytes = wire::unpack_pages(b.pages.len(), b.compressed, &b.data)?;
         self.next = next;
-        for &p in &b.pages {
+        // Zero pages are not kept: the copy starts zero (and a stream of them costs nothing).
+        for (&p, page) in b.pages.iter().zip(bytes.chunks_exact(PAGE_SIZE as usize)) {
+            if page.iter().all(|&x| x == 0) {
+                continue;
+            }
             self.at.insert(p, self.at.len());
             self.set.insert(p);
+            self.data.extend_from_slice(page);
         }
-        self.data.extend_from_slice(&bytes);
         self.wire += b.data.len() as u64;
         Ok(())
     }

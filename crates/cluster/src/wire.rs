@@ -133,6 +133,14 @@ pub fn unpack_pages(
         }
         return Ok(std::borrow::Cow::Borrowed(data));
     }
+    // An LZ4 block expands at most ~255 times: a claim beyond that is refused before
+    // anything is allocated for it.
+    if want > data.len().saturating_mul(255).saturating_add(4096) {
+        return Err(format!(
+            "{} bytes cannot hold {pages} compressed pages",
+            data.len()
+        ));
+    }
     let mut out = vec![0u8; want];
     match lz4_flex::block::decompress_into(data, &mut out) {
         Ok(n) if n == want => Ok(std::borrow::Cow::Owned(out)),

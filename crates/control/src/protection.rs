@@ -284,9 +284,7 @@ impl Protector {
             let _ = output.pass_through();
             return Err(e);
         }
-        if let Some(last) = chain.last() {
-            rebound_checkpoint::sink::prune_after(&dir, last)?;
-        }
+        rebound_checkpoint::sink::prune_after(&dir, epoch)?;
         let config = protection.engine_config();
         let preserved = preserved();
         let target = lock(&self.target)

@@ -93,17 +93,32 @@ impl DirtySet {
 
     /// The pages in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros();
-                w &= w - 1;
-                Some(i as u64 * 64 + u64::from(bit))
+        self.iter_from(0)
+    }
+
+    /// The pages from `first` on, in ascending order (without walking the ones before).
+    pub fn iter_from(&self, first: u64) -> impl Iterator<Item = u64> + '_ {
+        let start = (first / 64) as usize;
+        let skip = first % 64;
+        self.words
+            .iter()
+            .enumerate()
+            .skip(start)
+            .flat_map(move |(i, &w)| {
+                let mut w = if i == start && skip > 0 {
+                    w & !((1u64 << skip) - 1)
+                } else {
+                    w
+                };
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    Some(i as u64 * 64 + u64::from(bit))
+                })
             })
-        })
     }
 
     /// Maximal runs of consecutive pages, each at most `max` long: `(first, count)`.
@@ -186,6 +201,21 @@ impl HotPages {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn iter_from_yields_exactly_the_pages_from_there_on(
+            pages in proptest::collection::btree_set(0u64..300, 0..60),
+            first in 0u64..320,
+        ) {
+            let mut d = DirtySet::new(300);
+            for &p in &pages {
+                d.insert(p);
+            }
+            let want: Vec<u64> = pages.iter().copied().filter(|&p| p >= first).collect();
+            prop_assert_eq!(d.iter_from(first).collect::<Vec<_>>(), want);
+        }
+    }
 
     #[test]
     fn a_page_written_every_checkpoint_is_protected_once_per_harvests() {

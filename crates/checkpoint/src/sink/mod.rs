@@ -72,8 +72,11 @@ pub trait Sink: Send {
     }
 
     /// The VM leaves this host for good from the last committed checkpoint: a sink whose
-    /// other end can take it over lets it (a standby is left to take over, not told goodbye).
-    fn hand_over(&mut self) {}
+    /// other end can take it over lets it (a standby is left to take over, not told goodbye)
+    /// and says so; false if it cannot.
+    fn hand_over(&mut self) -> bool {
+        false
+    }
 
     /// Called after each checkpoint with the VM running again: a sink may do a bounded share
     /// of work here that must not pause the VM (a standby's full copy, read from `live`).

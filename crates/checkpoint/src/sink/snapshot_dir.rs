@@ -3,11 +3,12 @@
 //!
 //! Merging runs in the background: it reads the whole chain and writes a VM's worth of memory,
 //! which on the commit path would hold every checkpoint (and, on a standby, every
-//! acknowledgement) for that long. The merged file takes a sequence number reserved when the
-//! merge starts, between the chain it merges and the diffs written meanwhile, and the id of the
-//! chain's last file, so those diffs follow it. Until it appears (renamed into place when
-//! complete) the directory's newest chain is the unmerged one; once it appears, that chain's
-//! files are deleted at the next commit.
+//! acknowledgement) for that long. The merge writes a hidden file (no restore sees it); the
+//! commit after it finished moves it into place under a sequence number reserved when the merge
+//! started (between the chain it merges and the diffs written meanwhile), with the id of the
+//! chain's last file, so those diffs follow it, and deletes the merged chain. Until then the
+//! directory's newest chain is the unmerged one. A merge abandoned (a full snapshot written
+//! meanwhile, or the directory retired) never becomes visible.
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -34,7 +35,9 @@ pub struct SnapshotDir {
 struct Merging {
     /// The chain's first `upto` files are merged...
     upto: usize,
-    /// ...into this file, with the id of the last of them.
+    /// ...into this hidden file, with the id of the last of them...
+    hidden: PathBuf,
+    /// ...which then takes this name.
     path: PathBuf,
     id: u64,
     /// A full snapshot was written since: the merge is of an abandoned chain.
@@ -49,11 +52,14 @@ impl SnapshotDir {
             sink: dir.display().to_string(),
             reason: format!("cannot create the directory: {e}"),
         })?;
-        // Files a crash left half-written (they never got their final name) are garbage.
+        // Files a crash left half-written (they never got their final name), and merges never
+        // moved into place, are garbage.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name.contains(".snap.tmp-") {
+                if name.starts_with('.')
+                    && (name.contains(".snap.tmp-") || name.ends_with("-merged.snap"))
+                {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -86,7 +92,8 @@ impl SnapshotDir {
         let files: Vec<PathBuf> = self.chain.iter().map(|(p, _)| p.clone()).collect();
         self.seq += 1;
         let path = self.dir.join(format!("{:010}-full.snap", self.seq));
-        let out = path.clone();
+        let hidden = self.dir.join(format!(".{:010}-merged.snap", self.seq));
+        let out = hidden.clone();
         let spawned = std::thread::Builder::new()
             .name("snapshot-merge".into())
             .spawn(move || {
@@ -103,6 +110,7 @@ impl SnapshotDir {
             Ok(done) => {
                 self.merging = Some(Merging {
                     upto: self.chain.len(),
+                    hidden,
                     path,
                     id,
                     abandoned: false,
@@ -133,19 +141,44 @@ impl SnapshotDir {
         match result {
             // Its chain was replaced by a full snapshot (and may have been deleted under it).
             _ if m.abandoned => {
-                let _ = std::fs::remove_file(m.path);
+                let _ = std::fs::remove_file(m.hidden);
             }
-            Ok(()) => {
-                let merged: Vec<_> = self.chain.drain(..m.upto).collect();
-                self.chain.insert(0, (m.path, m.id));
-                for (old, _) in merged {
-                    let _ = std::fs::remove_file(old);
+            Ok(()) => match publish(&self.dir, &m.hidden, &m.path) {
+                Ok(()) => {
+                    let merged: Vec<_> = self.chain.drain(..m.upto).collect();
+                    self.chain.insert(0, (m.path, m.id));
+                    for (old, _) in merged {
+                        let _ = std::fs::remove_file(old);
+                    }
                 }
-            }
+                Err(e) => {
+                    let _ = std::fs::remove_file(m.hidden);
+                    tracing::warn!("cannot merge {}: {e}", self.dir.display());
+                }
+            },
             // The chain stays as it is; the merge is tried again at the next commit.
             Err(e) => tracing::warn!("cannot merge {}: {e}", self.dir.display()),
         }
     }
+
+    /// Gives up a merge running in the background without waiting for it (the directory is
+    /// about to be retired): what it writes is deleted, never shown.
+    pub fn abandon_merge(&mut self) {
+        if let Some(m) = self.merging.take() {
+            let _ = std::thread::Builder::new()
+                .name("snapshot-merge-reap".into())
+                .spawn(move || {
+                    let _ = m.done.join();
+                    let _ = std::fs::remove_file(m.hidden);
+                });
+        }
+    }
+}
+
+/// Moves a merged file into place, durably.
+fn publish(dir: &Path, hidden: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::rename(hidden, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Drop for SnapshotDir {
@@ -263,18 +296,26 @@ pub fn newest_epoch(dir: &Path) -> Result<u64, Error> {
     Ok(newest)
 }
 
-/// Deletes the snapshot files written after `last` (by sequence): the timeline abandoned by a
-/// rollback to `last`.
-pub fn prune_after(dir: &Path, last: &Path) -> Result<(), Error> {
-    let files = list(dir)?;
-    let Some(at) = files.iter().position(|(_, p)| p == last) else {
-        return Ok(());
+/// Deletes the snapshot files of checkpoints after `epoch`: the timeline abandoned by a
+/// rollback to `epoch`. By epoch, not by file: a merge finishing meanwhile may have replaced
+/// the files of the chain (its merged file, newer than `epoch`, goes too).
+pub fn prune_after(dir: &Path, epoch: u64) -> Result<(), Error> {
+    let err = |e: String| Error::Sink {
+        sink: dir.display().to_string(),
+        reason: e,
     };
-    for (_, p) in &files[at + 1..] {
-        std::fs::remove_file(p).map_err(|e| Error::Sink {
-            sink: dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    for (_, p) in list(dir)? {
+        let newer = Snapshot::open(&p, Verify::Metadata)
+            .map(|s| s.meta().epoch > epoch)
+            // A file that cannot be read is no restore point either.
+            .unwrap_or(true);
+        if newer {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(e.to_string())),
+            }
+        }
     }
     Ok(())
 }
