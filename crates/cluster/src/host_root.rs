@@ -36,6 +36,17 @@ pub enum Failover {
     Auto,
 }
 
+impl Failover {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hot => "hot",
+            Self::Cold => "cold",
+            Self::Auto => "auto",
+        }
+    }
+}
+
 impl std::str::FromStr for Failover {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -67,6 +67,12 @@ impl Target {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether replication no longer goes to `addr` (hot or not as `hot`).
+    fn differs(&self, addr: &str, hot: bool) -> bool {
+        let d = self.get();
+        d.addr.as_deref().unwrap_or("") != addr || d.hot != hot
+    }
+
     /// Moves replication: the next checkpoint goes to `dest` (a full one: the old standby is
     /// told goodbye, the new one has nothing yet).
     pub fn set(&self, mut dest: Dest) {
@@ -203,8 +209,7 @@ impl Remote {
 
     /// Whether the target no longer is where this connection goes.
     fn moved(&self) -> bool {
-        let dest = self.target.get();
-        dest.addr.as_deref().unwrap_or("") != self.addr || dest.hot != self.hot
+        self.target.differs(&self.addr, self.hot)
     }
 
     /// Follows the target: a new destination ends the connection (with a goodbye: the old
@@ -230,14 +235,9 @@ impl Remote {
     /// declared dead) ends the wait at once instead of holding output for ACK_TIMEOUT.
     fn reply(&mut self) -> Result<Msg, Error> {
         let t0 = Instant::now();
-        let moved = {
-            let target = self.target.clone();
-            let (addr, hot) = (self.addr.clone(), self.hot);
-            move || {
-                let d = target.get();
-                d.addr.as_deref().unwrap_or("") != addr || d.hot != hot
-            }
-        };
+        // The connection is borrowed below: the check works on copies.
+        let (target, addr, hot) = (self.target.clone(), self.addr.clone(), self.hot);
+        let moved = move || target.differs(&addr, hot);
         let conn = self.conn()?;
         conn.set_read_timeout(Some(ACK_POLL))?;
         loop {

@@ -43,11 +43,15 @@ struct Received<'a> {
     data: &'a [u8],
 }
 
+/// Page `p` of `data`, whose pages `at` indexes.
+fn indexed<'a>(at: &HashMap<u64, usize>, data: &'a [u8], p: u64) -> Option<&'a [u8]> {
+    let i = *at.get(&p)?;
+    data.get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+}
+
 impl PageSource for Received<'_> {
     fn page(&self, p: u64) -> Option<&[u8]> {
-        let i = *self.at.get(&p)?;
-        self.data
-            .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+        indexed(&self.at, self.data, p)
     }
 }
 
@@ -103,9 +107,7 @@ impl Staging {
 
 impl PageSource for Staging {
     fn page(&self, p: u64) -> Option<&[u8]> {
-        let i = *self.at.get(&p)?;
-        self.data
-            .get(i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize)
+        indexed(&self.at, &self.data, p)
     }
 }
 

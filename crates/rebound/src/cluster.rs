@@ -182,14 +182,6 @@ impl MemberArgs {
     }
 }
 
-fn failover_name(f: Failover) -> &'static str {
-    match f {
-        Failover::Hot => "hot",
-        Failover::Cold => "cold",
-        Failover::Auto => "auto",
-    }
-}
-
 /// `p` as an absolute path (the agent that uses it runs elsewhere).
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -260,59 +252,74 @@ struct CliHooks {
     protect_ms: u64,
 }
 
-impl Hooks for CliHooks {
-    fn take_over(&self, t: &Takeover) -> std::io::Result<Child> {
-        let out = std::fs::File::create(&t.out)?;
+impl CliHooks {
+    /// Starts a VMM for VM `name` from `dir` (`how`: the subcommand and its directory flag),
+    /// joined to this host, protected, its console into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn member_vmm(
+        &self,
+        name: &str,
+        how: [&str; 2],
+        dir: &Path,
+        failover: Failover,
+        standby_host: Option<&str>,
+        max_failover_ms: Option<u64>,
+        out: &Path,
+    ) -> std::io::Result<Child> {
+        let out = std::fs::File::create(out)?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--id")
-            .arg(&t.name)
+            .arg(name)
             .arg("--log-level")
             .arg(&self.log_level)
             .arg("--api-sock")
-            .arg(default_api_sock(&self.root, &t.name));
-        if t.hot {
-            cmd.arg("recover").arg("--state").arg(&t.dir);
-        } else {
-            cmd.arg("restore").arg("--dir").arg(&t.dir);
-        }
-        cmd.arg("--protect-ms")
-            .arg(self.protect_ms.to_string())
-            .arg("--host-root")
-            .arg(&self.root)
-            .arg("--failover")
-            .arg(failover_name(t.failover))
-            .arg("--standby-host")
-            .arg(&t.from)
-            .stdin(Stdio::null())
-            .stdout(out);
-        cmd.spawn()
-    }
-
-    fn restart(&self, r: &Restart) -> std::io::Result<Child> {
-        let out = std::fs::File::create(&r.out)?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("--id")
-            .arg(&r.name)
-            .arg("--log-level")
-            .arg(&self.log_level)
-            .arg("--api-sock")
-            .arg(default_api_sock(&self.root, &r.name))
-            .arg("recover")
-            .arg("--state")
-            .arg(&r.state_dir)
+            .arg(default_api_sock(&self.root, name))
+            .args(how)
+            .arg(dir)
             .arg("--protect-ms")
             .arg(self.protect_ms.to_string())
             .arg("--host-root")
             .arg(&self.root)
             .arg("--failover")
-            .arg(failover_name(r.failover));
-        if let Some(h) = &r.standby {
+            .arg(failover.name());
+        if let Some(h) = standby_host {
             cmd.arg("--standby-host").arg(h);
         }
-        if let Some(ms) = r.max_failover_ms {
+        if let Some(ms) = max_failover_ms {
             cmd.arg("--max-failover-ms").arg(ms.to_string());
         }
         cmd.stdin(Stdio::null()).stdout(out).spawn()
+    }
+}
+
+impl Hooks for CliHooks {
+    fn take_over(&self, t: &Takeover) -> std::io::Result<Child> {
+        let (verb, flag) = if t.hot {
+            ("recover", "--state")
+        } else {
+            ("restore", "--dir")
+        };
+        self.member_vmm(
+            &t.name,
+            [verb, flag],
+            &t.dir,
+            t.failover,
+            Some(&t.from),
+            None,
+            &t.out,
+        )
+    }
+
+    fn restart(&self, r: &Restart) -> std::io::Result<Child> {
+        self.member_vmm(
+            &r.name,
+            ["recover", "--state"],
+            &r.state_dir,
+            r.failover,
+            r.standby.as_deref(),
+            r.max_failover_ms,
+            &r.out,
+        )
     }
 
     fn move_standby(&self, api_sock: &Path, addr: Option<&str>, hot: bool) -> std::io::Result<()> {
