@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 7;
+pub const ABI_MINOR: u32 = 8;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -69,8 +69,16 @@ pub mod nr {
     /// `nic`'s rings (see [`super::net`]) at `area_gpa`; `wake_vcpu` is woken from `BLOCK` when
     /// frames arrive while the ring says it is idle. Calling it again replaces the rings.
     pub const NET_SETUP: u32 = 12;
+    /// `(table_gpa) -> 0` (ABI 1.8): register (or re-read) this VM's memory class table, a
+    /// [`super::memory::Table`] in guest-writable memory; the calling vCPU is the one woken from
+    /// `BLOCK` when the host posts a request in it. See [`super::memory`].
+    pub const MEM_SETUP: u32 = 13;
+    /// `(gpa, pages) -> pages` (ABI 1.8): give pages back to the host; their memory is freed on
+    /// the host and they read as zero the next time they are touched. Page aligned, inside
+    /// guest memory above [`super::IMAGE_BASE`], at most [`super::memory::RETURN_MAX_PAGES`].
+    pub const MEM_RETURN: u32 = 14;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -88,6 +96,8 @@ pub mod nr {
             SHARE_NOTIFY => "share_notify",
             SHARE_RECOVER => "share_recover",
             NET_SETUP => "net_setup",
+            MEM_SETUP => "mem_setup",
+            MEM_RETURN => "mem_return",
             _ => "unknown",
         }
     }
@@ -189,6 +199,95 @@ pub mod request {
     /// The host asks the guest to shut down cleanly (Firecracker's `SendCtrlAltDel`): finish,
     /// flush, and exit. A guest that has not exited within the host's grace period is stopped.
     pub const SHUTDOWN: u64 = 1;
+}
+
+/// Memory classes (ABI 1.8): how a guest divides its memory, and the host's requests to give
+/// memory up or take it back.
+///
+/// A guest registers one [`Table`] with [`nr::MEM_SETUP`]. Its ranges say which memory is
+/// *working* (the heap: kept), *cache* (contents the guest can drop and rebuild) and *swap*
+/// (cold data the host may move out of RAM at any time, to a file, and bring back when it is
+/// touched; the guest sees no difference but speed). The host posts a request by storing
+/// `request_pages` and then a new `request_seq`, and wakes the registering vCPU; the guest
+/// answers by dropping cache, moving cold data to swap, returning freed pages
+/// ([`nr::MEM_RETURN`]), and then storing `answer_pages` and `answer_seq = request_seq`. The
+/// host trusts nothing here: ranges are hints, checked against guest memory; a guest that does
+/// not answer in time has its swap class moved out by the host.
+pub mod memory {
+    /// `Table::magic`: "RBNDMEMT".
+    pub const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"RBNDMEMT");
+    /// Most ranges a table holds.
+    pub const MAX_RANGES: usize = 32;
+    /// Most pages one [`super::nr::MEM_RETURN`] returns (64 MiB).
+    pub const RETURN_MAX_PAGES: u64 = 16384;
+    /// `Range::class`: memory the guest keeps (the heap).
+    pub const WORKING: u32 = 0;
+    /// `Range::class`: memory whose contents the guest can drop and refill.
+    pub const CACHE: u32 = 1;
+    /// `Range::class`: memory the host may move out of RAM and bring back on access.
+    pub const SWAP: u32 = 2;
+
+    /// One range of guest memory and its class.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Range {
+        /// Guest-physical address, page aligned.
+        pub gpa: u64,
+        /// Length in pages.
+        pub pages: u64,
+        /// [`WORKING`], [`CACHE`] or [`SWAP`].
+        pub class: u32,
+        /// Reserved (zero).
+        pub reserved: u32,
+    }
+
+    /// The class table, in guest memory (within one page, 8-byte aligned).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Table {
+        /// [`TABLE_MAGIC`].
+        pub magic: u64,
+        /// Written by the host: a new value for each request (0: none yet).
+        pub request_seq: u64,
+        /// Written by the host before `request_seq`: pages to give up (> 0), or that the guest
+        /// may take back (< 0).
+        pub request_pages: i64,
+        /// Written by the guest: the `request_seq` it has answered.
+        pub answer_seq: u64,
+        /// Written by the guest before `answer_seq`: pages it returned (or took back, < 0).
+        pub answer_pages: i64,
+        /// Ranges in use.
+        pub count: u32,
+        /// Reserved (zero).
+        pub reserved: u32,
+        /// The ranges; the first `count` are used.
+        pub ranges: [Range; MAX_RANGES],
+    }
+
+    impl Default for Table {
+        fn default() -> Self {
+            Self {
+                magic: TABLE_MAGIC,
+                request_seq: 0,
+                request_pages: 0,
+                answer_seq: 0,
+                answer_pages: 0,
+                count: 0,
+                reserved: 0,
+                ranges: [Range::default(); MAX_RANGES],
+            }
+        }
+    }
+
+    /// Byte offsets the host and guest access atomically.
+    pub const REQUEST_SEQ_OFFSET: u64 = core::mem::offset_of!(Table, request_seq) as u64;
+    /// See [`REQUEST_SEQ_OFFSET`].
+    pub const REQUEST_PAGES_OFFSET: u64 = core::mem::offset_of!(Table, request_pages) as u64;
+    /// See [`REQUEST_SEQ_OFFSET`].
+    pub const ANSWER_SEQ_OFFSET: u64 = core::mem::offset_of!(Table, answer_seq) as u64;
+    /// See [`REQUEST_SEQ_OFFSET`].
+    pub const ANSWER_PAGES_OFFSET: u64 = core::mem::offset_of!(Table, answer_pages) as u64;
+    const _: () = assert!(core::mem::size_of::<Table>() <= 4096);
 }
 
 /// Offset of [`BootInfo::requests`] in the boot info page.
@@ -620,6 +719,8 @@ pub mod completion {
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 216);
 const _: () = assert!(core::mem::size_of::<VcpuPage>() == 112);
 const _: () = assert!(core::mem::size_of::<VcpuClock>() == 32);
+const _: () = assert!(core::mem::size_of::<memory::Range>() == 24);
+const _: () = assert!(core::mem::size_of::<memory::Table>() == 48 + 24 * memory::MAX_RANGES);
 const _: () = assert!(io::HEADER_SIZE == 8);
 const _: () = assert!(io::REQUEST_SIZE == 32);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= BOOT_ARGS_OFFSET);
@@ -656,6 +757,10 @@ mod byte_valued {
     unsafe impl ByteValued for super::share::ShareEntry {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::share::RegionHeader {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::memory::Table {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::memory::Range {}
 }
 
 #[cfg(test)]

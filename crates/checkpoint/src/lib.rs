@@ -13,7 +13,6 @@ pub mod recovery;
 pub mod sink;
 pub mod state_dir;
 pub mod strategy;
-mod uffd;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use output::OutputCommit;

@@ -84,6 +84,7 @@ pub mod console;
 pub mod dispatch;
 pub mod hypercall;
 pub mod io;
+pub mod memory;
 pub mod net;
 pub mod share;
 pub mod time;

@@ -57,6 +57,13 @@ impl DirtySet {
         }
     }
 
+    /// Removes page `p` (ignored if out of range).
+    pub fn remove(&mut self, p: u64) {
+        if p < self.pages {
+            self.words[(p / 64) as usize] &= !(1 << (p % 64));
+        }
+    }
+
     /// Whether page `p` is in the set.
     pub fn contains(&self, p: u64) -> bool {
         p < self.pages && self.words[(p / 64) as usize] & (1 << (p % 64)) != 0

@@ -9,6 +9,7 @@
 //! | `clock` | the guest clock and generation | no: guest time stays monotonic across a rollback and the generation only changes on restore or clone; a restored VM continues from them |
 //! | `shares` | the shared regions attached | no: shared memory is not rolled back (the controller releases what the VM held); a restored VM re-attaches them by name |
 //! | `net` | each NIC's MAC, MTU and rings (VMs with NICs) | yes: the rings as at the checkpoint (frames in flight are dropped; TCP sends them again) |
+//! | `memory` | where the guest's memory class table is (ABI 1.8) | yes: the table as registered at the checkpoint; request numbers never go back |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +34,8 @@ pub mod ids {
     pub const SHARES: &str = "shares";
     /// The network devices (only in VMs that have some).
     pub const NET: &str = "net";
+    /// The memory class table's registration.
+    pub const MEMORY: &str = "memory";
 }
 
 /// Why a component's state was refused.
@@ -161,6 +164,29 @@ impl Snapshottable for SharedRegions {
     }
 }
 
+/// The memory class table's registration.
+pub(crate) struct MemoryClasses(pub(crate) Arc<VmShared>);
+
+impl Snapshottable for MemoryClasses {
+    type State = crate::reclaim::TableState;
+    type Error = StateError;
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<crate::reclaim::TableState, StateError> {
+        Ok(self.0.classes.state())
+    }
+
+    fn check(&self, _: &crate::reclaim::TableState) -> Result<(), StateError> {
+        // Any address: the table is checked each time it is read.
+        Ok(())
+    }
+
+    fn restore(&self, s: crate::reclaim::TableState) -> Result<(), StateError> {
+        self.0.classes.set_state(s);
+        Ok(())
+    }
+}
+
 /// The registry of a VM built around `shared`.
 pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     let mut r = Registry::default();
@@ -174,5 +200,9 @@ pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     if let Some(n) = &shared.nics {
         r.register(Box::new(Registered::new(ids::NET, n.clone())));
     }
+    r.register(Box::new(Registered::new(
+        ids::MEMORY,
+        MemoryClasses(shared.clone()),
+    )));
     r
 }

@@ -167,6 +167,10 @@ pub enum Backing {
 }
 
 /// The data (non-hole) ranges of `file` within `[start, start + len)`, relative to `start`.
+pub(crate) fn file_data_ranges(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    data_ranges(file, start, len)
+}
+
 fn data_ranges(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
     use vmm_sys_util::seek_hole::SeekHole;
     let Ok(mut f) = file.try_clone() else {

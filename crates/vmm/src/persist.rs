@@ -141,6 +141,15 @@ impl SavedState {
         }
     }
 
+    /// The memory class table's registration (ABI 1.8), if the guest made one.
+    pub fn memory_table(&self) -> Result<Option<crate::reclaim::TableState>> {
+        if self.components.contains_key(ids::MEMORY) {
+            self.decode(ids::MEMORY, 1).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The shared regions attached (re-attached by name).
     pub fn shared(&self) -> Result<Vec<crate::share::ShareRecord>> {
         self.decode(ids::SHARES, 1)

@@ -141,6 +141,12 @@ pub(crate) struct VmShared {
     pub(crate) disk: Option<Arc<HeldDisk>>,
     /// Names for guest code addresses in fault reports.
     pub(crate) symbols: Option<Arc<crate::symbols::Symbols>>,
+    /// The VM's userfaultfd and swap file.
+    pub(crate) swap: Arc<crate::swap::Swap>,
+    /// The guest's memory class table and requests.
+    pub(crate) classes: crate::reclaim::Classes,
+    /// Guest memory is a copy-on-write mapping of a snapshot (no pages to free in a file).
+    pub(crate) private_memory: bool,
 }
 
 impl VmShared {
@@ -304,6 +310,10 @@ struct Parts {
     disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
     /// Names for the image's code addresses (a booted image; a restored VM has no image).
     symbols: Option<Arc<crate::symbols::Symbols>>,
+    /// The class table registration to restore.
+    memory_table: Option<crate::reclaim::TableState>,
+    /// Where the swap file lives (and, for a preserved region, its link).
+    swap_link: Option<std::path::PathBuf>,
 }
 
 /// What [`Vm::progress`] sees.
@@ -338,6 +348,12 @@ pub struct RestoreOptions {
     pub disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
     /// A mirror to attach to the disk (resynced from it before it serves reads).
     pub disk_mirror: Option<std::path::PathBuf>,
+}
+
+/// The link naming the swap file of a VM whose memory is the file at `memory` (a preserved
+/// region), beside it.
+fn swap_link(memory: &std::path::Path) -> std::path::PathBuf {
+    memory.with_extension("swap")
 }
 
 /// The NICs (MAC, MTU, host side) a saved network state describes.
@@ -591,6 +607,8 @@ impl Vm {
             net_journal: config.net_journal.clone().map(|p| (p, None)),
             disk_journal: config.disk_journal.clone().map(|p| (p, None)),
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
+            memory_table: None,
+            swap_link: memory_path.map(swap_link),
         };
         Self::build(parts, console, launched)
     }
@@ -680,8 +698,10 @@ impl Vm {
             net_state,
             net_journal,
             disk_journal,
+            memory_table: state.memory_table()?,
             descriptor: state.vm,
             symbols: None,
+            swap_link: None,
         };
         Self::build(parts, console, launched)
     }
@@ -733,8 +753,10 @@ impl Vm {
             net_state,
             net_journal: options.net_journal,
             disk_journal: options.disk_journal,
+            memory_table: state.memory_table()?,
             descriptor: state.vm,
             symbols: None,
+            swap_link: Some(swap_link(memory)),
         };
         Self::build(parts, console, launched)
     }
@@ -758,11 +780,34 @@ impl Vm {
             net_journal,
             disk_journal,
             symbols,
+            memory_table,
+            swap_link,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         memory::register(&vm_fd, &mem, false)?;
+        // Before anything touches guest memory: pages a predecessor moved out are registered.
+        let private_memory = matches!(mem_file, memory::Backing::Private { .. });
+        let swap = {
+            let base =
+                vm_memory::GuestMemoryBackend::get_host_address(&mem, vm_memory::GuestAddress(0))
+                    .map_err(|e| Error::Memory(e.to_string()))? as u64;
+            let file = match &mem_file {
+                memory::Backing::Shared(f) => Some(f),
+                memory::Backing::Private { .. } => None,
+            };
+            let home = crate::swap::SwapHome {
+                dir: crate::swap::default_dir(),
+                link: swap_link,
+            };
+            crate::swap::Swap::new(base, layout.mem_size() / PAGE_SIZE, home, file)
+                .map_err(|e| Error::Memory(format!("swap: {e}")))?
+        };
+        let classes = crate::reclaim::Classes::default();
+        if let Some(t) = memory_table {
+            classes.set_state(t);
+        }
 
         let waiters = Arc::new(Waiters::new(layout.vcpus()));
         let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
@@ -911,6 +956,9 @@ impl Vm {
             nics,
             disk,
             symbols,
+            swap,
+            classes,
+            private_memory,
         });
         // Shared regions are in place (and the guest's table written) before it runs. A
         // failure here drops everything built so far; no vCPU thread exists yet.
@@ -1515,6 +1563,116 @@ impl Vm {
         &self.shared.mem
     }
 
+    /// The guest's memory classes, requests and the swap (`GET /memory`).
+    pub fn memory_report(&self) -> MemoryReport {
+        let s = &self.shared;
+        let ranges = s.classes.ranges(s).unwrap_or_default();
+        let class_pages = |c: crate::reclaim::Class| {
+            ranges
+                .iter()
+                .filter(|r| r.class == c)
+                .map(|r| r.pages)
+                .sum::<u64>()
+        };
+        let table = s.classes.state();
+        let (answer_seq, answer_pages) = s.classes.answer(s).unwrap_or((0, 0));
+        MemoryReport {
+            mem_pages: s.layout.mem_size() / PAGE_SIZE,
+            resident_pages: self.resident_pages(),
+            registered: table.gpa != 0,
+            working_pages: class_pages(crate::reclaim::Class::Working),
+            cache_pages: class_pages(crate::reclaim::Class::Cache),
+            swap_pages: class_pages(crate::reclaim::Class::Swap),
+            request_seq: table.seq,
+            answer_seq,
+            answer_pages,
+            counters: s.classes.counters(),
+            swap: s.swap.stats(),
+        }
+    }
+
+    /// Host memory the guest's pages hold now, in pages (the memory file's allocated blocks;
+    /// for a copy-on-write snapshot mapping, the pages written or mapped in).
+    pub fn resident_pages(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        match &self.backing {
+            memory::Backing::Shared(f) => f.metadata().map_or(0, |m| m.blocks() * 512 / PAGE_SIZE),
+            memory::Backing::Private { .. } => memory::data_pages(
+                &self.shared.mem,
+                &self.backing,
+                self.shared.layout.mem_size(),
+            )
+            .count(),
+        }
+    }
+
+    /// Asks the guest to give up `pages` pages (> 0) or tells it it may take `-pages` back.
+    /// Returns the request's sequence number; the guest's answer names it
+    /// ([`memory_answer`](Self::memory_answer)). An error if the guest has no class table.
+    pub fn request_memory(&self, pages: i64) -> Result<u64> {
+        self.shared
+            .classes
+            .request(&self.shared, pages)
+            .ok_or_else(|| Error::Memory("the guest registered no memory class table".into()))
+    }
+
+    /// The guest's last answer: the request it answered and the pages it says it moved (a
+    /// claim: the host measures what it got).
+    pub fn memory_answer(&self) -> Option<(u64, i64)> {
+        self.shared.classes.answer(&self.shared)
+    }
+
+    /// Moves up to `limit` resident pages of the guest's swap class out of RAM (to the swap
+    /// file), holding the VM frozen for each chunk. Returns the pages moved.
+    pub fn page_out_swap(&self, limit: u64) -> Result<u64> {
+        const CHUNK: u64 = 8192;
+        if matches!(self.backing, memory::Backing::Private { .. }) {
+            return Err(Error::Memory(
+                "a VM mapping a snapshot copy-on-write has no memory file to move pages out of"
+                    .into(),
+            ));
+        }
+        let runs: Vec<(u64, u64)> = self
+            .shared
+            .classes
+            .ranges(&self.shared)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.class == crate::reclaim::Class::Swap)
+            .map(|r| (r.first, r.pages))
+            .collect();
+        let mut moved = 0;
+        while moved < limit {
+            let frozen = self.freeze()?;
+            let resident = memory::data_pages(
+                &self.shared.mem,
+                &self.backing,
+                self.shared.layout.mem_size(),
+            );
+            let n = self
+                .shared
+                .swap
+                .page_out(&self.shared.mem, &runs, &resident, CHUNK.min(limit - moved))
+                .map_err(|e| Error::Memory(format!("moving pages out: {e}")));
+            frozen.thaw()?;
+            let n = n?;
+            moved += n;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Watches writes to guest memory (write-protect faults), for a checkpoint strategy. One
+    /// at a time; dropping the watch ends it.
+    pub fn write_watch(&self) -> Result<crate::swap::WriteWatch> {
+        self.shared
+            .swap
+            .watch()
+            .map_err(|e| Error::Memory(format!("userfaultfd write-protect: {e}")))
+    }
+
     /// Copies guest page `page` as it is now, with the VM running. The page may change during
     /// the copy: whoever copies this way copies it again once it is reported dirty.
     pub fn copy_page(&self, page: u64, buf: &mut [u8]) -> Result<()> {
@@ -1525,6 +1683,33 @@ impl Vm {
         )
         .map_err(|e| Error::Memory(e.to_string()))
     }
+}
+
+/// A VM's memory classes and swap, as `GET /memory` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryReport {
+    /// Guest memory, in pages.
+    pub mem_pages: u64,
+    /// Pages holding host memory now.
+    pub resident_pages: u64,
+    /// Whether the guest registered a class table.
+    pub registered: bool,
+    /// Pages its table calls working memory.
+    pub working_pages: u64,
+    /// Pages its table calls cache.
+    pub cache_pages: u64,
+    /// Pages its table calls swap.
+    pub swap_pages: u64,
+    /// The last request posted.
+    pub request_seq: u64,
+    /// The last request the guest answered.
+    pub answer_seq: u64,
+    /// What it says it moved for it.
+    pub answer_pages: i64,
+    /// Requests and returns.
+    pub counters: crate::reclaim::ClassCounters,
+    /// The swap.
+    pub swap: crate::swap::SwapStats,
 }
 
 /// A paused VM whose state was captured. Guest memory does not change while this exists: the
@@ -1566,9 +1751,11 @@ impl Frozen<'_> {
         unsafe { memory::frozen_bytes(&self.vm.shared.mem, page * PAGE_SIZE, PAGE_SIZE) }
     }
 
-    /// Pages that may hold data (every other page is zero).
+    /// Pages that may hold data (every other page is zero): in memory, or moved out to swap.
     pub fn data_pages(&self) -> DirtySet {
-        memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size())
+        let mut set = memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size());
+        set.union(&self.vm.shared.swap.swapped());
+        set
     }
 
     /// All of guest memory as one slice.

@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+mod memory;
 mod net;
 mod sharing;
 
@@ -139,7 +140,9 @@ fn main(cpu: Cpu) -> i32 {
         }
         other => match net::run(other, &cpu) {
             Some(code) => code,
-            None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d)) {
+            None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d))
+                .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+            {
                 Some(code) => code,
                 None => {
                     println!("unknown mode {other:?}");

@@ -36,7 +36,7 @@ use rebound_vmm::vm::Frozen;
 
 use super::{PageSource, Strategy, StrategyKind};
 use crate::Error;
-use crate::uffd::Uffd;
+use rebound_vmm::userfault::Uffd;
 
 /// Runs of pages in one home above which a checkpoint moves every page back to home A.
 pub const SOFT_RUNS: u64 = 8192;

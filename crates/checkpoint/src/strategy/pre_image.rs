@@ -25,8 +25,8 @@ use rebound_vmm::vm::Frozen;
 
 use super::{Strategy, StrategyKind, write_page};
 use crate::state_dir::{StateDir, UndoJournal};
-use crate::uffd::Uffd;
 use crate::{CheckpointRef, Error, faults};
+use rebound_vmm::swap::WriteWatch;
 
 type UndoLog = HashMap<u64, Box<[u8]>>;
 
@@ -67,7 +67,7 @@ impl Journal {
 }
 
 struct Running {
-    uffd: Arc<Uffd>,
+    uffd: Arc<WriteWatch>,
     base: u64,
     undo: Arc<Mutex<UndoLog>>,
     journal: Arc<Mutex<Journal>>,
@@ -125,7 +125,7 @@ unsafe fn copy_protected_page(addr: u64) -> Box<[u8]> {
 }
 
 fn handle_faults(
-    uffd: Arc<Uffd>,
+    uffd: Arc<WriteWatch>,
     base: u64,
     len: u64,
     undo: Arc<Mutex<UndoLog>>,
@@ -134,29 +134,35 @@ fn handle_faults(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Acquire) {
-        let faults = match uffd.read_faults(50) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!("userfaultfd read failed: {e}");
-                return;
-            }
-        };
-        if faults.is_empty() {
-            continue;
-        }
+        uffd.serve(50, |faults| {
+            handle_batch(&uffd, base, len, &undo, &journal, &busy, faults)
+        });
+    }
+}
+
+fn handle_batch(
+    uffd: &WriteWatch,
+    base: u64,
+    len: u64,
+    undo: &Mutex<UndoLog>,
+    journal: &Mutex<Journal>,
+    busy: &AtomicBool,
+    faults: &[u64],
+) {
+    {
         busy.store(true, Ordering::Release);
-        for addr in faults {
+        for &addr in faults {
             let page_addr = addr & !(PAGE_SIZE - 1);
             if page_addr < base || page_addr >= base + len {
                 continue;
             }
             let p = (page_addr - base) / PAGE_SIZE;
-            let mut log = lock(&undo);
+            let mut log = lock(undo);
             if let std::collections::hash_map::Entry::Vacant(slot) = log.entry(p) {
                 // SAFETY: the page is inside guest memory and still write-protected: the writer
                 // that faulted waits until the protection is lifted below.
                 let old = unsafe { copy_protected_page(page_addr) };
-                let mut j = lock_journal(&journal);
+                let mut j = lock_journal(journal);
                 if let Some(file) = j.file.as_mut()
                     && let Err(e) = file.append(p, &old)
                 {
@@ -231,7 +237,7 @@ impl Strategy for PreImage {
             g.file = Some(j);
             g.dir = Some(dir.clone());
         }
-        let uffd = Arc::new(Uffd::register(base, len).map_err(|e| {
+        let uffd = Arc::new(frozen.vm().write_watch().map_err(|e| {
             Error::Strategy(format!("userfaultfd write-protect is unavailable: {e}"))
         })?);
         uffd.protect_all()

@@ -1,6 +1,8 @@
-//! A userfaultfd in write-protect mode over guest memory: the kernel stops the first write to a
-//! protected page (by the guest through KVM, or by a VMM thread) until the handler has seen it.
-//! Only the raw syscalls live here; the undo log is in `strategy::pre_image`.
+//! A userfaultfd over guest memory: in write-protect mode the kernel stops the first write to a
+//! protected page (by the guest through KVM, or by a VMM thread) until the handler has seen it;
+//! in missing mode it stops the first touch of a page that is not there (a page the host moved
+//! out: `swap`) until the handler has put it back. Only the raw syscalls live here; the undo
+//! log is in the checkpoint crate's `pre_image`, the swap in `swap`.
 //!
 //! Measured on this project's PVM hosts: one write-protect fault round trip costs 70-145 us as
 //! seen by the guest (see docs/checkpoint.md).
@@ -14,6 +16,10 @@ const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
@@ -46,12 +52,40 @@ struct UffdioRegister {
 
 #[repr(C)]
 #[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
 }
 
-/// A write-protect userfaultfd registered over one host range.
+/// A fault read from a userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A write to a write-protected page at this host address.
+    Write(u64),
+    /// A touch of a missing page at this host address.
+    Missing(u64),
+}
+
+/// A userfaultfd registered over one host range (write-protect mode) and, where asked, over
+/// parts of it in missing mode too.
 pub struct Uffd {
     file: File,
     start: u64,
@@ -73,6 +107,13 @@ impl Uffd {
     /// Opens a userfaultfd and registers `[start, start + len)` (host addresses of guest memory)
     /// for write-protect faults.
     pub fn register(start: u64, len: u64) -> io::Result<Self> {
+        let u = Self::open(start, len)?;
+        u.register_range(start, len)?;
+        Ok(u)
+    }
+
+    /// Opens a userfaultfd for `[start, start + len)` without registering anything yet.
+    pub fn open(start: u64, len: u64) -> io::Result<Self> {
         // SAFETY: a plain syscall with flags; the result is checked.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -87,12 +128,6 @@ impl Uffd {
             ioctls: 0,
         };
         ioctl(&file, UFFDIO_API, &mut api)?;
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        ioctl(&file, UFFDIO_REGISTER, &mut reg)?;
         Ok(Self { file, start, len })
     }
 
@@ -100,12 +135,58 @@ impl Uffd {
     /// a fresh mapping is not registered, even where it replaced a registered one). Pages are
     /// left writable.
     pub fn register_range(&self, start: u64, len: u64) -> io::Result<()> {
+        self.register_mode(start, len, UFFDIO_REGISTER_MODE_WP)
+    }
+
+    /// Registers `[start, start + len)` in missing mode, and in write-protect mode too if `wp`
+    /// (registering again replaces the range's modes).
+    pub fn register_missing(&self, start: u64, len: u64, wp: bool) -> io::Result<()> {
+        let wp = if wp { UFFDIO_REGISTER_MODE_WP } else { 0 };
+        self.register_mode(start, len, UFFDIO_REGISTER_MODE_MISSING | wp)
+    }
+
+    fn register_mode(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
+            mode,
             ioctls: 0,
         };
         ioctl(&self.file, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Unregisters `[start, start + len)` (releasing anyone blocked in it).
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange { start, len };
+        ioctl(&self.file, UFFDIO_UNREGISTER, &mut r)
+    }
+
+    /// Resolves a missing fault: maps a copy of `page` (4096 bytes) at `dst`, write-protected if
+    /// `wp`. A page that is already there (another thread resolved it) is not an error.
+    pub fn copy(&self, dst: u64, page: &[u8], wp: bool) -> io::Result<()> {
+        let mut c = UffdioCopy {
+            dst,
+            src: page.as_ptr() as u64,
+            len: page.len() as u64,
+            mode: if wp { UFFDIO_COPY_MODE_WP } else { 0 },
+            copy: 0,
+        };
+        match ioctl(&self.file, UFFDIO_COPY, &mut c) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Resolves a missing fault with a zero page at `dst`.
+    pub fn zero(&self, dst: u64, len: u64) -> io::Result<()> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        match ioctl(&self.file, UFFDIO_ZEROPAGE, &mut z) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
     }
 
     /// Waits until a fault is waiting to be read (true) or `stop` is readable (false).
@@ -156,8 +237,20 @@ impl Uffd {
     }
 
     /// Waits up to `timeout_ms` for faults; returns the host addresses of write-protect faults
-    /// read (possibly none).
+    /// read (possibly none). For a userfaultfd with no missing-mode range.
     pub fn read_faults(&self, timeout_ms: i32) -> io::Result<Vec<u64>> {
+        Ok(self
+            .read_all(timeout_ms)?
+            .into_iter()
+            .filter_map(|f| match f {
+                Fault::Write(a) => Some(a),
+                Fault::Missing(_) => None,
+            })
+            .collect())
+    }
+
+    /// Waits up to `timeout_ms` for faults and returns those read (possibly none).
+    pub fn read_all(&self, timeout_ms: i32) -> io::Result<Vec<Fault>> {
         let mut pfd = libc::pollfd {
             fd: self.file.as_raw_fd(),
             events: libc::POLLIN,
@@ -185,9 +278,14 @@ impl Uffd {
             for msg in buf[..r as usize].chunks_exact(32) {
                 let flags = u64::from_le_bytes(msg[8..16].try_into().unwrap_or_default());
                 let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap_or_default());
-                if msg[0] == UFFD_EVENT_PAGEFAULT && flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                    out.push(addr);
+                if msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
                 }
+                out.push(if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                    Fault::Write(addr)
+                } else {
+                    Fault::Missing(addr)
+                });
             }
         }
         Ok(out)
