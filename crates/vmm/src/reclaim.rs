@@ -216,15 +216,27 @@ impl Classes {
             return None;
         }
         let at = |off: u64| GuestAddress(gpa + off);
-        let pages: i64 = vm
-            .mem
-            .load(at(abi::ANSWER_PAGES_OFFSET), Ordering::Acquire)
-            .ok()?;
-        let seq: u64 = vm
-            .mem
-            .load(at(abi::ANSWER_SEQ_OFFSET), Ordering::Acquire)
-            .ok()?;
-        Some((seq, pages))
+        // The guest stores the pages, then the number: read the number before and after the
+        // pages, so both belong to one answer.
+        for _ in 0..100 {
+            let seq: u64 = vm
+                .mem
+                .load(at(abi::ANSWER_SEQ_OFFSET), Ordering::Acquire)
+                .ok()?;
+            let pages: i64 = vm
+                .mem
+                .load(at(abi::ANSWER_PAGES_OFFSET), Ordering::Acquire)
+                .ok()?;
+            let again: u64 = vm
+                .mem
+                .load(at(abi::ANSWER_SEQ_OFFSET), Ordering::Acquire)
+                .ok()?;
+            if seq == again {
+                return Some((seq, pages));
+            }
+        }
+        // A guest that rewrites its answer without end gets none read.
+        None
     }
 
     /// Counters.

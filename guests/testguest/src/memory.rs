@@ -82,9 +82,11 @@ impl Held {
     /// Moves up to `want` of the coldest (highest) resident working pages into swap, giving
     /// their working pages back.
     fn move_to_swap(&mut self, want: u64) -> u64 {
-        let mut given = 0;
+        let mut moved = 0;
         let mut i = self.places.len();
-        while given < want && i > 0 {
+        // The coldest pages are the highest: they move as one run, given back in one call.
+        let mut run_end = None;
+        while moved < want && i > 0 {
             i -= 1;
             if !matches!(self.places[i], Where::Resident) {
                 continue;
@@ -92,13 +94,29 @@ impl Held {
             let Some(slot) = self.swap.put(self.read(i as u64)) else {
                 break;
             };
-            if give_back(self.working.addr() + (i * PAGE) as u64, 1).is_err() {
-                break;
-            }
             self.places[i] = Where::Swapped(slot);
-            given += 1;
+            moved += 1;
+            match run_end {
+                Some((start, _)) if start == i + 1 => {
+                    run_end = Some((i, run_end.map_or(0, |r| r.1)))
+                }
+                Some((start, end)) => {
+                    let _ = give_back(
+                        self.working.addr() + (start * PAGE) as u64,
+                        (end - start) as u64,
+                    );
+                    run_end = Some((i, i + 1));
+                }
+                None => run_end = Some((i, i + 1)),
+            }
         }
-        given
+        if let Some((start, end)) = run_end {
+            let _ = give_back(
+                self.working.addr() + (start * PAGE) as u64,
+                (end - start) as u64,
+            );
+        }
+        moved
     }
 
     /// Takes up to `n` pages back: swapped working pages first, then cache room.
@@ -199,10 +217,16 @@ fn memhold(cpu: &Cpu, arg: &impl Fn(usize, u64) -> u64) -> i32 {
                 next = (next + 1) % w;
                 work += 1;
             }
-            if (h.cache.len() as u64) < h.cache.limit() {
-                let k = work % c.max(1);
-                fill(k + (1 << 40), &mut entry);
-                h.cache.insert(k, &entry);
+            // Refill what the cache may hold again (a few entries per round, as a page cache
+            // warms up).
+            let mut k = 0;
+            while (h.cache.len() as u64) < h.cache.limit() && k < c {
+                let mut probe = [0u8; 8];
+                if h.cache.get(k, &mut probe).is_none() {
+                    fill(k + (1 << 40), &mut entry);
+                    h.cache.insert(k, &entry);
+                }
+                k += 1;
             }
         }
         let now = time::monotonic_ns();
@@ -210,7 +234,7 @@ fn memhold(cpu: &Cpu, arg: &impl Fn(usize, u64) -> u64) -> i32 {
             println!("memhold work {work}");
             last_report = now;
         }
-        hypercall::block(1_000_000);
+        hypercall::block(5_000_000);
     }
 }
 
