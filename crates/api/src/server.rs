@@ -424,6 +424,25 @@ async fn put_rollback(State(s): State<ApiState>, body: Bytes) -> Reply {
     Ok(Json(serde_json::json!({"epoch": epoch})).into_response())
 }
 
+/// `PUT /memory` (Rebound): the VM's memory target.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryTarget {
+    target_mib: u64,
+    #[serde(default)]
+    answer_ms: Option<u64>,
+}
+
+async fn put_memory(State(s): State<ApiState>, Body(t): Body<MemoryTarget>) -> Reply {
+    on_instance(&s, move |i| i.set_memory_target(t.target_mib, t.answer_ms)).await?;
+    no_content()
+}
+
+async fn get_memory(State(s): State<ApiState>) -> Reply {
+    let view = on_instance(&s, |i| Ok(i.memory())).await?;
+    Ok(Json(view).into_response())
+}
+
 async fn put_state_dir(State(s): State<ApiState>, Body(c): Body<StateDirConfig>) -> Reply {
     on_instance(&s, move |i| i.set_state_dir(std::path::Path::new(&c.path))).await?;
     no_content()
@@ -580,6 +599,7 @@ fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Rout
         .route("/checkpoint", put(put_checkpoint))
         .route("/rollback", put(put_rollback))
         .route("/state-dir", put(put_state_dir))
+        .route("/memory", put(put_memory).get(get_memory))
         .route("/survival", get(get_survival))
         .route("/placement", put(put_placement))
         .route("/update", put(put_update))

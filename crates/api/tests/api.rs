@@ -1151,3 +1151,75 @@ fn a_running_drive_reports_its_legs_and_takes_a_mirror() {
         "a refusal creates nothing"
     );
 }
+
+#[test]
+fn memory_target_reclaims_through_the_guest_and_is_shown() {
+    let s = Server::start();
+    let cfg = json!({"vcpu_count": 1, "mem_size_mib": 128});
+    assert_eq!(s.call("PUT", "/machine-config", Some(cfg)).0, 204);
+    // Before start: nothing to target.
+    assert_eq!(
+        s.call("PUT", "/memory", Some(json!({"target_mib": 32}))).0,
+        400
+    );
+    let boot = json!({"kernel_image_path": "bundled:testguest", "boot_args": "memhold 8 16 8"});
+    assert_eq!(s.call("PUT", "/boot-source", Some(boot)).0, 204);
+    let start = json!({"action_type": "InstanceStart"});
+    assert_eq!(s.call("PUT", "/actions", Some(start)).0, 204);
+    let t0 = Instant::now();
+    while !s.console.text().contains("memhold ready") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            s.console.text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (st, v) = s.call("GET", "/memory", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["vm"]["cache_pages"], 16 * 256);
+    let resident = v["vm"]["resident_pages"].as_u64().unwrap();
+    // Bad targets are refused with the field named.
+    let (st, e) = s.raw("PUT", "/memory", br#"{"target_mib": 0}"#);
+    assert_eq!(st, 400);
+    assert!(e.contains("target_mib"), "{e}");
+    let (st, e) = s.call("PUT", "/memory", Some(json!({"target_mib": 99999})));
+    assert_eq!(st, 400);
+    assert!(
+        e["fault_message"].as_str().unwrap().contains("target_mib"),
+        "{e}"
+    );
+    assert_eq!(
+        s.raw("PUT", "/memory", br#"{"target_mib": 8, "nope": 1}"#)
+            .0,
+        400
+    );
+    // 12 MiB less: the guest drops cache to answer.
+    let target = (resident / 256).saturating_sub(12);
+    assert_eq!(
+        s.call("PUT", "/memory", Some(json!({"target_mib": target})))
+            .0,
+        204
+    );
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = s.call("GET", "/memory", None);
+        if v["stats"]["reached"].as_u64() >= Some(1) {
+            assert!(
+                v["vm"]["resident_pages"].as_u64().unwrap() <= target * 256 + 64,
+                "{v}"
+            );
+            assert!(v["stats"]["answered"].as_u64() >= Some(1), "{v}");
+            assert!(v["given_pages"].as_u64() >= Some(12 * 256 - 64), "{v}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The metrics carry the class counters and the swap.
+    let (_, m) = s.call("GET", "/metrics", None);
+    assert!(
+        m["memory"]["counters"]["returned_pages"].as_u64() >= Some(12 * 256 - 64),
+        "{m}"
+    );
+}

@@ -29,6 +29,9 @@ pub enum Error {
     /// From host networking (an interface's configuration or backend).
     #[error(transparent)]
     Net(#[from] rebound_net::Error),
+    /// From the memory manager (a target, the guest's classes).
+    #[error(transparent)]
+    Memory(#[from] rebound_memory::Error),
     /// The lifecycle table refuses `request` in `phase`.
     #[error("{}", transition_message(*.request, *.phase))]
     Transition {
@@ -107,6 +110,8 @@ impl Error {
             | Error::AlreadyProtected
             | Error::Region { .. } => ErrorKind::Conflict,
             Error::Snapshot(_) | Error::Net(_) => ErrorKind::InvalidInput,
+            Error::Memory(rebound_memory::Error::Host { .. }) => ErrorKind::Failed,
+            Error::Memory(_) => ErrorKind::InvalidInput,
             Error::Vmm(e) => vmm_kind(e),
             Error::Checkpoint(e) => checkpoint_kind(e),
             Error::Host { .. } | Error::Update(_) => ErrorKind::Failed,

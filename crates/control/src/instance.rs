@@ -102,6 +102,7 @@ pub struct Instance {
     pub(crate) placement: PlacementPart,
     pub(crate) sharing: Sharing,
     pub(crate) net: NetPart,
+    pub(crate) memory: rebound_memory::part::MemoryPart,
 }
 
 impl Instance {
@@ -117,6 +118,7 @@ impl Instance {
             placement: PlacementPart::default(),
             sharing: Sharing::default(),
             net: NetPart::default(),
+            memory: rebound_memory::part::MemoryPart::default(),
         }
     }
 
@@ -577,6 +579,18 @@ impl Instance {
             })
             .map_err(|e| Error::host("cannot start the shutdown watchdog", e))?;
         Ok(())
+    }
+
+    /// Sets the VM's memory target (`PUT /memory`): the guest is asked to give memory up (or
+    /// may take it back), and its swap class is moved out if it does not answer in time.
+    pub fn set_memory_target(&self, target_mib: u64, answer_ms: Option<u64>) -> Result<()> {
+        let vm = self.lifecycle.vm_for(Request::Memory)?;
+        Ok(self.memory.set_target(&vm, target_mib, answer_ms)?)
+    }
+
+    /// The VM's memory: target, classes, swap, what the memory part did (`GET /memory`).
+    pub fn memory(&self) -> rebound_memory::part::MemoryView {
+        self.memory.view(self.vm().as_deref())
     }
 
     /// Counters, once started.

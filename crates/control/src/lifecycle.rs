@@ -90,11 +90,13 @@ pub enum Request {
     Shutdown,
     /// Read what only a built VM has (metrics, waiting for its end).
     Observe,
+    /// Change the VM's memory target.
+    Memory,
 }
 
 impl Request {
     /// Every request kind (with one representative `Configure`).
-    pub const ALL: [Request; 15] = [
+    pub const ALL: [Request; 16] = [
         Request::Configure("the configuration"),
         Request::Start,
         Request::LoadSnapshot,
@@ -110,6 +112,7 @@ impl Request {
         Request::Share,
         Request::Shutdown,
         Request::Observe,
+        Request::Memory,
     ];
 
     /// The request in messages.
@@ -130,6 +133,7 @@ impl Request {
             Request::Share => "shared region change",
             Request::Shutdown => "shutdown",
             Request::Observe => "reading the VM's state",
+            Request::Memory => "memory target",
         }
     }
 }
@@ -148,7 +152,7 @@ pub fn transition(phase: Phase, request: Request) -> Result<Phase> {
         (
             Running | Paused,
             Snapshot | Protect | Unprotect | Checkpoint | Rollback | LiveUpdate | Share | Shutdown
-            | Observe,
+            | Observe | Memory,
         ) => Ok(phase),
         // What an ended VM left (its metrics, its outcome) can still be read.
         (Exited, Observe) => Ok(Exited),
@@ -303,7 +307,8 @@ mod tests {
                 | Request::Checkpoint
                 | Request::Rollback
                 | Request::LiveUpdate
-                | Request::Shutdown => started.then_some(phase),
+                | Request::Shutdown
+                | Request::Memory => started.then_some(phase),
             }
         };
         let mut pairs = 0;

@@ -174,6 +174,7 @@ impl Metrics {
             console_bytes,
             io,
             nics: Vec::new(),
+            memory: Default::default(),
         }
     }
 }
@@ -251,4 +252,6 @@ pub struct MetricsSnapshot {
     /// Each network interface.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<rebound_devices::net::NicStatsSnapshot>,
+    /// Memory classes, requests, pages returned and the swap (ABI 1.8).
+    pub memory: crate::vm::MemoryReport,
 }

@@ -1550,6 +1550,7 @@ impl Vm {
             s.launched.elapsed().as_millis() as u64,
         );
         m.nics = self.nic_stats();
+        m.memory = self.memory_report();
         m
     }
 
