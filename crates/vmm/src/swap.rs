@@ -492,6 +492,16 @@ impl Swap {
 impl Drop for Swap {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // A named swap file holding no page is removed with its link; one still holding pages
+        // stays for whoever takes the VM over (a process killed or replaced never gets here).
+        let st = lock(&self.state);
+        if st.swapped.is_empty()
+            && let Some(link) = &self.home.link
+            && let Ok(target) = std::fs::read_link(link)
+        {
+            let _ = std::fs::remove_file(&target);
+            let _ = std::fs::remove_file(link);
+        }
     }
 }
 
