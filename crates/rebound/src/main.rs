@@ -23,6 +23,7 @@ mod client;
 mod cluster;
 mod firecracker;
 mod logging;
+mod memory;
 mod scaffold;
 mod signals;
 mod survive;
@@ -96,6 +97,9 @@ enum Command {
     /// Fault injection for tests and operators.
     #[command(subcommand)]
     Fault(FaultCommand),
+    /// A VM's memory target, and the host memory manager over several VMs.
+    #[command(subcommand)]
+    Memory(memory::MemoryCommand),
     /// Shared memory regions between VMs (in $REBOUND_SHARE_DIR, default
     /// /dev/shm/rebound-shared).
     #[command(subcommand)]
@@ -581,6 +585,7 @@ fn run(mut cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Some(Command::Share(cmd)) => share_command(cli.api_sock.as_deref(), cmd),
+        Some(Command::Memory(cmd)) => memory::command(cli.api_sock.as_deref(), cmd),
         Some(Command::Guests) => {
             print!("{}", guests_text());
             Ok(0)
@@ -797,7 +802,7 @@ fn share_command(sock: Option<&Path>, cmd: ShareCommand) -> Result<i32> {
     Ok(0)
 }
 
-fn need_sock(sock: Option<&Path>) -> Result<&Path> {
+pub(crate) fn need_sock(sock: Option<&Path>) -> Result<&Path> {
     sock.context("this command talks to a running Rebound: give its --api-sock")
 }
 

@@ -146,3 +146,97 @@ fn swapped_pages_come_back_across_checkpoint_rollback_kill_9_and_live_update() {
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{log}");
     assert!(log.contains("memhold verified 2048 pages, 0 bad"), "{log}");
 }
+
+fn resident(sock: &Path) -> u64 {
+    memory(sock)["vm"]["resident_pages"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn the_memory_manager_keeps_two_vmms_under_a_budget_it_reads_live() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socks: Vec<PathBuf> = (0..2)
+        .map(|i| tmp.path().join(format!("vm{i}.sock")))
+        .collect();
+    let mut vms = Vec::new();
+    for sock in &socks {
+        let mut c = rebound();
+        c.args([
+            "run",
+            "--bundled",
+            "testguest",
+            "--mem-mib",
+            "128",
+            "--args",
+        ])
+        .arg("memhold 8 24 8")
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        vms.push(c.spawn().unwrap());
+    }
+    for sock in &socks {
+        wait_running(sock);
+        wait_until("the guest's classes", Duration::from_secs(30), || {
+            memory(sock)["vm"]["registered"] == true
+        });
+    }
+    let total: u64 = socks.iter().map(|s| resident(s)).sum();
+    let budget_file = tmp.path().join("budget");
+    let budget_mib = total / 2 / 256;
+    std::fs::write(&budget_file, format!("{budget_mib}\n")).unwrap();
+    let mut manage = rebound();
+    manage
+        .args([
+            "memory",
+            "manage",
+            "--interval-ms",
+            "20",
+            "--min-mib",
+            "8",
+            "--budget-file",
+        ])
+        .arg(&budget_file);
+    for s in &socks {
+        manage.arg("--vm").arg(s);
+    }
+    let manager = manage
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the VMs under the budget", Duration::from_secs(60), || {
+        socks.iter().map(|s| resident(s)).sum::<u64>() <= budget_mib * 256
+    });
+    // The CLI shows a VM's memory.
+    let out = rebound()
+        .arg("--api-sock")
+        .arg(&socks[0])
+        .args(["memory", "show"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["stats"]["requests"].as_u64() >= Some(1), "{v}");
+    // A raised budget gives the memory back.
+    std::fs::write(&budget_file, format!("{}\n", budget_mib * 4)).unwrap();
+    wait_until("memory given back", Duration::from_secs(60), || {
+        socks.iter().all(|s| memory(s)["given_pages"] == 0)
+    });
+    for (sock, child) in socks.iter().zip(vms) {
+        let (st, _) = http(
+            sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "SendCtrlAltDel"}"#,
+        );
+        assert_eq!(st, 204);
+        let out = output_within(child, "a managed VM", Duration::from_secs(60));
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(stdout.contains(", 0 bad,"), "{stdout}");
+    }
+    let out = output_within(manager, "the memory manager", Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no VM left"));
+    assert!(text(&out.stdout).contains("budget_pages"));
+}
