@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -12,6 +12,7 @@ mod disk;
 mod floor;
 mod net;
 mod qemu;
+mod reclaim;
 mod sharing;
 mod standby;
 mod survive;
@@ -292,6 +293,7 @@ fn main() -> Result<()> {
             "standby",
             "resync",
             "cluster",
+            "reclaim",
         ]
         .map(String::from)
         .to_vec();
@@ -336,6 +338,11 @@ fn main() -> Result<()> {
                 disk::fsync_and_throughput()?;
                 disk::held_pause()?;
                 disk::mirror()?;
+            }
+            "reclaim" => {
+                reclaim::across_vms(1)?;
+                reclaim::across_vms(4)?;
+                reclaim::work_lost()?;
             }
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }

@@ -36,6 +36,8 @@ use rebound_abi::{PAGE_SIZE, nr};
 use crate::hypercall::{self, Errno};
 
 const PAGE: usize = PAGE_SIZE as usize;
+/// Pages in a 2 MiB huge page.
+const HUGE: u64 = 512;
 
 /// A page-aligned area of whole pages, taken from the heap for the VM's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,9 +47,15 @@ pub struct Pages {
 }
 
 impl Pages {
-    /// Allocates `count` pages (None if the heap cannot).
+    /// Allocates `count` pages (None if the heap cannot). Areas of 2 MiB or more start on a
+    /// 2 MiB boundary, so the host can back them with huge pages and free them whole.
     pub fn alloc(count: u64) -> Option<Self> {
-        let layout = Layout::from_size_align((count as usize).checked_mul(PAGE)?, PAGE).ok()?;
+        let align = if count >= HUGE {
+            HUGE as usize * PAGE
+        } else {
+            PAGE
+        };
+        let layout = Layout::from_size_align((count as usize).checked_mul(PAGE)?, align).ok()?;
         if count == 0 {
             return None;
         }
@@ -236,6 +244,8 @@ struct CacheSlot {
 pub struct PageCache {
     area: Pages,
     slots: RefCell<Vec<Option<CacheSlot>>>,
+    /// Empty slots below the limit.
+    free: RefCell<Vec<u32>>,
     index: RefCell<BTreeMap<u64, u32>>,
     clock: Cell<u64>,
     /// Slots usable now (the host may have asked for some back).
@@ -250,6 +260,7 @@ impl PageCache {
         Self {
             area,
             slots: RefCell::new(slots),
+            free: RefCell::new((0..area.count as u32).rev().collect()),
             index: RefCell::new(BTreeMap::new()),
             clock: Cell::new(0),
             limit: Cell::new(area.count),
@@ -296,9 +307,9 @@ impl PageCache {
             None => {
                 let limit = self.limit.get() as usize;
                 let mut slots = self.slots.borrow_mut();
-                let free = slots[..limit].iter().position(Option::is_none);
+                let free = self.free.borrow_mut().pop();
                 let s = match free {
-                    Some(s) => s,
+                    Some(s) => s as usize,
                     None => {
                         let Some((victim, _)) = slots[..limit]
                             .iter()
@@ -347,7 +358,12 @@ impl PageCache {
     /// (the cache then uses fewer pages). Returns the pages given.
     pub fn shrink(&self, pages: u64) -> u64 {
         let limit = self.limit.get();
-        let new = limit.saturating_sub(pages);
+        let mut new = limit.saturating_sub(pages);
+        // Whole huge pages where the area has them: freeing part of one frees nothing on a
+        // host that backs the area with huge pages.
+        if self.area.addr.is_multiple_of(HUGE * PAGE_SIZE) {
+            new -= new % HUGE;
+        }
         let mut slots = self.slots.borrow_mut();
         let mut index = self.index.borrow_mut();
         for s in slots[new as usize..limit as usize].iter_mut() {
@@ -356,6 +372,7 @@ impl PageCache {
             }
         }
         drop((slots, index));
+        self.free.borrow_mut().retain(|&s| u64::from(s) < new);
         self.limit.set(new);
         let list: Vec<u64> = (new..limit).collect();
         give_back_runs(&self.area, &list)
@@ -367,6 +384,9 @@ impl PageCache {
         let limit = self.limit.get();
         let new = (limit + pages).min(self.area.count);
         self.limit.set(new);
+        self.free
+            .borrow_mut()
+            .extend((limit as u32..new as u32).rev());
         new - limit
     }
 }
@@ -419,7 +439,14 @@ impl SwapArea {
 
     /// Frees slot `s`, giving its page back.
     pub fn free(&self, s: SwapSlot) {
-        let _ = give_back(self.area.page(s.0.into()) as u64, 1);
-        self.free.borrow_mut().push(s.0);
+        self.free_many(&mut [s]);
+    }
+
+    /// Frees `slots`, giving their pages back in as few calls as runs allow (sorts `slots`).
+    pub fn free_many(&self, slots: &mut [SwapSlot]) {
+        slots.sort_unstable();
+        let pages: Vec<u64> = slots.iter().map(|s| u64::from(s.0)).collect();
+        give_back_runs(&self.area, &pages);
+        self.free.borrow_mut().extend(slots.iter().map(|s| s.0));
     }
 }

@@ -123,6 +123,7 @@ impl Held {
     fn take(&mut self, n: u64) -> u64 {
         let mut taken = 0;
         let mut buf = [0u8; PAGE];
+        let mut freed = Vec::new();
         for i in 0..self.places.len() {
             if taken >= n {
                 break;
@@ -130,11 +131,12 @@ impl Held {
             if let Where::Swapped(s) = self.places[i] {
                 self.swap.read(s, &mut buf);
                 self.write(i as u64, &buf);
-                self.swap.free(s);
+                freed.push(s);
                 self.places[i] = Where::Resident;
                 taken += 1;
             }
         }
+        self.swap.free_many(&mut freed);
         taken + self.cache.grow(n - taken)
     }
 }
@@ -144,6 +146,8 @@ fn memhold(cpu: &Cpu, arg: &impl Fn(usize, u64) -> u64) -> i32 {
     let (w, c, s) = (arg(1, 8) << 8, arg(2, 4) << 8, arg(3, 8) << 8);
     let answer = arg(4, 1) != 0;
     let preswap = arg(5, 0) << 8;
+    // Busy: work without pause (a CPU-bound guest), reporting its progress every 100 ms.
+    let busy = arg(6, 0) != 0;
     let (Some(working), Some(cache_pages), Some(swap_pages)) =
         (Pages::alloc(w), Pages::alloc(c), Pages::alloc(s))
     else {
@@ -190,6 +194,7 @@ fn memhold(cpu: &Cpu, arg: &impl Fn(usize, u64) -> u64) -> i32 {
     let (mut buf, mut want) = ([0u8; PAGE], [0u8; PAGE]);
     let mut next = 0u64;
     let mut work = 0u64;
+    let mut cursor = 0u64;
     let mut last_report = time::monotonic_ns();
     loop {
         if rebound_guest::boot::shutdown_requested() {
@@ -219,22 +224,27 @@ fn memhold(cpu: &Cpu, arg: &impl Fn(usize, u64) -> u64) -> i32 {
             }
             // Refill what the cache may hold again (a few entries per round, as a page cache
             // warms up).
-            let mut k = 0;
-            while (h.cache.len() as u64) < h.cache.limit() && k < c {
+            let (mut probes, mut filled) = (0, 0);
+            while (h.cache.len() as u64) < h.cache.limit() && probes < c && filled < 1024 {
+                let k = cursor;
+                cursor = (cursor + 1) % c.max(1);
+                probes += 1;
                 let mut probe = [0u8; 8];
                 if h.cache.get(k, &mut probe).is_none() {
                     fill(k + (1 << 40), &mut entry);
                     h.cache.insert(k, &entry);
+                    filled += 1;
                 }
-                k += 1;
             }
         }
         let now = time::monotonic_ns();
-        if now - last_report > 200_000_000 {
-            println!("memhold work {work}");
+        if now - last_report > if busy { 100_000_000 } else { 200_000_000 } {
+            println!("memhold work {work} at {now}");
             last_report = now;
         }
-        hypercall::block(5_000_000);
+        if !busy {
+            hypercall::block(5_000_000);
+        }
     }
 }
 
