@@ -85,7 +85,8 @@ pub const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs` and `net.rs`). REGION is
+/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs` and
+/// `memory.rs`). REGION is
 /// a shared region attached with `--share`; the network modes use NIC 0.
 const TESTGUEST_MODES: &[Mode] = &[
     mode("hello", "", "print a line from vCPU 0 (the default mode)"),
@@ -99,6 +100,16 @@ const TESTGUEST_MODES: &[Mode] = &[
         "multi",
         "",
         "every vCPU meets at a barrier and computes: checks they ran concurrently",
+    ),
+    mode(
+        "memhold",
+        "[WORKING] [CACHE] [SWAP] [ANSWER] [PRESWAP] [BUSY]",
+        "hold WORKING MiB of checked data (8), a CACHE MiB page cache (4) and a SWAP MiB swap area (8) in a memory class table; answer the host's memory requests (ANSWER 1; 0: never), PRESWAP MiB of the data in swap from the start (0), BUSY 1: work without pause; checks every page at shutdown",
+    ),
+    mode(
+        "memhostile",
+        "",
+        "memory class hypercalls with hostile arguments: each must fail cleanly",
     ),
     mode("fault-pf", "", "page fault: write to an unmapped address"),
     mode("fault-gp", "", "general protection fault: hlt at CPL3"),
@@ -418,7 +429,8 @@ mod tests {
     fn every_mode_the_testguest_dispatches_on_is_described_and_no_other() {
         let src = source("testguest/src/main.rs")
             + &source("testguest/src/sharing.rs")
-            + &source("testguest/src/net.rs");
+            + &source("testguest/src/net.rs")
+            + &source("testguest/src/memory.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();
