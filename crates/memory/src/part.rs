@@ -74,6 +74,8 @@ struct State {
     outstanding: Option<Outstanding>,
     /// When the current target was set (for `last_reclaim_ms`).
     since: Option<Instant>,
+    /// The worker is moving pages out (with the state unlocked).
+    paging: bool,
     /// Requests posted and not yet accounted (an answer may come after its deadline).
     posted: std::collections::VecDeque<(u64, i64)>,
     worker: bool,
@@ -173,7 +175,8 @@ impl MemoryPart {
             let Some(target) = st.target else {
                 return true;
             };
-            if st.outstanding.is_none() && vm.resident_pages() <= target + SLACK_PAGES {
+            if st.outstanding.is_none() && !st.paging && vm.resident_pages() <= target + SLACK_PAGES
+            {
                 return true;
             }
             let Some(left) = timeout.checked_sub(t0.elapsed()) else {
@@ -238,9 +241,11 @@ fn step(shared: &Shared, vm: &Vm) -> Duration {
         // Whatever the guest did, the host measures; what is still over comes out of swap.
         let over = vm.resident_pages() as i64 - target as i64;
         if asked > 0 && over > SLACK_PAGES as i64 {
+            st.paging = true;
             drop(st);
             let moved = vm.page_out_swap(over as u64);
             st = lock(shared);
+            st.paging = false;
             match moved {
                 Ok(n) => st.stats.host_paged_out += n,
                 Err(e) => tracing::warn!("memory: cannot move the swap class out: {e}"),

@@ -156,3 +156,57 @@ fn halving_the_budget_of_8_vms_squeezes_them_below_it_and_raising_it_gives_memor
         assert!(text.contains(", 0 bad,"), "{text}");
     }
 }
+
+#[test]
+fn a_guest_that_ignores_requests_is_brought_to_its_target_by_moving_its_swap_class_out() {
+    // Never answers; half of its 16 MiB of working data sits in its 16 MiB swap area.
+    let (vm, out) = launch("memhold 16 4 16 0 8");
+    wait_for(&out, "memhold ready");
+    let part = MemoryPart::default();
+    let before = vm.resident_pages();
+    // 12 MiB less: only the swap class (8 MiB of data, 8 MiB of zeros) can give it.
+    let target_mib = before / PAGES_PER_MIB - 12;
+    part.set_target(&vm, target_mib, Some(20)).expect("target");
+    assert!(
+        part.wait_reached(&vm, Duration::from_secs(30)),
+        "{:?}",
+        part.view(Some(&vm))
+    );
+    let v = part.view(Some(&vm));
+    assert!(v.stats.unanswered >= 1, "{v:?}");
+    assert_eq!(v.stats.answered, 0, "{v:?}");
+    assert!(v.stats.host_paged_out >= 12 * PAGES_PER_MIB, "{v:?}");
+    assert!(vm.resident_pages() <= target_mib * PAGES_PER_MIB + 64);
+    // The guest reads its swapped data back (through the userfaultfd) and finds it intact.
+    vm.request_shutdown().expect("shutdown");
+    let outcome = vm.wait_timeout(Duration::from_secs(60)).expect("ends");
+    let text = out.text();
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "{text}");
+    assert!(text.contains(", 0 bad,"), "{text}");
+    assert!(vm.memory_report().swap.paged_in > 0);
+}
+
+#[test]
+fn a_hostile_guest_beside_a_squeezed_one_hurts_only_itself() {
+    let (good, good_out) = launch("memhold 16 16 16");
+    let (bad, bad_out) = launch("memhostile");
+    wait_for(&good_out, "memhold ready");
+    let part = MemoryPart::default();
+    let target = good.resident_pages() / PAGES_PER_MIB - 16;
+    part.set_target(&good, target, None).expect("target");
+    assert!(part.wait_reached(&good, Duration::from_secs(30)));
+    let outcome = bad
+        .wait_timeout(Duration::from_secs(60))
+        .expect("hostile ends");
+    assert_eq!(
+        outcome,
+        VmOutcome::Exited { status: 0 },
+        "{}",
+        bad_out.text()
+    );
+    good.request_shutdown().expect("shutdown");
+    let outcome = good.wait_timeout(Duration::from_secs(60)).expect("ends");
+    let text = good_out.text();
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "{text}");
+    assert!(text.contains(", 0 bad,"), "{text}");
+}
