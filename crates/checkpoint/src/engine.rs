@@ -280,6 +280,7 @@ fn give_up(inner: &Inner, strategy: &mut dyn Strategy, sinks: &mut [SinkSlot], e
         s.sink.lost(&reason);
     }
     strategy.give_up();
+    inner.vm.hold_memory_returns(false);
     *lock(&inner.broken) = Some(reason);
     if let Err(err) = inner.output.pass_through() {
         tracing::error!("cannot release held output: {err}");
@@ -543,6 +544,7 @@ impl Engine {
             s.sink.lost("protection was stopped");
         }
         w.strategy.give_up();
+        self.inner.vm.hold_memory_returns(false);
     }
 
     /// Hands the VM over to the sinks that can take it over (a standby): a checkpoint now,

@@ -90,8 +90,12 @@ pub fn give_back(addr: u64, count: u64) -> Result<u64, Errno> {
     let mut done = 0;
     while done < count {
         let n = (count - done).min(RETURN_MAX_PAGES);
-        hypercall::call(nr::MEM_RETURN, &[addr + done * PAGE_SIZE, n])?;
-        done += n;
+        // The VMM may take fewer than asked (while a checkpoint strategy watches writes).
+        let took = hypercall::call(nr::MEM_RETURN, &[addr + done * PAGE_SIZE, n])?;
+        if took == 0 {
+            break;
+        }
+        done += took.min(n);
     }
     Ok(done)
 }
@@ -136,20 +140,23 @@ impl Classes {
     /// Adds `pages` as `class` ([`rebound_abi::memory::WORKING`], `CACHE` or `SWAP`). Call
     /// [`register`](Self::register) after changes.
     pub fn add(&mut self, pages: &Pages, class: u32) -> Result<(), Errno> {
-        // SAFETY: our own table; the VMM only writes the request words, which are not touched
-        // here.
-        let t = unsafe { &mut *self.t() };
-        let i = t.count as usize;
-        if i >= MAX_RANGES {
-            return Err(Errno(rebound_abi::errno::E2BIG));
+        let t = self.t();
+        // SAFETY: fields of our own table, through raw pointers: the VMM writes the request
+        // words concurrently, so no reference to the whole table is made.
+        unsafe {
+            let count = (&raw const (*t).count).read_volatile();
+            let i = count as usize;
+            if i >= MAX_RANGES {
+                return Err(Errno(rebound_abi::errno::E2BIG));
+            }
+            (&raw mut (*t).ranges[i]).write_volatile(Range {
+                gpa: pages.addr,
+                pages: pages.count,
+                class,
+                reserved: 0,
+            });
+            (&raw mut (*t).count).write_volatile(count + 1);
         }
-        t.ranges[i] = Range {
-            gpa: pages.addr,
-            pages: pages.count,
-            class,
-            reserved: 0,
-        };
-        t.count += 1;
         Ok(())
     }
 
@@ -173,14 +180,18 @@ impl Classes {
     /// up; < 0: may take back).
     pub fn request(&self) -> Option<(u64, i64)> {
         use rebound_abi::memory::{ANSWER_SEQ_OFFSET, REQUEST_PAGES_OFFSET, REQUEST_SEQ_OFFSET};
-        let seq = self.word(REQUEST_SEQ_OFFSET).load(Ordering::Acquire);
-        if seq == self.word(ANSWER_SEQ_OFFSET).load(Ordering::Relaxed) {
-            return None;
+        loop {
+            let seq = self.word(REQUEST_SEQ_OFFSET).load(Ordering::Acquire);
+            if seq == self.word(ANSWER_SEQ_OFFSET).load(Ordering::Relaxed) {
+                return None;
+            }
+            let pages = self.signed(REQUEST_PAGES_OFFSET).load(Ordering::Acquire);
+            // The host stores the pages, then the number: the same number after the pages
+            // means both belong to one request.
+            if self.word(REQUEST_SEQ_OFFSET).load(Ordering::Acquire) == seq {
+                return Some((seq, pages));
+            }
         }
-        Some((
-            seq,
-            self.signed(REQUEST_PAGES_OFFSET).load(Ordering::Relaxed),
-        ))
     }
 
     /// Answers request `seq`: `pages` given up (or taken back, < 0).
@@ -360,8 +371,9 @@ impl PageCache {
         let limit = self.limit.get();
         let mut new = limit.saturating_sub(pages);
         // Whole huge pages where the area has them: freeing part of one frees nothing on a
-        // host that backs the area with huge pages.
-        if self.area.addr.is_multiple_of(HUGE * PAGE_SIZE) {
+        // host that backs the area with huge pages (small remainders stay partial, so a small
+        // request never empties the cache).
+        if self.area.addr.is_multiple_of(HUGE * PAGE_SIZE) && new >= HUGE {
             new -= new % HUGE;
         }
         let mut slots = self.slots.borrow_mut();

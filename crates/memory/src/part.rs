@@ -59,6 +59,14 @@ pub struct MemoryView {
     pub vm: Option<MemoryReport>,
 }
 
+/// A request posted: its number, the pages asked, the VM's resident pages then.
+#[derive(Clone, Copy)]
+struct Posted {
+    seq: u64,
+    asked: i64,
+    resident: u64,
+}
+
 struct Outstanding {
     seq: u64,
     pages: i64,
@@ -77,7 +85,9 @@ struct State {
     /// The worker is moving pages out (with the state unlocked).
     paging: bool,
     /// Requests posted and not yet accounted (an answer may come after its deadline).
-    posted: std::collections::VecDeque<(u64, i64)>,
+    posted: std::collections::VecDeque<Posted>,
+    /// Wait before the next request after cycles that moved nothing (doubles up to 1 s).
+    backoff: Duration,
     worker: bool,
 }
 
@@ -126,6 +136,7 @@ impl MemoryPart {
                 st.answer_ms = DEFAULT_ANSWER_MS;
             }
             st.since = Some(Instant::now());
+            st.backoff = Duration::ZERO;
             !std::mem::replace(&mut st.worker, true)
         };
         self.shared.changed.notify_all();
@@ -219,7 +230,7 @@ fn step(shared: &Shared, vm: &Vm) -> Duration {
     // Any answer counts once, even one that came after its deadline.
     let answered = vm
         .memory_answer()
-        .and_then(|(seq, pages)| account(&mut st, seq, pages));
+        .and_then(|(seq, pages)| account(&mut st, seq, pages, resident));
     if let Some(o) = &st.outstanding {
         let answer = answered.filter(|&seq| seq == o.seq);
         let late = Instant::now() >= o.deadline;
@@ -253,14 +264,21 @@ fn step(shared: &Shared, vm: &Vm) -> Duration {
         }
         note_reached(&mut st, vm, target);
         shared.changed.notify_all();
-        // Requests are spaced: a guest is not asked again before it could have acted.
-        return Duration::from_millis(5);
+        // Requests are spaced: a guest is not asked again before it could have acted, and a
+        // cycle that moved nothing (no cache, no swap class left) waits longer each time.
+        let after = vm.resident_pages();
+        st.backoff = if after + SLACK_PAGES < resident {
+            Duration::ZERO
+        } else {
+            (st.backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1))
+        };
+        return st.backoff.max(Duration::from_millis(5));
     }
     if over > SLACK_PAGES as i64 {
         match vm.request_memory(over) {
             Ok(seq) => {
                 st.stats.requests += 1;
-                post(&mut st, seq, over);
+                post(&mut st, seq, over, resident);
                 st.outstanding = Some(Outstanding {
                     seq,
                     pages: over,
@@ -278,7 +296,7 @@ fn step(shared: &Shared, vm: &Vm) -> Duration {
         let back = st.given.min(over.unsigned_abs());
         if let Ok(seq) = vm.request_memory(-(back as i64)) {
             st.stats.requests += 1;
-            post(&mut st, seq, -(back as i64));
+            post(&mut st, seq, -(back as i64), resident);
             st.outstanding = Some(Outstanding {
                 seq,
                 pages: -(back as i64),
@@ -292,21 +310,31 @@ fn step(shared: &Shared, vm: &Vm) -> Duration {
 }
 
 /// Remembers request `seq` until its answer is accounted.
-fn post(st: &mut State, seq: u64, asked: i64) {
+fn post(st: &mut State, seq: u64, asked: i64, resident: u64) {
     if st.posted.len() >= 16 {
         st.posted.pop_front();
     }
-    st.posted.push_back((seq, asked));
+    st.posted.push_back(Posted {
+        seq,
+        asked,
+        resident,
+    });
 }
 
 /// Accounts the guest's answer to request `seq` (once); returns `seq` if it was one of ours.
-fn account(st: &mut State, seq: u64, pages: i64) -> Option<u64> {
-    let i = st.posted.iter().position(|&(s, _)| s == seq)?;
-    let (_, asked) = st.posted.remove(i)?;
+fn account(st: &mut State, seq: u64, pages: i64, resident: u64) -> Option<u64> {
+    let i = st.posted.iter().position(|p| p.seq == seq)?;
+    let Posted {
+        asked,
+        resident: before,
+        ..
+    } = st.posted.remove(i)?;
     // Earlier requests will never be answered now.
-    st.posted.retain(|&(s, _)| s > seq);
+    st.posted.retain(|p| p.seq > seq);
     if asked > 0 {
-        let got = pages.clamp(0, asked) as u64;
+        // The claim, up to what the host measured: a guest cannot be owed more than it gave.
+        let measured = before.saturating_sub(resident);
+        let got = (pages.clamp(0, asked) as u64).min(measured);
         st.stats.guest_pages += got;
         st.given += got;
     } else {

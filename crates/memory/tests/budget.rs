@@ -88,8 +88,11 @@ fn halving_the_budget_of_8_vms_squeezes_them_below_it_and_raising_it_gives_memor
     while resident(&vms) > half {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "resident {} over the budget {half}",
-            resident(&vms)
+            "resident {} over the budget {half}: {:#?}",
+            resident(&vms),
+            vms.iter()
+                .map(|(vm, _, p)| p.view(Some(vm)))
+                .collect::<Vec<_>>()
         );
         manager.tick(&host);
         std::thread::sleep(Duration::from_millis(20));

@@ -133,6 +133,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 const TABLE_LEN: u64 = std::mem::size_of::<Table>() as u64;
 
+/// Most pages one `MEM_RETURN` gives back while a checkpoint strategy watches writes.
+const WATCHED_RETURN_MAX: u64 = 1024;
+
 impl Classes {
     /// The registration (for the `memory` component).
     pub(crate) fn state(&self) -> TableState {
@@ -262,10 +265,22 @@ impl Classes {
         if gpa < IMAGE_BASE || !vm.layout.is_guest_writable(gpa, len) {
             return errno::EFAULT;
         }
+        if vm.returns_held.load(Ordering::Acquire) {
+            return errno::EBUSY;
+        }
+        let watching = vm.swap.watching();
+        // Under a write watch each page is written first (a fault each): fewer per call, so
+        // one call never holds the vCPU long. The guest calls again for the rest.
+        let pages = if watching {
+            pages.min(WATCHED_RETURN_MAX)
+        } else {
+            pages
+        };
+        let len = pages * PAGE_SIZE;
         let Ok(host) = vm.mem.get_host_address(GuestAddress(gpa)) else {
             return errno::EFAULT;
         };
-        if vm.swap.watching() {
+        if watching {
             // A write-protecting checkpoint strategy must see each page change before it is
             // freed (its undo log saves the old contents on the write fault).
             for p in 0..pages {
@@ -276,6 +291,9 @@ impl Classes {
                 let _ = vm.mem.write_obj(b, a);
             }
         }
+        // Their swap copies go next (after the watch saw the real old contents), so nothing
+        // brings old contents back once the pages are freed.
+        vm.swap.returned(gpa / PAGE_SIZE, pages);
         let r = if vm.private_memory {
             crate::swap::discard(host as u64, len)
         } else {
@@ -285,7 +303,6 @@ impl Classes {
             tracing::warn!(gpa, pages, "cannot free returned pages: {e}");
             return errno::EIO;
         }
-        vm.swap.returned(gpa / PAGE_SIZE, pages);
         // The pages changed (to zero) behind KVM's dirty log: record it for checkpoints.
         if let Some((region, offset)) = vm.mem.to_region_addr(GuestAddress(gpa)) {
             vm_memory::bitmap::Bitmap::mark_dirty(region.bitmap(), offset.0 as usize, len as usize);

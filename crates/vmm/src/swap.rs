@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use rebound_snapshot::DirtySet;
@@ -69,12 +69,20 @@ struct State {
     missing: Vec<(u64, u64)>,
     /// Whether a write watch is on (the whole range registered in write-protect mode).
     wp: bool,
+    /// Pages the watch let go (writable until protected again): brought back, they stay
+    /// writable, or the watch would see a second first write.
+    released: DirtySet,
     file: Option<File>,
 }
 
+/// What the VM does when a page cannot be brought back (its contents are lost).
+pub(crate) type FailHook = Box<dyn Fn(String) + Send + Sync>;
+
 /// The VM's userfaultfd, its fault thread and its swap file.
 pub(crate) struct Swap {
-    uffd: Uffd,
+    /// Opened on first use (a page moved out, a watch, a predecessor's pages): a VM that needs
+    /// neither never depends on userfaultfd being allowed.
+    uffd: OnceLock<Uffd>,
     base: u64,
     pages: u64,
     home: SwapHome,
@@ -86,6 +94,7 @@ pub(crate) struct Swap {
     queued: AtomicU64,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    fail: Mutex<Option<FailHook>>,
     paged_out: AtomicU64,
     paged_in: AtomicU64,
     zero_pages: AtomicU64,
@@ -135,19 +144,40 @@ fn gaps(runs: &[(u64, u64)], pages: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The parts of `[start, start + len)` (bytes) where `file` has holes.
+fn holes(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    let data: Vec<(u64, u64)> = crate::memory::file_data_ranges(file, start, len)
+        .into_iter()
+        .map(|(o, l)| (start + o, l))
+        .collect();
+    let mut out = Vec::new();
+    let mut at = start;
+    for (d, l) in data {
+        if d > at {
+            out.push((at, d - at));
+        }
+        at = at.max(d + l);
+    }
+    if at < start + len {
+        out.push((at, start + len - at));
+    }
+    out
+}
+
 impl Swap {
-    /// For guest memory at host address `base`, `pages` long. If `home.link` names an existing
-    /// swap file (a VM taken over), pages it holds where `memory` has holes are swapped out:
-    /// they are registered before this returns, so nothing can touch them unseen.
+    /// For guest memory at host address `base`, `pages` long. With `take_over` (a VM taken
+    /// over from its state directory), pages the swap file named by `home.link` holds where
+    /// `memory` has holes are swapped out: they are registered before this returns, so nothing
+    /// can touch them unseen. Otherwise a link left there is stale: it and its file go.
     pub(crate) fn new(
         base: u64,
         pages: u64,
         home: SwapHome,
         memory: Option<&File>,
+        take_over: bool,
     ) -> io::Result<Arc<Self>> {
-        let uffd = Uffd::open(base, pages * PAGE)?;
         let swap = Arc::new(Self {
-            uffd,
+            uffd: OnceLock::new(),
             base,
             pages,
             home,
@@ -155,6 +185,7 @@ impl Swap {
                 swapped: DirtySet::new(pages),
                 missing: Vec::new(),
                 wp: false,
+                released: DirtySet::new(pages),
                 file: None,
             }),
             watch: Mutex::new(None),
@@ -162,41 +193,84 @@ impl Swap {
             queued: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
             thread: Mutex::new(None),
+            fail: Mutex::new(None),
             paged_out: AtomicU64::new(0),
             paged_in: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
         });
-        if let (Some(link), Some(memory)) = (swap.home.link.clone(), memory)
+        if let Some(link) = swap.home.link.clone()
             && std::fs::symlink_metadata(&link).is_ok()
         {
-            swap.take_over(&link, memory)?;
+            match (take_over, memory) {
+                (true, Some(memory)) => swap.take_over(&link, memory)?,
+                _ => {
+                    if let Ok(target) = std::fs::read_link(&link) {
+                        let _ = std::fs::remove_file(target);
+                    }
+                    let _ = std::fs::remove_file(&link);
+                }
+            }
         }
         Ok(swap)
     }
 
-    /// Finds the pages a predecessor swapped out and registers them.
+    /// What to do when a page cannot be brought back.
+    pub(crate) fn set_fail_hook(&self, hook: FailHook) {
+        *lock(&self.fail) = Some(hook);
+    }
+
+    fn failed(&self, why: String) {
+        tracing::error!("swap: {why}");
+        if let Some(h) = lock(&self.fail).as_ref() {
+            h(why);
+        }
+    }
+
+    fn uffd(&self) -> io::Result<&Uffd> {
+        if let Some(u) = self.uffd.get() {
+            return Ok(u);
+        }
+        let u = Uffd::open(self.base, self.pages * PAGE)?;
+        let _ = self.uffd.set(u);
+        self.uffd
+            .get()
+            .ok_or_else(|| io_err("userfaultfd not opened"))
+    }
+
+    /// Finds the pages a predecessor swapped out and registers them; swap data under pages
+    /// the memory file holds is stale (a crash between steps) and is punched.
     fn take_over(self: &Arc<Self>, link: &Path, memory: &File) -> io::Result<()> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(link)
             .map_err(|e| io_err(format!("cannot open the swap file {}: {e}", link.display())))?;
-        let mem_holes = |p: u64| -> bool {
-            use vmm_sys_util::seek_hole::SeekHole;
-            let Ok(mut m) = memory.try_clone() else {
-                return false;
-            };
-            // A hole at p: the next data starts after it (or there is none).
-            !matches!(m.seek_data(p * PAGE), Ok(Some(d)) if d == p * PAGE)
-        };
-        let mut runs = Vec::new();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut swapped = DirtySet::new(self.pages);
-        for (start, len) in crate::memory::file_data_ranges(&file, 0, self.pages * PAGE) {
-            for p in start / PAGE..(start + len).div_ceil(PAGE) {
-                if p < self.pages && mem_holes(p) {
-                    swapped.insert(p);
-                    merge_run(&mut runs, p, 1);
+        let size = self.pages * PAGE;
+        for (start, len) in crate::memory::file_data_ranges(&file, 0, size) {
+            let len = len.min(size.saturating_sub(start));
+            let hs = holes(memory, start, len);
+            let mut at = start;
+            for &(h, l) in &hs {
+                if h > at {
+                    punch(&file, at, h - at)?;
                 }
+                let (first, end) = (h / PAGE, (h + l).div_ceil(PAGE));
+                for p in first..end {
+                    swapped.insert(p);
+                }
+                // Pages arrive in order: extend the last run or start one.
+                match runs.last_mut() {
+                    Some(last) if last.0 + last.1 >= first => {
+                        last.1 = end.max(last.0 + last.1) - last.0
+                    }
+                    _ => runs.push((first, end - first)),
+                }
+                at = h + l;
+            }
+            if at < start + len {
+                punch(&file, at, start + len - at)?;
             }
         }
         let n = swapped.count();
@@ -208,10 +282,12 @@ impl Swap {
             let mut st = lock(&self.state);
             st.swapped = swapped;
             st.file = Some(file);
-            for &(f, c) in &runs {
-                self.uffd
-                    .register_missing(self.base + f * PAGE, c * PAGE, false)?;
-                merge_run(&mut st.missing, f, c);
+            if n > 0 {
+                let uffd = self.uffd()?;
+                for &(f, c) in &runs {
+                    uffd.register_missing(self.base + f * PAGE, c * PAGE, false)?;
+                    merge_run(&mut st.missing, f, c);
+                }
             }
         }
         if n > 0 {
@@ -243,16 +319,18 @@ impl Swap {
         Ok(())
     }
 
-    /// Reads faults for up to `timeout_ms` and handles them.
+    /// Waits up to `timeout_ms` for faults and handles them.
     fn serve(&self, timeout_ms: i32) -> io::Result<()> {
-        let faults = self.uffd.read_all(timeout_ms)?;
-        if faults.is_empty() {
+        let uffd = self.uffd()?;
+        if !uffd.wait_readable(timeout_ms)? {
             return Ok(());
         }
+        // Busy before the read: a fault taken off the descriptor is never invisible to
+        // `WriteWatch::pending`.
         self.busy.store(true, Ordering::Release);
-        for f in faults {
+        for f in uffd.read_ready() {
             match f {
-                Fault::Missing(addr) => self.page_in(addr),
+                Fault::Missing(addr) => self.page_in(uffd, addr),
                 Fault::Write(addr) => {
                     let page = addr & !(PAGE - 1);
                     let sent = lock(&self.watch).as_ref().is_some_and(|w| {
@@ -265,7 +343,7 @@ impl Swap {
                     });
                     if !sent {
                         // Nobody watches any more: let the writer go on.
-                        let _ = self.uffd.protect(page, PAGE, false);
+                        let _ = uffd.protect(page, PAGE, false);
                     }
                 }
             }
@@ -274,30 +352,44 @@ impl Swap {
         Ok(())
     }
 
-    /// Brings the page at host address `addr` back.
-    fn page_in(&self, addr: u64) {
+    /// Brings the page at host address `addr` back. All under the state lock, so a page-out,
+    /// a return or a watch starting or ending never sees it half done (the copy's source is
+    /// this thread's buffer: it cannot fault).
+    fn page_in(&self, uffd: &Uffd, addr: u64) {
         let host = addr & !(PAGE - 1);
-        let p = (host - self.base) / PAGE;
-        let mut buf = vec![0u8; PAGE as usize];
-        let (had, wp) = {
-            let st = lock(&self.state);
-            let had = st.swapped.contains(p);
-            if had && let Some(f) = &st.file {
-                // The file holds the page whenever `swapped` says so; a read error leaves zeros,
-                // which the guest would see: say so loudly.
-                if let Err(e) = f.read_exact_at(&mut buf, p * PAGE) {
-                    tracing::error!(page = p, "swap: cannot read a page back: {e}");
-                }
-            }
-            (had, st.wp)
+        let Some(p) = host
+            .checked_sub(self.base)
+            .map(|o| o / PAGE)
+            .filter(|&p| p < self.pages)
+        else {
+            let _ = uffd.wake(host, PAGE);
+            return;
         };
+        let mut buf = vec![0u8; PAGE as usize];
+        let mut st = lock(&self.state);
+        let had = st.swapped.contains(p);
+        if had {
+            let read = match &st.file {
+                Some(f) => f.read_exact_at(&mut buf, p * PAGE),
+                None => Err(io_err("no swap file")),
+            };
+            if let Err(e) = read {
+                drop(st);
+                // Mapping zeros would hand the guest wrong data: the VM ends instead.
+                self.failed(format!("cannot read guest page {p:#x} back: {e}"));
+                let _ = uffd.wake(host, PAGE);
+                return;
+            }
+        }
         // A page never swapped (returned, or never touched) in a missing-mode range is zero.
-        if let Err(e) = self.uffd.copy(host, &buf, wp) {
+        let wp = st.wp && !st.released.contains(p);
+        if let Err(e) = uffd.copy(host, &buf, wp) {
             tracing::error!(page = p, "swap: cannot map a page back: {e}");
+            // The toucher faults again and is served again.
+            let _ = uffd.wake(host, PAGE);
             return;
         }
         if had {
-            let mut st = lock(&self.state);
             st.swapped.remove(p);
             if let Some(f) = &st.file {
                 let _ = punch(f, p * PAGE, PAGE);
@@ -350,7 +442,7 @@ impl Swap {
         if runs.len() > MAX_RUNS {
             return Err(io_err("too many separate swap ranges"));
         }
-        self.uffd
+        self.uffd()?
             .register_missing(self.base + first * PAGE, count * PAGE, st.wp)?;
         st.missing = runs;
         self.start_thread()
@@ -358,16 +450,19 @@ impl Swap {
 
     /// Moves the resident pages of `runs` (guest page runs) out of RAM, at most `limit` of
     /// them. The caller holds the VM frozen: nothing writes guest memory meanwhile. `resident`
-    /// says which pages hold data in the memory file.
+    /// says which pages hold data in the memory file, `memory` is that file.
     pub(crate) fn page_out(
         self: &Arc<Self>,
         mem: &crate::memory::GuestMemory,
+        memory: &File,
         runs: &[(u64, u64)],
         resident: &DirtySet,
         limit: u64,
     ) -> io::Result<u64> {
+        use vmm_sys_util::seek_hole::SeekHole;
         let mut moved = 0;
         let mut buf = vec![0u8; PAGE as usize];
+        let mut probe = memory.try_clone()?;
         for &(first, count) in runs {
             if moved >= limit {
                 break;
@@ -390,12 +485,28 @@ impl Swap {
                 let zero = buf.iter().all(|b| *b == 0);
                 {
                     let mut st = lock(&self.state);
-                    if !zero {
-                        self.file(&mut st)?.write_all_at(&buf, p * PAGE)?;
+                    let f = self.file(&mut st)?;
+                    if zero {
+                        // No copy needed; an old one (a crash between steps) must not return.
+                        punch(f, p * PAGE, PAGE)?;
+                    } else {
+                        f.write_all_at(&buf, p * PAGE)?;
                         st.swapped.insert(p);
                     }
                 }
                 remove(self.base + p * PAGE, PAGE)?;
+                // Part of a huge page the kernel could not split is zeroed, not freed: the
+                // page is still there and no fault would bring it back. Put it back as it was.
+                if matches!(probe.seek_data(p * PAGE), Ok(Some(d)) if d == p * PAGE) {
+                    vm_memory::Bytes::write_slice(mem, &buf, vm_memory::GuestAddress(p * PAGE))
+                        .map_err(io_err)?;
+                    let mut st = lock(&self.state);
+                    st.swapped.remove(p);
+                    if let Some(f) = &st.file {
+                        punch(f, p * PAGE, PAGE)?;
+                    }
+                    continue;
+                }
                 if zero {
                     self.zero_pages.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -407,17 +518,14 @@ impl Swap {
         Ok(moved)
     }
 
-    /// Pages the guest gave back: their swap copies are dropped (they read as zero).
+    /// Pages the guest is giving back: their swap copies go first (they read as zero), so
+    /// neither a crash nor a page-in in flight can bring old contents back.
     pub(crate) fn returned(&self, first: u64, count: u64) {
         let mut st = lock(&self.state);
-        let mut any = false;
         for p in first..(first + count).min(self.pages) {
-            if st.swapped.contains(p) {
-                st.swapped.remove(p);
-                any = true;
-            }
+            st.swapped.remove(p);
         }
-        if any && let Some(f) = &st.file {
+        if let Some(f) = &st.file {
             let _ = punch(f, first * PAGE, count * PAGE);
         }
     }
@@ -451,15 +559,17 @@ impl Swap {
             if st.wp {
                 return Err(io_err("guest memory is already write-watched"));
             }
+            let uffd = self.uffd()?;
             // Missing-mode runs get write-protect mode added; the rest is registered for it.
             for (f, c) in gaps(&st.missing, self.pages) {
-                self.uffd.register_range(self.base + f * PAGE, c * PAGE)?;
+                uffd.register_range(self.base + f * PAGE, c * PAGE)?;
             }
             for &(f, c) in &st.missing {
-                self.uffd
-                    .register_missing(self.base + f * PAGE, c * PAGE, true)?;
+                uffd.register_missing(self.base + f * PAGE, c * PAGE, true)?;
             }
             st.wp = true;
+            st.released = DirtySet::full(self.pages);
+            self.queued.store(0, Ordering::Release);
             *lock(&self.watch) = Some(tx);
         }
         self.start_thread()?;
@@ -472,19 +582,36 @@ impl Swap {
     fn unwatch(&self) {
         let mut st = lock(&self.state);
         *lock(&self.watch) = None;
+        // What was passed on and not handled is dropped with the channel.
+        self.queued.store(0, Ordering::Release);
         if !st.wp {
             return;
         }
         st.wp = false;
+        let Some(uffd) = self.uffd.get() else { return };
         // Lifting protection releases blocked writers; missing mode stays where it was.
-        let _ = self.uffd.protect(self.base, self.pages * PAGE, false);
+        let _ = uffd.protect(self.base, self.pages * PAGE, false);
         for (f, c) in gaps(&st.missing, self.pages) {
-            let _ = self.uffd.unregister(self.base + f * PAGE, c * PAGE);
+            let _ = uffd.unregister(self.base + f * PAGE, c * PAGE);
         }
         for &(f, c) in &st.missing {
-            let _ = self
-                .uffd
-                .register_missing(self.base + f * PAGE, c * PAGE, false);
+            let _ = uffd.register_missing(self.base + f * PAGE, c * PAGE, false);
+        }
+    }
+
+    /// Records pages the watch protects (`on`) or lets go, for pages brought back later.
+    fn note_protection(&self, start: u64, len: u64, on: bool) {
+        let mut st = lock(&self.state);
+        let first = start.saturating_sub(self.base) / PAGE;
+        let end = (start.saturating_sub(self.base) + len)
+            .div_ceil(PAGE)
+            .min(self.pages);
+        for p in first..end {
+            if on {
+                st.released.remove(p);
+            } else {
+                st.released.insert(p);
+            }
         }
     }
 }
@@ -512,16 +639,24 @@ pub struct WriteWatch {
 }
 
 impl WriteWatch {
+    fn uffd(&self) -> io::Result<&Uffd> {
+        self.swap
+            .uffd
+            .get()
+            .ok_or_else(|| io_err("userfaultfd not opened"))
+    }
+
     /// Write-protects (`true`) or releases (`false`, letting a blocked writer go on) the host
     /// range `[start, start + len)`.
     pub fn protect(&self, start: u64, len: u64, on: bool) -> io::Result<()> {
-        self.swap.uffd.protect(start, len, on)
+        self.swap.note_protection(start, len, on);
+        self.uffd()?.protect(start, len, on)
     }
 
     /// Write-protects all of guest memory.
     pub fn protect_all(&self) -> io::Result<()> {
-        self.swap
-            .uffd
+        lock(&self.swap.state).released.clear();
+        self.uffd()?
             .protect(self.swap.base, self.swap.pages * PAGE, true)
     }
 
@@ -540,17 +675,21 @@ impl WriteWatch {
             return;
         }
         handle(&batch);
-        self.swap
+        let n = batch.len() as u64;
+        let _ = self
+            .swap
             .queued
-            .fetch_sub(batch.len() as u64, Ordering::AcqRel);
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            });
     }
 
     /// Whether a write fault may be waiting: not read yet, read and not passed on, or passed
-    /// on and not handled.
+    /// on and not handled (checked in that order, the order a fault moves in).
     pub fn pending(&self) -> bool {
-        self.swap.queued.load(Ordering::Acquire) > 0
+        self.swap.uffd.get().is_some_and(Uffd::pending)
             || self.swap.busy.load(Ordering::Acquire)
-            || self.swap.uffd.pending()
+            || self.swap.queued.load(Ordering::Acquire) > 0
     }
 }
 

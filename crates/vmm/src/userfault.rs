@@ -15,6 +15,7 @@ const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
@@ -171,7 +172,8 @@ impl Uffd {
             copy: 0,
         };
         match ioctl(&self.file, UFFDIO_COPY, &mut c) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            // Already there: the copy woke nobody, so wake the waiters here.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(dst, page.len() as u64),
             r => r,
         }
     }
@@ -184,7 +186,7 @@ impl Uffd {
             zeropage: 0,
         };
         match ioctl(&self.file, UFFDIO_ZEROPAGE, &mut z) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(dst, len),
             r => r,
         }
     }
@@ -251,6 +253,14 @@ impl Uffd {
 
     /// Waits up to `timeout_ms` for faults and returns those read (possibly none).
     pub fn read_all(&self, timeout_ms: i32) -> io::Result<Vec<Fault>> {
+        if !self.wait_readable(timeout_ms)? {
+            return Ok(Vec::new());
+        }
+        Ok(self.read_ready())
+    }
+
+    /// Waits up to `timeout_ms` until a fault can be read (true) or the time is up (false).
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.file.as_raw_fd(),
             events: libc::POLLIN,
@@ -261,11 +271,16 @@ impl Uffd {
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(Vec::new())
+                Ok(false)
             } else {
                 Err(e)
             };
         }
+        Ok(n > 0)
+    }
+
+    /// Reads the faults waiting, without blocking (the descriptor is non-blocking).
+    pub fn read_ready(&self) -> Vec<Fault> {
         let mut out = Vec::new();
         let mut buf = [0u8; 32 * 64];
         loop {
@@ -288,7 +303,14 @@ impl Uffd {
                 });
             }
         }
-        Ok(out)
+        out
+    }
+
+    /// Wakes threads waiting on faults in `[start, start + len)` (after a resolution that
+    /// did not wake them: one that failed, or found the page already there).
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange { start, len };
+        ioctl(&self.file, UFFDIO_WAKE, &mut r)
     }
 
     /// Whether a fault is waiting to be read.

@@ -147,6 +147,8 @@ pub(crate) struct VmShared {
     pub(crate) classes: crate::reclaim::Classes,
     /// Guest memory is a copy-on-write mapping of a snapshot (no pages to free in a file).
     pub(crate) private_memory: bool,
+    /// Pages may not be given back now (a checkpoint strategy that remaps guest memory).
+    pub(crate) returns_held: std::sync::atomic::AtomicBool,
 }
 
 impl VmShared {
@@ -314,6 +316,8 @@ struct Parts {
     memory_table: Option<crate::reclaim::TableState>,
     /// Where the swap file lives (and, for a preserved region, its link).
     swap_link: Option<std::path::PathBuf>,
+    /// The VM is taken over: a swap file named by the link holds its pages out of RAM.
+    swap_take_over: bool,
 }
 
 /// What [`Vm::progress`] sees.
@@ -609,6 +613,7 @@ impl Vm {
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
             memory_table: None,
             swap_link: memory_path.map(swap_link),
+            swap_take_over: false,
         };
         Self::build(parts, console, launched)
     }
@@ -702,6 +707,7 @@ impl Vm {
             descriptor: state.vm,
             symbols: None,
             swap_link: None,
+            swap_take_over: false,
         };
         Self::build(parts, console, launched)
     }
@@ -757,6 +763,7 @@ impl Vm {
             descriptor: state.vm,
             symbols: None,
             swap_link: Some(swap_link(memory)),
+            swap_take_over: true,
         };
         Self::build(parts, console, launched)
     }
@@ -782,6 +789,7 @@ impl Vm {
             symbols,
             memory_table,
             swap_link,
+            swap_take_over,
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
@@ -801,8 +809,14 @@ impl Vm {
                 dir: crate::swap::default_dir(),
                 link: swap_link,
             };
-            crate::swap::Swap::new(base, layout.mem_size() / PAGE_SIZE, home, file)
-                .map_err(|e| Error::Memory(format!("swap: {e}")))?
+            crate::swap::Swap::new(
+                base,
+                layout.mem_size() / PAGE_SIZE,
+                home,
+                file,
+                swap_take_over,
+            )
+            .map_err(|e| Error::Memory(format!("swap: {e}")))?
         };
         let classes = crate::reclaim::Classes::default();
         if let Some(t) = memory_table {
@@ -959,7 +973,17 @@ impl Vm {
             swap,
             classes,
             private_memory,
+            returns_held: std::sync::atomic::AtomicBool::new(false),
         });
+        {
+            // A page that cannot be brought back is lost: the VM cannot go on.
+            let weak = Arc::downgrade(&shared);
+            shared.swap.set_fail_hook(Box::new(move |error: String| {
+                if let Some(s) = weak.upgrade() {
+                    s.finish(VmOutcome::Failed { error });
+                }
+            }));
+        }
         // Shared regions are in place (and the guest's table written) before it runs. A
         // failure here drops everything built so far; no vCPU thread exists yet.
         shared.shares.rewrite_table(&shared.mem)?;
@@ -1627,12 +1651,12 @@ impl Vm {
     /// file), holding the VM frozen for each chunk. Returns the pages moved.
     pub fn page_out_swap(&self, limit: u64) -> Result<u64> {
         const CHUNK: u64 = 8192;
-        if matches!(self.backing, memory::Backing::Private { .. }) {
+        let memory::Backing::Shared(file) = &self.backing else {
             return Err(Error::Memory(
                 "a VM mapping a snapshot copy-on-write has no memory file to move pages out of"
                     .into(),
             ));
-        }
+        };
         let runs: Vec<(u64, u64)> = self
             .shared
             .classes
@@ -1642,18 +1666,35 @@ impl Vm {
             .filter(|r| r.class == crate::reclaim::Class::Swap)
             .map(|r| (r.first, r.pages))
             .collect();
-        let mut moved = 0;
-        while moved < limit {
-            let frozen = self.freeze()?;
+        let resident_in_runs = || {
             let resident = memory::data_pages(
                 &self.shared.mem,
                 &self.backing,
                 self.shared.layout.mem_size(),
             );
+            let any = runs
+                .iter()
+                .any(|&(f, c)| (f..f + c).any(|p| resident.contains(p)));
+            (resident, any)
+        };
+        let mut moved = 0;
+        while moved < limit {
+            // Nothing to move: no freeze.
+            if !resident_in_runs().1 {
+                break;
+            }
+            let frozen = self.freeze()?;
+            let (resident, _) = resident_in_runs();
             let n = self
                 .shared
                 .swap
-                .page_out(&self.shared.mem, &runs, &resident, CHUNK.min(limit - moved))
+                .page_out(
+                    &self.shared.mem,
+                    file,
+                    &runs,
+                    &resident,
+                    CHUNK.min(limit - moved),
+                )
                 .map_err(|e| Error::Memory(format!("moving pages out: {e}")));
             frozen.thaw()?;
             let n = n?;
@@ -1663,6 +1704,14 @@ impl Vm {
             }
         }
         Ok(moved)
+    }
+
+    /// Holds (`true`) or lets go pages the guest gives back: a checkpoint strategy that remaps
+    /// guest memory holds them while it runs (`MEM_RETURN` answers `EBUSY`).
+    pub fn hold_memory_returns(&self, hold: bool) {
+        self.shared
+            .returns_held
+            .store(hold, std::sync::atomic::Ordering::Release);
     }
 
     /// Watches writes to guest memory (write-protect faults), for a checkpoint strategy. One
@@ -1754,8 +1803,10 @@ impl Frozen<'_> {
 
     /// Pages that may hold data (every other page is zero): in memory, or moved out to swap.
     pub fn data_pages(&self) -> DirtySet {
+        // Swapped pages first: one brought back meanwhile is then in the file when it is read.
+        let swapped = self.vm.shared.swap.swapped();
         let mut set = memory::data_pages(&self.vm.shared.mem, &self.vm.backing, self.mem_size());
-        set.union(&self.vm.shared.swap.swapped());
+        set.union(&swapped);
         set
     }
 

@@ -209,6 +209,11 @@ impl Ctx {
         if r == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        // The same advice as the rest of guest memory (`rebound_vmm::memory`), or neighbouring
+        // mappings of one home could not merge again.
+        // SAFETY: advice on the range just mapped; it changes no contents.
+        let _ =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_HUGEPAGE) };
         self.uffd.register_range(addr, len)
     }
 
@@ -513,6 +518,9 @@ impl Strategy for BlockState {
     }
 
     fn start(&mut self, frozen: &Frozen<'_>, _epoch: u64) -> Result<(), Error> {
+        // Guest memory is remapped between two homes while this runs: pages given back
+        // would be freed in the wrong one.
+        frozen.vm().hold_memory_returns(true);
         self.give_up();
         let (base, len) = frozen.vm().host_memory_range();
         if len != self.pages * PAGE_SIZE || base == 0 {

@@ -185,15 +185,20 @@ fn handle_batch(
 
 impl Running {
     /// Waits until every fault raised so far is handled (the VM is frozen, so no new ones come).
-    fn drain(&self) {
-        while self.busy.load(Ordering::Acquire) || self.uffd.pending() {
+    /// A fault still unhandled after 10 s ends protection rather than the wait.
+    fn drain(&self) -> Result<(), Error> {
+        let t0 = std::time::Instant::now();
+        // The watch counts a fault from the moment it is read until the handler is done with
+        // it; the handler's own flag covers its batch.
+        while self.uffd.pending() || self.busy.load(Ordering::Acquire) {
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(Error::Lost(
+                    "write faults on guest memory were not handled within 10 s".into(),
+                ));
+            }
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
-        // The handler may have taken a message just before `busy` was set: wait for one poll
-        // interval's worth of processing to be safe.
-        while self.busy.load(Ordering::Acquire) {
-            std::thread::sleep(std::time::Duration::from_micros(20));
-        }
+        Ok(())
     }
 
     /// Protects the pages that were written (one ioctl per run), or everything if they are many.
@@ -274,7 +279,7 @@ impl Strategy for PreImage {
 
     fn dirty(&mut self, _frozen: &Frozen<'_>) -> Result<DirtySet, Error> {
         let r = self.running()?;
-        r.drain();
+        r.drain()?;
         if let Some(e) = &lock_journal(&r.journal).error {
             return Err(Error::Lost(e.clone()));
         }
@@ -366,7 +371,7 @@ impl Strategy for PreImage {
 
     fn rollback(&mut self, frozen: &Frozen<'_>, dirty: &DirtySet) -> Result<(), Error> {
         let r = self.running()?;
-        r.drain();
+        r.drain()?;
         let undo = std::mem::take(&mut *lock(&r.undo));
         for (p, old) in &undo {
             // Pages in the undo log are unprotected, so these writes do not fault.
