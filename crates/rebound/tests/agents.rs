@@ -84,30 +84,31 @@ impl Host {
             .unwrap()
     }
 
-    /// `kill -9` of every process of the host: its agent and its VMMs.
+    /// `kill -9` of every process of the host: its agent and its VMMs. Killed again until none
+    /// is left: an agent killed after one of its VMMs may have started a new VMM meanwhile.
     fn kill_all(&mut self) {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "pids", &self.ns.0])
-            .output()
-            .unwrap();
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill(2) on processes of the namespace this test created.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        let kill = |ns: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output();
+            let pids = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let pids = pids.unwrap_or_default();
+            for pid in pids.split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on processes of the namespace this test created.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
-        }
+            pids.trim().is_empty()
+        };
+        kill(&self.ns.0);
         if let Some(mut a) = self.agent.take() {
             let _ = a.wait();
         }
         wait_until(
             "the host's processes to die",
             Duration::from_secs(30),
-            || {
-                std::process::Command::new("ip")
-                    .args(["netns", "pids", &self.ns.0])
-                    .output()
-                    .is_ok_and(|o| o.stdout.is_empty())
-            },
+            || kill(&self.ns.0),
         );
     }
 }
