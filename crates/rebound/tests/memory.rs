@@ -20,7 +20,8 @@ fn memory(sock: &Path) -> serde_json::Value {
 }
 
 /// Has the host move the swap class out (the guest does not answer) and waits until at least
-/// half of the 8 MiB of data is out of RAM.
+/// half of the 8 MiB of data is out of RAM. The target stays: the host keeps moving out what
+/// the guest touches back in.
 fn squeeze(sock: &Path) {
     let (st, v) = http(
         sock,
@@ -29,12 +30,9 @@ fn squeeze(sock: &Path) {
         r#"{"target_mib": 16, "answer_ms": 10}"#,
     );
     assert_eq!(st, 204, "{v}");
-    wait_until("pages out of RAM", Duration::from_secs(30), || {
+    wait_until("pages out of RAM", Duration::from_secs(60), || {
         memory(sock)["vm"]["swap"]["swapped_pages"].as_u64() >= Some(1024)
     });
-    // No more squeezing: what follows must find the pages still out.
-    let (st, _) = http(sock, "PUT", "/memory", r#"{"target_mib": 128}"#);
-    assert_eq!(st, 204);
 }
 
 fn wait_running(sock: &Path) {
@@ -89,10 +87,6 @@ fn swapped_pages_come_back_across_checkpoint_rollback_kill_9_and_live_update() {
 
     // kill -9 with pages out; the recovering VMM takes the swap file over.
     squeeze(&sock);
-    let out_before = memory(&sock)["vm"]["swap"]["swapped_pages"]
-        .as_u64()
-        .unwrap();
-    assert!(out_before >= 1024);
     sigkill(&child);
     let _ = output_within(child, "the killed VMM", Duration::from_secs(30));
     let sock2 = tmp.path().join("api2.sock");
