@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 8;
+pub const ABI_MINOR: u32 = 9;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -77,8 +77,14 @@ pub mod nr {
     /// the host and they read as zero the next time they are touched. Page aligned, inside
     /// guest memory above [`super::IMAGE_BASE`], at most [`super::memory::RETURN_MAX_PAGES`].
     pub const MEM_RETURN: u32 = 14;
+    /// `() -> 0 | 1` (ABI 1.9): a clone point. The guest calls it when it sees
+    /// [`super::request::CLONE`], at a place where it holds nothing shared with other VMs
+    /// (between two jobs of a shared queue). If the host asked for a clone, the call holds the
+    /// vCPU in the VMM until the snapshot the clone starts from is taken, and returns 1 in both
+    /// the VM and its clone ([`GENERATION`] tells them apart); otherwise it returns 0 at once.
+    pub const CLONE_POINT: u32 = 15;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -98,6 +104,7 @@ pub mod nr {
             NET_SETUP => "net_setup",
             MEM_SETUP => "mem_setup",
             MEM_RETURN => "mem_return",
+            CLONE_POINT => "clone_point",
             _ => "unknown",
         }
     }
@@ -199,6 +206,10 @@ pub mod request {
     /// The host asks the guest to shut down cleanly (Firecracker's `SendCtrlAltDel`): finish,
     /// flush, and exit. A guest that has not exited within the host's grace period is stopped.
     pub const SHUTDOWN: u64 = 1;
+    /// The host wants to clone the VM for capacity (ABI 1.9): call
+    /// [`super::nr::CLONE_POINT`] at the next place that holds nothing shared (between jobs).
+    /// The host clears the bit when the point is reached or when it gives up.
+    pub const CLONE: u64 = 2;
 }
 
 /// Memory classes (ABI 1.8): how a guest divides its memory, and the host's requests to give
@@ -460,6 +471,16 @@ pub mod share {
     pub const LOCKS_OFFSET: u64 = 0x2000;
     /// Bytes before the data area.
     pub const HEADER_SIZE: u64 = 0x4000;
+    /// A work queue in a region's data area (the SDK's `share::Queue`) starts with this magic;
+    /// the host reads the queue's depth from it (ABI 1.9): capacity, enqueue and dequeue
+    /// positions at these byte offsets from the queue's start.
+    pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"RBNDQUE1");
+    /// See [`QUEUE_MAGIC`].
+    pub const QUEUE_CAPACITY_OFFSET: u64 = 8;
+    /// See [`QUEUE_MAGIC`].
+    pub const QUEUE_ENQ_OFFSET: u64 = 64;
+    /// See [`QUEUE_MAGIC`].
+    pub const QUEUE_DEQ_OFFSET: u64 = 128;
 
     /// `ShareEntry::flags`: this VM may write the region.
     pub const WRITABLE: u32 = 1;

@@ -443,6 +443,28 @@ async fn get_memory(State(s): State<ApiState>) -> Reply {
     Ok(Json(view).into_response())
 }
 
+/// `PUT /capacity/clone` (Rebound): a snapshot at the guest's clone point.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneRequest {
+    snapshot_path: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn put_capacity_clone(State(s): State<ApiState>, Body(c): Body<CloneRequest>) -> Reply {
+    let info = on_instance(&s, move |i| {
+        i.clone_for_capacity(std::path::Path::new(&c.snapshot_path), c.timeout_ms)
+    })
+    .await?;
+    Ok(Json(info).into_response())
+}
+
+async fn get_capacity(State(s): State<ApiState>) -> Reply {
+    let view = on_instance(&s, |i| Ok(i.capacity())).await?;
+    Ok(Json(view).into_response())
+}
+
 async fn put_state_dir(State(s): State<ApiState>, Body(c): Body<StateDirConfig>) -> Reply {
     on_instance(&s, move |i| i.set_state_dir(std::path::Path::new(&c.path))).await?;
     no_content()
@@ -600,6 +622,8 @@ fn app(instance: Arc<Instance>, hooks: Hooks, metrics: Arc<MetricsFile>) -> Rout
         .route("/rollback", put(put_rollback))
         .route("/state-dir", put(put_state_dir))
         .route("/memory", put(put_memory).get(get_memory))
+        .route("/capacity", get(get_capacity))
+        .route("/capacity/clone", put(put_capacity_clone))
         .route("/survival", get(get_survival))
         .route("/placement", put(put_placement))
         .route("/update", put(put_update))

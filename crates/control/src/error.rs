@@ -32,6 +32,9 @@ pub enum Error {
     /// From the memory manager (a target, the guest's classes).
     #[error(transparent)]
     Memory(#[from] rebound_memory::Error),
+    /// From cloning for capacity (no clone point reached, a bad path).
+    #[error(transparent)]
+    Capacity(#[from] rebound_capacity::Error),
     /// The lifecycle table refuses `request` in `phase`.
     #[error("{}", transition_message(*.request, *.phase))]
     Transition {
@@ -112,6 +115,9 @@ impl Error {
             Error::Snapshot(_) | Error::Net(_) => ErrorKind::InvalidInput,
             Error::Memory(rebound_memory::Error::Host { .. }) => ErrorKind::Failed,
             Error::Memory(_) => ErrorKind::InvalidInput,
+            Error::Capacity(rebound_capacity::Error::Invalid { .. }) => ErrorKind::InvalidInput,
+            Error::Capacity(rebound_capacity::Error::Vm(e)) => vmm_kind(e),
+            Error::Capacity(_) => ErrorKind::Failed,
             Error::Vmm(e) => vmm_kind(e),
             Error::Checkpoint(e) => checkpoint_kind(e),
             Error::Host { .. } | Error::Update(_) => ErrorKind::Failed,
@@ -134,7 +140,7 @@ fn vmm_kind(e: &rebound_vmm::Error) -> ErrorKind {
         E::Config(_) | E::Image(_) | E::Disk(_) | E::Snapshot(_) | E::Share(_) => {
             ErrorKind::InvalidInput
         }
-        E::State(_) => ErrorKind::Conflict,
+        E::State(_) | E::ClonePoint(_) => ErrorKind::Conflict,
         E::Component(c) => match c {
             rebound_snapshot::component::ComponentError::Component { .. } => ErrorKind::Failed,
             _ => ErrorKind::InvalidInput,

@@ -103,6 +103,7 @@ pub struct Instance {
     pub(crate) sharing: Sharing,
     pub(crate) net: NetPart,
     pub(crate) memory: rebound_memory::part::MemoryPart,
+    pub(crate) capacity: rebound_capacity::part::CapacityPart,
 }
 
 impl Instance {
@@ -119,6 +120,7 @@ impl Instance {
             sharing: Sharing::default(),
             net: NetPart::default(),
             memory: rebound_memory::part::MemoryPart::default(),
+            capacity: rebound_capacity::part::CapacityPart::default(),
         }
     }
 
@@ -591,6 +593,22 @@ impl Instance {
     /// The VM's memory: target, classes, swap, what the memory part did (`GET /memory`).
     pub fn memory(&self) -> rebound_memory::part::MemoryView {
         self.memory.view(self.vm().as_deref())
+    }
+
+    /// Writes a snapshot at the guest's next clone point (`PUT /capacity/clone`): what a new
+    /// VMM restores as a clone for capacity.
+    pub fn clone_for_capacity(
+        &self,
+        path: &Path,
+        timeout_ms: Option<u64>,
+    ) -> Result<rebound_vmm::vm::ClonePointInfo> {
+        let vm = self.lifecycle.vm_for(Request::Snapshot)?;
+        Ok(self.capacity.clone_snapshot(&vm, path, timeout_ms)?)
+    }
+
+    /// The VM's process, vCPU run time and clone points (`GET /capacity`).
+    pub fn capacity(&self) -> rebound_capacity::part::CapacityView {
+        self.capacity.view(self.vm().as_deref())
     }
 
     /// Counters, once started.

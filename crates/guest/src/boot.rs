@@ -90,7 +90,7 @@ impl Cpu {
 }
 
 /// Requests from the host (ABI 1.3): bits of [`rebound_abi::request`], set by the VMM while the
-/// guest runs and never cleared. 0 under an older VMM. Read from memory: no exit.
+/// guest runs (only [`request::CLONE`] is ever cleared). 0 under an older VMM. Read from memory: no exit.
 #[cfg(not(test))]
 pub fn host_requests() -> u64 {
     // SAFETY: inside a guest the boot info page is mapped read-only at BOOT_INFO_ADDR for the

@@ -38,6 +38,7 @@
 //!   listeners and streams for dispatcher tasks.
 //! - [`share`]: memory shared with other VMs: regions, wake-ups only for idle VMs,
 //!   recoverable locks, message queues (ABI 1.2).
+//! - [`capacity`]: clone points, where the host may clone a busy VM for capacity (ABI 1.9).
 //! - [`hypercall`]: the raw ABI (see `docs/abi.md`) and [`Errno`](hypercall::Errno).
 //!
 //! # Errors
@@ -80,6 +81,7 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod capacity;
 pub mod console;
 pub mod dispatch;
 pub mod hypercall;

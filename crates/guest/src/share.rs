@@ -449,7 +449,7 @@ impl Lock {
 
 /// Bytes of message a queue cell carries.
 pub const MESSAGE_MAX: usize = 48;
-const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"RBNDQUE1");
+const QUEUE_MAGIC: u64 = share::QUEUE_MAGIC;
 const CELL: usize = 64;
 const QUEUE_HEADER: usize = 192;
 /// Attempts before a queue whose positions keep moving nonsensically is declared corrupt.
@@ -522,11 +522,11 @@ impl Queue {
     }
 
     fn enq(&self) -> &AtomicU64 {
-        self.u64(64)
+        self.u64(share::QUEUE_ENQ_OFFSET as usize)
     }
 
     fn deq(&self) -> &AtomicU64 {
-        self.u64(128)
+        self.u64(share::QUEUE_DEQ_OFFSET as usize)
     }
 
     fn cell_seq(&self, pos: u64) -> &AtomicU64 {
@@ -580,7 +580,8 @@ impl Queue {
     /// Writes an empty queue owned by VM `owner` over whatever is there.
     fn format(&self, owner: u64) {
         self.owner().store(owner, Ordering::Relaxed);
-        self.u64(8).store(self.capacity, Ordering::Relaxed);
+        self.u64(share::QUEUE_CAPACITY_OFFSET as usize)
+            .store(self.capacity, Ordering::Relaxed);
         self.enq().store(0, Ordering::Relaxed);
         self.deq().store(0, Ordering::Relaxed);
         for i in 0..self.capacity {

@@ -19,6 +19,7 @@ use rebound_vmm::share::{ShareConfig, ShareDir};
 use rebound_vmm::{DiskConfig, GuestImage};
 
 mod api_sock;
+mod capacity;
 mod client;
 mod cluster;
 mod firecracker;
@@ -100,6 +101,10 @@ enum Command {
     /// A VM's memory target, and the host memory manager over several VMs.
     #[command(subcommand)]
     Memory(memory::MemoryCommand),
+    /// Cloning for capacity: a VM's clone snapshots, and the manager that clones saturated VMs
+    /// and lends their clones CPU share from idle ones.
+    #[command(subcommand)]
+    Capacity(capacity::CapacityCommand),
     /// Shared memory regions between VMs (in $REBOUND_SHARE_DIR, default
     /// /dev/shm/rebound-shared).
     #[command(subcommand)]
@@ -586,6 +591,7 @@ fn run(mut cli: Cli) -> Result<i32> {
         }
         Some(Command::Share(cmd)) => share_command(cli.api_sock.as_deref(), cmd),
         Some(Command::Memory(cmd)) => memory::command(cli.api_sock.as_deref(), cmd),
+        Some(Command::Capacity(cmd)) => capacity::command(cli.api_sock.as_deref(), cmd),
         Some(Command::Guests) => {
             print!("{}", guests_text());
             Ok(0)

@@ -8,6 +8,7 @@
 pub mod affinity;
 pub mod boot;
 mod clock;
+pub mod clone_point;
 pub mod components;
 pub mod config;
 pub mod fault;
@@ -93,6 +94,9 @@ pub enum Error {
     /// The vCPUs did not all stop in time.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(std::time::Duration),
+    /// A clone for capacity could not be taken at a clone point.
+    #[error("clone point: {0}")]
+    ClonePoint(String),
 }
 
 /// Result alias for this crate.

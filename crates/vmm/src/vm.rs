@@ -105,6 +105,23 @@ impl std::fmt::Display for VmOutcome {
     }
 }
 
+/// A snapshot taken at a clone point ([`Vm::snapshot_at_clone_point`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClonePointInfo {
+    /// The snapshot's id.
+    pub id: u64,
+    /// Pages stored.
+    pub pages: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// From the request to the guest reaching its clone point, in microseconds.
+    pub reached_us: u64,
+    /// How long the VM was paused, in microseconds.
+    pub pause_us: u64,
+    /// From the request to the snapshot written and the VM running again, in microseconds.
+    pub total_us: u64,
+}
+
 /// Where a VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum VmState {
@@ -149,6 +166,10 @@ pub(crate) struct VmShared {
     pub(crate) private_memory: bool,
     /// Pages may not be given back now (a checkpoint strategy that remaps guest memory).
     pub(crate) returns_held: std::sync::atomic::AtomicBool,
+    /// The clone point (ABI 1.9).
+    pub(crate) clone_gate: crate::clone_point::Gate,
+    /// Serializes the host's changes to the boot info's request bits.
+    requests: Mutex<()>,
 }
 
 impl VmShared {
@@ -201,6 +222,18 @@ impl VcpuSlot {
 }
 
 impl VmShared {
+    /// Sets and clears bits of the boot info's request word (the guest only reads it).
+    pub(crate) fn update_requests(&self, set: u64, clear: u64) -> Result<()> {
+        use vm_memory::Bytes;
+        let _turn = lock(&self.requests);
+        let at = vm_memory::GuestAddress(
+            rebound_abi::BOOT_INFO_ADDR + rebound_abi::BOOT_INFO_REQUESTS_OFFSET,
+        );
+        let err = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
+        let now: u64 = self.mem.read_obj(at).map_err(err)?;
+        self.mem.write_obj((now | set) & !clear, at).map_err(err)
+    }
+
     /// Guest monotonic clock: nanoseconds since the VM first launched.
     pub(crate) fn clock_ns(&self) -> u64 {
         self.clock.now_ns()
@@ -974,6 +1007,8 @@ impl Vm {
             classes,
             private_memory,
             returns_held: std::sync::atomic::AtomicBool::new(false),
+            clone_gate: Default::default(),
+            requests: Mutex::new(()),
         });
         {
             // A page that cannot be brought back is lost: the VM cannot go on.
@@ -1137,6 +1172,7 @@ impl Vm {
             }
         }
         let t0 = Instant::now();
+        self.shared.clone_gate.note_pause();
         self.shared.control.set(Request::Pause);
         self.shared.kick_all();
         if !self.shared.control.wait_quiet(PAUSE_TIMEOUT) {
@@ -1444,21 +1480,93 @@ impl Vm {
     /// waking its vCPUs blocked in `BLOCK` so it sees the request at once. The guest decides
     /// what to do; see [`Vm::wait_timeout`] for the grace period.
     pub fn request_shutdown(&self) -> Result<()> {
-        use vm_memory::Bytes;
         if self.outcome().is_some() {
             return Err(Error::State("the VM has ended".into()));
         }
-        let at = vm_memory::GuestAddress(
-            rebound_abi::BOOT_INFO_ADDR + rebound_abi::BOOT_INFO_REQUESTS_OFFSET,
-        );
-        let err = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
-        let now: u64 = self.shared.mem.read_obj(at).map_err(err)?;
         self.shared
-            .mem
-            .write_obj(now | rebound_abi::request::SHUTDOWN, at)
-            .map_err(err)?;
+            .update_requests(rebound_abi::request::SHUTDOWN, 0)?;
         self.shared.waiters.notify_all();
         Ok(())
+    }
+
+    /// Writes a full snapshot of the VM to `path` at a clone point (ABI 1.9): asks the guest
+    /// for one, waits up to `timeout` for a vCPU to reach it, and freezes the VM with that vCPU
+    /// held there, so that a VM restored from the file holds nothing the VM holds (see
+    /// [`crate::clone_point`]). Dirty tracking and the parent of the next diff are left as they
+    /// were. A VM with a disk is refused: its clone would need its own copy of the disk.
+    pub fn snapshot_at_clone_point(
+        &self,
+        path: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<ClonePointInfo> {
+        if self.outcome().is_some() {
+            return Err(Error::State("the VM has ended".into()));
+        }
+        if self.shared.disk.is_some() {
+            return Err(Error::ClonePoint(
+                "a VM with a disk cannot be cloned for capacity (its clone would need its own copy of the disk)"
+                    .into(),
+            ));
+        }
+        let gate = &self.shared.clone_gate;
+        if !gate.arm() {
+            return Err(Error::ClonePoint(
+                "a clone of this VM is already being taken".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        let taken = (|| {
+            self.shared
+                .update_requests(rebound_abi::request::CLONE, 0)?;
+            self.shared.waiters.notify_all();
+            if !gate.wait_reached(timeout) {
+                return Err(Error::ClonePoint(format!(
+                    "the guest did not reach a clone point within {timeout:?} (it calls CLONE_POINT, ABI 1.9, when it sees request::CLONE)"
+                )));
+            }
+            let reached = t0.elapsed();
+            let frozen = self.freeze()?;
+            if !gate.parked_now() {
+                return Err(Error::ClonePoint(
+                    "the guest left its clone point before the VM was frozen (another pause came between); try again"
+                        .into(),
+                ));
+            }
+            let meta = rebound_snapshot::SnapshotMeta {
+                id: crate::persist::new_id(),
+                parent: None,
+                epoch: 0,
+                kind: rebound_snapshot::Kind::Full,
+                mem_size: frozen.mem_size(),
+                created_unix_ns: crate::persist::unix_ns(),
+            };
+            let stats = crate::persist::write_snapshot(&frozen, path, &meta, None, Vec::new())?;
+            let paused = frozen.pause_time();
+            frozen.thaw()?;
+            Ok(ClonePointInfo {
+                id: meta.id,
+                pages: stats.pages,
+                bytes: stats.bytes_written,
+                reached_us: reached.as_micros() as u64,
+                pause_us: paused.as_micros() as u64,
+                total_us: t0.elapsed().as_micros() as u64,
+            })
+        })();
+        gate.disarm();
+        if taken.is_err() {
+            let _ = self.shared.update_requests(0, rebound_abi::request::CLONE);
+        }
+        taken
+    }
+
+    /// `CLONE_POINT` calls, and those that held a vCPU for a clone.
+    pub fn clone_point_counts(&self) -> (u64, u64) {
+        self.shared.clone_gate.counts()
+    }
+
+    /// What the guest's `GENERATION` returns now (0 at first boot; new after a restore).
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Relaxed)
     }
 
     /// Waits up to `timeout` for the VM to end; how it ended, if it did.

@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+mod capacity;
 mod memory;
 mod net;
 mod sharing;
@@ -142,6 +143,7 @@ fn main(cpu: Cpu) -> i32 {
             Some(code) => code,
             None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d))
                 .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+                .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {
