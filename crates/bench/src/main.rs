@@ -1,10 +1,11 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
 //! in one run (the hypercall benchmark measures its own floor alongside).
 
 mod bare;
+mod capacity;
 mod checkpoint;
 mod cluster;
 mod dirty_log;
@@ -294,6 +295,7 @@ fn main() -> Result<()> {
             "resync",
             "cluster",
             "reclaim",
+            "capacity",
         ]
         .map(String::from)
         .to_vec();
@@ -343,6 +345,10 @@ fn main() -> Result<()> {
                 reclaim::across_vms(1)?;
                 reclaim::across_vms(4)?;
                 reclaim::work_lost()?;
+            }
+            "capacity" => {
+                capacity::clone_latency(runs.clamp(5, 20))?;
+                capacity::throughput(10_000)?;
             }
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }

@@ -65,7 +65,7 @@ impl Drop for ShmDir {
 }
 
 /// A VMM process, killed on drop.
-struct Vmm(Child);
+pub(crate) struct Vmm(pub(crate) Child);
 
 impl Drop for Vmm {
     fn drop(&mut self) {
@@ -74,7 +74,7 @@ impl Drop for Vmm {
     }
 }
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let t0 = Instant::now();
     while !f() {
         if t0.elapsed() > limit {
@@ -174,7 +174,7 @@ pub fn recovery(sizes: &[u64], runs: usize) -> Result<()> {
     Ok(())
 }
 
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> Result<serde_json::Value> {
+pub(crate) fn http(sock: &Path, method: &str, path: &str, body: &str) -> Result<serde_json::Value> {
     let mut s = UnixStream::connect(sock)?;
     write!(
         s,

@@ -171,6 +171,7 @@ fn feed(cpu: &Cpu, n: u64, until_others: u64, max: u64) -> i32 {
             r.wake_if_idle(p);
         }
     };
+    let t0 = time::monotonic_ns();
     let mut posted = 0;
     while posted < n || (until_others > 0 && posted < max && done_by_others(&r) < until_others) {
         let i = posted;
@@ -209,6 +210,7 @@ fn feed(cpu: &Cpu, n: u64, until_others: u64, max: u64) -> i32 {
         wake(&r);
         hypercall::block(2_000_000);
     }
+    let elapsed_us = (time::monotonic_ns() - t0) / 1000;
     let (mut missing, mut twice) = (0u64, 0u64);
     for i in 0..n {
         match r
@@ -229,7 +231,7 @@ fn feed(cpu: &Cpu, n: u64, until_others: u64, max: u64) -> i32 {
         }
     }
     println!(
-        "capfeed done n={n} missing={missing} twice={twice} total={} slots={}",
+        "capfeed done n={n} missing={missing} twice={twice} total={} elapsed_us={elapsed_us} slots={}",
         done.load(Ordering::SeqCst),
         slots.trim()
     );
