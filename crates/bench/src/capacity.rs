@@ -27,10 +27,18 @@ fn rebound(bin: &Path, share: &Path) -> Command {
 
 fn guest(bin: &Path, share: &Path, args: &str, sock: Option<&Path>) -> Result<Vmm> {
     let mut c = rebound(bin, share);
-    c.args(["run", "--bundled", "testguest", "--mem-mib", "16", "--args", args])
-        .args(["--share", "jobs"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    c.args([
+        "run",
+        "--bundled",
+        "testguest",
+        "--mem-mib",
+        "16",
+        "--args",
+        args,
+    ])
+    .args(["--share", "jobs"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     if let Some(s) = sock {
         c.arg("--api-sock").arg(s);
     }
@@ -107,10 +115,22 @@ pub fn clone_latency(rounds: usize) -> Result<()> {
     let share = dir.0.as_path();
     let wsock = share.join("w.sock");
     let isock = share.join("i.sock");
-    let _worker = guest(&bin, share, &format!("capworker jobs {JOB_US}"), Some(&wsock))?;
+    let _worker = guest(
+        &bin,
+        share,
+        &format!("capworker jobs {JOB_US}"),
+        Some(&wsock),
+    )?;
     let _idle = guest(&bin, share, "capidle", Some(&isock))?;
     let mut manager = Vmm(rebound(&bin, share)
-        .args(["capacity", "manage", "--interval-ms", "20", "--busy-ticks", "3"])
+        .args([
+            "capacity",
+            "manage",
+            "--interval-ms",
+            "20",
+            "--busy-ticks",
+            "3",
+        ])
         .args(["--calm-ticks", "3", "--busy-util", "0.3"])
         .arg("--vm")
         .arg(format!("w={}", wsock.display()))
@@ -168,7 +188,12 @@ pub fn throughput(jobs: u64) -> Result<()> {
     let (bin, dir) = setup("capacity-jobs")?;
     let share = dir.0.as_path();
     let wsock = share.join("w.sock");
-    let _worker = guest(&bin, share, &format!("capworker jobs {JOB_US}"), Some(&wsock))?;
+    let _worker = guest(
+        &bin,
+        share,
+        &format!("capworker jobs {JOB_US}"),
+        Some(&wsock),
+    )?;
     let alone = feed(&bin, share, &jobs.to_string())?;
     let alone = jobs as f64 / (field(&alone, "elapsed_us")? / 1e6);
 
@@ -199,7 +224,12 @@ pub fn throughput(jobs: u64) -> Result<()> {
         &serde_json::json!({ "snapshot_path": snap, "resume_vm": true }).to_string(),
     )?;
     let both = feed(&bin, share, &jobs.to_string())?;
-    let slots = both.split("slots=").nth(1).unwrap_or("").split_whitespace().count();
+    let slots = both
+        .split("slots=")
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .count();
     if slots != 2 {
         bail!("expected the VM and its clone to take jobs: {both}");
     }

@@ -999,6 +999,11 @@ pub(crate) fn join_host(
 fn serve_only(id: &str, sock: &Path) -> Result<i32> {
     let instance = new_instance(id);
     host_faults::watch(&instance, HostFaults::from_env())?;
+    // What every VM needs is ready before the first request (a clone restored here waits less);
+    // a failure shows again, with its cause, when a VM is built.
+    if let Err(e) = rebound_vmm::vm::warm_up() {
+        tracing::debug!(error = %e, "KVM is not ready yet");
+    }
     start_api(sock, instance.clone())?;
     eprintln!(
         "rebound: API on {}; configure, then PUT /actions InstanceStart",

@@ -434,6 +434,13 @@ fn nic_specs(
         .collect()
 }
 
+/// Opens KVM and asks for its CPUID now, so that the first VM this process builds does not
+/// wait for it (a VMM started ahead to restore a clone into: about 1 ms on these hosts).
+pub fn warm_up() -> Result<()> {
+    kick::install().map_err(Error::State)?;
+    kvm().map(|_| ())
+}
+
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
 /// is the most expensive call of VM creation and its answer never changes.
 fn kvm() -> Result<&'static (Kvm, CpuId)> {

@@ -66,18 +66,24 @@ fn work(us: u64) -> u64 {
 fn worker(cpu: &Cpu, work_us: u64) -> i32 {
     let name = name(cpu);
     let Some(mut r) = region(name) else { return 2 };
+    let mut role = "parent";
     let mut q = loop {
+        // Nothing is held while waiting for the queue either.
+        if capacity::clone_point() == Some(Role::Clone) {
+            role = "clone";
+            let Some(again) = region(name) else { return 2 };
+            r = again;
+        }
         if let Ok(q) = Queue::at(&r, QUEUE) {
             break q;
         }
         if boot::shutdown_requested() {
-            println!("capworker done role=parent count=0");
+            println!("capworker done role={role} count=0");
             return 0;
         }
         hypercall::block(1_000_000);
     };
     let jobs = max_jobs(&r);
-    let mut role = "parent";
     let (mut count, mut sink) = (0u64, 0u64);
     println!("capworker ready slot={}", r.slot());
     loop {
