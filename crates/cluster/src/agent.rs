@@ -849,7 +849,7 @@ impl Agent {
                 .slots
                 .get(&name)
                 .map(|sl| Arc::clone(&lock(sl).store));
-            let _store = store.as_ref().map(|st| lock(st));
+            let mut store = store.as_ref().map(|st| lock(st));
             let mut s = lock(&self.state);
             match taken {
                 Ok(true) => {}
@@ -886,6 +886,9 @@ impl Agent {
                 sl.taken = true;
                 sl.hot
             };
+            if let Some(st) = store.as_mut() {
+                st.hold_still();
+            }
             let t = Takeover {
                 name: name.clone(),
                 hot,

@@ -38,6 +38,12 @@ impl Sink for ColdStore {
 }
 
 impl Store for ColdStore {
+    fn hold_still(&mut self) {
+        // A merge finishing would publish its file and delete the diffs it merged while the
+        // takeover's restore reads the chain; the unmerged chain restores the same VM.
+        self.snaps.abandon_merge();
+    }
+
     fn invalidate(&mut self) -> Result<(), Error> {
         // A merge of the old chain must not finish into the new directory.
         self.snaps.abandon_merge();

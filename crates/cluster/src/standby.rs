@@ -130,6 +130,10 @@ pub trait Store: Sink {
     /// Makes what is kept unusable (durably: no takeover or restore may start from it), for a
     /// resync after which the primary releases output this copy does not have.
     fn invalidate(&mut self) -> Result<(), rebound_checkpoint::Error>;
+
+    /// A takeover is about to read what is kept: nothing in it may change from here on (no
+    /// background work finishing into it).
+    fn hold_still(&mut self) {}
 }
 
 /// Where a connection's checkpoints go.
