@@ -61,6 +61,14 @@ impl Default for Gate {
     }
 }
 
+/// Whether a clone is being taken.
+fn busy(s: State) -> bool {
+    matches!(
+        s,
+        State::Armed | State::Reached { .. } | State::Parked { .. }
+    )
+}
+
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -71,22 +79,24 @@ impl Gate {
         self.pauses.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Asks for a clone point; false if one is already being taken.
-    pub(crate) fn arm(&self) -> bool {
+    /// Asks `vm`'s guest for a clone point (the request bit is set with the state, under its
+    /// lock); false if one is already being taken.
+    pub(crate) fn arm(&self, vm: &VmShared) -> crate::Result<bool> {
         let mut s = lock(&self.state);
-        if matches!(
-            *s,
-            State::Armed | State::Reached { .. } | State::Parked { .. }
-        ) {
-            return false;
+        if busy(*s) {
+            return Ok(false);
         }
+        vm.update_requests(rebound_abi::request::CLONE, 0)?;
         *s = State::Armed;
-        true
+        Ok(true)
     }
 
-    /// Ends the request (taken, or given up); a vCPU still held is released.
-    pub(crate) fn disarm(&self) {
-        *lock(&self.state) = State::Idle;
+    /// Ends the request (taken, or given up): the bit is cleared and a vCPU still held is
+    /// released.
+    pub(crate) fn disarm(&self, vm: &VmShared) {
+        let mut s = lock(&self.state);
+        let _ = vm.update_requests(0, rebound_abi::request::CLONE);
+        *s = State::Idle;
         self.cv.notify_all();
     }
 
@@ -134,6 +144,11 @@ impl Gate {
         {
             let mut s = lock(&self.state);
             if *s != State::Armed {
+                // Nothing asked: a bit the guest still sees is stale (memory rolled back, or
+                // restored from before the request was answered). Cleared under the state's
+                // lock, so never a new request's; else the guest would come back after every
+                // job.
+                let _ = vm.update_requests(0, rebound_abi::request::CLONE);
                 return 0;
             }
             *s = State::Reached { vcpu };
@@ -187,18 +202,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_request_waits_for_the_first() {
-        let g = Gate::default();
-        assert!(g.arm());
-        assert!(!g.arm(), "one clone at a time");
-        g.disarm();
-        assert!(g.arm());
+    fn only_one_clone_at_a_time() {
+        assert!(!busy(State::Idle));
+        assert!(!busy(State::Left), "a point given up is no obstacle");
+        assert!(busy(State::Armed));
+        assert!(busy(State::Reached { vcpu: 1 }));
+        assert!(busy(State::Parked { pause: 3 }));
     }
 
     #[test]
     fn parked_counts_only_in_the_pause_it_parked_in() {
         let g = Gate::default();
-        assert!(g.arm());
         *lock(&g.state) = State::Reached { vcpu: 0 };
         g.note_pause();
         *lock(&g.state) = State::Parked {
@@ -213,7 +227,7 @@ mod tests {
     #[test]
     fn nothing_reached_times_out() {
         let g = Gate::default();
-        assert!(g.arm());
+        *lock(&g.state) = State::Armed;
         assert!(!g.wait_reached(Duration::from_millis(5)));
     }
 }

@@ -1516,15 +1516,13 @@ impl Vm {
             ));
         }
         let gate = &self.shared.clone_gate;
-        if !gate.arm() {
+        let t0 = Instant::now();
+        if !gate.arm(&self.shared)? {
             return Err(Error::ClonePoint(
                 "a clone of this VM is already being taken".into(),
             ));
         }
-        let t0 = Instant::now();
         let taken = (|| {
-            self.shared
-                .update_requests(rebound_abi::request::CLONE, 0)?;
             self.shared.waiters.notify_all();
             if !gate.wait_reached(timeout) {
                 return Err(Error::ClonePoint(format!(
@@ -1559,10 +1557,7 @@ impl Vm {
                 total_us: t0.elapsed().as_micros() as u64,
             })
         })();
-        gate.disarm();
-        if taken.is_err() {
-            let _ = self.shared.update_requests(0, rebound_abi::request::CLONE);
-        }
+        gate.disarm(&self.shared);
         taken
     }
 
