@@ -163,6 +163,12 @@ pub fn clone_latency(rounds: usize) -> Result<()> {
         snap.push(us(&c["timing"]["snapshot_us"]));
         restore.push(us(&c["timing"]["restore_us"]));
     }
+    // The manager retires its clones, stops the VMM it keeps ahead and removes its cgroups on
+    // SIGTERM (a SIGKILL would leave them behind).
+    // SAFETY: signals our own child, not yet reaped.
+    unsafe { libc::kill(manager.0.id() as i32, libc::SIGTERM) };
+    next_event(&rx, "stopped")?;
+    let _ = manager.0.wait();
     let (m, p) = median_p99(total);
     let (rm, _) = median_p99(reached);
     let (sm, _) = median_p99(snap);
