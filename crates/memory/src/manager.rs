@@ -190,7 +190,9 @@ impl Member for LocalMember {
     }
 
     fn set_target(&self, pages: u64) -> Result<()> {
-        let mib = pages.div_ceil(PAGES_PER_MIB).max(1);
+        // Down to whole MiB: the targets the policy spread add up to the budget, and rounding
+        // any of them up could put the VMs together above it.
+        let mib = (pages / PAGES_PER_MIB).max(1);
         if self.part.target_pages() == Some(mib * PAGES_PER_MIB) {
             return Ok(());
         }

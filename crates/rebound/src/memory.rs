@@ -94,7 +94,9 @@ impl Member for ApiMember {
     }
 
     fn set_target(&self, pages: u64) -> rebound_memory::Result<()> {
-        let mib = pages.div_ceil(PAGES_PER_MIB).max(1);
+        // Down to whole MiB: the targets the policy spread add up to the budget, and rounding
+        // any of them up could put the VMs together above it.
+        let mib = (pages / PAGES_PER_MIB).max(1);
         let body = serde_json::json!({ "target_mib": mib });
         client::call_within(&self.sock, "PUT", "/memory", Some(&body), Some(TIMEOUT))
             .map(|_| ())
