@@ -10,7 +10,7 @@
 /// Major version: bumped on any incompatible change.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: bumped on compatible additions.
-pub const ABI_MINOR: u32 = 9;
+pub const ABI_MINOR: u32 = 10;
 /// What [`nr::ABI_VERSION`] returns: `major << 16 | minor`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 
@@ -30,6 +30,10 @@ pub mod port {
     /// `out dx, eax` with `eax` = NIC index (ABI 1.4): "my TX ring has new frames". Absorbed by
     /// an ioeventfd (~3 us); see [`super::net`].
     pub const NET_DOORBELL: u16 = 0x0520;
+    /// `out 0x80, al` / `in al, 0x80` (ABI 1.10): the POST-code / I/O-delay port firmware and
+    /// Linux use, emulated as a register holding the last byte written. Each access is an
+    /// exit, unless the VMM promoted a hot written value to an ioeventfd (see docs/abi.md).
+    pub const POST: u16 = 0x0080;
 }
 
 /// Hypercall numbers.

@@ -35,7 +35,7 @@ pub const IDT: u64 = 0x6000;
 /// Exception stubs, [`STUB_SIZE`] bytes per vector.
 pub const STUBS: u64 = 0x7000;
 /// Bytes per exception stub.
-pub const STUB_SIZE: u64 = 16;
+pub const STUB_SIZE: u64 = 32;
 /// First page directory; directory `i` maps GiB `i`.
 pub const PDS: u64 = 0x8000;
 /// Most GiB of guest memory the layout maps.

@@ -160,9 +160,15 @@ pub fn gdt_size(layout: &Layout) -> u64 {
     u64::from(TSS_SELECTOR_BASE) + 16 * u64::from(layout.vcpus())
 }
 
-/// The exception stubs: for each vector, push a zero error code where the CPU pushes none, push
-/// the vector, and report it on the fault port. The VMM reads the frame from the stack and ends
-/// the VM; the trailing `hlt; jmp` only matters if it did not.
+/// Words the VMM finds at the stub's `rsp` when it reports: what the stub pushed (the guest's
+/// `rdx` and `rax`, the vector, the error code or zero where the CPU pushes none), then the
+/// CPU's frame: `[rdx, rax, vector, error code, rip, cs, rflags, rsp, ss]`.
+pub const STUB_FRAME_WORDS: usize = 9;
+
+/// The exception stubs: for each vector, push a zero error code where the CPU pushes none, the
+/// vector and the guest's `rax` and `rdx` (the report needs them), and report on the fault port.
+/// The VMM either ends the VM, or emulates the instruction (rewriting the saved `rax`, `rdx` and
+/// `rip` in the frame) and lets the stub return to the guest with `iretq`.
 fn stubs() -> Vec<u8> {
     let [lo, hi] = port::FAULT.to_le_bytes();
     let mut code = vec![0u8; (32 * STUB_SIZE) as usize];
@@ -172,13 +178,25 @@ fn stubs() -> Vec<u8> {
             stub.extend_from_slice(&[0x6a, 0x00]); // push 0
         }
         stub.extend_from_slice(&[0x6a, v]); // push vector
+        stub.push(0x50); // push rax
+        stub.push(0x52); // push rdx
         stub.extend_from_slice(&[0x66, 0xba, lo, hi]); // mov dx, FAULT
         stub.push(0xee); // out dx, al
-        stub.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b
+        stub.push(0x5a); // pop rdx
+        stub.push(0x58); // pop rax
+        stub.extend_from_slice(&[0x48, 0x83, 0xc4, 0x10]); // add rsp, 16
+        stub.extend_from_slice(&[0x48, 0xcf]); // iretq
         let at = usize::from(v) * STUB_SIZE as usize;
         code[at..at + stub.len()].copy_from_slice(&stub);
     }
     code
+}
+
+/// Rewrites the exception stubs (and the IDT pointing at them) in `mem`: after a restore, so a
+/// snapshot written by an older VMM gets stubs whose faults the VMM can resume.
+pub fn write_stubs<M: GuestMemory>(mem: &M) -> Result<(), Error> {
+    write_bytes(mem, IDT, &le_bytes(&idt()), "IDT")?;
+    write_bytes(mem, STUBS, &stubs(), "exception stubs")
 }
 
 fn idt() -> Vec<u64> {
@@ -206,8 +224,7 @@ pub fn write_system<M: GuestMemory>(
         write_bytes(mem, addr, &le_bytes(&table), "page table")?;
     }
     write_bytes(mem, GDT, &le_bytes(&gdt(layout)), "GDT")?;
-    write_bytes(mem, IDT, &le_bytes(&idt()), "IDT")?;
-    write_bytes(mem, STUBS, &stubs(), "exception stubs")?;
+    write_stubs(mem)?;
 
     for id in 0..layout.vcpus() {
         let tss = layout.tss(id);
@@ -297,9 +314,12 @@ mod tests {
     fn stubs_fit_and_push_error_codes_evenly() {
         let code = stubs();
         for v in 0u8..32 {
-            let s = &code[usize::from(v) * 16..][..16];
+            let s = &code[usize::from(v) * STUB_SIZE as usize..][..STUB_SIZE as usize];
             let at = if has_error_code(v) { 0 } else { 2 };
             assert_eq!(&s[at..at + 2], &[0x6a, v]);
+            // Ends in `iretq`, inside its slot.
+            let end = at + 2 + 2 + 4 + 1 + 2 + 4 + 2;
+            assert_eq!(&s[end - 2..end], &[0x48, 0xcf]);
         }
     }
 }

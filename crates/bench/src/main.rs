@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -10,6 +10,7 @@ mod checkpoint;
 mod cluster;
 mod dirty_log;
 mod disk;
+mod emulation;
 mod floor;
 mod net;
 mod qemu;
@@ -296,6 +297,7 @@ fn main() -> Result<()> {
             "cluster",
             "reclaim",
             "capacity",
+            "emulation",
         ]
         .map(String::from)
         .to_vec();
@@ -350,6 +352,7 @@ fn main() -> Result<()> {
                 capacity::clone_latency(runs.clamp(5, 20))?;
                 capacity::throughput(10_000)?;
             }
+            "emulation" => emulation::trapping()?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

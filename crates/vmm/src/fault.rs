@@ -80,18 +80,19 @@ fn page_fault_detail(err: u64, cr2: u64) -> String {
     format!("{access} {cr2:#x} ({why})")
 }
 
-/// Builds the report after a fault stub wrote to the fault port: its frame (vector, error code,
-/// then the CPU's RIP, CS, RFLAGS, RSP, SS) is on the vCPU's exception stack.
+/// Builds the report after a fault stub wrote to the fault port: its frame (the guest's rdx and rax,
+/// the vector, the error code, then the CPU's RIP, CS, RFLAGS, RSP, SS) is on the vCPU's exception
+/// stack.
 pub fn from_stub(fd: &VcpuFd, mem: &GuestMemory, vcpu: u32) -> FaultReport {
     let regs = fd.get_regs().unwrap_or_default();
     let cr2 = fd.get_sregs().map(|s| s.cr2).unwrap_or_default();
-    let mut frame = [0u64; 6];
+    let mut frame = [0u64; rebound_arch::system::STUB_FRAME_WORDS];
     for (i, w) in frame.iter_mut().enumerate() {
         *w = mem
             .read_obj(GuestAddress(regs.rsp.wrapping_add(8 * i as u64)))
             .unwrap_or(0);
     }
-    let [vector, error_code, rip, _cs, _rflags, rsp] = frame;
+    let [_rdx, _rax, vector, error_code, rip, _cs, _rflags, rsp, _ss] = frame;
     let mut reason = vector_name(vector).to_string();
     let address = (vector == 14).then_some(cr2);
     if vector == 14 {

@@ -11,6 +11,7 @@ mod clock;
 pub mod clone_point;
 pub mod components;
 pub mod config;
+pub mod emulate;
 pub mod fault;
 pub mod hypercall;
 mod kick;

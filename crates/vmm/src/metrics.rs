@@ -175,6 +175,7 @@ impl Metrics {
             io,
             nics: Vec::new(),
             memory: Default::default(),
+            emulation: Default::default(),
         }
     }
 }
@@ -254,4 +255,6 @@ pub struct MetricsSnapshot {
     pub nics: Vec<rebound_devices::net::NicStatsSnapshot>,
     /// Memory classes, requests, pages returned and the swap (ABI 1.8).
     pub memory: crate::vm::MemoryReport,
+    /// Trapping operations: sites, counts, what is promoted.
+    pub emulation: crate::emulate::EmulationSnapshot,
 }

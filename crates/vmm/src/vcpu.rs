@@ -4,7 +4,10 @@
 //! - `0x510` hypercall: `hypercall::handle`
 //! - `0x514` I/O doorbell: normally absorbed by an ioeventfd in the kernel; an access that
 //!   still exits (another width) is forwarded to the same eventfd
-//! - `0x518` fault report from the CPL0 exception stubs: `fault::from_stub`
+//! - `0x518` fault report from the CPL0 exception stubs: the emulation module
+//!   (`emulate::Emulator::fault`) resumes the guest after instructions it emulates; any other
+//!   fault ends the VM with `fault::from_stub`
+//! - `0x80` (POST code), and any other emulated device port: `emulate::Emulator`
 //! - anything else: counted as a bad access, reads return all ones.
 
 use std::sync::Arc;
@@ -25,6 +28,8 @@ enum Next {
     Stop,
     /// The guest faulted; build the report from the vCPU's registers.
     Fault(FaultSource),
+    /// An emulated device handled the access; count its site.
+    Emulated(crate::emulate::sites::Op),
 }
 
 enum FaultSource {
@@ -53,17 +58,32 @@ fn on_exit(exit: VcpuExit<'_>, id: u32, vm: &VmShared) -> Next {
                     let _ = vm.ioq.doorbell().write(1);
                     Next::Continue
                 }
-                _ => {
+                _ => match data.first().and_then(|v| vm.emulator.port_out(p, *v)) {
+                    Some(op) => Next::Emulated(op),
+                    None => {
+                        vm.metrics.bad_port();
+                        Next::Continue
+                    }
+                },
+            }
+        }
+        VcpuExit::IoIn(p, data) => {
+            vm.metrics.exit(ExitKind::IoIn);
+            match vm.emulator.port_in(p) {
+                Some((value, op)) => {
+                    // Wider reads see the register in the low byte, ones above.
+                    data.fill(0xff);
+                    if let Some(b) = data.first_mut() {
+                        *b = value;
+                    }
+                    Next::Emulated(op)
+                }
+                None => {
                     vm.metrics.bad_port();
+                    data.fill(0xff);
                     Next::Continue
                 }
             }
-        }
-        VcpuExit::IoIn(_, data) => {
-            vm.metrics.exit(ExitKind::IoIn);
-            vm.metrics.bad_port();
-            data.fill(0xff);
-            Next::Continue
         }
         VcpuExit::MmioRead(_, data) => {
             vm.metrics.exit(ExitKind::Mmio);
@@ -180,9 +200,12 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
                 Next::Stop
             }
         };
+        vm.emulator.judge();
         match next {
             Next::Continue => {}
             Next::Stop => break,
+            Next::Emulated(op) => vm.emulator.count(&fd, op),
+            Next::Fault(FaultSource::Stub) if vm.emulator.fault(&fd, id, &vm) => {}
             Next::Fault(src) => {
                 let mut report = match src {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),

@@ -170,6 +170,8 @@ pub(crate) struct VmShared {
     pub(crate) clone_gate: crate::clone_point::Gate,
     /// Serializes the host's changes to the boot info's request bits.
     requests: Mutex<()>,
+    /// Trapping operations: emulated devices and instructions, and their promotion.
+    pub(crate) emulator: crate::emulate::Emulator,
 }
 
 impl VmShared {
@@ -267,7 +269,7 @@ impl VmShared {
 /// A VM with its vCPU threads and I/O thread running.
 pub struct Vm {
     // Fields drop in order: the VM fd goes before the guest memory mapping it points into.
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     shared: Arc<VmShared>,
     io_thread: Mutex<Option<JoinHandle<()>>>,
     net_thread: Mutex<Option<JoinHandle<()>>>,
@@ -833,8 +835,12 @@ impl Vm {
         } = parts;
         kick::install().map_err(Error::State)?;
         let (kvm, cpuid) = kvm()?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         memory::register(&vm_fd, &mem, false)?;
+        if matches!(start, Start::Restore { .. }) {
+            // A snapshot of an older VMM may hold stubs whose faults cannot be resumed.
+            rebound_arch::system::write_stubs(&mem).map_err(|e| Error::Restore(e.to_string()))?;
+        }
         // Before anything touches guest memory: pages a predecessor moved out are registered.
         let private_memory = matches!(mem_file, memory::Backing::Private { .. });
         let swap = {
@@ -1016,6 +1022,7 @@ impl Vm {
             returns_held: std::sync::atomic::AtomicBool::new(false),
             clone_gate: Default::default(),
             requests: Mutex::new(()),
+            emulator: crate::emulate::Emulator::new(vm_fd.clone()),
         });
         {
             // A page that cannot be brought back is lost: the VM cannot go on.
@@ -1685,6 +1692,7 @@ impl Vm {
         );
         m.nics = self.nic_stats();
         m.memory = self.memory_report();
+        m.emulation = s.emulator.snapshot();
         m
     }
 

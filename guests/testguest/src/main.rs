@@ -6,6 +6,7 @@
 extern crate alloc;
 
 mod capacity;
+mod emulation;
 mod memory;
 mod net;
 mod sharing;
@@ -47,8 +48,8 @@ fn main(cpu: Cpu) -> i32 {
             0
         }
         "fault-gp" => {
-            // SAFETY: deliberately faulting: hlt is privileged at CPL3.
-            unsafe { core::arch::asm!("hlt") };
+            // SAFETY: deliberately faulting: wrmsr is privileged at CPL3 (and not emulated).
+            unsafe { core::arch::asm!("wrmsr", in("ecx") 0x10u32, in("eax") 0u32, in("edx") 0u32) };
             0
         }
         "fault-ud" => {
@@ -144,6 +145,7 @@ fn main(cpu: Cpu) -> i32 {
             None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d))
                 .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+                .or_else(|| emulation::run(other, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {
