@@ -87,8 +87,22 @@ pub mod nr {
     /// vCPU in the VMM until the snapshot the clone starts from is taken, and returns 1 in both
     /// the VM and its clone ([`GENERATION`] tells them apart); otherwise it returns 0 at once.
     pub const CLONE_POINT: u32 = 15;
+    /// `(id, table_gpa, count) -> 0` (ABI 1.10): sets program `id`'s protection table:
+    /// `count` [`super::program::Range`]s at `table_gpa` (`count` = 0 removes the program). The
+    /// VMM builds the program's page tables at its next [`PROGRAM_RUN`] and keeps them until
+    /// the table changes. Supervisor only. See [`super::program`].
+    pub const PROGRAM_SET: u32 = 22;
+    /// `(id, entry, stack_top, arg, fault_gpa) -> result` (ABI 1.10): runs program `id` on this
+    /// vCPU, at `entry` with `rsp = stack_top`, `rdi = arg` and every other register zero, with
+    /// only its table's ranges mapped. Returns what the program passed to [`PROGRAM_EXIT`], or
+    /// [`super::program::FAULTED`] if it faulted (the fault is written as a
+    /// [`super::program::Fault`] at `fault_gpa`, if not 0). Supervisor only.
+    pub const PROGRAM_RUN: u32 = 23;
+    /// `(value)` (ABI 1.10): from a program, ends its run: the supervisor's [`PROGRAM_RUN`]
+    /// returns `value & i64::MAX`. From the supervisor: `EINVAL`.
+    pub const PROGRAM_EXIT: u32 = 24;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 25;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -109,6 +123,9 @@ pub mod nr {
             MEM_SETUP => "mem_setup",
             MEM_RETURN => "mem_return",
             CLONE_POINT => "clone_point",
+            PROGRAM_SET => "program_set",
+            PROGRAM_RUN => "program_run",
+            PROGRAM_EXIT => "program_exit",
             _ => "unknown",
         }
     }
@@ -116,6 +133,10 @@ pub mod nr {
 
 /// Negative results (Linux errno values, negated).
 pub mod errno {
+    /// Not allowed to the caller (ABI 1.10): e.g. a hypercall a program may not make.
+    pub const EPERM: i64 = -1;
+    /// Out of a resource the VMM keeps for the guest (ABI 1.10): e.g. the table pool.
+    pub const ENOMEM: i64 = -12;
     /// An I/O error on the host side.
     pub const EIO: i64 = -5;
     /// Try again later: too much waits already (e.g. disk writes held for a checkpoint, ABI
@@ -203,6 +224,61 @@ pub struct BootInfo {
     pub reserved: u32,
     /// The network devices (ABI 1.4): the first `nic_count` entries.
     pub nics: [net::NicInfo; net::MAX_NICS],
+}
+
+/// Programs (ABI 1.10): a guest's supervisor code runs untrusted code as programs, each
+/// confined by its own protection table, which the VMM turns into page tables once and keeps
+/// (a switch to a program whose table did not change only loads them). An access outside the
+/// table, or any other fault, ends the program's run and is reported to the supervisor; the VM
+/// goes on. A program may call only `ABI_VERSION`, the clocks, `YIELD`, `CONSOLE_WRITE` (from
+/// memory it may read) and [`super::nr::PROGRAM_EXIT`]; anything else returns `EPERM`.
+pub mod program {
+    /// Program ids are `0..MAX_PROGRAMS`.
+    pub const MAX_PROGRAMS: u64 = 16;
+    /// Most ranges in one protection table.
+    pub const MAX_RANGES: u64 = 16;
+    /// [`super::nr::PROGRAM_RUN`]'s result when the program faulted.
+    pub const FAULTED: i64 = -1000;
+
+    /// Bits of [`Range::access`].
+    pub mod access {
+        /// The program may read the range.
+        pub const READ: u64 = 1;
+        /// The program may write it (implies read).
+        pub const WRITE: u64 = 2;
+        /// The program may execute it (implies read).
+        pub const EXEC: u64 = 4;
+    }
+
+    /// One entry of a protection table: page-aligned, inside the guest's own memory (at or
+    /// above [`super::IMAGE_BASE`], below the heap's end).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Range {
+        /// First byte (page aligned).
+        pub start: u64,
+        /// Bytes (a multiple of the page size, not 0).
+        pub len: u64,
+        /// [`access`] bits; READ at least.
+        pub access: u64,
+    }
+
+    /// What the VMM writes at `fault_gpa` when a program faults.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Fault {
+        /// The exception vector (14: page fault, 13: general protection, 6: invalid opcode).
+        pub vector: u64,
+        /// The error code the CPU pushed (0 if none).
+        pub error_code: u64,
+        /// The program's instruction pointer at the fault.
+        pub rip: u64,
+        /// The faulting address, for page faults.
+        pub address: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<Range>() == 24);
+    const _: () = assert!(core::mem::size_of::<Fault>() == 32);
 }
 
 /// Bits of [`BootInfo::requests`] (ABI 1.3).
@@ -786,6 +862,10 @@ mod byte_valued {
     unsafe impl ByteValued for super::memory::Table {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::memory::Range {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::program::Range {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::program::Fault {}
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! 0x001F0000  ShareTable: the VM's shared regions                 user, read-only
 //! 0x00200000  per vCPU: 64 KiB stack slot, lowest page a guard    user, read-write
 //! 0x00400000  guest image, then heap to the end of memory         user, read-write
+//! top 2 MiB  table pool (ABI 1.10): page tables the VMM builds     supervisor-only
 //! 64 GiB      shared-region window (16 GiB, 2 MiB pages)          user; read-only per slot
 //! ```
 //! The guest may never make the VMM write below [`USER_START`] (see [`Layout::is_guest_writable`]).
@@ -70,6 +71,10 @@ pub const MAX_VCPUS: u32 = ((IMAGE_BASE - STACKS) / STACK_SLOT) as u32;
 pub const MIN_MEM: u64 = 8 << 20;
 /// Guest memory is mapped with 2 MiB pages above 4 MiB, so sizes are multiples of this.
 pub const MEM_ALIGN: u64 = 2 << 20;
+/// The table pool (ABI 1.10): the last 2 MiB of guest memory, where the VMM builds page tables
+/// at run time (programs' protection tables). Supervisor-only, never the guest's to write, and
+/// not part of its heap.
+pub const POOL_SIZE: u64 = 2 << 20;
 
 // The fixed areas must not overlap; checked when compiling.
 const _: () = assert!(PDS + MAX_GIB * PAGE_SIZE <= TSS_AREAS);
@@ -87,6 +92,7 @@ const _: () = assert!(share::WINDOW_BASE.is_multiple_of(1 << 30));
 pub struct Layout {
     mem_size: u64,
     vcpus: u32,
+    pool: bool,
 }
 
 impl Layout {
@@ -117,12 +123,33 @@ impl Layout {
                 "vCPU count {vcpus} is outside 1..={MAX_VCPUS}"
             )));
         }
-        Ok(Self { mem_size, vcpus })
+        Ok(Self {
+            mem_size,
+            vcpus,
+            pool: false,
+        })
     }
 
     /// Guest memory size in bytes.
     pub fn mem_size(&self) -> u64 {
         self.mem_size
+    }
+
+    /// The layout with the table pool at the top of memory (VMs booted with ABI 1.10 and
+    /// later; older snapshots keep their whole memory as heap).
+    pub fn with_pool(mut self) -> Self {
+        self.pool = true;
+        self
+    }
+
+    /// The table pool, if this layout has one.
+    pub fn pool(&self) -> Option<std::ops::Range<u64>> {
+        self.pool.then(|| self.mem_size - POOL_SIZE..self.mem_size)
+    }
+
+    /// One past the last byte the guest may use as its own (its heap's end).
+    pub fn heap_end(&self) -> u64 {
+        self.pool().map_or(self.mem_size, |p| p.start)
     }
 
     /// Number of vCPUs.
@@ -161,13 +188,14 @@ impl Layout {
     }
 
     /// Whether the guest may have the VMM write `len` bytes at `addr` (I/O buffers, completion
-    /// indicators, rings): only user memory, never the VMM-owned system area or boot info.
+    /// indicators, rings): only user memory, never the VMM-owned system area, boot info or
+    /// table pool.
     pub fn is_guest_writable(&self, addr: u64, len: u64) -> bool {
         let Some(end) = addr.checked_add(len) else {
             return false;
         };
         addr >= USER_START
-            && end <= self.mem_size
+            && end <= self.heap_end()
             && (end <= SHARE_TABLE || addr >= SHARE_TABLE + PAGE_SIZE)
     }
 
@@ -212,6 +240,11 @@ mod tests {
         assert!(!l.is_guest_writable(SHARE_TABLE - 8, 16));
         assert!(l.is_guest_writable(SHARE_TABLE + PAGE_SIZE, 8));
         assert!(l.is_guest_readable(0, 64 << 20));
+        let p = l.with_pool();
+        assert_eq!(p.pool(), Some((62 << 20)..(64 << 20)));
+        assert!(!p.is_guest_writable((62 << 20) - 8, 16));
+        assert!(p.is_guest_writable((62 << 20) - 8, 8));
+        assert_eq!(l.heap_end(), 64 << 20);
         assert!(!l.is_guest_readable(1, 64 << 20));
     }
 }

@@ -7,6 +7,7 @@
 //! computes the vCPU registers that start a guest ([`regs`]). It does not call KVM.
 
 pub mod layout;
+pub mod paging;
 pub mod regs;
 pub mod system;
 
@@ -18,6 +19,9 @@ pub enum Error {
     /// The memory size or vCPU count does not fit the layout.
     #[error("{0}")]
     Layout(String),
+    /// The table pool has no room for more page tables.
+    #[error("the table pool is full ({0} pages in use)")]
+    PoolFull(u64),
     /// Writing a system structure into guest memory failed.
     #[error("cannot write {what} into guest memory: {source}")]
     GuestMemory {

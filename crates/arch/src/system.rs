@@ -19,18 +19,18 @@ pub const USER_DS: u16 = 0x2b;
 /// vCPU `i`'s TSS selector is `TSS_SELECTOR_BASE + 16 * i`.
 pub const TSS_SELECTOR_BASE: u16 = 0x40;
 
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
+pub(crate) const PTE_P: u64 = 1;
+pub(crate) const PTE_RW: u64 = 1 << 1;
+pub(crate) const PTE_US: u64 = 1 << 2;
 // Accessed and dirty are preset so the MMU never writes page tables: they stay out of the
 // dirty log, and checkpoints of an idle guest stay empty.
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_PS: u64 = 1 << 7;
-const TABLE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
-const SUPERVISOR_PAGE: u64 = PTE_P | PTE_RW | PTE_A | PTE_D;
-const USER_RO_PAGE: u64 = PTE_P | PTE_US | PTE_A;
-const USER_PAGE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
+pub(crate) const PTE_A: u64 = 1 << 5;
+pub(crate) const PTE_D: u64 = 1 << 6;
+pub(crate) const PTE_PS: u64 = 1 << 7;
+pub(crate) const TABLE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
+pub(crate) const SUPERVISOR_PAGE: u64 = PTE_P | PTE_RW | PTE_A | PTE_D;
+pub(crate) const USER_RO_PAGE: u64 = PTE_P | PTE_US | PTE_A;
+pub(crate) const USER_PAGE: u64 = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
 
 /// Vectors for which the CPU pushes an error code.
 const fn has_error_code(vector: u8) -> bool {
@@ -47,7 +47,7 @@ fn write<T: ByteValued, M: GuestMemory>(
         .map_err(|source| Error::GuestMemory { what, source })
 }
 
-fn write_bytes<M: GuestMemory>(
+pub(crate) fn write_bytes<M: GuestMemory>(
     mem: &M,
     addr: u64,
     bytes: &[u8],
@@ -57,8 +57,24 @@ fn write_bytes<M: GuestMemory>(
         .map_err(|source| Error::GuestMemory { what, source })
 }
 
-fn le_bytes(words: &[u64]) -> Vec<u8> {
+pub(crate) fn le_bytes(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The 4 KiB page table for [0, 2 MiB): the system area supervisor-only (null page unmapped),
+/// boot info and share table user read-only, vCPU pages and the rest user read-write.
+pub(crate) fn low_table() -> [u64; 512] {
+    let mut low = [0u64; 512];
+    for (i, e) in low.iter_mut().enumerate() {
+        let addr = i as u64 * PAGE_SIZE;
+        *e = match addr {
+            0 => 0,
+            BOOT_INFO_ADDR | SHARE_TABLE => addr | USER_RO_PAGE,
+            a if a < BOOT_INFO_ADDR => addr | SUPERVISOR_PAGE,
+            _ => addr | USER_PAGE,
+        };
+    }
+    low
 }
 
 /// Builds the identity map of all guest memory. The first 4 MiB use 4 KiB pages so the system
@@ -101,23 +117,14 @@ fn page_tables(layout: &Layout) -> Vec<(u64, [u64; 512])> {
             *e = match addr {
                 0 => PT_LOW | TABLE,
                 0x20_0000 => PT_STACKS | TABLE,
+                a if a >= layout.heap_end() => addr | SUPERVISOR_PAGE | PTE_PS,
                 _ => addr | USER_PAGE | PTE_PS,
             };
         }
         tables.push((PDS + d * PAGE_SIZE, pd));
     }
 
-    let mut low = [0u64; 512];
-    for (i, e) in low.iter_mut().enumerate() {
-        let addr = i as u64 * PAGE_SIZE;
-        *e = match addr {
-            0 => 0,
-            BOOT_INFO_ADDR | SHARE_TABLE => addr | USER_RO_PAGE,
-            a if a < BOOT_INFO_ADDR => addr | SUPERVISOR_PAGE,
-            _ => addr | USER_PAGE,
-        };
-    }
-    tables.push((PT_LOW, low));
+    tables.push((PT_LOW, low_table()));
 
     let mut stacks = [0u64; 512];
     for (i, e) in stacks.iter_mut().enumerate() {

@@ -58,3 +58,24 @@ pub fn trapping() -> Result<()> {
     );
     Ok(())
 }
+
+/// Program switches (ABI 1.10), in one guest: a bare hypercall; a run of a program whose page
+/// tables are reused (one exit in, one out); a run right after its table changed (the VMM builds
+/// its page tables for it). Each run is a round trip supervisor -> program -> supervisor.
+pub fn programs(n: u64, rebuilds: u64) -> Result<()> {
+    let out = run(&format!("progbench {n} {rebuilds}"))?;
+    let floor = field(&out, "progbench", 0, "floor_ns")?;
+    let reused = field(&out, "progbench", 0, "reused_ns")?;
+    let rebuilt = field(&out, "progbench", 0, "rebuilt_ns")?;
+    let done = field(&out, "progbench", 0, "rebuilds")?;
+    emit("program_switch_hypercall_floor", floor, "ns");
+    emit("program_switch_reused", reused, "ns");
+    emit("program_switch_rebuilt", rebuilt, "ns");
+    emit("program_switch_reused_vs_floor", reused / floor, "ratio");
+    eprintln!(
+        "programs: run round trip with reused tables {reused:.0} ns ({:.2}x the {floor:.0} ns hypercall floor; \
+         two exits), with tables rebuilt {rebuilt:.0} ns ({done:.0} rebuilds); {n} runs with every counter checked",
+        reused / floor
+    );
+    Ok(())
+}

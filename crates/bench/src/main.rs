@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|programs|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -298,6 +298,7 @@ fn main() -> Result<()> {
             "reclaim",
             "capacity",
             "emulation",
+            "programs",
         ]
         .map(String::from)
         .to_vec();
@@ -353,6 +354,7 @@ fn main() -> Result<()> {
                 capacity::throughput(10_000)?;
             }
             "emulation" => emulation::trapping()?,
+            "programs" => emulation::programs(500_000, 80)?,
             other => bail!("unknown benchmark {other:?} (see --help)"),
         }
     }

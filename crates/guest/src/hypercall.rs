@@ -55,6 +55,8 @@ impl Errno {
             errno::EINVAL => "EINVAL",
             errno::EROFS => "EROFS",
             errno::ENOSYS => "ENOSYS",
+            errno::EPERM => "EPERM",
+            errno::ENOMEM => "ENOMEM",
             _ => "unknown error",
         }
     }

@@ -88,6 +88,7 @@ pub mod hypercall;
 pub mod io;
 pub mod memory;
 pub mod net;
+pub mod program;
 pub mod share;
 pub mod time;
 

@@ -85,8 +85,8 @@ pub const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs` and
-/// `memory.rs`). REGION is
+/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs`,
+/// `memory.rs`, `capacity.rs`, `emulation.rs` and `programs.rs`). REGION is
 /// a shared region attached with `--share`; the network modes use NIC 0.
 const TESTGUEST_MODES: &[Mode] = &[
     mode("hello", "", "print a line from vCPU 0 (the default mode)"),
@@ -338,6 +338,76 @@ const TESTGUEST_MODES: &[Mode] = &[
         "send every frame NIC 0 receives back with its MACs swapped, FRAMES times (0: until \
          a shutdown request), without TCP/IP",
     ),
+    mode(
+        "capworker",
+        "REGION [SPIN]",
+        "take jobs from REGION's queue (each SPIN (200) loops of work), calling clone points \
+         between jobs; cloned by the host when saturated",
+    ),
+    mode(
+        "capfeed",
+        "REGION [JOBS] [UNTIL_OTHERS] [MAX]",
+        "post JOBS (10000) jobs to REGION's queue, keeping it full until UNTIL_OTHERS workers \
+         joined, and check every job was done exactly once",
+    ),
+    mode(
+        "capidle",
+        "",
+        "wait without work (a VM that lends its CPU share)",
+    ),
+    mode(
+        "caphostile",
+        "",
+        "clone points called when not asked, and other hostile calls",
+    ),
+    mode(
+        "emupost",
+        "[N] [VALUE] [ROUNDS] [QUIET_MS]",
+        "ROUNDS (4) rounds of N (50) writes of VALUE (66) to port 0x80, timed, reading the \
+         register back; with QUIET_MS, leave the port alone twice that long and check again",
+    ),
+    mode(
+        "emurdmsr",
+        "[N]",
+        "rdmsr TSC_AUX N (1000) times (emulated), timed",
+    ),
+    mode(
+        "emucpuid",
+        "[N]",
+        "cpuid leaf 0 N (1000) times, timed, results compared",
+    ),
+    mode(
+        "emucall",
+        "[N]",
+        "a plain function call N (1000000) times, timed",
+    ),
+    mode(
+        "emuhlt",
+        "",
+        "hlt once (waits in the VMM until an event or a pause)",
+    ),
+    mode(
+        "progs",
+        "[N]",
+        "run two confined programs N (1000) times each, then check they cannot reach each \
+         other or this guest, faults come back, a changed table applies",
+    ),
+    mode(
+        "progspin",
+        "",
+        "run a program that waits for the host to set a word in its data",
+    ),
+    mode(
+        "proghostile",
+        "",
+        "bad PROGRAM_SET/RUN/EXIT calls, each refused",
+    ),
+    mode(
+        "progbench",
+        "[N] [REBUILDS]",
+        "time N (10000) hypercalls, N program runs with reused tables, REBUILDS (60) with \
+         tables rebuilt",
+    ),
 ];
 
 /// A bundled guest by name.
@@ -430,7 +500,10 @@ mod tests {
         let src = source("testguest/src/main.rs")
             + &source("testguest/src/sharing.rs")
             + &source("testguest/src/net.rs")
-            + &source("testguest/src/memory.rs");
+            + &source("testguest/src/memory.rs")
+            + &source("testguest/src/capacity.rs")
+            + &source("testguest/src/emulation.rs")
+            + &source("testguest/src/programs.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();

@@ -122,7 +122,7 @@ pub fn check_elf(name: &str, b: &[u8], layout: &Layout) -> Result<ImageInfo, Ima
         return Err(not_elf("program header table is missing or truncated"));
     }
     check_guest(name, b, phoff, phnum, phentsize)?;
-    let limit = layout.mem_size().saturating_sub(MIN_HEAP);
+    let limit = layout.heap_end().saturating_sub(MIN_HEAP);
     let mut end = 0u64;
     let mut entry_ok = false;
     for i in 0..phnum {
@@ -273,7 +273,7 @@ pub fn load(
         vcpu_count: layout.vcpus(),
         mem_size: layout.mem_size(),
         heap_start: info.end.next_multiple_of(PAGE_SIZE),
-        heap_end: layout.mem_size(),
+        heap_end: layout.heap_end(),
         vcpu_pages: VCPU_PAGES,
         args_addr: BOOT_INFO_ADDR + BOOT_ARGS_OFFSET,
         args_len: args.len() as u64,

@@ -10,6 +10,7 @@
 //! | `shares` | the shared regions attached | no: shared memory is not rolled back (the controller releases what the VM held); a restored VM re-attaches them by name |
 //! | `net` | each NIC's MAC, MTU and rings (VMs with NICs) | yes: the rings as at the checkpoint (frames in flight are dropped; TCP sends them again) |
 //! | `memory` | where the guest's memory class table is (ABI 1.8) | yes: the table as registered at the checkpoint; request numbers never go back |
+//! | `programs` | programs' tables, their page tables in the pool, the supervisor's context of each running program (ABI 1.10) | yes: pool pages handed out after the checkpoint are not reused |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,8 @@ pub mod ids {
     pub const NET: &str = "net";
     /// The memory class table's registration.
     pub const MEMORY: &str = "memory";
+    /// Programs' protection tables, page tables and running programs (ABI 1.10).
+    pub const PROGRAMS: &str = "programs";
 }
 
 /// Why a component's state was refused.
@@ -187,6 +190,29 @@ impl Snapshottable for MemoryClasses {
     }
 }
 
+/// Programs (ABI 1.10).
+pub(crate) struct Programs(pub(crate) Arc<VmShared>);
+
+impl Snapshottable for Programs {
+    type State = crate::program::ProgramsState;
+    type Error = StateError;
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<Self::State, StateError> {
+        Ok(self.0.programs.state())
+    }
+
+    fn check(&self, s: &Self::State) -> Result<(), StateError> {
+        self.0.programs.check(s, &self.0).map_err(StateError)
+    }
+
+    fn restore(&self, s: Self::State) -> Result<(), StateError> {
+        self.check(&s)?;
+        self.0.programs.set_state(s);
+        Ok(())
+    }
+}
+
 /// The registry of a VM built around `shared`.
 pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     let mut r = Registry::default();
@@ -203,6 +229,10 @@ pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     r.register(Box::new(Registered::new(
         ids::MEMORY,
         MemoryClasses(shared.clone()),
+    )));
+    r.register(Box::new(Registered::new(
+        ids::PROGRAMS,
+        Programs(shared.clone()),
     )));
     r
 }

@@ -243,7 +243,8 @@ impl VmConfig {
             )));
         }
         let layout = Layout::new(mib << 20, self.vcpu_count)
-            .map_err(|e| ConfigError::MemSize(e.to_string()))?;
+            .map_err(|e| ConfigError::MemSize(e.to_string()))?
+            .with_pool();
         if self.boot_args.len() as u64 > rebound_abi::BOOT_ARGS_MAX {
             return Err(ConfigError::BootArgs {
                 len: self.boot_args.len(),

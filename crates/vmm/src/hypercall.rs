@@ -25,6 +25,8 @@ pub(crate) enum Flow {
     Continue,
     /// The VM is over.
     Stop,
+    /// Switch to or from a program (the vCPU thread does it).
+    Switch(crate::program::Switch),
 }
 
 /// Handles hypercall `nr` from `vcpu`.
@@ -32,7 +34,24 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
     vm.metrics.hypercall(nr);
     let page = vm.layout.vcpu_page(vcpu);
     let args: [u64; 6] = vm.mem.read_obj(GuestAddress(page + ARGS)).unwrap_or([0; 6]);
+    let in_program = vm.programs.in_program(vcpu);
     let (ret, flow) = match nr {
+        _ if in_program && !crate::program::Programs::allowed(nr) => (errno::EPERM, Flow::Continue),
+        nr::CONSOLE_WRITE if in_program && !vm.programs.readable(vcpu, args[0], args[1]) => {
+            (errno::EFAULT, Flow::Continue)
+        }
+        nr::PROGRAM_SET => (
+            vm.programs.set(vm, args[0], args[1], args[2]),
+            Flow::Continue,
+        ),
+        nr::PROGRAM_RUN => match vm.programs.run(vm, vcpu, &args) {
+            Ok(s) => (0, Flow::Switch(s)),
+            Err(e) => (e, Flow::Continue),
+        },
+        nr::PROGRAM_EXIT => match vm.programs.exit(vcpu, args[0]) {
+            Ok(s) => (0, Flow::Switch(s)),
+            Err(e) => (e, Flow::Continue),
+        },
         nr::ABI_VERSION => (i64::from(ABI_VERSION), Flow::Continue),
         nr::CONSOLE_WRITE => (console_write(vm, args[0], args[1]), Flow::Continue),
         nr::CLOCK_MONOTONIC => (vm.clock_ns() as i64, Flow::Continue),

@@ -18,6 +18,7 @@ mod kick;
 pub mod memory;
 pub mod metrics;
 pub mod persist;
+pub mod program;
 pub mod reclaim;
 pub mod share;
 pub mod swap;

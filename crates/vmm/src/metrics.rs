@@ -41,7 +41,7 @@ pub enum ExitKind {
 pub struct Metrics {
     exits: [AtomicU64; 8],
     hypercalls: [AtomicU64; nr::COUNT + 1],
-    errors: [AtomicU64; 9],
+    errors: [AtomicU64; 11],
     bad_ports: AtomicU64,
     bad_mmio: AtomicU64,
     interrupts_injected: AtomicU64,
@@ -54,7 +54,9 @@ pub struct Metrics {
     first_exit_ns: AtomicU64,
 }
 
-const ERRNOS: [(i64, &str); 8] = [
+const ERRNOS: [(i64, &str); 10] = [
+    (errno::EPERM, "eperm"),
+    (errno::ENOMEM, "enomem"),
     (errno::EIO, "eio"),
     (errno::E2BIG, "e2big"),
     (errno::EFAULT, "efault"),
@@ -176,6 +178,7 @@ impl Metrics {
             nics: Vec::new(),
             memory: Default::default(),
             emulation: Default::default(),
+            programs: Default::default(),
         }
     }
 }
@@ -257,4 +260,6 @@ pub struct MetricsSnapshot {
     pub memory: crate::vm::MemoryReport,
     /// Trapping operations: sites, counts, what is promoted.
     pub emulation: crate::emulate::EmulationSnapshot,
+    /// Programs (ABI 1.10): runs, page-table builds and reuse, faults.
+    pub programs: crate::program::ProgramStats,
 }

@@ -150,6 +150,15 @@ impl SavedState {
         }
     }
 
+    /// Programs (ABI 1.10; none in older snapshots).
+    pub fn programs(&self) -> Result<Option<crate::program::ProgramsState>> {
+        if self.components.contains_key(ids::PROGRAMS) {
+            self.decode(ids::PROGRAMS, 1).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The shared regions attached (re-attached by name).
     pub fn shared(&self) -> Result<Vec<crate::share::ShareRecord>> {
         self.decode(ids::SHARES, 1)

@@ -163,7 +163,7 @@ impl Classes {
             .mem
             .read_obj(GuestAddress(gpa))
             .map_err(|_| TableError::Fault)?;
-        let ranges = check_table(&t, vm.layout.mem_size())?;
+        let ranges = check_table(&t, vm.layout.heap_end())?;
         Ok((t, ranges))
     }
 

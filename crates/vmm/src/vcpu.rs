@@ -30,6 +30,8 @@ enum Next {
     Fault(FaultSource),
     /// An emulated device handled the access; count its site.
     Emulated(crate::emulate::sites::Op),
+    /// Switch to or from a program.
+    Switch(crate::program::Switch),
 }
 
 enum FaultSource {
@@ -52,6 +54,7 @@ fn on_exit(exit: VcpuExit<'_>, id: u32, vm: &VmShared) -> Next {
                 port::HYPERCALL => match hypercall::handle(vm, id, le_u32(data)) {
                     Flow::Continue => Next::Continue,
                     Flow::Stop => Next::Stop,
+                    Flow::Switch(s) => Next::Switch(s),
                 },
                 port::FAULT => Next::Fault(FaultSource::Stub),
                 port::DOORBELL => {
@@ -205,12 +208,34 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
             Next::Continue => {}
             Next::Stop => break,
             Next::Emulated(op) => vm.emulator.count(&fd, op),
+            Next::Switch(s) => {
+                if let Err(e) = vm.programs.switch(&mut fd, id, &vm, s) {
+                    vm.finish(VmOutcome::Failed {
+                        error: format!("vCPU {id}: switching programs failed: {e}"),
+                    });
+                    break;
+                }
+            }
             Next::Fault(FaultSource::Stub) if vm.emulator.fault(&fd, id, &vm) => {}
             Next::Fault(src) => {
                 let mut report = match src {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),
                     FaultSource::Exit(reason) => fault::from_exit(&fd, id, reason),
                 };
+                // A program's fault is its supervisor's to handle; the VM goes on.
+                match vm.programs.fault(&mut fd, id, &vm, &report) {
+                    Ok(true) => {
+                        tracing::debug!(%report, "program fault reported to the supervisor");
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        vm.finish(VmOutcome::Failed {
+                            error: format!("vCPU {id}: leaving a faulted program failed: {e}"),
+                        });
+                        break;
+                    }
+                }
                 report.location = vm.symbols.as_ref().and_then(|s| s.describe(report.rip));
                 tracing::info!(%report, "guest fault");
                 vm.finish(VmOutcome::Faulted(report));

@@ -172,6 +172,8 @@ pub(crate) struct VmShared {
     requests: Mutex<()>,
     /// Trapping operations: emulated devices and instructions, and their promotion.
     pub(crate) emulator: crate::emulate::Emulator,
+    /// Programs and their protection tables (ABI 1.10).
+    pub(crate) programs: crate::program::Programs,
 }
 
 impl VmShared {
@@ -349,6 +351,7 @@ struct Parts {
     symbols: Option<Arc<crate::symbols::Symbols>>,
     /// The class table registration to restore.
     memory_table: Option<crate::reclaim::TableState>,
+    programs: Option<crate::program::ProgramsState>,
     /// Where the swap file lives (and, for a preserved region, its link).
     swap_link: Option<std::path::PathBuf>,
     /// The VM is taken over: a swap file named by the link holds its pages out of RAM.
@@ -435,6 +438,19 @@ fn nic_specs(
         })
         .collect()
 }
+
+/// The layout of a VM saved as `vm`: with the table pool if it was booted with ABI 1.10 or later.
+fn restored_layout(vm: &VmDescriptor) -> Result<Layout> {
+    let layout = Layout::new(vm.mem_size, vm.vcpus).map_err(|e| Error::Restore(e.to_string()))?;
+    Ok(if vm.abi_version >= POOL_ABI {
+        layout.with_pool()
+    } else {
+        layout
+    })
+}
+
+/// The ABI version that brought the table pool.
+const POOL_ABI: u32 = (1 << 16) | 10;
 
 /// Opens KVM and asks for its CPUID now, so that the first VM this process builds does not
 /// wait for it (a VMM started ahead to restore a clone into: about 1 ms on these hosts).
@@ -654,6 +670,7 @@ impl Vm {
             disk_journal: config.disk_journal.clone().map(|p| (p, None)),
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
             memory_table: None,
+            programs: None,
             swap_link: memory_path.map(swap_link),
             swap_take_over: false,
         };
@@ -699,8 +716,7 @@ impl Vm {
         } = options;
         let launched = Instant::now();
         let state = crate::persist::read_chain(chain)?;
-        let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
-            .map_err(|e| Error::Restore(e.to_string()))?;
+        let layout = restored_layout(&state.vm)?;
         let (mem, mem_file) = crate::persist::map_chain(chain, state.vm.mem_size)?;
         // A disk named here is used as it is (Firecracker's drive override); else the disk
         // the snapshot saved, as a copy-on-write view; else the file it had.
@@ -746,6 +762,7 @@ impl Vm {
             net_journal,
             disk_journal,
             memory_table: state.memory_table()?,
+            programs: state.programs()?,
             descriptor: state.vm,
             symbols: None,
             swap_link: None,
@@ -764,8 +781,7 @@ impl Vm {
         options: RestoreOptions,
     ) -> Result<Vm> {
         let launched = Instant::now();
-        let layout = Layout::new(state.vm.mem_size, state.vm.vcpus)
-            .map_err(|e| Error::Restore(e.to_string()))?;
+        let layout = restored_layout(&state.vm)?;
         let vcpu_states = state.vcpus()?.len();
         if vcpu_states != state.vm.vcpus as usize {
             return Err(Error::Restore(format!(
@@ -802,6 +818,7 @@ impl Vm {
             net_journal: options.net_journal,
             disk_journal: options.disk_journal,
             memory_table: state.memory_table()?,
+            programs: state.programs()?,
             descriptor: state.vm,
             symbols: None,
             swap_link: Some(swap_link(memory)),
@@ -830,6 +847,7 @@ impl Vm {
             disk_journal,
             symbols,
             memory_table,
+            programs: program_state,
             swap_link,
             swap_take_over,
         } = parts;
@@ -892,7 +910,7 @@ impl Vm {
         }
         let ioq = Arc::new(IoQueue::new(
             mem.clone(),
-            USER_START..layout.mem_size(),
+            USER_START..layout.heap_end(),
             layout.vcpus(),
             disk.clone(),
             waiters.clone(),
@@ -913,7 +931,7 @@ impl Vm {
         } else {
             let n = Nics::new(
                 mem.clone(),
-                USER_START..layout.mem_size(),
+                USER_START..layout.heap_end(),
                 layout.vcpus(),
                 nic_specs_built,
                 waiters.clone(),
@@ -1023,7 +1041,12 @@ impl Vm {
             clone_gate: Default::default(),
             requests: Mutex::new(()),
             emulator: crate::emulate::Emulator::new(vm_fd.clone()),
+            programs: crate::program::Programs::new(layout.vcpus()),
         });
+        if let Some(p) = program_state {
+            shared.programs.check(&p, &shared).map_err(Error::Restore)?;
+            shared.programs.set_state(p);
+        }
         {
             // A page that cannot be brought back is lost: the VM cannot go on.
             let weak = Arc::downgrade(&shared);
@@ -1693,6 +1716,7 @@ impl Vm {
         m.nics = self.nic_stats();
         m.memory = self.memory_report();
         m.emulation = s.emulator.snapshot();
+        m.programs = s.programs.stats();
         m
     }
 

@@ -9,6 +9,7 @@ mod capacity;
 mod emulation;
 mod memory;
 mod net;
+mod programs;
 mod sharing;
 
 use alloc::vec;
@@ -146,6 +147,7 @@ fn main(cpu: Cpu) -> i32 {
                 .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| emulation::run(other, |i, d| arg(&cpu, i, d)))
+                .or_else(|| programs::run(other, &cpu, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {

@@ -191,7 +191,7 @@ mod tests {
         assert!(!s.hit(OP, 0x40_0000, 5004), "already promoted");
         let snap = s.snapshot();
         assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].count, 7);
+        assert_eq!(snap[0].count, 8);
         assert!(snap[0].promoted);
         assert_eq!(snap[0].op, "out 0x80, 0x07");
     }

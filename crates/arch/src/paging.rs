@@ -1,0 +1,216 @@
+//! Page tables the VMM builds while a guest runs, in the table pool at the top of guest memory
+//! (ABI 1.10): a program's protection table becomes a tree of its own, loaded into CR3 while
+//! the program runs.
+//!
+//! A tree is written whole into fresh pool pages and never changed afterwards: KVM's shadow
+//! MMU only notices page-table writes the guest makes, so a table the VMM rewrote in place
+//! could keep its stale shadow. A changed protection table gets a new tree.
+
+use std::collections::BTreeMap;
+
+use rebound_abi::PAGE_SIZE;
+use vm_memory::GuestMemory;
+
+use crate::system::{PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, TABLE, le_bytes, low_table, write_bytes};
+use crate::{Error, Layout};
+
+/// No-execute (needs `EFER.NXE`).
+pub const PTE_NX: u64 = 1 << 63;
+/// Most 2 MiB regions one tree maps (each costs a page table).
+pub const MAX_REGIONS: usize = 64;
+
+const REGION: u64 = 2 << 20;
+
+/// A range a program may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First byte (page aligned, at or above 4 MiB).
+    pub start: u64,
+    /// Bytes (page aligned).
+    pub len: u64,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+}
+
+/// Builds the tables of a program running on vCPU `vcpu`: the system area for the CPL0
+/// exception stubs as in the boot tables, that vCPU's page user read-write (hypercalls), the
+/// `maps` with their access, and nothing else. Pages come from `alloc`; returns the root (for
+/// CR3).
+pub fn program_tables<M: GuestMemory>(
+    mem: &M,
+    layout: &Layout,
+    vcpu: u32,
+    maps: &[Mapping],
+    alloc: &mut dyn FnMut() -> Result<u64, Error>,
+) -> Result<u64, Error> {
+    let mut low = low_table();
+    let own = layout.vcpu_page(vcpu);
+    for (i, e) in low.iter_mut().enumerate() {
+        if i as u64 * PAGE_SIZE != own {
+            *e &= !PTE_US;
+        }
+    }
+    let mut regions: BTreeMap<u64, [u64; 512]> = BTreeMap::new();
+    regions.insert(0, low);
+    for m in maps {
+        let end = m
+            .start
+            .checked_add(m.len)
+            .filter(|e| *e <= layout.heap_end());
+        if m.start < rebound_abi::IMAGE_BASE
+            || !m.start.is_multiple_of(PAGE_SIZE)
+            || !m.len.is_multiple_of(PAGE_SIZE)
+            || end.is_none()
+        {
+            return Err(Error::Layout(format!(
+                "range {:#x}+{:#x} is not page-aligned user memory",
+                m.start, m.len
+            )));
+        }
+        let mut flags = PTE_P | PTE_US | PTE_A;
+        if m.write {
+            flags |= PTE_RW | PTE_D;
+        }
+        if !m.exec {
+            flags |= PTE_NX;
+        }
+        let mut p = m.start;
+        while p < m.start + m.len {
+            let base = p & !(REGION - 1);
+            if !regions.contains_key(&base) && regions.len() > MAX_REGIONS {
+                return Err(Error::Layout(format!(
+                    "the ranges span more than {MAX_REGIONS} 2 MiB regions"
+                )));
+            }
+            let t = regions.entry(base).or_insert([0; 512]);
+            t[((p - base) / PAGE_SIZE) as usize] = p | flags;
+            p += PAGE_SIZE;
+        }
+    }
+
+    let pml4 = alloc()?;
+    let pdpt = alloc()?;
+    let mut pml4_t = [0u64; 512];
+    pml4_t[0] = pdpt | TABLE;
+    let mut pdpt_t = [0u64; 512];
+    let mut pds: BTreeMap<u64, (u64, [u64; 512])> = BTreeMap::new();
+    for (base, table) in &regions {
+        let gib = base >> 30;
+        let pt = alloc()?;
+        write_bytes(mem, pt, &le_bytes(table), "page table")?;
+        let pd = match pds.get_mut(&gib) {
+            Some(pd) => pd,
+            None => {
+                let at = alloc()?;
+                pds.entry(gib).or_insert((at, [0; 512]))
+            }
+        };
+        pd.1[((base >> 21) & 511) as usize] = pt | TABLE;
+    }
+    for (gib, (at, table)) in &pds {
+        write_bytes(mem, *at, &le_bytes(table), "page directory")?;
+        pdpt_t[*gib as usize] = *at | TABLE;
+    }
+    write_bytes(
+        mem,
+        pdpt,
+        &le_bytes(&pdpt_t),
+        "page directory pointer table",
+    )?;
+    write_bytes(mem, pml4, &le_bytes(&pml4_t), "PML4")?;
+    Ok(pml4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    fn walk(mem: &GuestMemoryMmap, root: u64, va: u64) -> Option<u64> {
+        let mut table = root;
+        let mut flags = !PTE_NX;
+        let mut nx = 0;
+        for shift in [39, 30, 21, 12] {
+            let e: u64 = mem
+                .read_obj(GuestAddress(table + ((va >> shift) & 511) * 8))
+                .unwrap();
+            if e & PTE_P == 0 {
+                return None;
+            }
+            flags &= e;
+            nx |= e & PTE_NX;
+            table = e & 0x000f_ffff_ffff_f000;
+        }
+        assert_eq!(table, va & !0xfff, "identity");
+        Some(flags & 0xfff | nx)
+    }
+
+    #[test]
+    fn maps_only_the_ranges_with_their_access() {
+        let layout = Layout::new(64 << 20, 2).unwrap().with_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let pool = layout.pool().unwrap();
+        let mut next = pool.start;
+        let mut alloc = || {
+            let p = next;
+            next += PAGE_SIZE;
+            Ok(p)
+        };
+        let maps = [
+            Mapping {
+                start: 0x50_0000,
+                len: 0x2000,
+                write: false,
+                exec: true,
+            },
+            Mapping {
+                start: 0x80_0000,
+                len: 0x1000,
+                write: true,
+                exec: false,
+            },
+        ];
+        let root = program_tables(&mem, &layout, 1, &maps, &mut alloc).unwrap();
+        assert!(root >= pool.start && next <= pool.end);
+        let code = walk(&mem, root, 0x50_1000).unwrap();
+        assert_eq!(code & (PTE_US | PTE_RW), PTE_US);
+        assert_eq!(code & PTE_NX, 0);
+        let data = walk(&mem, root, 0x80_0000).unwrap();
+        assert_eq!(data & (PTE_US | PTE_RW), PTE_US | PTE_RW);
+        assert_ne!(data & PTE_NX, 0);
+        assert_eq!(walk(&mem, root, 0x50_2000), None, "past the range");
+        assert_eq!(walk(&mem, root, 0x40_0000), None, "the supervisor's image");
+        // The system area is there for the stubs, but not for CPL3; only vCPU 1's page is.
+        assert_eq!(walk(&mem, root, crate::layout::IDT).unwrap() & PTE_US, 0);
+        assert_ne!(walk(&mem, root, layout.vcpu_page(1)).unwrap() & PTE_US, 0);
+        assert_eq!(walk(&mem, root, layout.vcpu_page(0)).unwrap() & PTE_US, 0);
+        assert_eq!(
+            walk(&mem, root, rebound_abi::BOOT_INFO_ADDR).unwrap() & PTE_US,
+            0
+        );
+    }
+
+    #[test]
+    fn refuses_bad_ranges() {
+        let layout = Layout::new(64 << 20, 1).unwrap().with_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut alloc = || Ok(layout.pool().unwrap().start);
+        for (start, len) in [
+            (0x1000, 0x1000),
+            (0x50_0800, 0x1000),
+            (0x50_0000, 0x800),
+            ((62 << 20) - 0x1000, 0x2000),
+            (u64::MAX - 0xfff, 0x1000),
+        ] {
+            let m = Mapping {
+                start,
+                len,
+                write: true,
+                exec: false,
+            };
+            assert!(program_tables(&mem, &layout, 0, &[m], &mut alloc).is_err());
+        }
+    }
+}
