@@ -55,6 +55,10 @@ impl Errno {
             errno::EINVAL => "EINVAL",
             errno::EROFS => "EROFS",
             errno::ENOSYS => "ENOSYS",
+            errno::ENOEXEC => "ENOEXEC",
+            errno::EBADF => "EBADF",
+            errno::ENOSPC => "ENOSPC",
+            errno::ESTALE => "ESTALE",
             _ => "unknown error",
         }
     }

@@ -16,6 +16,7 @@ pub mod hypercall;
 mod kick;
 pub mod memory;
 pub mod metrics;
+mod nested;
 pub mod persist;
 pub mod reclaim;
 pub mod share;

@@ -170,6 +170,11 @@ pub(crate) struct VmShared {
     pub(crate) clone_gate: crate::clone_point::Gate,
     /// Serializes the host's changes to the boot info's request bits.
     requests: Mutex<()>,
+    /// The guest's nested VMs (ABI 1.10).
+    pub(crate) nested: crate::nested::Nested,
+    /// The ELF image the VM booted from, for `NESTED_CREATE` with `CREATE_SELF_IMAGE` (none for
+    /// a restored or adopted VM).
+    pub(crate) image: Option<Arc<[u8]>>,
 }
 
 impl VmShared {
@@ -345,6 +350,7 @@ struct Parts {
     disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
     /// Names for the image's code addresses (a booted image; a restored VM has no image).
     symbols: Option<Arc<crate::symbols::Symbols>>,
+    image: Option<Arc<[u8]>>,
     /// The class table registration to restore.
     memory_table: Option<crate::reclaim::TableState>,
     /// Where the swap file lives (and, for a preserved region, its link).
@@ -443,7 +449,7 @@ pub fn warm_up() -> Result<()> {
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
 /// is the most expensive call of VM creation and its answer never changes.
-fn kvm() -> Result<&'static (Kvm, CpuId)> {
+pub(crate) fn kvm() -> Result<&'static (Kvm, CpuId)> {
     static KVM: OnceLock<(Kvm, CpuId)> = OnceLock::new();
     if let Some(k) = KVM.get() {
         return Ok(k);
@@ -651,6 +657,7 @@ impl Vm {
             net_journal: config.net_journal.clone().map(|p| (p, None)),
             disk_journal: config.disk_journal.clone().map(|p| (p, None)),
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
+            image: Some(config.image.bytes.clone()),
             memory_table: None,
             swap_link: memory_path.map(swap_link),
             swap_take_over: false,
@@ -746,6 +753,7 @@ impl Vm {
             memory_table: state.memory_table()?,
             descriptor: state.vm,
             symbols: None,
+            image: None,
             swap_link: None,
             swap_take_over: false,
         };
@@ -802,6 +810,7 @@ impl Vm {
             memory_table: state.memory_table()?,
             descriptor: state.vm,
             symbols: None,
+            image: None,
             swap_link: Some(swap_link(memory)),
             swap_take_over: true,
         };
@@ -827,6 +836,7 @@ impl Vm {
             net_journal,
             disk_journal,
             symbols,
+            image,
             memory_table,
             swap_link,
             swap_take_over,
@@ -1016,6 +1026,8 @@ impl Vm {
             returns_held: std::sync::atomic::AtomicBool::new(false),
             clone_gate: Default::default(),
             requests: Mutex::new(()),
+            nested: Default::default(),
+            image,
         });
         {
             // A page that cannot be brought back is lost: the VM cannot go on.
@@ -1941,7 +1953,10 @@ impl Frozen<'_> {
     /// caller's to restore.
     pub fn restore_state(&self, state: &SavedState) -> Result<()> {
         // Every component is checked before any is restored.
-        Ok(self.vm.components.restore_all(&state.components)?)
+        self.vm.components.restore_all(&state.components)?;
+        // Nested VMs are not saved: the guest VMM, back in the past, creates them again.
+        self.vm.shared.nested.reset();
+        Ok(())
     }
 
     /// Lets the VM run again (unless its owner paused it).
