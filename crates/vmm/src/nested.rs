@@ -76,6 +76,9 @@ struct NestedVcpu {
     fd: VcpuFd,
     /// The guest VMM's [`Areas`] for it.
     areas: u64,
+    /// KVM copies the registers into the shared `kvm_run` page at each exit (`KVM_CAP_SYNC_REGS`):
+    /// no `KVM_GET_REGS` call per exit.
+    sync_regs: bool,
     /// The last exit was a port or MMIO access that KVM completes on the next entry: it must
     /// be completed before registers are replaced.
     access_pending: bool,
@@ -225,12 +228,13 @@ impl Nested {
                 v.fd.get_regs().unwrap_or_default()
             }
             None => match n.new_vcpu(id as u32) {
-                Ok(fd) => {
+                Ok((fd, sync_regs)) => {
                     let regs = rebound_arch::regs::initial_regs(&n.layout, id as u32, n.entry);
                     *v = Some(NestedVcpu {
                         id: id as u32,
                         fd,
                         areas,
+                        sync_regs,
                         access_pending: false,
                     });
                     regs
@@ -428,13 +432,17 @@ fn view(host: *mut u8, size: u64) -> Result<GuestMemory, String> {
 }
 
 impl NestedVm {
-    fn new_vcpu(&self, id: u32) -> Result<VcpuFd, String> {
-        let (_, cpuid) = crate::vm::kvm().map_err(|e| e.to_string())?;
+    fn new_vcpu(&self, id: u32) -> Result<(VcpuFd, bool), String> {
+        let (kvm, cpuid) = crate::vm::kvm().map_err(|e| e.to_string())?;
         let e = |op: &'static str| move |err: kvm_ioctls::Error| format!("{op}: {err}");
-        let fd = self
+        let mut fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(e("KVM_CREATE_VCPU"))?;
+        let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync_regs {
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
         fd.set_cpuid2(cpuid).map_err(e("KVM_SET_CPUID2"))?;
         let mut sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
         rebound_arch::regs::configure_sregs(&mut sregs, &self.layout, id);
@@ -447,7 +455,7 @@ impl NestedVm {
         .map_err(e("KVM_SET_REGS"))?;
         fd.set_fpu(&rebound_arch::regs::initial_fpu())
             .map_err(e("KVM_SET_FPU"))?;
-        Ok(fd)
+        Ok((fd, sync_regs))
     }
 
     /// Reads `T` at nested guest-physical `gpa` (inside its memory) from the guest VMM's.
@@ -517,7 +525,11 @@ impl NestedVm {
             reason,
             exit::HYPERCALL | exit::IO_OUT | exit::IO_IN | exit::MMIO_READ | exit::MMIO_WRITE
         );
-        let regs = v.fd.get_regs().unwrap_or_default();
+        let regs = if v.sync_regs {
+            v.fd.sync_regs().regs
+        } else {
+            v.fd.get_regs().unwrap_or_default()
+        };
         if reason == exit::FAULT {
             self.fault_frame(vm, v, &regs, &mut exit);
         }
