@@ -71,8 +71,9 @@ impl NestedVm {
     /// size or vCPU count; `ENOEXEC` the image is not an SDK guest; `ENODEV` no own image;
     /// `ENOSPC` too many nested VMs (4).
     pub fn create(mem_size: u64, vcpus: u32, image: Image<'_>, args: &str) -> Result<Self, Errno> {
-        let layout = Layout::from_size_align(mem_size as usize, rebound_abi::nested::MEM_ALIGN as usize)
-            .map_err(|_| Errno(errno::EINVAL))?;
+        let layout =
+            Layout::from_size_align(mem_size as usize, rebound_abi::nested::MEM_ALIGN as usize)
+                .map_err(|_| Errno(errno::EINVAL))?;
         if mem_size == 0 {
             return Err(Errno(errno::EINVAL));
         }
@@ -140,7 +141,7 @@ impl NestedVm {
 
     /// Writes a `u64` into the nested guest's memory at `gpa`; `false` if outside it.
     pub fn write_u64(&self, gpa: u64, value: u64) -> bool {
-        if gpa.checked_add(8).is_none_or(|e| e > self.mem_size()) || gpa % 8 != 0 {
+        if gpa.checked_add(8).is_none_or(|e| e > self.mem_size()) || !gpa.is_multiple_of(8) {
             return false;
         }
         // SAFETY: an aligned word inside the block this VM owns.

@@ -28,8 +28,8 @@ use std::time::Instant;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use rebound_abi::nested::{
-    Areas, CREATE_SELF_IMAGE, Create, Exit, GuestStatus, HostStatus, MAX_VCPUS, MAX_VMS,
-    MEM_ALIGN, MIN_MEM, Regs, exit,
+    Areas, CREATE_SELF_IMAGE, Create, Exit, GuestStatus, HostStatus, MAX_VCPUS, MAX_VMS, MEM_ALIGN,
+    MIN_MEM, Regs, exit,
 };
 use rebound_abi::{BOOT_ARGS_MAX, IMAGE_BASE, PAGE_SIZE, VcpuPage, errno, port};
 use rebound_arch::Layout;
@@ -170,7 +170,11 @@ impl Nested {
         };
 
         let mut t = lock(&self.table);
-        let slot = t.vms.iter().position(Option::is_none).ok_or(errno::ENOSPC)?;
+        let slot = t
+            .vms
+            .iter()
+            .position(Option::is_none)
+            .ok_or(errno::ENOSPC)?;
         if t.vms
             .iter()
             .flatten()
@@ -376,12 +380,11 @@ fn build(
         tracing::warn!("nested VM: cannot view its memory: {e}");
         errno::EIO
     })?;
-    let entry = crate::boot::load(&view, &layout, "nested guest", image, args, 0, &[]).map_err(
-        |e| {
+    let entry =
+        crate::boot::load(&view, &layout, "nested guest", image, args, 0, &[]).map_err(|e| {
             tracing::debug!("nested VM: image refused: {e}");
             errno::ENOEXEC
-        },
-    )?;
+        })?;
     let kvm_err = |op: &'static str| {
         move |e: kvm_ioctls::Error| {
             tracing::warn!("nested VM: KVM {op} failed: {e}");
@@ -533,7 +536,9 @@ impl NestedVm {
         if reason == exit::FAULT {
             self.fault_frame(vm, v, &regs, &mut exit);
         }
-        let _ = vm.mem.write_obj(to_abi(&regs), GuestAddress(v.areas + GUEST_REGS));
+        let _ = vm
+            .mem
+            .write_obj(to_abi(&regs), GuestAddress(v.areas + GUEST_REGS));
         let _ = vm.mem.write_obj(exit, GuestAddress(v.areas + EXIT));
         Ok((reason, ns))
     }

@@ -35,7 +35,10 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
 fn chatter(n: u64) -> i32 {
     let (mut a, mut b) = (0u64, 1u64);
     for i in 0..n {
-        println!("chatter {i}: fib {a} hash {:#018x}", a.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        println!(
+            "chatter {i}: fib {a} hash {:#018x}",
+            a.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        );
         (a, b) = (b, a.wrapping_add(b));
     }
     0
@@ -192,26 +195,95 @@ fn hostile(cpu: &Cpu) -> i32 {
         errno::EFAULT,
     );
     let cases: [(&str, Create, i64); 12] = [
-        ("create: misaligned memory", Create { mem_gpa: block + 4096, ..good }, errno::EINVAL),
-        ("create: the system area", Create { mem_gpa: 0, ..good }, errno::EINVAL),
-        ("create: below the image base", Create { mem_gpa: 2 << 20, ..good }, errno::EINVAL),
-        ("create: past the end of memory", Create { mem_gpa: mem_end, ..good }, errno::EFAULT),
-        ("create: huge size", Create { mem_size: 1 << 62, ..good }, errno::EFAULT),
-        ("create: too small", Create { mem_size: 2 << 20, ..good }, errno::EINVAL),
-        ("create: no vCPU", Create { vcpus: 0, ..good }, errno::EINVAL),
-        ("create: too many vCPUs", Create { vcpus: 99, ..good }, errno::EINVAL),
-        ("create: unknown flags", Create { flags: 0x80, ..good }, errno::EINVAL),
+        (
+            "create: misaligned memory",
+            Create {
+                mem_gpa: block + 4096,
+                ..good
+            },
+            errno::EINVAL,
+        ),
+        (
+            "create: the system area",
+            Create { mem_gpa: 0, ..good },
+            errno::EINVAL,
+        ),
+        (
+            "create: below the image base",
+            Create {
+                mem_gpa: 2 << 20,
+                ..good
+            },
+            errno::EINVAL,
+        ),
+        (
+            "create: past the end of memory",
+            Create {
+                mem_gpa: mem_end,
+                ..good
+            },
+            errno::EFAULT,
+        ),
+        (
+            "create: huge size",
+            Create {
+                mem_size: 1 << 62,
+                ..good
+            },
+            errno::EFAULT,
+        ),
+        (
+            "create: too small",
+            Create {
+                mem_size: 2 << 20,
+                ..good
+            },
+            errno::EINVAL,
+        ),
+        (
+            "create: no vCPU",
+            Create { vcpus: 0, ..good },
+            errno::EINVAL,
+        ),
+        (
+            "create: too many vCPUs",
+            Create { vcpus: 99, ..good },
+            errno::EINVAL,
+        ),
+        (
+            "create: unknown flags",
+            Create {
+                flags: 0x80,
+                ..good
+            },
+            errno::EINVAL,
+        ),
         (
             "create: image outside memory",
-            Create { flags: 0, image_gpa: mem_end - 16, image_len: 4096, ..good },
+            Create {
+                flags: 0,
+                image_gpa: mem_end - 16,
+                image_len: 4096,
+                ..good
+            },
             errno::EFAULT,
         ),
         (
             "create: args too long",
-            Create { args_len: abi::BOOT_ARGS_MAX + 1, ..good },
+            Create {
+                args_len: abi::BOOT_ARGS_MAX + 1,
+                ..good
+            },
             errno::E2BIG,
         ),
-        ("create: args outside memory", Create { args_gpa: u64::MAX - 2, ..good }, errno::EFAULT),
+        (
+            "create: args outside memory",
+            Create {
+                args_gpa: u64::MAX - 2,
+                ..good
+            },
+            errno::EFAULT,
+        ),
     ];
     for (what, c, want) in cases {
         check(what, create_raw(&c), want);
@@ -219,14 +291,22 @@ fn hostile(cpu: &Cpu) -> i32 {
     let junk = vec![0x7fu8; 4096];
     check(
         "create: an image that is not an SDK guest",
-        create_raw(&Create { flags: 0, image_gpa: junk.as_ptr() as u64, image_len: 4096, ..good }),
+        create_raw(&Create {
+            flags: 0,
+            image_gpa: junk.as_ptr() as u64,
+            image_len: 4096,
+            ..good
+        }),
         errno::ENOEXEC,
     );
 
     // Limits: four nested VMs, then ENOSPC; an overlapping range is EBUSY.
     let mut handles = vec![];
     for i in 0..nested::MAX_VMS as u64 {
-        let h = create_raw(&Create { mem_gpa: block + i * NESTED_MEM, ..good });
+        let h = create_raw(&Create {
+            mem_gpa: block + i * NESTED_MEM,
+            ..good
+        });
         if h < 0 {
             println!("nesthostile: creating nested VM {i}: {h}");
             failures.set(failures.get() + 1);
@@ -235,17 +315,19 @@ fn hostile(cpu: &Cpu) -> i32 {
     }
     check(
         "create: a fifth nested VM",
-        create_raw(&Create { mem_gpa: block + 4 * NESTED_MEM, ..good }),
+        create_raw(&Create {
+            mem_gpa: block + 4 * NESTED_MEM,
+            ..good
+        }),
         errno::ENOSPC,
     );
-    check(
-        "destroy: first",
-        raw(nr::NESTED_DESTROY, &[handles[0]]),
-        0,
-    );
+    check("destroy: first", raw(nr::NESTED_DESTROY, &[handles[0]]), 0);
     check(
         "create: overlapping another nested VM",
-        create_raw(&Create { mem_gpa: block + NESTED_MEM, ..good }),
+        create_raw(&Create {
+            mem_gpa: block + NESTED_MEM,
+            ..good
+        }),
         errno::EBUSY,
     );
     let h = handles[1];
@@ -263,14 +345,26 @@ fn hostile(cpu: &Cpu) -> i32 {
         raw(nr::NESTED_VCPU, &[0x1234_5678_9abc, 0, areas_gpa]),
         errno::ESTALE,
     );
-    check("vcpu: no such vCPU", raw(nr::NESTED_VCPU, &[h, 1, areas_gpa]), errno::EINVAL);
-    check("vcpu: areas in the system area", raw(nr::NESTED_VCPU, &[h, 0, 0x1000]), errno::EFAULT);
+    check(
+        "vcpu: no such vCPU",
+        raw(nr::NESTED_VCPU, &[h, 1, areas_gpa]),
+        errno::EINVAL,
+    );
+    check(
+        "vcpu: areas in the system area",
+        raw(nr::NESTED_VCPU, &[h, 0, 0x1000]),
+        errno::EFAULT,
+    );
     check(
         "vcpu: areas outside memory",
         raw(nr::NESTED_VCPU, &[h, 0, mem_end - 64]),
         errno::EFAULT,
     );
-    check("vcpu: misaligned areas", raw(nr::NESTED_VCPU, &[h, 0, areas_gpa + 1]), errno::EFAULT);
+    check(
+        "vcpu: misaligned areas",
+        raw(nr::NESTED_VCPU, &[h, 0, areas_gpa + 1]),
+        errno::EFAULT,
+    );
     check(
         "vcpu: areas inside the nested VM's memory",
         raw(nr::NESTED_VCPU, &[h, 0, block + NESTED_MEM + (4 << 20)]),
@@ -278,10 +372,26 @@ fn hostile(cpu: &Cpu) -> i32 {
     );
 
     // NESTED_RUN
-    check("run: vCPU not created", raw(nr::NESTED_RUN, &[h, 0]), errno::EINVAL);
-    check("run: no such vCPU", raw(nr::NESTED_RUN, &[h, 7]), errno::EINVAL);
-    check("run: destroyed handle", raw(nr::NESTED_RUN, &[handles[0], 0]), errno::EBADF);
-    check("run: made-up handle", raw(nr::NESTED_RUN, &[u64::MAX, 0]), errno::ESTALE);
+    check(
+        "run: vCPU not created",
+        raw(nr::NESTED_RUN, &[h, 0]),
+        errno::EINVAL,
+    );
+    check(
+        "run: no such vCPU",
+        raw(nr::NESTED_RUN, &[h, 7]),
+        errno::EINVAL,
+    );
+    check(
+        "run: destroyed handle",
+        raw(nr::NESTED_RUN, &[handles[0], 0]),
+        errno::EBADF,
+    );
+    check(
+        "run: made-up handle",
+        raw(nr::NESTED_RUN, &[u64::MAX, 0]),
+        errno::ESTALE,
+    );
     check("vcpu: good", raw(nr::NESTED_VCPU, &[h, 0, areas_gpa]), 0);
     // It runs after all that: "hello" prints and exits through hypercalls we answer with ENOSYS
     // (not emulated here); the first exit is enough.
@@ -295,8 +405,16 @@ fn hostile(cpu: &Cpu) -> i32 {
     for &x in &handles[1..] {
         check("destroy", raw(nr::NESTED_DESTROY, &[x]), 0);
     }
-    check("destroy: twice", raw(nr::NESTED_DESTROY, &[h]), errno::EBADF);
-    check("destroy: made-up handle", raw(nr::NESTED_DESTROY, &[42]), errno::ESTALE);
+    check(
+        "destroy: twice",
+        raw(nr::NESTED_DESTROY, &[h]),
+        errno::EBADF,
+    );
+    check(
+        "destroy: made-up handle",
+        raw(nr::NESTED_DESTROY, &[42]),
+        errno::ESTALE,
+    );
     // SAFETY: allocated above with `layout`; no nested VM uses it any more.
     unsafe { alloc::alloc::dealloc(block as *mut u8, layout) };
     drop(areas);
