@@ -85,8 +85,8 @@ pub const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs` and
-/// `memory.rs`). REGION is
+/// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs`,
+/// `memory.rs` and `nested.rs`). REGION is
 /// a shared region attached with `--share`; the network modes use NIC 0.
 const TESTGUEST_MODES: &[Mode] = &[
     mode("hello", "", "print a line from vCPU 0 (the default mode)"),
@@ -338,6 +338,29 @@ const TESTGUEST_MODES: &[Mode] = &[
         "send every frame NIC 0 receives back with its MACs swapped, FRAMES times (0: until \
          a shutdown request), without TCP/IP",
     ),
+    mode("chatter", "[N]", "print N (5) deterministic lines"),
+    mode(
+        "nestvmm",
+        "MODE [ARGS..]",
+        "be a guest VMM: run this guest in MODE as a nested guest (ABI 1.10) to completion, \
+         emulating its hypercalls, and exit with its status (its output, then `nestvmm:` lines)",
+    ),
+    mode(
+        "nestfault",
+        "MODE",
+        "run a faulting MODE nested, print the fault the host reported, then run `hello` \
+         nested in a new VM",
+    ),
+    mode(
+        "nesthostile",
+        "",
+        "call every nested hypercall with bad arguments and check each errno (--mem-mib 128)",
+    ),
+    mode(
+        "nestbench",
+        "[N]",
+        "N (10000) hypercalls directly, then N by a nested guest answered here, with times",
+    ),
 ];
 
 /// A bundled guest by name.
@@ -430,7 +453,8 @@ mod tests {
         let src = source("testguest/src/main.rs")
             + &source("testguest/src/sharing.rs")
             + &source("testguest/src/net.rs")
-            + &source("testguest/src/memory.rs");
+            + &source("testguest/src/memory.rs")
+            + &source("testguest/src/nested.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();
