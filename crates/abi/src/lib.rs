@@ -512,6 +512,7 @@ pub mod nested {
     const _: () = assert!(core::mem::size_of::<Exit>() == 14 * 8);
     const _: () = assert!(core::mem::size_of::<GuestStatus>() == 18 * 8 + 8 + 14 * 8);
     const _: () = assert!(core::mem::size_of::<HostStatus>() == 32);
+    const _: () = assert!(core::mem::size_of::<Areas>() == 296);
     const _: () = assert!(
         core::mem::size_of::<Areas>()
             == core::mem::size_of::<GuestStatus>() + core::mem::size_of::<HostStatus>()
