@@ -127,3 +127,85 @@ fn a_vm_running_a_nested_guest_still_pauses_and_stops() {
     vm.stop();
     assert_eq!(vm.wait(), VmOutcome::Stopped);
 }
+
+/// What a nested guest writes into its guest VMM's memory bypasses the VM's dirty log; it must
+/// still be in the dirty pages a checkpoint takes: a copy kept from dirty pages alone equals
+/// memory at every freeze.
+#[test]
+fn a_nested_guests_writes_are_in_the_dirty_pages() {
+    let (vm, _out) = launch(&config("nestvmm dirty 64", 1, None));
+    vm.enable_dirty_tracking().unwrap();
+    let f = vm.freeze().unwrap();
+    let mut copy = f.all_memory().unwrap().to_vec();
+    vm.take_dirty("test").unwrap();
+    f.thaw().unwrap();
+    let mut nested_pages = 0;
+    for round in 0..40 {
+        // Let the nested guest write between freezes (no timing is asserted).
+        std::thread::sleep(Duration::from_millis(1 + round % 4));
+        let f = vm.freeze().unwrap();
+        let dirty = vm.take_dirty("test").unwrap();
+        for p in dirty.iter() {
+            let at = (p * 4096) as usize;
+            copy[at..at + 4096].copy_from_slice(f.page(p).unwrap());
+        }
+        let mem = f.all_memory().unwrap();
+        let wrong: Vec<usize> = (0..mem.len() / 4096)
+            .filter(|p| copy[p * 4096..(p + 1) * 4096] != mem[p * 4096..(p + 1) * 4096])
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "round {round}: {} pages changed unreported, first {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(8)]
+        );
+        nested_pages = nested_pages.max(dirty.iter().count());
+        f.thaw().unwrap();
+    }
+    assert!(
+        nested_pages >= 64,
+        "the nested guest's pages never showed: {nested_pages}"
+    );
+    vm.stop();
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
+}
+
+/// Nested VMs are not part of saved state: after a rollback the guest VMM's handle answers
+/// ESTALE, and it creates the nested VM again.
+#[test]
+fn after_a_rollback_the_guest_vmm_creates_its_nested_vm_again() {
+    let (vm, out) = launch(&config("nestvmm dirty 16", 1, None));
+    let t0 = std::time::Instant::now();
+    while vm
+        .metrics()
+        .hypercalls
+        .get("nested_run")
+        .is_none_or(|n| *n == 0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never ran nested");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let f = vm.freeze().unwrap();
+    let saved = f.state().clone();
+    let memory = f.all_memory().unwrap().to_vec();
+    f.thaw().unwrap();
+    let f = vm.freeze().unwrap();
+    f.write_memory(0, &memory).unwrap();
+    f.restore_state(&saved).unwrap();
+    f.thaw().unwrap();
+    assert!(
+        wait_for(&out, Duration::from_secs(15), |t| t.contains(
+            "nestvmm: the nested VM was lost (ESTALE (-116)): creating it again"
+        )),
+        "{}",
+        out.text()
+    );
+    let t0 = std::time::Instant::now();
+    while vm.metrics().hypercalls["nested_create"] < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "not created again");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(vm.outcome().is_none(), "{:?}", vm.outcome());
+    vm.stop();
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
+}

@@ -48,45 +48,58 @@ fn console(bytes: &[u8]) {
     let _ = hypercall::console_write(bytes);
 }
 
-/// Runs `args` nested to completion; returns its exit status (or 99 if it did not exit).
+/// Runs `args` nested to completion; returns its exit status (or 99 if it did not exit). A
+/// nested VM lost in a rollback or restore (`ESTALE`) is created again, from the start.
 fn vmm(args: &str) -> i32 {
+    for _ in 0..10 {
+        match vmm_once(args) {
+            Err(e) if e.0 == errno::ESTALE => {
+                println!("nestvmm: the nested VM was lost ({e}): creating it again");
+            }
+            Err(e) => {
+                println!("nestvmm: NESTED_RUN failed: {e}");
+                return 99;
+            }
+            Ok(status) => return status,
+        }
+    }
+    99
+}
+
+fn vmm_once(args: &str) -> Result<i32, rebound_guest::hypercall::Errno> {
     let vm = match NestedVm::create(NESTED_MEM, 1, Image::Own, args) {
         Ok(vm) => vm,
         Err(e) => {
             println!("nestvmm: cannot create the nested VM: {e}");
-            return 98;
+            return Ok(98);
         }
     };
     let mut cpu = match vm.vcpu(0) {
         Ok(c) => c,
         Err(e) => {
             println!("nestvmm: cannot create the nested vCPU: {e}");
-            return 98;
+            return Ok(98);
         }
     };
-    let outcome = cpu.serve(console);
+    let outcome = cpu.serve(console)?;
     let exits = cpu.host_status().exits;
-    match outcome {
-        Ok(Outcome::Exited(status)) => {
+    Ok(match outcome {
+        Outcome::Exited(status) => {
             println!("nestvmm: nested guest exited with status {status} after {exits} exits");
             status
         }
-        Ok(Outcome::Panicked(m)) => {
+        Outcome::Panicked(m) => {
             println!("nestvmm: nested guest panicked: {m}");
             99
         }
-        Ok(Outcome::Stopped(e)) => {
+        Outcome::Stopped(e) => {
             println!(
                 "nestvmm: nested guest stopped: exit {} vector {} rip {:#x} cr2 {:#x}",
                 e.reason, e.vector, e.fault_rip, e.cr2
             );
             99
         }
-        Err(e) => {
-            println!("nestvmm: NESTED_RUN failed: {e}");
-            99
-        }
-    }
+    })
 }
 
 /// A nested fault is an exit for the guest VMM, which then goes on with another nested VM.
