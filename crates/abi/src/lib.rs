@@ -417,12 +417,13 @@ pub mod nested {
         pub const HYPERCALL: u32 = 1;
         /// An `out` to another port: [`super::Exit::port`], `size`, `data`.
         pub const IO_OUT: u32 = 2;
-        /// An `in`: [`super::Exit::port`], `size`; the nested guest reads all ones.
+        /// An `in`: [`super::Exit::port`], `size`. The nested guest reads [`super::Exit::data`]
+        /// (all ones unless the guest VMM stores another value there before running it again).
         pub const IO_IN: u32 = 3;
         /// A write outside the nested VM's memory: [`super::Exit::port`] is the address,
         /// `size`, `data`.
         pub const MMIO_WRITE: u32 = 4;
-        /// A read outside its memory (it reads all ones): address and size.
+        /// A read outside its memory: address and size; it reads `data`, as for [`IO_IN`].
         pub const MMIO_READ: u32 = 5;
         /// A CPU exception, reported by the nested system area's stubs: [`super::Exit::vector`],
         /// `error_code`, `fault_rip`, `cr2` (page faults). The vCPU cannot go on as it is; the
@@ -450,7 +451,8 @@ pub mod nested {
         pub size: u32,
         /// Port (I/O) or guest-physical address (MMIO).
         pub port: u64,
-        /// Value written (I/O and MMIO writes, little-endian, zero-extended).
+        /// Value written (I/O and MMIO writes, little-endian, zero-extended); for reads, the
+        /// value the nested guest will read, all ones until the guest VMM changes it.
         pub data: u64,
         /// Hypercall number ([`exit::HYPERCALL`]).
         pub nr: u64,

@@ -232,6 +232,13 @@ impl NestedVcpu<'_> {
         unsafe { core::ptr::read_volatile(&raw const self.areas.host) }
     }
 
+    /// Answers the nested guest's pending port or MMIO read ([`exit::IO_IN`],
+    /// [`exit::MMIO_READ`]) with `value` (its low `size` bytes): it reads it when run again.
+    pub fn answer_read(&mut self, value: u64) {
+        // SAFETY: our own boxed area; volatile so the host sees it at the next run.
+        unsafe { core::ptr::write_volatile(&raw mut self.areas.guest.exit.data, value) };
+    }
+
     /// Answers the nested guest's pending hypercall with `ret` (stored in its vCPU page).
     pub fn answer(&self, ret: i64) {
         let page = self.vm.boot_info().vcpu_pages + u64::from(self.id) * rebound_abi::PAGE_SIZE;

@@ -340,6 +340,16 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode("chatter", "[N]", "print N (5) deterministic lines"),
     mode(
+        "portread",
+        "",
+        "read port 0x600 and print the value (all ones from Rebound)",
+    ),
+    mode(
+        "nestio",
+        "",
+        "run `portread` nested and answer its read with 0x12345678",
+    ),
+    mode(
         "nestvmm",
         "MODE [ARGS..]",
         "be a guest VMM: run this guest in MODE as a nested guest (ABI 1.10) to completion, \

@@ -47,6 +47,7 @@ const GUEST_REGS: u64 = offset_of!(Areas, guest) as u64 + offset_of!(GuestStatus
 const REGS_SET: u64 = offset_of!(Areas, guest) as u64 + offset_of!(GuestStatus, regs_set) as u64;
 const EXIT: u64 = offset_of!(Areas, guest) as u64 + offset_of!(GuestStatus, exit) as u64;
 const HOST: u64 = offset_of!(Areas, host) as u64;
+const EXIT_DATA: u64 = EXIT + offset_of!(Exit, data) as u64;
 const PAGE_ARGS: u64 = offset_of!(VcpuPage, args) as u64;
 
 /// The nested VMs of one VM.
@@ -82,6 +83,10 @@ struct NestedVcpu {
     /// The last exit was a port or MMIO access that KVM completes on the next entry: it must
     /// be completed before registers are replaced.
     access_pending: bool,
+    /// The last exit was a read (port or MMIO): where KVM takes the value read from, in this
+    /// vCPU's `kvm_run` mapping (address, length), filled from the guest status area's
+    /// `exit.data` at the next run.
+    pending_read: Option<(usize, usize)>,
 }
 
 impl Default for Nested {
@@ -240,6 +245,7 @@ impl Nested {
                         areas,
                         sync_regs,
                         access_pending: false,
+                        pending_read: None,
                     });
                     regs
                 }
@@ -473,6 +479,19 @@ impl NestedVm {
     /// Runs `v` until an exit to report; returns the reason and the nanoseconds spent in the
     /// guest.
     fn run_vcpu(&self, vm: &VmShared, v: &mut NestedVcpu) -> Result<(u32, u64), i64> {
+        if let Some((ptr, len)) = v.pending_read.take() {
+            // The guest VMM's answer to the read (all ones unless it wrote another value).
+            let value: u64 = vm
+                .mem
+                .read_obj(GuestAddress(v.areas + EXIT_DATA))
+                .map_err(|_| errno::EFAULT)?;
+            let bytes = value.to_le_bytes();
+            // SAFETY: (ptr, len) is the data buffer KVM named in this vCPU's `kvm_run` mapping
+            // for the read exit (kvm-ioctls' slice at that exit); the mapping lives as long as
+            // `v.fd`, and nothing else refers to it between exits. At most 8 bytes are written,
+            // never more than the buffer's length.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, len.min(8)) };
+        }
         let regs_set: u64 = vm
             .mem
             .read_obj(GuestAddress(v.areas + REGS_SET))
@@ -505,7 +524,7 @@ impl NestedVm {
                 break Ok(exit::INTERRUPTED);
             }
             match v.fd.run() {
-                Ok(e) => break Ok(self.on_exit(vm, v.id, e, &mut exit)),
+                Ok(e) => break Ok(self.on_exit(vm, v.id, e, &mut exit, &mut v.pending_read)),
                 Err(e) if e.errno() == libc::EINTR => {
                     v.fd.set_kvm_immediate_exit(0);
                 }
@@ -543,9 +562,17 @@ impl NestedVm {
         Ok((reason, ns))
     }
 
-    /// Describes one exit in `exit` and returns its reason. Reads are answered with all ones,
-    /// as Rebound answers its own guests' stray reads.
-    fn on_exit(&self, vm: &VmShared, id: u32, e: VcpuExit<'_>, exit: &mut Exit) -> u32 {
+    /// Describes one exit in `exit` and returns its reason. A read gets all ones (as Rebound
+    /// answers its own guests' stray reads) unless the guest VMM puts another value in
+    /// `exit.data` before it runs the vCPU again: `read` says where it goes.
+    fn on_exit(
+        &self,
+        vm: &VmShared,
+        id: u32,
+        e: VcpuExit<'_>,
+        exit: &mut Exit,
+        read: &mut Option<(usize, usize)>,
+    ) -> u32 {
         fn le(data: &[u8]) -> u64 {
             let mut w = [0u8; 8];
             let n = data.len().min(8);
@@ -575,6 +602,8 @@ impl NestedVm {
                 exit.port = u64::from(p);
                 exit.size = data.len() as u32;
                 data.fill(0xff);
+                exit.data = le(data);
+                *read = Some((data.as_mut_ptr() as usize, data.len()));
                 exit::IO_IN
             }
             VcpuExit::MmioWrite(addr, data) => {
@@ -587,6 +616,8 @@ impl NestedVm {
                 exit.port = addr;
                 exit.size = data.len() as u32;
                 data.fill(0xff);
+                exit.data = le(data);
+                *read = Some((data.as_mut_ptr() as usize, data.len()));
                 exit::MMIO_READ
             }
             VcpuExit::Hlt => exit::HLT,

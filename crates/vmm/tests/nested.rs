@@ -209,3 +209,17 @@ fn after_a_rollback_the_guest_vmm_creates_its_nested_vm_again() {
     vm.stop();
     assert_eq!(vm.wait(), VmOutcome::Stopped);
 }
+
+#[test]
+fn a_nested_guests_port_read_is_answered_by_the_guest_vmm() {
+    let (outcome, out, _) = run_mem("portread", 64);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 });
+    assert_eq!(out, "portread 0xffffffff\n");
+    let (outcome, out, _) = run_mem("nestio", 64);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "{out}");
+    assert!(
+        out.contains("nestio: exit Ok(3) port 0x600 size 4 data 0xffffffff"),
+        "{out}"
+    );
+    assert!(out.contains("portread 0x12345678"), "{out}");
+}

@@ -9,6 +9,8 @@
 //! - `nestbench N`: N hypercalls made directly, then N made by a nested guest and answered
 //!   here (`hcbench N` nested), with their times.
 //! - `chatter N`: N deterministic lines (a payload to compare direct and nested runs).
+//! - `portread`: reads port 0x600 and prints the value; `nestio` runs it nested and answers
+//!   the read with 0x12345678.
 
 use alloc::vec;
 
@@ -28,6 +30,14 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
         "nestfault" => Some(fault(rest)),
         "nesthostile" => Some(hostile(cpu)),
         "nestbench" => Some(bench(arg(1, 10_000))),
+        "portread" => {
+            let v: u32;
+            // SAFETY: a port read: Rebound answers all ones, a guest VMM what it likes.
+            unsafe { core::arch::asm!("in eax, dx", in("dx") 0x600u16, out("eax") v) };
+            println!("portread {v:#x}");
+            Some(0)
+        }
+        "nestio" => Some(nest_io()),
         _ => None,
     }
 }
@@ -154,6 +164,31 @@ fn fault(mode: &str) -> i32 {
         }
         Err(e) => {
             println!("nestfault: cannot create a second nested VM: {e}");
+            1
+        }
+    }
+}
+
+/// A nested guest's port read answered by the guest VMM.
+fn nest_io() -> i32 {
+    let Ok(vm) = NestedVm::create(NESTED_MEM, 1, Image::Own, "portread") else {
+        return 1;
+    };
+    let Ok(mut cpu) = vm.vcpu(0) else { return 1 };
+    let reason = cpu.run();
+    let e = cpu.exit();
+    println!(
+        "nestio: exit {reason:?} port {:#x} size {} data {:#x}",
+        e.port, e.size, e.data
+    );
+    if reason != Ok(exit::IO_IN) || e.port != 0x600 {
+        return 1;
+    }
+    cpu.answer_read(0x1234_5678);
+    match cpu.serve(console) {
+        Ok(Outcome::Exited(s)) => s,
+        other => {
+            println!("nestio: {other:?}");
             1
         }
     }
