@@ -486,7 +486,7 @@ pub mod nested {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct HostStatus {
-        /// `NESTED_RUN` calls that entered the nested guest.
+        /// `NESTED_RUN` calls that returned an exit reason.
         pub runs: u64,
         /// Exits reported (all reasons but [`exit::INTERRUPTED`]).
         pub exits: u64,

@@ -294,8 +294,8 @@ impl Nested {
             .unwrap_or_default();
         match r {
             Ok((reason, ns)) => {
+                host.runs += 1;
                 if reason != exit::INTERRUPTED {
-                    host.runs += 1;
                     host.exits += 1;
                 }
                 host.guest_ns += ns;
