@@ -90,8 +90,9 @@ pub mod nr {
     /// `(handle, vcpu, areas_gpa) -> 0` (ABI 1.10): create nested vCPU `vcpu` (or move its
     /// status areas), with its [`super::nested::Areas`] at `areas_gpa`.
     pub const NESTED_VCPU: u32 = 17;
-    /// `(handle, vcpu) -> exit reason` (ABI 1.10): run nested vCPU `vcpu` until its next exit,
-    /// described in its guest status area; returns one of [`super::nested::exit`].
+    /// `(handle, vcpu, slice_ns) -> exit reason` (ABI 1.10): run nested vCPU `vcpu` until its
+    /// next exit, described in its guest status area, or for at most `slice_ns` nanoseconds
+    /// (0: no limit); returns one of [`super::nested::exit`].
     pub const NESTED_RUN: u32 = 18;
     /// `(handle) -> 0` (ABI 1.10): destroy a nested VM (its memory stays the caller's).
     pub const NESTED_DESTROY: u32 = 19;
@@ -439,6 +440,9 @@ pub mod nested {
         /// KVM could not run the vCPU (an entry failure or an instruction it cannot emulate):
         /// [`super::Exit::data`] holds KVM's hardware reason where it gave one.
         pub const FAILED: u32 = 10;
+        /// The time slice `NESTED_RUN` was given passed without an exit: the nested guest was
+        /// computing. Run it (or another nested vCPU) again.
+        pub const TIMEOUT: u32 = 11;
     }
 
     /// The last exit of a nested vCPU, written by the host.

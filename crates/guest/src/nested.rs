@@ -201,7 +201,18 @@ impl NestedVcpu<'_> {
     /// just run again). Errors: `ESTALE` the nested VM was lost in a rollback or restore;
     /// `EBUSY` another vCPU runs it.
     pub fn run(&mut self) -> Result<u32, Errno> {
-        call(nr::NESTED_RUN, &[self.vm.handle, u64::from(self.id)]).map(|r| r as u32)
+        self.run_for(0)
+    }
+
+    /// [`run`](Self::run) for at most `slice_ns` nanoseconds (0: no limit): a nested guest
+    /// that computes without exits comes back with [`exit::TIMEOUT`] when its slice ends, so
+    /// one vCPU of this guest can run several nested vCPUs in turn.
+    pub fn run_for(&mut self, slice_ns: u64) -> Result<u32, Errno> {
+        call(
+            nr::NESTED_RUN,
+            &[self.vm.handle, u64::from(self.id), slice_ns],
+        )
+        .map(|r| r as u32)
     }
 
     /// The last exit, as the host wrote it.
@@ -254,7 +265,7 @@ impl NestedVcpu<'_> {
         loop {
             let reason = self.run()?;
             match reason {
-                exit::INTERRUPTED => continue,
+                exit::INTERRUPTED | exit::TIMEOUT => continue,
                 exit::HYPERCALL => {}
                 _ => return Ok(Outcome::Stopped(self.exit())),
             }

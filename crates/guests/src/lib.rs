@@ -345,6 +345,11 @@ const TESTGUEST_MODES: &[Mode] = &[
         "read port 0x600 and print the value (all ones from Rebound)",
     ),
     mode(
+        "nestslice",
+        "",
+        "run a two-vCPU nested `hello` from one vCPU with time slices (NESTED_RUN's slice_ns)",
+    ),
+    mode(
         "nestio",
         "",
         "run `portread` nested and answer its read with 0x12345678",

@@ -87,7 +87,7 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
             vm.nested.vcpu(vm, args[0], args[1], args[2]),
             Flow::Continue,
         ),
-        nr::NESTED_RUN => (vm.nested.run(vm, args[0], args[1]), Flow::Continue),
+        nr::NESTED_RUN => (vm.nested.run(vm, args[0], args[1], args[2]), Flow::Continue),
         nr::NESTED_DESTROY => (vm.nested.destroy(vm, args[0]), Flow::Continue),
         nr::GENERATION => (
             vm.generation.load(std::sync::atomic::Ordering::Relaxed) as i64,

@@ -270,7 +270,7 @@ impl Nested {
 
     /// `NESTED_RUN`: runs the nested vCPU until its next exit, on this (the calling vCPU's)
     /// thread, and reports the exit. Returns the exit reason or a negative errno.
-    pub(crate) fn run(&self, vm: &VmShared, h: u64, id: u64) -> i64 {
+    pub(crate) fn run(&self, vm: &VmShared, h: u64, id: u64, slice_ns: u64) -> i64 {
         let n = match self.lookup(h) {
             Ok(n) => n,
             Err(e) => return e,
@@ -287,7 +287,7 @@ impl Nested {
         let Some(v) = guard.as_mut() else {
             return errno::EINVAL;
         };
-        let r = n.run_vcpu(vm, v);
+        let r = n.run_vcpu(vm, v, slice_ns);
         let mut host: HostStatus = vm
             .mem
             .read_obj(GuestAddress(v.areas + HOST))
@@ -478,7 +478,12 @@ impl NestedVm {
 
     /// Runs `v` until an exit to report; returns the reason and the nanoseconds spent in the
     /// guest.
-    fn run_vcpu(&self, vm: &VmShared, v: &mut NestedVcpu) -> Result<(u32, u64), i64> {
+    fn run_vcpu(
+        &self,
+        vm: &VmShared,
+        v: &mut NestedVcpu,
+        slice_ns: u64,
+    ) -> Result<(u32, u64), i64> {
         if let Some((ptr, len)) = v.pending_read.take() {
             // The guest VMM's answer to the read (all ones unless it wrote another value).
             let value: u64 = vm
@@ -515,6 +520,12 @@ impl NestedVm {
 
         let prev = crate::kick::arm_nested(&mut v.fd);
         let started = Instant::now();
+        // The time slice: a timer kicks this thread (as a pause does) when it ends. An
+        // overflowing slice is no limit.
+        let deadline = (slice_ns > 0)
+            .then(|| started.checked_add(std::time::Duration::from_nanos(slice_ns)))
+            .flatten();
+        let timed = deadline.is_some() && slice::arm(slice_ns);
         let mut exit = Exit::default();
         let outcome = loop {
             // A pause or stop of the outer VM wins: its vCPU must get back to its run loop.
@@ -522,6 +533,9 @@ impl NestedVm {
             // vCPU's immediate_exit, so a kick after this check still stops the run below.
             if vm.control.current() != Request::Run {
                 break Ok(exit::INTERRUPTED);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Ok(exit::TIMEOUT);
             }
             match v.fd.run() {
                 Ok(e) => break Ok(self.on_exit(vm, v.id, e, &mut exit, &mut v.pending_read)),
@@ -535,10 +549,15 @@ impl NestedVm {
                 }
             }
         };
+        if timed {
+            // A tick that fires after this lands on the nested vCPU's immediate_exit (its next
+            // entry returns at once and is retried) or, once restored, the outer vCPU's (same).
+            slice::disarm();
+        }
         crate::kick::restore(prev);
         let ns = started.elapsed().as_nanos() as u64;
         let reason = outcome?;
-        if reason == exit::INTERRUPTED {
+        if reason == exit::INTERRUPTED || reason == exit::TIMEOUT {
             exit.reason = reason;
             let _ = vm.mem.write_obj(exit, GuestAddress(v.areas + EXIT));
             return Ok((reason, ns));
@@ -716,5 +735,71 @@ fn from_abi(r: &Regs) -> kvm_regs {
         r15: r.r15,
         rip: r.rip,
         rflags: r.rflags,
+    }
+}
+
+/// Time slices of nested vCPUs: a one-shot POSIX timer per vCPU thread that sends the thread
+/// the kick signal, so a nested vCPU that computes without exits leaves `KVM_RUN` when its slice
+/// ends, as a VMX preemption timer would make it.
+mod slice {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// This thread's timer, created on first use and kept for the thread's life (vCPU
+        /// threads are few and long-lived).
+        static TIMER: Cell<Option<libc::timer_t>> = const { Cell::new(None) };
+    }
+
+    fn set(t: libc::timer_t, ns: u64) -> bool {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: `t` is a timer this thread created; `spec` is a valid itimerspec; the old
+        // value is not asked for.
+        unsafe { libc::timer_settime(t, 0, &spec, std::ptr::null_mut()) == 0 }
+    }
+
+    /// Arms this thread's timer to kick it in `ns` nanoseconds (> 0). `false` if no timer could
+    /// be made: the slice is then checked at exits only.
+    pub(super) fn arm(ns: u64) -> bool {
+        let t = match TIMER.with(Cell::get) {
+            Some(t) => t,
+            None => {
+                // SAFETY: a zeroed sigevent is valid; the fields set below are the ones
+                // SIGEV_THREAD_ID reads.
+                let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+                ev.sigev_notify = libc::SIGEV_THREAD_ID;
+                ev.sigev_signo = crate::kick::signal();
+                // SAFETY: gettid has no preconditions.
+                ev.sigev_notify_thread_id = unsafe { libc::gettid() };
+                let mut t: libc::timer_t = std::ptr::null_mut();
+                // SAFETY: `ev` and `t` are valid for the call; the timer is owned by this
+                // thread's slot from here on.
+                if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut t) } != 0 {
+                    tracing::warn!(
+                        "nested time slices: timer_create: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    return false;
+                }
+                TIMER.with(|c| c.set(Some(t)));
+                t
+            }
+        };
+        set(t, ns.max(1))
+    }
+
+    /// Stops this thread's timer.
+    pub(super) fn disarm() {
+        if let Some(t) = TIMER.with(Cell::get) {
+            set(t, 0);
+        }
     }
 }

@@ -223,3 +223,11 @@ fn a_nested_guests_port_read_is_answered_by_the_guest_vmm() {
     );
     assert!(out.contains("portread 0x12345678"), "{out}");
 }
+
+#[test]
+fn time_slices_let_one_vcpu_run_several_nested_vcpus() {
+    let (outcome, out, _) = run_mem("nestslice", 64);
+    assert_eq!(outcome, VmOutcome::Exited { status: 0 }, "{out}");
+    assert!(out.contains("hello from vCPU 0 of 2"), "{out}");
+    assert!(out.contains("nestslice: vCPU 0 ran to the end"), "{out}");
+}

@@ -9,6 +9,7 @@
 //! - `nestbench N`: N hypercalls made directly, then N made by a nested guest and answered
 //!   here (`hcbench N` nested), with their times.
 //! - `chatter N`: N deterministic lines (a payload to compare direct and nested runs).
+//! - `nestslice`: time slices: one vCPU runs a two-vCPU nested guest in turn.
 //! - `portread`: reads port 0x600 and prints the value; `nestio` runs it nested and answers
 //!   the read with 0x12345678.
 
@@ -38,6 +39,7 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
             Some(0)
         }
         "nestio" => Some(nest_io()),
+        "nestslice" => Some(nest_slice()),
         _ => None,
     }
 }
@@ -164,6 +166,40 @@ fn fault(mode: &str) -> i32 {
         }
         Err(e) => {
             println!("nestfault: cannot create a second nested VM: {e}");
+            1
+        }
+    }
+}
+
+/// Time slices: a nested guest with two vCPUs run by this one vCPU. Its vCPU 1 spins until
+/// vCPU 0 has set up the heap, so it must give way: it comes back at the end of its slice, and
+/// vCPU 0 then runs to the end.
+fn nest_slice() -> i32 {
+    let Ok(vm) = NestedVm::create(NESTED_MEM, 2, Image::Own, "hello") else {
+        return 1;
+    };
+    let (Ok(mut cpu1), Ok(mut cpu0)) = (vm.vcpu(1), vm.vcpu(0)) else {
+        return 1;
+    };
+    let mut slices = 0;
+    for _ in 0..3 {
+        match cpu1.run_for(2_000_000) {
+            Ok(exit::TIMEOUT) => slices += 1,
+            Ok(exit::INTERRUPTED) => {}
+            other => {
+                println!("nestslice: vCPU 1 ran: {other:?}");
+                return 1;
+            }
+        }
+    }
+    println!("nestslice: vCPU 1 used {slices} slices");
+    match cpu0.serve(console) {
+        Ok(Outcome::Exited(0)) if slices > 0 => {
+            println!("nestslice: vCPU 0 ran to the end");
+            0
+        }
+        other => {
+            println!("nestslice: {other:?}");
             1
         }
     }
@@ -422,22 +458,22 @@ fn hostile(cpu: &Cpu) -> i32 {
     // NESTED_RUN
     check(
         "run: vCPU not created",
-        raw(nr::NESTED_RUN, &[h, 0]),
+        raw(nr::NESTED_RUN, &[h, 0, 0]),
         errno::EINVAL,
     );
     check(
         "run: no such vCPU",
-        raw(nr::NESTED_RUN, &[h, 7]),
+        raw(nr::NESTED_RUN, &[h, 7, 0]),
         errno::EINVAL,
     );
     check(
         "run: destroyed handle",
-        raw(nr::NESTED_RUN, &[handles[0], 0]),
+        raw(nr::NESTED_RUN, &[handles[0], 0, 0]),
         errno::EBADF,
     );
     check(
         "run: made-up handle",
-        raw(nr::NESTED_RUN, &[u64::MAX, 0]),
+        raw(nr::NESTED_RUN, &[u64::MAX, 0, 0]),
         errno::ESTALE,
     );
     check("vcpu: good", raw(nr::NESTED_VCPU, &[h, 0, areas_gpa]), 0);
@@ -445,7 +481,8 @@ fn hostile(cpu: &Cpu) -> i32 {
     // (not emulated here); the first exit is enough.
     check(
         "run: good",
-        raw(nr::NESTED_RUN, &[h, 0]),
+        // The longest slice there is (no overflow in the host).
+        raw(nr::NESTED_RUN, &[h, 0, u64::MAX]),
         i64::from(exit::HYPERCALL),
     );
 
