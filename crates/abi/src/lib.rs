@@ -333,16 +333,16 @@ pub mod memory {
 /// host to run its guests for it. A nested VM's guest-physical memory `[0, mem_size)` is the
 /// caller's `[mem_gpa, mem_gpa + mem_size)`: the guest VMM reads and writes its guest's memory
 /// directly (to copy a console message out, or to store a hypercall's result in the nested
-/// guest's [`super::VcpuPage`]). The host loads an SDK guest image into that range on
-/// [`super::nr::NESTED_CREATE`] (system area, boot info and all, as for a VM of its own), runs
-/// each nested vCPU on [`super::nr::NESTED_RUN`] until its next exit, and handles none of the
-/// nested guest's exits itself: each one is written into the vCPU's [`GuestStatus`] and
+/// guest's [`VcpuPage`]). The host loads an SDK guest image into that range on
+/// [`nr::NESTED_CREATE`] (system area, boot info and all, as for a VM of its own), runs
+/// each nested vCPU on [`nr::NESTED_RUN`] until its next exit, and handles none of the
+/// nested guest's exits itself: each one is written into the vCPU's [`nested::GuestStatus`] and
 /// returned to the guest VMM, which emulates it (a nested hypercall is the guest VMM's to
 /// answer) and calls `NESTED_RUN` again. A nested guest's fault is such an exit: it never
 /// ends the outer VM.
 ///
 /// Nested VMs are not part of checkpoints or snapshots: after a restore, rollback or clone,
-/// handles from before answer [`super::errno::ESTALE`] and the guest VMM creates its guests
+/// handles from before answer [`errno::ESTALE`] and the guest VMM creates its guests
 /// again.
 pub mod nested {
     /// Most nested VMs one VM may have at a time.

@@ -803,3 +803,39 @@ mod slice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_overlap_only_when_they_share_a_byte() {
+        assert!(ranges_overlap(0, 10, 9, 10));
+        assert!(!ranges_overlap(0, 10, 10, 10));
+        assert!(ranges_overlap(5, 1, 0, 10));
+        assert!(!ranges_overlap(u64::MAX - 1, 10, 0, 10), "no wrap-around");
+        assert!(ranges_overlap(u64::MAX - 1, 10, u64::MAX - 5, 10));
+    }
+
+    #[test]
+    fn handles_carry_the_epoch_and_a_reset_makes_them_stale() {
+        let n = Nested::default();
+        let epoch = lock(&n.table).epoch;
+        assert_eq!(epoch & 1, 1);
+        let h = handle(epoch, 2) as u64;
+        assert_eq!(n.lookup(h).err(), Some(errno::EBADF), "empty slot");
+        assert_eq!(n.lookup(h ^ (1 << 8)).err(), Some(errno::ESTALE));
+        assert_eq!(n.lookup(u64::MAX).err(), Some(errno::ESTALE));
+        n.reset();
+        assert_ne!(lock(&n.table).epoch, epoch);
+        assert_eq!(
+            n.lookup(h).err(),
+            Some(errno::ESTALE),
+            "old handle after a reset"
+        );
+        assert!(
+            handle(0xff_ffff, MAX_VMS - 1) > 0,
+            "handles are positive results"
+        );
+    }
+}
