@@ -101,6 +101,19 @@ pub mod nr {
     /// `(value)` (ABI 1.10): from a program, ends its run: the supervisor's [`PROGRAM_RUN`]
     /// returns `value & i64::MAX`. From the supervisor: `EINVAL`.
     pub const PROGRAM_EXIT: u32 = 24;
+    /// `(create_gpa) -> handle` (ABI 1.10): create a nested VM whose memory is a range of the
+    /// caller's, described by a [`super::nested::Create`] at `create_gpa`, with an SDK guest
+    /// loaded in it. See [`super::nested`].
+    pub const NESTED_CREATE: u32 = 16;
+    /// `(handle, vcpu, areas_gpa) -> 0` (ABI 1.10): create nested vCPU `vcpu` (or move its
+    /// status areas), with its [`super::nested::Areas`] at `areas_gpa`.
+    pub const NESTED_VCPU: u32 = 17;
+    /// `(handle, vcpu, slice_ns) -> exit reason` (ABI 1.10): run nested vCPU `vcpu` until its
+    /// next exit, described in its guest status area, or for at most `slice_ns` nanoseconds
+    /// (0: no limit); returns one of [`super::nested::exit`].
+    pub const NESTED_RUN: u32 = 18;
+    /// `(handle) -> 0` (ABI 1.10): destroy a nested VM (its memory stays the caller's).
+    pub const NESTED_DESTROY: u32 = 19;
     /// One past the highest number: the size of per-number counters.
     pub const COUNT: usize = 25;
 
@@ -126,6 +139,10 @@ pub mod nr {
             PROGRAM_SET => "program_set",
             PROGRAM_RUN => "program_run",
             PROGRAM_EXIT => "program_exit",
+            NESTED_CREATE => "nested_create",
+            NESTED_VCPU => "nested_vcpu",
+            NESTED_RUN => "nested_run",
+            NESTED_DESTROY => "nested_destroy",
             _ => "unknown",
         }
     }
@@ -146,6 +163,10 @@ pub mod errno {
     pub const E2BIG: i64 = -7;
     /// A pointer or range is outside the memory the guest may name.
     pub const EFAULT: i64 = -14;
+    /// Not an image the call can run (ABI 1.10: a nested guest's ELF that is not an SDK guest).
+    pub const ENOEXEC: i64 = -8;
+    /// No such handle (ABI 1.10: a nested VM that was destroyed or never created).
+    pub const EBADF: i64 = -9;
     /// The call is already done and cannot be repeated (e.g. a second `IO_SETUP`).
     pub const EBUSY: i64 = -16;
     /// The device the call needs is not configured.
@@ -156,6 +177,11 @@ pub mod errno {
     pub const EROFS: i64 = -30;
     /// No such hypercall.
     pub const ENOSYS: i64 = -38;
+    /// A limit is reached (ABI 1.10: too many nested VMs or vCPUs).
+    pub const ENOSPC: i64 = -28;
+    /// A handle from before a restore, rollback or clone (ABI 1.10: nested VMs are not part of
+    /// checkpoints; create them again).
+    pub const ESTALE: i64 = -116;
 }
 
 /// Largest `CONSOLE_WRITE` (and `PANIC` message) in bytes.
@@ -379,6 +405,204 @@ pub mod memory {
     /// See [`REQUEST_SEQ_OFFSET`].
     pub const ANSWER_PAGES_OFFSET: u64 = core::mem::offset_of!(Table, answer_pages) as u64;
     const _: () = assert!(core::mem::size_of::<Table>() <= 4096);
+}
+
+/// Nested guests (ABI 1.10): a guest that is itself a VMM runs SDK guests of its own.
+///
+/// Hosts without VMX cannot run hardware nested virtualization; here the guest VMM asks the
+/// host to run its guests for it. A nested VM's guest-physical memory `[0, mem_size)` is the
+/// caller's `[mem_gpa, mem_gpa + mem_size)`: the guest VMM reads and writes its guest's memory
+/// directly (to copy a console message out, or to store a hypercall's result in the nested
+/// guest's [`VcpuPage`]). The host loads an SDK guest image into that range on
+/// [`nr::NESTED_CREATE`] (system area, boot info and all, as for a VM of its own), runs
+/// each nested vCPU on [`nr::NESTED_RUN`] until its next exit, and handles none of the
+/// nested guest's exits itself: each one is written into the vCPU's [`nested::GuestStatus`] and
+/// returned to the guest VMM, which emulates it (a nested hypercall is the guest VMM's to
+/// answer) and calls `NESTED_RUN` again. A nested guest's fault is such an exit: it never
+/// ends the outer VM.
+///
+/// Nested VMs are not part of checkpoints or snapshots: after a restore, rollback or clone,
+/// handles from before answer [`errno::ESTALE`] and the guest VMM creates its guests
+/// again.
+pub mod nested {
+    /// Most nested VMs one VM may have at a time.
+    pub const MAX_VMS: usize = 4;
+    /// Most vCPUs a nested VM may have.
+    pub const MAX_VCPUS: u32 = 4;
+    /// Alignment of a nested VM's memory (its start and size), and the size unit.
+    pub const MEM_ALIGN: u64 = 2 << 20;
+    /// Smallest nested VM memory (the system area, an image and a heap).
+    pub const MIN_MEM: u64 = 8 << 20;
+
+    /// [`Create::flags`]: load the ELF image this VM itself booted from (the guest VMM runs a
+    /// copy of itself, in another mode). `ENODEV` where the host has no image (a VM restored
+    /// from a snapshot).
+    pub const CREATE_SELF_IMAGE: u32 = 1;
+
+    /// What [`super::nr::NESTED_CREATE`] reads at its argument (8-byte aligned, in guest
+    /// memory).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Create {
+        /// Start of the nested VM's memory in the caller's memory: [`MEM_ALIGN`] aligned, at or
+        /// above [`super::IMAGE_BASE`], not overlapping another nested VM's.
+        pub mem_gpa: u64,
+        /// Its size: a multiple of [`MEM_ALIGN`], at least [`MIN_MEM`], inside guest memory.
+        pub mem_size: u64,
+        /// vCPUs, `1..=MAX_VCPUS`; each is created by [`super::nr::NESTED_VCPU`].
+        pub vcpus: u32,
+        /// Bits: [`CREATE_SELF_IMAGE`].
+        pub flags: u32,
+        /// The SDK guest's ELF image in the caller's memory (unless [`CREATE_SELF_IMAGE`]).
+        pub image_gpa: u64,
+        /// Its length in bytes.
+        pub image_len: u64,
+        /// The nested guest's command line in the caller's memory (UTF-8).
+        pub args_gpa: u64,
+        /// Its length in bytes (at most [`super::BOOT_ARGS_MAX`]).
+        pub args_len: u64,
+    }
+
+    /// A nested vCPU's general registers, as the guest VMM reads and sets them.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    #[allow(missing_docs)]
+    pub struct Regs {
+        pub rax: u64,
+        pub rbx: u64,
+        pub rcx: u64,
+        pub rdx: u64,
+        pub rsi: u64,
+        pub rdi: u64,
+        pub rsp: u64,
+        pub rbp: u64,
+        pub r8: u64,
+        pub r9: u64,
+        pub r10: u64,
+        pub r11: u64,
+        pub r12: u64,
+        pub r13: u64,
+        pub r14: u64,
+        pub r15: u64,
+        pub rip: u64,
+        pub rflags: u64,
+    }
+
+    /// Exit reasons: what [`super::nr::NESTED_RUN`] returns and [`Exit::reason`] holds.
+    pub mod exit {
+        /// Not run yet.
+        pub const NONE: u32 = 0;
+        /// The nested guest made a hypercall (`out` to [`crate::port::HYPERCALL`]):
+        /// [`super::Exit::nr`] and [`super::Exit::args`] (copied from its `VcpuPage`). Answer
+        /// by storing the result in its `VcpuPage::ret` and running it again.
+        pub const HYPERCALL: u32 = 1;
+        /// An `out` to another port: [`super::Exit::port`], `size`, `data`.
+        pub const IO_OUT: u32 = 2;
+        /// An `in`: [`super::Exit::port`], `size`. The nested guest reads [`super::Exit::data`]
+        /// (all ones unless the guest VMM stores another value there before running it again).
+        pub const IO_IN: u32 = 3;
+        /// A write outside the nested VM's memory: [`super::Exit::port`] is the address,
+        /// `size`, `data`.
+        pub const MMIO_WRITE: u32 = 4;
+        /// A read outside its memory: address and size; it reads `data`, as for [`IO_IN`].
+        pub const MMIO_READ: u32 = 5;
+        /// A CPU exception, reported by the nested system area's stubs: [`super::Exit::vector`],
+        /// `error_code`, `fault_rip`, `cr2` (page faults). The vCPU cannot go on as it is; the
+        /// guest VMM may set its registers.
+        pub const FAULT: u32 = 6;
+        /// A triple fault: the vCPU is dead (set its registers, or destroy the VM).
+        pub const SHUTDOWN: u32 = 7;
+        /// `hlt` reached the host.
+        pub const HLT: u32 = 8;
+        /// The outer VM is being paused or stopped (a checkpoint, a shutdown): nothing
+        /// happened to the nested guest; call `NESTED_RUN` again.
+        pub const INTERRUPTED: u32 = 9;
+        /// KVM could not run the vCPU (an entry failure or an instruction it cannot emulate):
+        /// [`super::Exit::data`] holds KVM's hardware reason where it gave one.
+        pub const FAILED: u32 = 10;
+        /// The time slice `NESTED_RUN` was given passed without an exit: the nested guest was
+        /// computing. Run it (or another nested vCPU) again.
+        pub const TIMEOUT: u32 = 11;
+    }
+
+    /// The last exit of a nested vCPU, written by the host.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Exit {
+        /// One of [`exit`].
+        pub reason: u32,
+        /// Access size in bytes (I/O and MMIO).
+        pub size: u32,
+        /// Port (I/O) or guest-physical address (MMIO).
+        pub port: u64,
+        /// Value written (I/O and MMIO writes, little-endian, zero-extended); for reads, the
+        /// value the nested guest will read, all ones until the guest VMM changes it.
+        pub data: u64,
+        /// Hypercall number ([`exit::HYPERCALL`]).
+        pub nr: u64,
+        /// Hypercall arguments, copied from the nested vCPU's `VcpuPage`.
+        pub args: [u64; 6],
+        /// Exception vector ([`exit::FAULT`]).
+        pub vector: u64,
+        /// Error code the CPU pushed (0 where it pushes none).
+        pub error_code: u64,
+        /// Instruction pointer of the faulting instruction.
+        pub fault_rip: u64,
+        /// Faulting address of a page fault.
+        pub cr2: u64,
+    }
+
+    /// The guest status area: the nested vCPU as the guest VMM sees it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct GuestStatus {
+        /// The nested vCPU's registers, written by the host after every exit.
+        pub regs: Regs,
+        /// Set to non-zero by the guest VMM after it changed `regs`: the host loads them into
+        /// the vCPU at the next `NESTED_RUN` and clears it.
+        pub regs_set: u64,
+        /// The last exit.
+        pub exit: Exit,
+    }
+
+    /// The host status area: what the host keeps for the guest VMM about a nested vCPU.
+    /// Written by the host only (what the guest VMM writes there is ignored).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct HostStatus {
+        /// `NESTED_RUN` calls that returned an exit reason.
+        pub runs: u64,
+        /// Exits reported (all reasons but [`exit::INTERRUPTED`]).
+        pub exits: u64,
+        /// Nanoseconds spent inside the nested guest (`KVM_RUN`), summed.
+        pub guest_ns: u64,
+        /// The last exit reason.
+        pub last_exit: u32,
+        /// The last `NESTED_RUN`'s error (a negative errno), 0 if it succeeded.
+        pub error: i32,
+    }
+
+    /// Both areas of one nested vCPU, registered by [`super::nr::NESTED_VCPU`]: 8-byte
+    /// aligned, in guest-writable memory outside every nested VM's memory.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Areas {
+        /// The guest status area.
+        pub guest: GuestStatus,
+        /// The host status area.
+        pub host: HostStatus,
+    }
+
+    // No padding anywhere (the structs are read and written as bytes).
+    const _: () = assert!(core::mem::size_of::<Create>() == 56);
+    const _: () = assert!(core::mem::size_of::<Exit>() == 14 * 8);
+    const _: () = assert!(core::mem::size_of::<GuestStatus>() == 18 * 8 + 8 + 14 * 8);
+    const _: () = assert!(core::mem::size_of::<HostStatus>() == 32);
+    const _: () = assert!(core::mem::size_of::<Areas>() == 296);
+    const _: () = assert!(
+        core::mem::size_of::<Areas>()
+            == core::mem::size_of::<GuestStatus>() + core::mem::size_of::<HostStatus>()
+    );
 }
 
 /// Offset of [`BootInfo::requests`] in the boot info page.
@@ -866,6 +1090,17 @@ mod byte_valued {
     unsafe impl ByteValued for super::program::Range {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::program::Fault {}
+    unsafe impl ByteValued for super::nested::Create {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::nested::Regs {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::nested::Exit {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::nested::GuestStatus {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::nested::HostStatus {}
+    // SAFETY: see above.
+    unsafe impl ByteValued for super::nested::Areas {}
 }
 
 #[cfg(test)]

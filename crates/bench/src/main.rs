@@ -12,6 +12,7 @@ mod dirty_log;
 mod disk;
 mod emulation;
 mod floor;
+mod nested;
 mod net;
 mod qemu;
 mod reclaim;
@@ -265,7 +266,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|nested|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -299,6 +300,7 @@ fn main() -> Result<()> {
             "capacity",
             "emulation",
             "programs",
+            "nested",
         ]
         .map(String::from)
         .to_vec();
@@ -307,6 +309,7 @@ fn main() -> Result<()> {
         match w.as_str() {
             "boot" => boot(runs)?,
             "hypercall" => hypercall(5)?,
+            "nested" => nested::round_trip(5)?,
             "memory" => memory()?,
             "memory-marginal" => memory_marginal()?,
             "pause" => pause(runs)?,

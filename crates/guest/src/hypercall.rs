@@ -57,6 +57,10 @@ impl Errno {
             errno::ENOSYS => "ENOSYS",
             errno::EPERM => "EPERM",
             errno::ENOMEM => "ENOMEM",
+            errno::ENOEXEC => "ENOEXEC",
+            errno::EBADF => "EBADF",
+            errno::ENOSPC => "ENOSPC",
+            errno::ESTALE => "ESTALE",
             _ => "unknown error",
         }
     }

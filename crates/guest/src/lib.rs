@@ -38,6 +38,7 @@
 //!   listeners and streams for dispatcher tasks.
 //! - [`share`]: memory shared with other VMs: regions, wake-ups only for idle VMs,
 //!   recoverable locks, message queues (ABI 1.2).
+//! - [`nested`]: this guest as a VMM: nested SDK guests run by the host for it (ABI 1.10).
 //! - [`capacity`]: clone points, where the host may clone a busy VM for capacity (ABI 1.9).
 //! - [`hypercall`]: the raw ABI (see `docs/abi.md`) and [`Errno`](hypercall::Errno).
 //!
@@ -87,6 +88,7 @@ pub mod dispatch;
 pub mod hypercall;
 pub mod io;
 pub mod memory;
+pub mod nested;
 pub mod net;
 pub mod program;
 pub mod share;

@@ -86,7 +86,7 @@ pub const GUESTS: &[Guest] = &[
 ];
 
 /// The test guest's modes (`guests/testguest/src/main.rs`, `sharing.rs`, `net.rs`,
-/// `memory.rs`, `capacity.rs`, `emulation.rs` and `programs.rs`). REGION is
+/// `memory.rs`, `capacity.rs`, `emulation.rs`, `programs.rs` and `nested.rs`). REGION is
 /// a shared region attached with `--share`; the network modes use NIC 0.
 const TESTGUEST_MODES: &[Mode] = &[
     mode("hello", "", "print a line from vCPU 0 (the default mode)"),
@@ -408,6 +408,44 @@ const TESTGUEST_MODES: &[Mode] = &[
         "time N (10000) hypercalls, N program runs with reused tables, REBUILDS (60) with \
          tables rebuilt",
     ),
+    mode("chatter", "[N]", "print N (5) deterministic lines"),
+    mode(
+        "portread",
+        "",
+        "read port 0x600 and print the value (all ones from Rebound)",
+    ),
+    mode(
+        "nestslice",
+        "",
+        "run a two-vCPU nested `hello` from one vCPU with time slices (NESTED_RUN's slice_ns)",
+    ),
+    mode(
+        "nestio",
+        "",
+        "run `portread` nested and answer its read with 0x12345678",
+    ),
+    mode(
+        "nestvmm",
+        "MODE [ARGS..]",
+        "be a guest VMM: run this guest in MODE as a nested guest (ABI 1.10) to completion, \
+         emulating its hypercalls, and exit with its status (its output, then `nestvmm:` lines)",
+    ),
+    mode(
+        "nestfault",
+        "MODE",
+        "run a faulting MODE nested, print the fault the host reported, then run `hello` \
+         nested in a new VM",
+    ),
+    mode(
+        "nesthostile",
+        "",
+        "call every nested hypercall with bad arguments and check each errno (--mem-mib 128)",
+    ),
+    mode(
+        "nestbench",
+        "[N]",
+        "N (10000) hypercalls directly, then N by a nested guest answered here, with times",
+    ),
 ];
 
 /// A bundled guest by name.
@@ -503,7 +541,8 @@ mod tests {
             + &source("testguest/src/memory.rs")
             + &source("testguest/src/capacity.rs")
             + &source("testguest/src/emulation.rs")
-            + &source("testguest/src/programs.rs");
+            + &source("testguest/src/programs.rs")
+            + &source("testguest/src/nested.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();

@@ -101,6 +101,13 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
         nr::MEM_SETUP => (vm.classes.setup(vm, vcpu, args[0]), Flow::Continue),
         nr::MEM_RETURN => (vm.classes.give_back(vm, args[0], args[1]), Flow::Continue),
         nr::CLONE_POINT => (vm.clone_gate.point(vm, vcpu), Flow::Continue),
+        nr::NESTED_CREATE => (vm.nested.create(vm, args[0]), Flow::Continue),
+        nr::NESTED_VCPU => (
+            vm.nested.vcpu(vm, args[0], args[1], args[2]),
+            Flow::Continue,
+        ),
+        nr::NESTED_RUN => (vm.nested.run(vm, args[0], args[1], args[2]), Flow::Continue),
+        nr::NESTED_DESTROY => (vm.nested.destroy(vm, args[0]), Flow::Continue),
         nr::GENERATION => (
             vm.generation.load(std::sync::atomic::Ordering::Relaxed) as i64,
             Flow::Continue,

@@ -47,6 +47,18 @@ pub fn arm(fd: &mut VcpuFd) {
     IMMEDIATE_EXIT.with(|c| c.set(p));
 }
 
+/// Points kicks to the calling thread at `fd` (a nested vCPU run on this thread for a while)
+/// and returns what they pointed at before, for [`restore`].
+pub(crate) fn arm_nested(fd: &mut VcpuFd) -> *mut u8 {
+    let p = &raw mut fd.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.replace(p))
+}
+
+/// Points kicks back at what [`arm_nested`] returned, before the nested vCPU's fd is unlocked.
+pub(crate) fn restore(prev: *mut u8) {
+    IMMEDIATE_EXIT.with(|c| c.set(prev));
+}
+
 /// Stops kicks from touching the vCPU (before its fd is dropped).
 pub fn disarm() {
     IMMEDIATE_EXIT.with(|c| c.set(ptr::null_mut()));

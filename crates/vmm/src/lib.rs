@@ -17,6 +17,7 @@ pub mod hypercall;
 mod kick;
 pub mod memory;
 pub mod metrics;
+mod nested;
 pub mod persist;
 pub mod program;
 pub mod reclaim;

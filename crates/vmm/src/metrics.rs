@@ -41,7 +41,7 @@ pub enum ExitKind {
 pub struct Metrics {
     exits: [AtomicU64; 8],
     hypercalls: [AtomicU64; nr::COUNT + 1],
-    errors: [AtomicU64; 11],
+    errors: [AtomicU64; ERRNOS.len() + 1],
     bad_ports: AtomicU64,
     bad_mmio: AtomicU64,
     interrupts_injected: AtomicU64,
@@ -54,7 +54,7 @@ pub struct Metrics {
     first_exit_ns: AtomicU64,
 }
 
-const ERRNOS: [(i64, &str); 10] = [
+const ERRNOS: [(i64, &str); 14] = [
     (errno::EPERM, "eperm"),
     (errno::ENOMEM, "enomem"),
     (errno::EIO, "eio"),
@@ -65,6 +65,10 @@ const ERRNOS: [(i64, &str); 10] = [
     (errno::EINVAL, "einval"),
     (errno::EROFS, "erofs"),
     (errno::ENOSYS, "enosys"),
+    (errno::ENOEXEC, "enoexec"),
+    (errno::EBADF, "ebadf"),
+    (errno::ENOSPC, "enospc"),
+    (errno::ESTALE, "estale"),
 ];
 
 impl Metrics {

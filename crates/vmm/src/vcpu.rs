@@ -137,6 +137,8 @@ fn park(fd: &mut VcpuFd, id: u32, vm: &VmShared) {
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
     let slot = &vm.vcpu_slots[id as usize];
+    // Nested guests' writes bypass this VM's dirty log: merged before any checkpoint.
+    vm.nested.harvest_dirty(vm);
     *lock(&slot.captured) = Some(vstate::capture(fd, id).map_err(|e| e.to_string()));
     vm.control.park();
     if let Some(state) = lock(&slot.restore).take() {

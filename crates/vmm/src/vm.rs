@@ -174,6 +174,11 @@ pub(crate) struct VmShared {
     pub(crate) emulator: crate::emulate::Emulator,
     /// Programs and their protection tables (ABI 1.10).
     pub(crate) programs: crate::program::Programs,
+    /// The guest's nested VMs (ABI 1.10).
+    pub(crate) nested: crate::nested::Nested,
+    /// The ELF image the VM booted from, for `NESTED_CREATE` with `CREATE_SELF_IMAGE` (none for
+    /// a restored or adopted VM).
+    pub(crate) image: Option<Arc<[u8]>>,
 }
 
 impl VmShared {
@@ -349,6 +354,7 @@ struct Parts {
     disk_journal: Option<(std::path::PathBuf, Option<u64>)>,
     /// Names for the image's code addresses (a booted image; a restored VM has no image).
     symbols: Option<Arc<crate::symbols::Symbols>>,
+    image: Option<Arc<[u8]>>,
     /// The class table registration to restore.
     memory_table: Option<crate::reclaim::TableState>,
     programs: Option<crate::program::ProgramsState>,
@@ -461,7 +467,7 @@ pub fn warm_up() -> Result<()> {
 
 /// The KVM system handle and the CPUID it supports, opened once per process: the CPUID query
 /// is the most expensive call of VM creation and its answer never changes.
-fn kvm() -> Result<&'static (Kvm, CpuId)> {
+pub(crate) fn kvm() -> Result<&'static (Kvm, CpuId)> {
     static KVM: OnceLock<(Kvm, CpuId)> = OnceLock::new();
     if let Some(k) = KVM.get() {
         return Ok(k);
@@ -669,6 +675,7 @@ impl Vm {
             net_journal: config.net_journal.clone().map(|p| (p, None)),
             disk_journal: config.disk_journal.clone().map(|p| (p, None)),
             symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
+            image: Some(config.image.bytes.clone()),
             memory_table: None,
             programs: None,
             swap_link: memory_path.map(swap_link),
@@ -765,6 +772,7 @@ impl Vm {
             programs: state.programs()?,
             descriptor: state.vm,
             symbols: None,
+            image: None,
             swap_link: None,
             swap_take_over: false,
         };
@@ -821,6 +829,7 @@ impl Vm {
             programs: state.programs()?,
             descriptor: state.vm,
             symbols: None,
+            image: None,
             swap_link: Some(swap_link(memory)),
             swap_take_over: true,
         };
@@ -846,6 +855,7 @@ impl Vm {
             net_journal,
             disk_journal,
             symbols,
+            image,
             memory_table,
             programs: program_state,
             swap_link,
@@ -1042,6 +1052,8 @@ impl Vm {
             requests: Mutex::new(()),
             emulator: crate::emulate::Emulator::new(vm_fd.clone()),
             programs: crate::program::Programs::new(layout.vcpus()),
+            nested: Default::default(),
+            image,
         });
         if let Some(p) = program_state {
             shared.programs.check(&p, &shared).map_err(Error::Restore)?;
@@ -1973,7 +1985,10 @@ impl Frozen<'_> {
     /// caller's to restore.
     pub fn restore_state(&self, state: &SavedState) -> Result<()> {
         // Every component is checked before any is restored.
-        Ok(self.vm.components.restore_all(&state.components)?)
+        self.vm.components.restore_all(&state.components)?;
+        // Nested VMs are not saved: the guest VMM, back in the past, creates them again.
+        self.vm.shared.nested.reset();
+        Ok(())
     }
 
     /// Lets the VM run again (unless its owner paused it).

@@ -8,6 +8,7 @@ extern crate alloc;
 mod capacity;
 mod emulation;
 mod memory;
+mod nested;
 mod net;
 mod programs;
 mod sharing;
@@ -148,6 +149,7 @@ fn main(cpu: Cpu) -> i32 {
                 .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| emulation::run(other, |i, d| arg(&cpu, i, d)))
                 .or_else(|| programs::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+                .or_else(|| nested::run(other, &cpu, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {
