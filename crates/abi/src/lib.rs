@@ -1090,6 +1090,7 @@ mod byte_valued {
     unsafe impl ByteValued for super::program::Range {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::program::Fault {}
+    // SAFETY: see above.
     unsafe impl ByteValued for super::nested::Create {}
     // SAFETY: see above.
     unsafe impl ByteValued for super::nested::Regs {}
