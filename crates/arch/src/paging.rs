@@ -34,26 +34,30 @@ pub struct Mapping {
     pub exec: bool,
 }
 
-/// Builds the tables of a program running on vCPU `vcpu`: the system area for the CPL0
-/// exception stubs as in the boot tables, that vCPU's page user read-write (hypercalls), the
-/// `maps` with their access, and nothing else. Pages come from `alloc`; returns the root (for
-/// CR3).
+/// Builds the tables of a program: the system area for the CPL0 exception stubs as in the boot
+/// tables (supervisor-only), `page` user read-write (the program's hypercall page, in the
+/// pool), the `maps` with their access, and nothing else. Pages come from `alloc`; returns the
+/// root (for CR3).
 pub fn program_tables<M: GuestMemory>(
     mem: &M,
     layout: &Layout,
-    vcpu: u32,
+    page: u64,
     maps: &[Mapping],
     alloc: &mut dyn FnMut() -> Result<u64, Error>,
 ) -> Result<u64, Error> {
     let mut low = low_table();
-    let own = layout.vcpu_page(vcpu);
-    for (i, e) in low.iter_mut().enumerate() {
-        if i as u64 * PAGE_SIZE != own {
-            *e &= !PTE_US;
-        }
+    for e in low.iter_mut() {
+        *e &= !PTE_US;
     }
     let mut regions: BTreeMap<u64, [u64; 512]> = BTreeMap::new();
     regions.insert(0, low);
+    let pool = layout
+        .pool()
+        .filter(|p| p.contains(&page) && page.is_multiple_of(PAGE_SIZE))
+        .ok_or_else(|| Error::Layout(format!("program page {page:#x} is not in the pool")))?;
+    let base = pool.start & !(REGION - 1);
+    regions.entry(base).or_insert([0; 512])[((page - base) / PAGE_SIZE) as usize] =
+        page | PTE_P | PTE_US | PTE_A | PTE_RW | PTE_D | PTE_NX;
     for m in maps {
         let end = m
             .start
@@ -152,7 +156,7 @@ mod tests {
         let layout = Layout::new(64 << 20, 2).unwrap().with_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let pool = layout.pool().unwrap();
-        let mut next = pool.start;
+        let mut next = pool.start + PAGE_SIZE;
         let mut alloc = || {
             let p = next;
             next += PAGE_SIZE;
@@ -172,7 +176,8 @@ mod tests {
                 exec: false,
             },
         ];
-        let root = program_tables(&mem, &layout, 1, &maps, &mut alloc).unwrap();
+        let page = pool.start;
+        let root = program_tables(&mem, &layout, page, &maps, &mut alloc).unwrap();
         assert!(root >= pool.start && next <= pool.end);
         let code = walk(&mem, root, 0x50_1000).unwrap();
         assert_eq!(code & (PTE_US | PTE_RW), PTE_US);
@@ -182,10 +187,18 @@ mod tests {
         assert_ne!(data & PTE_NX, 0);
         assert_eq!(walk(&mem, root, 0x50_2000), None, "past the range");
         assert_eq!(walk(&mem, root, 0x40_0000), None, "the supervisor's image");
-        // The system area is there for the stubs, but not for CPL3; only vCPU 1's page is.
+        // The system area is there for the stubs, but not for CPL3, vCPU pages included; the
+        // program's own page is.
         assert_eq!(walk(&mem, root, crate::layout::IDT).unwrap() & PTE_US, 0);
-        assert_ne!(walk(&mem, root, layout.vcpu_page(1)).unwrap() & PTE_US, 0);
+        assert_eq!(walk(&mem, root, layout.vcpu_page(1)).unwrap() & PTE_US, 0);
         assert_eq!(walk(&mem, root, layout.vcpu_page(0)).unwrap() & PTE_US, 0);
+        let own = walk(&mem, root, page).unwrap();
+        assert_eq!(own & (PTE_US | PTE_RW), PTE_US | PTE_RW);
+        assert_eq!(
+            walk(&mem, root, page + PAGE_SIZE),
+            None,
+            "the rest of the pool"
+        );
         assert_eq!(
             walk(&mem, root, rebound_abi::BOOT_INFO_ADDR).unwrap() & PTE_US,
             0
@@ -196,7 +209,8 @@ mod tests {
     fn refuses_bad_ranges() {
         let layout = Layout::new(64 << 20, 1).unwrap().with_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let mut alloc = || Ok(layout.pool().unwrap().start);
+        let page = layout.pool().unwrap().start;
+        let mut alloc = || Ok(page + PAGE_SIZE);
         for (start, len) in [
             (0x1000, 0x1000),
             (0x50_0800, 0x1000),
@@ -210,7 +224,8 @@ mod tests {
                 write: true,
                 exec: false,
             };
-            assert!(program_tables(&mem, &layout, 0, &[m], &mut alloc).is_err());
+            assert!(program_tables(&mem, &layout, page, &[m], &mut alloc).is_err());
+            assert!(program_tables(&mem, &layout, 0x50_0000, &[], &mut alloc).is_err());
         }
     }
 }

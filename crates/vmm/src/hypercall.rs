@@ -32,9 +32,13 @@ pub(crate) enum Flow {
 /// Handles hypercall `nr` from `vcpu`.
 pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
     vm.metrics.hypercall(nr);
-    let page = vm.layout.vcpu_page(vcpu);
-    let args: [u64; 6] = vm.mem.read_obj(GuestAddress(page + ARGS)).unwrap_or([0; 6]);
     let in_program = vm.programs.in_program(vcpu);
+    // A program calls through its own page (its gs base), not the supervisor's vCPU page.
+    let page = match in_program {
+        true => crate::program::Programs::page(vm, vcpu).unwrap_or(vm.layout.vcpu_page(vcpu)),
+        false => vm.layout.vcpu_page(vcpu),
+    };
+    let args: [u64; 6] = vm.mem.read_obj(GuestAddress(page + ARGS)).unwrap_or([0; 6]);
     let (ret, flow) = match nr {
         _ if in_program && !crate::program::Programs::allowed(nr) => (errno::EPERM, Flow::Continue),
         nr::CONSOLE_WRITE if in_program && !vm.programs.readable(vcpu, args[0], args[1]) => {

@@ -168,6 +168,8 @@ impl Programs {
                 s: ProgramsState {
                     tables: vec![None; MAX_PROGRAMS as usize],
                     saved: vec![None; vcpus as usize],
+                    // The pool's first pages are the vCPUs' program pages.
+                    pool_used: u64::from(vcpus),
                     ..Default::default()
                 },
                 high_water: 0,
@@ -189,6 +191,15 @@ impl Programs {
         self.running
             .get(vcpu as usize)
             .is_some_and(|r| r.load(Ordering::Acquire))
+    }
+
+    /// The page a program on `vcpu` makes hypercalls with (its `gs` base): the pool's `vcpu`th
+    /// page, never the supervisor's vCPU page, so a program cannot see the supervisor's last
+    /// hypercall or its indicators, nor change them.
+    pub(crate) fn page(vm: &VmShared, vcpu: u32) -> Option<u64> {
+        vm.layout
+            .pool()
+            .map(|p| p.start + u64::from(vcpu) * PAGE_SIZE)
     }
 
     /// Whether a program may make hypercall `n`.
@@ -337,7 +348,8 @@ impl Programs {
             next += 1;
             Ok(pool.start + (next - 1) * PAGE_SIZE)
         };
-        let built = program_tables(&vm.mem, &vm.layout, vcpu, &maps, &mut alloc);
+        let page = pool.start + u64::from(vcpu) * PAGE_SIZE;
+        let built = program_tables(&vm.mem, &vm.layout, page, &maps, &mut alloc);
         // Pages taken are spent even if the build failed half-way.
         g.s.pool_used = next;
         g.high_water = next;
@@ -394,6 +406,16 @@ impl Programs {
                     rflags: rebound_arch::regs::RFLAGS,
                     ..Default::default()
                 })?;
+                // A fresh hypercall page for the program: nothing of earlier runs is left in it.
+                if let Some(page) = Self::page(vm, vcpu) {
+                    let fresh = rebound_abi::VcpuPage {
+                        self_addr: page,
+                        vcpu_id: u64::from(vcpu),
+                        ..Default::default()
+                    };
+                    let _ = vm.mem.write_obj(fresh, GuestAddress(page));
+                    sregs.gs.base = page;
+                }
                 sregs.cr3 = root;
                 sregs.efer |= EFER_NXE;
                 fd.set_sregs(&sregs)?;

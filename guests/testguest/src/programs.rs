@@ -96,7 +96,7 @@ const PAGE: u64 = 4096;
 
 pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32> {
     match mode {
-        "progs" => Some(progs(arg(1, 1000))),
+        "progs" => Some(progs(cpu, arg(1, 1000))),
         "progbench" => Some(bench(arg(1, 10_000), arg(2, 60))),
         "proghostile" => Some(hostile(cpu.boot_info().heap_end)),
         "progspin" => Some(spin()),
@@ -193,7 +193,7 @@ fn expect_fault(what: &str, o: Outcome, vector: u64) -> Option<rebound_guest::pr
     }
 }
 
-fn progs(n: u64) -> i32 {
+fn progs(cpu: &Cpu, n: u64) -> i32 {
     let a = Loaded::new();
     let b = Loaded::new();
     let (Ok(pa), Ok(pb)) = (Program::set(0, &a.table()), Program::set(1, &b.table())) else {
@@ -217,6 +217,7 @@ fn progs(n: u64) -> i32 {
 
     let sup = &raw const SUPERVISOR_WORD as u64;
     let info = rebound_guest::abi::BOOT_INFO_ADDR;
+    let vcpu_page = cpu.boot_info().vcpu_pages;
     let checks = [
         (
             "read the other program's data",
@@ -235,6 +236,11 @@ fn progs(n: u64) -> i32 {
             a.code - PAGE,
         ),
         ("read the boot info", a.op(&pa, 2, info), info),
+        (
+            "read the supervisor's vCPU page",
+            a.op(&pa, 2, vcpu_page),
+            vcpu_page,
+        ),
     ];
     for (what, o, addr) in checks {
         match expect_fault(what, o, 14) {
