@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
+use rebound_abi::indicator;
 use rebound_abi::share::{self, LockEntry, Member, RegionHeader, ShareEntry, ShareTable};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -835,7 +836,9 @@ impl Shares {
             let counters = self.counters.clone();
             std::thread::Builder::new()
                 .name(format!("rebound-share-{index}"))
-                .spawn(move || watch(&region, slot, &stop, &all_stop, &waiters, &counters))
+                .spawn(move || {
+                    watch(&region, slot, index, &stop, &all_stop, &waiters, &counters)
+                })
                 .map_err(|e| err(format!("cannot start a share watcher: {e}")))?
         };
         table[index] = Some(Attachment {
@@ -1347,6 +1350,7 @@ fn write_table(mem: &GuestMemory, vm_id: u64, table: &[Option<Attachment>]) -> R
 fn watch(
     region: &Region,
     slot: usize,
+    index: usize,
     stop: &AtomicBool,
     all_stop: &AtomicBool,
     waiters: &Waiters,
@@ -1363,6 +1367,10 @@ fn watch(
         if now != seen {
             seen = now;
             counters.wakeups_received.fetch_add(1, Ordering::Relaxed);
+            // The region's indicator (ABI 1.10) first, so the woken vCPUs see it.
+            if let Some(route) = indicator::slot(indicator::KIND_SHARE, index as u64) {
+                rebound_devices::Notify::indicate(waiters, None, route);
+            }
             waiters.notify_all();
         }
     }

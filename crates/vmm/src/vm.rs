@@ -863,7 +863,8 @@ impl Vm {
             classes.set_state(t);
         }
 
-        let waiters = Arc::new(Waiters::new(layout.vcpus()));
+        let waiters =
+            Arc::new(Waiters::new(layout.vcpus()).with_pages(mem.clone(), layout.vcpu_page(0)));
         let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
         if let Some(d) = &disk
             && d.disk()
