@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|indicators|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -11,6 +11,7 @@ mod cluster;
 mod dirty_log;
 mod disk;
 mod floor;
+mod indicators;
 mod net;
 mod qemu;
 mod reclaim;
@@ -264,7 +265,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|indicators|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -296,6 +297,7 @@ fn main() -> Result<()> {
             "cluster",
             "reclaim",
             "capacity",
+            "indicators",
         ]
         .map(String::from)
         .to_vec();
@@ -303,6 +305,7 @@ fn main() -> Result<()> {
     for w in &which {
         match w.as_str() {
             "boot" => boot(runs)?,
+            "indicators" => indicators::run(200_000)?,
             "hypercall" => hypercall(5)?,
             "memory" => memory()?,
             "memory-marginal" => memory_marginal()?,

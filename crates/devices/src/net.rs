@@ -18,10 +18,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use rebound_abi::{errno, indicator};
 use rebound_abi::net::{
     self as abi_net, FRAME_OVERHEAD, LINK_UP, MAX_ENTRIES, NetDesc, RING_BROKEN,
 };
+use rebound_abi::{errno, indicator};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};

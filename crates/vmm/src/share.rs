@@ -830,6 +830,10 @@ impl Shares {
             return Err(e);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        // Read here, not in the thread: a ring between the attach and the thread's first look
+        // would otherwise go unseen (and a guest dispatching on indicators never looks at
+        // the region without its bit).
+        let seen = region.doorbell(slot).load(Ordering::Acquire);
         let watcher = {
             let (region, stop, waiters) = (region.clone(), stop.clone(), waiters.clone());
             let all_stop = self.stop.clone();
@@ -837,7 +841,8 @@ impl Shares {
             std::thread::Builder::new()
                 .name(format!("rebound-share-{index}"))
                 .spawn(move || {
-                    watch(&region, slot, index, &stop, &all_stop, &waiters, &counters)
+                    let at = Watch { slot, index, seen };
+                    watch(&region, at, &stop, &all_stop, &waiters, &counters)
                 })
                 .map_err(|e| err(format!("cannot start a share watcher: {e}")))?
         };
@@ -1347,17 +1352,24 @@ fn write_table(mem: &GuestMemory, vm_id: u64, table: &[Option<Attachment>]) -> R
 
 /// The watcher of this VM's member slot in one region: wakes the VM's vCPUs when another VM
 /// rings its doorbell.
-fn watch(
-    region: &Region,
+/// What a watcher watches: its member slot, the region's table index, the doorbell value it
+/// starts from.
+struct Watch {
     slot: usize,
     index: usize,
+    seen: u32,
+}
+
+fn watch(
+    region: &Region,
+    Watch { slot, index, seen }: Watch,
     stop: &AtomicBool,
     all_stop: &AtomicBool,
     waiters: &Waiters,
     counters: &ShareCounters,
 ) {
     let bell = region.doorbell(slot);
-    let mut seen = bell.load(Ordering::Acquire);
+    let mut seen = seen;
     loop {
         futex_wait(bell, seen, WATCH_POLL);
         if stop.load(Ordering::Acquire) || all_stop.load(Ordering::Acquire) {

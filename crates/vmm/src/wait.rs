@@ -208,11 +208,7 @@ impl Waiters {
     fn set_pending(&self, mem: &GuestMemory, first_page: u64, vcpu: u32, slot: usize) {
         let page = first_page + u64::from(vcpu) * PAGE_SIZE;
         let route = GuestAddress(page + VCPU_PAGE_ROUTES_OFFSET + slot as u64);
-        let Some(bit) = mem
-            .read_obj::<u8>(route)
-            .ok()
-            .and_then(indicator::bit_of)
-        else {
+        let Some(bit) = mem.read_obj::<u8>(route).ok().and_then(indicator::bit_of) else {
             return;
         };
         let Ok(word) = mem.get_slice(GuestAddress(page + VCPU_PAGE_PENDING_OFFSET), 8) else {

@@ -6,6 +6,7 @@
 extern crate alloc;
 
 mod capacity;
+mod indicators;
 mod memory;
 mod net;
 mod sharing;
@@ -144,6 +145,7 @@ fn main(cpu: Cpu) -> i32 {
             None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d))
                 .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+                .or_else(|| indicators::run(other, &cpu, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {

@@ -1,0 +1,66 @@
+//! Requester indicators (ABI 1.10) on real VMs: the VMM sets the bit a guest routed a
+//! requester to, and the SDK dispatcher polls only the source behind it; hostile routes and
+//! arguments are refused or ignored, never fatal.
+
+mod common;
+
+use common::*;
+use rebound_vmm::VmOutcome;
+use rebound_vmm::share::{ShareConfig, ShareDir};
+
+/// Runs `config` to its end (at most 20 s: a dispatcher that misses its bit would wait
+/// forever); its outcome and output.
+fn run_bounded(config: &rebound_vmm::VmConfig) -> (VmOutcome, String) {
+    let (vm, buf) = launch(config);
+    let outcome = vm.wait_timeout(std::time::Duration::from_secs(20));
+    let out = buf.text();
+    vm.stop();
+    (
+        outcome.unwrap_or_else(|| panic!("the guest did not finish:\n{out}")),
+        out,
+    )
+}
+
+fn exited_ok(outcome: &VmOutcome, out: &str) {
+    assert!(
+        matches!(outcome, VmOutcome::Exited { status: 0 }),
+        "{outcome:?}\n{out}"
+    );
+}
+
+#[test]
+fn with_64_sources_and_one_pending_the_dispatcher_touches_one_source() {
+    // The requester: this vCPU's I/O ring (a timer), routed to bit 17.
+    let (outcome, out) = run_bounded(&config("indicators io", 1, None));
+    exited_ok(&outcome, &out);
+    assert!(
+        out.contains("indicators via=io sources=64 bit=17 touched=1"),
+        "{out}"
+    );
+
+    // The requester: a shared region's wake-up, seen by the VMM's watcher, routed to bit 42.
+    let dir = ShareDir::from_env();
+    let name = format!("ind{}", std::process::id());
+    let _ = dir.remove(&name, true);
+    dir.create(&name, 2).expect("create the region");
+    let mut config = config(&format!("indicators share {name}"), 1, None);
+    config.shared.push(ShareConfig {
+        name: name.clone(),
+        read_only: false,
+    });
+    let (outcome, out) = run_bounded(&config);
+    let _ = dir.remove(&name, true);
+    exited_ok(&outcome, &out);
+    assert!(
+        out.contains("indicators via=share sources=64 bit=42 touched=1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn indicator_routes_refuse_hostile_arguments_and_ignore_garbage() {
+    let (outcome, out, m) = run("indhostile", 1, None);
+    exited_ok(&outcome, &out);
+    assert!(out.contains("indhostile ok refused=12"), "{out}");
+    assert_eq!(m.hypercall_errors["einval"], 12, "{:?}", m.hypercall_errors);
+}
