@@ -305,7 +305,7 @@ fn main() -> Result<()> {
     for w in &which {
         match w.as_str() {
             "boot" => boot(runs)?,
-            "indicators" => indicators::run(200_000)?,
+            "indicators" => indicators::run(1_000_000)?,
             "hypercall" => hypercall(5)?,
             "memory" => memory()?,
             "memory-marginal" => memory_marginal()?,

@@ -305,34 +305,40 @@ fn bench(rounds: u64) -> i32 {
         // The pending source is the last one: the scan reaches it after all the others.
         let k = n - 1;
         let (srcs, ptrs) = flags(n);
+        let target = ptrs[k];
         let mut ind = Dispatcher::new();
         for (i, s) in srcs.iter().enumerate() {
             ind.add_source_with_bit(s.clone(), i as u32);
         }
-        let target = ptrs[k];
-        indicator::take();
-        let ind_ns = per_round(rounds, || {
-            // SAFETY: `srcs` keeps the flag alive for the whole measurement.
-            unsafe { &*target }.store(true, Ordering::Release);
-            indicator::raise(1 << k);
-            ind.poll_sources();
-        });
-        drop(ind);
         let mut scan = Dispatcher::new();
         for s in &srcs {
             scan.add_source(s.clone());
         }
-        let scan_ns = per_round(rounds, || {
-            // SAFETY: as above.
-            unsafe { &*target }.store(true, Ordering::Release);
-            scan.poll_sources();
-        });
-        println!(
-            "indbench n={n} indicator_ns={:.1} scan_ns={:.1}",
-            ind_ns, scan_ns
-        );
+        indicator::take();
+        // Interleaved repetitions, the fastest of each kept: the machine is shared and noisy,
+        // and a round's cost is its fastest run.
+        let (mut ind_ns, mut scan_ns) = (f64::MAX, f64::MAX);
+        for _ in 0..REPS {
+            ind_ns = ind_ns.min(per_round(rounds, || {
+                // SAFETY: `srcs` keeps the flag alive for the whole measurement.
+                unsafe { &*target }.store(true, Ordering::Release);
+                // What the VMM does for a requester (its cost is the producer's, counted
+                // here anyway).
+                indicator::raise(1 << k);
+                ind.poll_sources();
+            }));
+            scan_ns = scan_ns.min(per_round(rounds, || {
+                // SAFETY: as above.
+                unsafe { &*target }.store(true, Ordering::Release);
+                scan.poll_sources();
+            }));
+        }
+        println!("indbench n={n} indicator_ns={ind_ns:.1} scan_ns={scan_ns:.1}");
     }
     indicator::take();
     println!("indbench done");
     0
 }
+
+/// Repetitions of each measurement.
+const REPS: usize = 5;
