@@ -27,7 +27,9 @@ pub fn run(rounds: u64) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {key} in {line:?}"))
     };
-    eprintln!("indicators: ns per dispatch round, 1 of N sources pending (fastest of 5 runs of {rounds} rounds)");
+    eprintln!(
+        "indicators: ns per dispatch round, 1 of N sources pending (fastest of 5 runs of {rounds} rounds)"
+    );
     eprintln!(
         "{:>4} {:>12} {:>12} {:>8}",
         "N", "indicators", "scan all", "scan/ind"

@@ -328,6 +328,39 @@ mod tests {
     use std::thread;
 
     #[test]
+    fn indicators_set_routed_bits_only_and_ignore_bad_routes() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let page = |v: u64| 0x1000 + v * PAGE_SIZE;
+        let route = |v: u64, slot: u64, b: u8| {
+            mem.write_obj(b, GuestAddress(page(v) + VCPU_PAGE_ROUTES_OFFSET + slot))
+                .unwrap()
+        };
+        let pending = |v: u64| {
+            mem.read_obj::<u64>(GuestAddress(page(v) + VCPU_PAGE_PENDING_OFFSET))
+                .unwrap()
+        };
+        let w = Waiters::new(2).with_pages(mem.clone(), page(0));
+        route(0, 0, 18); // vCPU 0's ring: bit 17
+        route(1, 0, 200); // garbage: no route
+        route(0, 9, 1); // shared region 0: bit 0 on vCPU 0 ...
+        route(1, 9, 64); // ... and bit 63 on vCPU 1
+        w.indicate(Some(0), 0);
+        w.indicate(Some(1), 0);
+        w.indicate(Some(7), 0); // no such vCPU
+        w.indicate(None, 99); // no such slot
+        assert_eq!(pending(0), 1 << 17);
+        assert_eq!(pending(1), 0);
+        w.indicate(None, 9);
+        assert_eq!(pending(0), 1 << 17 | 1);
+        assert_eq!(pending(1), 1 << 63);
+        assert_eq!(w.indicated(), 3);
+        // vCPU pages past the end of memory: nothing happens, nothing panics.
+        let w = Waiters::new(8).with_pages(mem.clone(), page(2));
+        w.indicate(None, 9);
+        assert_eq!(w.indicated(), 0);
+    }
+
+    #[test]
     fn event_before_block_is_not_lost() {
         let w = Waiters::new(1);
         let c = RunControl::new(1);

@@ -30,10 +30,13 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
     }
 }
 
+/// Whether a probe's work has come.
+type Ready = Box<dyn Fn() -> bool>;
+
 /// A source that counts its polls and has work once `ready` says so.
 struct Probe {
     polls: Cell<u32>,
-    ready: Box<dyn Fn() -> bool>,
+    ready: Ready,
     done: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
@@ -64,7 +67,7 @@ impl Source for Probe {
 }
 
 fn dispatch_one_of_64(via: &str, region: &str) -> i32 {
-    let (bit, ready, arm): (u32, Box<dyn Fn() -> bool>, Box<dyn Fn()>) = match via {
+    let (bit, ready, arm): (u32, Ready, Box<dyn Fn()>) = match via {
         "io" => {
             let ind: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
             let q = crate::queue();
