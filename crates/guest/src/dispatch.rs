@@ -309,16 +309,19 @@ impl Dispatcher {
     /// [`indicator::raise`](crate::indicator::raise). A source is also polled on the round
     /// after it had work (it may have more) and after each block if it has a timer
     /// ([`Source::next_timeout_ns`]). Returns false (and adds nothing) if `bit` is above 63
-    /// or taken.
+    /// or taken. Under a VMM older than ABI 1.10 (no indicators), the source is polled on
+    /// every round, as with [`add_source`](Self::add_source).
     pub fn add_source_with_bit(&mut self, source: Rc<dyn Source>, bit: u32) -> bool {
-        let Some(slot) = self.indicated.get_mut(bit as usize) else {
-            return false;
-        };
-        if slot.is_some() {
+        if bit >= INDICATOR_BITS || self.indicated_mask & (1 << bit) != 0 {
             return false;
         }
-        *slot = Some(source);
+        // The bit is taken either way, so the same calls fail the same way on any VMM.
         self.indicated_mask |= 1 << bit;
+        if !crate::indicator::available() {
+            self.sources.push(source);
+            return true;
+        }
+        self.indicated[bit as usize] = Some(source);
         // Polled once at start: work that came before its route was set.
         self.carry |= 1 << bit;
         true

@@ -37,6 +37,22 @@ pub fn route(kind: u64, index: u64, bit: u64) -> Result<(), Errno> {
     hypercall::call(nr::INDICATOR_SET, &[kind, index, bit]).map(|_| ())
 }
 
+/// Whether the VMM sets indicators (ABI 1.10 or later). Read from the boot info: no exit.
+#[cfg(not(test))]
+pub fn available() -> bool {
+    // SAFETY: inside a guest the boot info page is mapped read-only at BOOT_INFO_ADDR for the
+    // life of the VM, and the VMM wrote it before the guest started.
+    let info = unsafe { &*(rebound_abi::BOOT_INFO_ADDR as *const rebound_abi::BootInfo) };
+    let v = info.abi_version;
+    v >> 16 == rebound_abi::ABI_MAJOR && v & 0xffff >= 10
+}
+
+/// Host-side unit tests: as a 1.10 VMM.
+#[cfg(test)]
+pub fn available() -> bool {
+    true
+}
+
 /// This vCPU's pending word.
 #[cfg(not(test))]
 fn word() -> &'static AtomicU64 {
