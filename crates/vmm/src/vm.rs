@@ -1686,6 +1686,7 @@ impl Vm {
         );
         m.nics = self.nic_stats();
         m.memory = self.memory_report();
+        m.indicators_set = s.waiters.indicated();
         m
     }
 

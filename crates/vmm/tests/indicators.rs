@@ -8,16 +8,18 @@ use common::*;
 use rebound_vmm::VmOutcome;
 use rebound_vmm::share::{ShareConfig, ShareDir};
 
-/// Runs `config` to its end (at most 20 s: a dispatcher that misses its bit would wait
-/// forever); its outcome and output.
-fn run_bounded(config: &rebound_vmm::VmConfig) -> (VmOutcome, String) {
+/// Runs `config` to its end (at most 20 s); its outcome, output and the indicator bits the
+/// VMM set.
+fn run_bounded(config: &rebound_vmm::VmConfig) -> (VmOutcome, String, u64) {
     let (vm, buf) = launch(config);
     let outcome = vm.wait_timeout(std::time::Duration::from_secs(20));
     let out = buf.text();
     vm.stop();
+    let indicated = vm.metrics().indicators_set;
     (
         outcome.unwrap_or_else(|| panic!("the guest did not finish:\n{out}")),
         out,
+        indicated,
     )
 }
 
@@ -31,8 +33,9 @@ fn exited_ok(outcome: &VmOutcome, out: &str) {
 #[test]
 fn with_64_sources_and_one_pending_the_dispatcher_touches_one_source() {
     // The requester: this vCPU's I/O ring (a timer), routed to bit 17.
-    let (outcome, out) = run_bounded(&config("indicators io", 1, None));
+    let (outcome, out, indicated) = run_bounded(&config("indicators io", 1, None));
     exited_ok(&outcome, &out);
+    assert!(indicated >= 1, "the VMM set the bit");
     assert!(
         out.contains("indicators via=io sources=64 bit=17 touched=1"),
         "{out}"
@@ -48,9 +51,10 @@ fn with_64_sources_and_one_pending_the_dispatcher_touches_one_source() {
         name: name.clone(),
         read_only: false,
     });
-    let (outcome, out) = run_bounded(&config);
+    let (outcome, out, indicated) = run_bounded(&config);
     let _ = dir.remove(&name, true);
     exited_ok(&outcome, &out);
+    assert!(indicated >= 1, "the VMM set the bit");
     assert!(
         out.contains("indicators via=share sources=64 bit=42 touched=1"),
         "{out}"
@@ -60,7 +64,9 @@ fn with_64_sources_and_one_pending_the_dispatcher_touches_one_source() {
 #[test]
 fn indicator_routes_refuse_hostile_arguments_and_ignore_garbage() {
     let (outcome, out, m) = run("indhostile", 1, None);
+    // Its timers set bits through the routes it wrote itself (bit 63), none through garbage.
     exited_ok(&outcome, &out);
     assert!(out.contains("indhostile ok refused=12"), "{out}");
     assert_eq!(m.hypercall_errors["einval"], 12, "{:?}", m.hypercall_errors);
+    assert_eq!(m.indicators_set, 1, "only the valid route set a bit");
 }
