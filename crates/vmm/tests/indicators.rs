@@ -70,3 +70,37 @@ fn indicator_routes_refuse_hostile_arguments_and_ignore_garbage() {
     assert_eq!(m.hypercall_errors["einval"], 12, "{:?}", m.hypercall_errors);
     assert_eq!(m.indicators_set, 1, "only the valid route set a bit");
 }
+
+#[test]
+fn routes_and_pending_timers_survive_a_restore() {
+    // The route lives in guest memory: a restored VM's VMM (a new one, with no state of its
+    // own about it) sets the bit when the timer armed before the snapshot fires.
+    use rebound_snapshot::format::Verify;
+    use rebound_snapshot::{Kind, Snapshot};
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, out) = launch(&config("indicators io 1000", 1, None));
+    assert!(
+        wait_for(&out, std::time::Duration::from_secs(20), |o| o
+            .contains("indicators armed")),
+        "{}",
+        out.text()
+    );
+    let path = dir.path().join("ind.snap");
+    vm.snapshot(&path, Kind::Full).expect("snapshot");
+    vm.stop();
+    assert!(
+        !out.text().contains("touched="),
+        "the timer fired before the snapshot: {}",
+        out.text()
+    );
+    let buf = rebound_devices::console::SharedBuffer::new();
+    let snap = Snapshot::open(&path, Verify::Full).expect("open");
+    let r = rebound_vmm::Vm::restore(&[snap], Box::new(buf.clone()), 1).expect("restore");
+    let outcome = r.wait_timeout(std::time::Duration::from_secs(20));
+    let text = buf.text();
+    r.stop();
+    let outcome = outcome.unwrap_or_else(|| panic!("the restored guest did not finish:\n{text}"));
+    exited_ok(&outcome, &text);
+    assert!(text.contains("sources=64 bit=17 touched=1"), "{text}");
+    assert!(r.metrics().indicators_set >= 1, "the new VMM set the bit");
+}

@@ -2,7 +2,8 @@
 //! VMM; the `INDICATOR_SET` hypercall and the route bytes under hostile values; and the
 //! dispatch cost with 1 of N sources pending, indicators against scanning.
 //!
-//! - `indicators io`: source 17 waits for a timer on this vCPU's I/O ring, routed to bit 17.
+//! - `indicators io [MS]`: source 17 waits for a timer (MS ms, default 5) on this vCPU's I/O
+//!   ring, routed to bit 17; prints `indicators armed` once the timer is submitted.
 //! - `indicators share REGION`: source 42 waits for a wake-up through shared region REGION
 //!   (this VM rings its own member slot; the VMM's watcher sets the bit), routed to bit 42.
 //! - `indhostile`: bad `INDICATOR_SET` arguments and garbage route bytes.
@@ -69,6 +70,7 @@ impl Source for Probe {
 fn dispatch_one_of_64(via: &str, region: &str) -> i32 {
     let (bit, ready, arm): (u32, Ready, Box<dyn Fn()>) = match via {
         "io" => {
+            let ms = region.parse::<u64>().unwrap_or(5);
             let ind: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
             let q = crate::queue();
             if let Err(e) = indicator::route(abi_ind::KIND_IO, 0, 17) {
@@ -82,10 +84,11 @@ fn dispatch_one_of_64(via: &str, region: &str) -> i32 {
                         op: io::OP_TIMER,
                         len: 0,
                         buf: 0,
-                        offset: 5_000_000,
+                        offset: ms * 1_000_000,
                         completion: ind as *const AtomicU64 as u64,
                     },
                 );
+                println!("indicators armed");
             };
             let ready = move || completion::decode(ind.load(Ordering::Acquire)).is_some();
             (17, Box::new(ready), Box::new(arm))
@@ -162,7 +165,11 @@ fn dispatch_one_of_64(via: &str, region: &str) -> i32 {
             result.set(Some((touched, target.polls.get())));
         });
     }
-    let stats = d.run();
+    // Blocks without a timeout: the dispatcher's safety net (a scan after a block that timed
+    // out) never runs, so only the VMM's bit can bring the target's work to it.
+    let stats = d.run_with(|_| {
+        hypercall::block(u64::MAX);
+    });
     let Some((touched, target_polls)) = result.get() else {
         println!("indicators: the task did not finish");
         return 1;
