@@ -133,7 +133,8 @@ impl Metrics {
         for n in 0..=nr::COUNT as u32 {
             let v = get(&self.hypercalls[n as usize]);
             if v > 0 {
-                hypercalls.insert(nr::name(n), v);
+                // Unassigned numbers below COUNT and the overflow bucket share "unknown".
+                *hypercalls.entry(nr::name(n)).or_insert(0) += v;
             }
         }
         let mut hypercall_errors = BTreeMap::new();
