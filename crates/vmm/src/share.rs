@@ -1350,8 +1350,6 @@ fn write_table(mem: &GuestMemory, vm_id: u64, table: &[Option<Attachment>]) -> R
         .map_err(|e| err(format!("cannot write the share table: {e}")))
 }
 
-/// The watcher of this VM's member slot in one region: wakes the VM's vCPUs when another VM
-/// rings its doorbell.
 /// What a watcher watches: its member slot, the region's table index, the doorbell value it
 /// starts from.
 struct Watch {
@@ -1360,6 +1358,8 @@ struct Watch {
     seen: u32,
 }
 
+/// The watcher of this VM's member slot in one region: wakes the VM's vCPUs when another VM
+/// rings its doorbell, after setting the region's indicator (ABI 1.10).
 fn watch(
     region: &Region,
     Watch { slot, index, seen }: Watch,
