@@ -116,6 +116,11 @@ pub mod nr {
     pub const NESTED_DESTROY: u32 = 19;
     /// One past the highest number: the size of per-number counters.
     pub const COUNT: usize = 25;
+    /// `(kind, index, bit) -> 0` (ABI 1.10): route requester `index` of `kind` (one of
+    /// [`super::indicator`]'s `KIND_*`) to bit `bit` (0..=63) of the calling vCPU's
+    /// [`super::VcpuPage::pending`] word, or, with `bit` = [`super::indicator::NONE`], stop
+    /// routing it there. `EINVAL` for an unknown kind, an index out of range or a bit above 63.
+    pub const INDICATOR_SET: u32 = 20;
 
     /// A short name for logs and metrics.
     pub const fn name(nr: u32) -> &'static str {
@@ -143,6 +148,7 @@ pub mod nr {
             NESTED_VCPU => "nested_vcpu",
             NESTED_RUN => "nested_run",
             NESTED_DESTROY => "nested_destroy",
+            INDICATOR_SET => "indicator_set",
             _ => "unknown",
         }
     }
@@ -627,6 +633,79 @@ pub struct VcpuPage {
     /// per pass of its loop). The VMM only reads it: a host agent tells a guest that stopped
     /// making progress from one that waits (blocked in [`nr::BLOCK`]) without a message.
     pub beat: u64,
+    /// Requesters with work (ABI 1.10), one bit each: the VMM sets a requester's bit (an atomic
+    /// OR, release) before it wakes the vCPU; the guest takes the word with one atomic swap to
+    /// zero and looks only at the requesters whose bits were set. See [`indicator`].
+    pub pending: u64,
+    /// Which bit of `pending` each requester sets (ABI 1.10), by route slot (see
+    /// [`indicator::slot`]): the bit + 1, 0 for none. Written by [`nr::INDICATOR_SET`] (or by the
+    /// guest itself); the VMM reads it whenever a requester has work and ignores bad values.
+    /// It lives in guest memory so that it follows the VM through snapshots, clones and live
+    /// updates.
+    pub routes: [u8; indicator::ROUTES],
+}
+
+/// Offset of [`VcpuPage::pending`] in a vCPU page.
+pub const VCPU_PAGE_PENDING_OFFSET: u64 = core::mem::offset_of!(VcpuPage, pending) as u64;
+/// Offset of [`VcpuPage::routes`] in a vCPU page.
+pub const VCPU_PAGE_ROUTES_OFFSET: u64 = core::mem::offset_of!(VcpuPage, routes) as u64;
+
+/// Requester indicators (ABI 1.10): with many event sources per VM, the VMM sets one bit per
+/// requester that has work in the woken vCPU's [`VcpuPage::pending`] word, so the guest reads
+/// which sources have work with one load (an atomic swap to zero) instead of scanning them all.
+///
+/// A requester is something the VMM completes or signals: the calling vCPU's own I/O ring,
+/// a NIC's RX ring, a shared region's wake-ups, memory-class requests. The guest picks its bit
+/// with [`super::nr::INDICATOR_SET`]; the route is kept in the vCPU page ([`VcpuPage::routes`]).
+/// When a requester has work the VMM ORs its bit into the `pending` word of every vCPU that
+/// routed it, then wakes whoever it wakes anyway (so a vCPU woken from `BLOCK` sees the bit).
+/// Guest-only sources (a queue another VM fills) get their bits from whatever signals them:
+/// a shared region's wake-up, or the guest's own code.
+pub mod indicator {
+    /// The calling vCPU's own I/O ring (`index` 0): request completions and timers.
+    pub const KIND_IO: u64 = 0;
+    /// NIC `index`'s RX ring: frames delivered.
+    pub const KIND_NET: u64 = 1;
+    /// Shared region `index` (an index into the [`super::share::ShareTable`]): another VM (or
+    /// this one) rang this VM's doorbell in it.
+    pub const KIND_SHARE: u64 = 2;
+    /// Memory-class requests (`index` 0): the host posted a request in the class table.
+    pub const KIND_MEMORY: u64 = 3;
+    /// `bit` for [`super::nr::INDICATOR_SET`]: remove the route.
+    pub const NONE: u64 = u64::MAX;
+    /// Route slots in a vCPU page.
+    pub const ROUTES: usize = 32;
+    /// First slot of the NIC routes.
+    const NET_SLOT: usize = 1;
+    /// First slot of the shared region routes.
+    const SHARE_SLOT: usize = NET_SLOT + super::net::MAX_NICS;
+    /// The memory-class slot.
+    const MEMORY_SLOT: usize = SHARE_SLOT + super::share::MAX_REGIONS;
+
+    /// The route slot of requester `index` of `kind`; None for an unknown kind or an index out
+    /// of range.
+    pub const fn slot(kind: u64, index: u64) -> Option<usize> {
+        match kind {
+            KIND_IO if index == 0 => Some(0),
+            KIND_NET if index < super::net::MAX_NICS as u64 => Some(NET_SLOT + index as usize),
+            KIND_SHARE if index < super::share::MAX_REGIONS as u64 => {
+                Some(SHARE_SLOT + index as usize)
+            }
+            KIND_MEMORY if index == 0 => Some(MEMORY_SLOT),
+            _ => None,
+        }
+    }
+
+    /// The bit a route byte names; None for none (0) or a bad value.
+    pub const fn bit_of(route: u8) -> Option<u32> {
+        if route >= 1 && route <= 64 {
+            Some(route as u32 - 1)
+        } else {
+            None
+        }
+    }
+
+    const _: () = assert!(MEMORY_SLOT < ROUTES);
 }
 
 /// Offset of [`VcpuPage::beat`] in a vCPU page.
@@ -1042,7 +1121,8 @@ pub mod completion {
 // to the vCPU page (a whole page each: older guests never touch the tail; 1.7 added `beat`).
 // Checked when compiling.
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 216);
-const _: () = assert!(core::mem::size_of::<VcpuPage>() == 112);
+const _: () = assert!(core::mem::size_of::<VcpuPage>() == 152);
+const _: () = assert!(VCPU_PAGE_PENDING_OFFSET == 112);
 const _: () = assert!(core::mem::size_of::<VcpuClock>() == 32);
 const _: () = assert!(core::mem::size_of::<memory::Range>() == 24);
 const _: () = assert!(core::mem::size_of::<memory::Table>() == 48 + 24 * memory::MAX_RANGES);
@@ -1139,6 +1219,26 @@ mod tests {
                 .wrapping_add(((u128::from(u64::MAX - 1_000) * u128::from(c.mul)) >> 32) as u64)
         );
         assert_eq!(VCPU_PAGE_CLOCK_OFFSET, 72);
+    }
+
+    #[test]
+    fn indicator_routes_are_distinct_and_checked() {
+        use indicator::*;
+        assert_eq!(slot(KIND_IO, 0), Some(0));
+        assert_eq!(slot(KIND_IO, 1), None, "only the caller's own ring");
+        assert_eq!(slot(KIND_NET, 7), Some(8));
+        assert_eq!(slot(KIND_NET, 8), None);
+        assert_eq!(slot(KIND_SHARE, 0), Some(9));
+        assert_eq!(slot(KIND_SHARE, 16), None);
+        assert_eq!(slot(KIND_MEMORY, 0), Some(25));
+        assert_eq!(slot(KIND_MEMORY, 1), None);
+        assert_eq!(slot(4, 0), None);
+        assert_eq!(slot(u64::MAX, u64::MAX), None);
+        assert_eq!(bit_of(0), None);
+        assert_eq!(bit_of(1), Some(0));
+        assert_eq!(bit_of(64), Some(63));
+        assert_eq!(bit_of(65), None);
+        assert_eq!(bit_of(255), None);
     }
 
     #[test]

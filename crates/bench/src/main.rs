@@ -1,4 +1,4 @@
-//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|programs|all] [--runs N]`
+//! `rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|programs|nested|indicators|all] [--runs N]`
 //!
 //! Every figure is printed as one JSON line `{"bench": NAME, "value": X, "unit": U}` so runs can
 //! be compared; a human summary goes to stderr. Machines here are noisy: compare ratios taken
@@ -12,6 +12,7 @@ mod dirty_log;
 mod disk;
 mod emulation;
 mod floor;
+mod indicators;
 mod nested;
 mod net;
 mod qemu;
@@ -266,7 +267,7 @@ fn main() -> Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|nested|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
+                    "usage: rebound-bench [boot|hypercall|memory|pause|checkpoint|slowdown|snapshot|dirtylog|recovery|update|protected|sharing|redis|netstream|failover|netrecovery|disk|standby|resync|cluster|reclaim|capacity|emulation|programs|nested|indicators|all]... [--runs N]\n(recovery, update, protected and sharing run the rebound binary next to this one: cargo build --release -p rebound)"
                 );
                 return Ok(());
             }
@@ -301,6 +302,7 @@ fn main() -> Result<()> {
             "emulation",
             "programs",
             "nested",
+            "indicators",
         ]
         .map(String::from)
         .to_vec();
@@ -308,6 +310,7 @@ fn main() -> Result<()> {
     for w in &which {
         match w.as_str() {
             "boot" => boot(runs)?,
+            "indicators" => indicators::run(1_000_000)?,
             "hypercall" => hypercall(5)?,
             "nested" => nested::round_trip(5)?,
             "memory" => memory()?,

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rebound_abi::io::{self as abi_io, IoRequest};
-use rebound_abi::{completion, errno};
+use rebound_abi::{completion, errno, indicator};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -361,6 +361,7 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             }
             woken.dedup();
             for v in woken {
+                self.indicate(v);
                 self.notify.notify(v);
             }
             match timers.peek() {
@@ -456,7 +457,15 @@ impl<M: GuestMemory + Send + Sync + 'static> IoQueue<M> {
             .mem
             .store(consumer, GuestAddress(ring.gpa + 4), Ordering::Release);
         if completed > 0 {
+            self.indicate(vcpu);
             self.notify.notify(vcpu);
+        }
+    }
+
+    /// Sets vCPU `vcpu`'s ring indicator (ABI 1.10), if it routed its ring to a bit.
+    fn indicate(&self, vcpu: u32) {
+        if let Some(slot) = indicator::slot(indicator::KIND_IO, 0) {
+            self.notify.indicate(Some(vcpu), slot);
         }
     }
 

@@ -19,6 +19,11 @@ pub mod net_ack;
 pub trait Notify: Send + Sync {
     /// An event for `vcpu` is ready.
     fn notify(&self, vcpu: u32);
+    /// Requester indicators (ABI 1.10): the requester with route slot `slot` (see
+    /// `rebound_abi::indicator::slot`) has work: set its bit in the `pending` word of the vCPUs
+    /// that routed it (`vcpu`: only that one's, for a vCPU's own I/O ring; None: every vCPU's).
+    /// Called before the wake-up, so that a vCPU woken from `BLOCK` sees the bit.
+    fn indicate(&self, _vcpu: Option<u32>, _slot: usize) {}
 }
 
 /// A device's output that output commit can hold: what the guest sends out during an epoch is

@@ -18,10 +18,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use rebound_abi::errno;
 use rebound_abi::net::{
     self as abi_net, FRAME_OVERHEAD, LINK_UP, MAX_ENTRIES, NetDesc, RING_BROKEN,
 };
+use rebound_abi::{errno, indicator};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -1047,10 +1047,15 @@ impl<M: GuestMemory + Send + Sync + 'static> Nics<M> {
         true
     }
 
-    /// Wakes NIC `i`'s vCPU if the guest said it is idle (one wake-up per batch).
+    /// Wakes NIC `i`'s vCPU if the guest said it is idle (one wake-up per batch). The NIC's
+    /// indicator (ABI 1.10) is set first, busy or idle: a guest that dispatches on indicators
+    /// looks at the NIC only when its bit is set.
     fn wake(&self, i: usize) {
         let n = &self.nics[i];
         let Some(r) = *lock(&n.ring) else { return };
+        if let Some(slot) = indicator::slot(indicator::KIND_NET, i as u64) {
+            self.notify.indicate(None, slot);
+        }
         let idle = GuestAddress(r.gpa + 16);
         if self.mem.load::<u32>(idle, Ordering::Acquire).unwrap_or(0) != 0 {
             let _ = self.mem.store(0u32, idle, Ordering::Release);

@@ -159,9 +159,12 @@ struct Task {
 }
 
 /// Work that comes from outside the dispatcher's tasks (e.g. a queue in memory another VM
-/// fills). The dispatcher polls every source on each round, with no exit; a source with work
-/// wakes the tasks waiting on it. Sources are also told when the dispatcher goes idle, so they
-/// can tell the outside (another VM deciding whether to wake this one).
+/// fills). The dispatcher polls every source added with [`Dispatcher::add_source`] on each
+/// round, with no exit; one added with [`Dispatcher::add_source_with_bit`] only on the rounds
+/// its requester indicator (ABI 1.10, see [`crate::indicator`]) is set, after it had work, and
+/// after a block when it has a timer. A source with work wakes the tasks waiting on it. Sources
+/// are also told when the dispatcher goes idle, so they can tell the outside (another VM
+/// deciding whether to wake this one).
 ///
 /// The SDK's sources are the network [`Stack`](crate::net::Stack) and the shared-memory
 /// [`Inbox`](crate::share::Inbox); add them with [`Dispatcher::add_source`].
@@ -216,12 +219,23 @@ pub const DEFAULT_POLL_SPINS: u32 = 200;
 /// `pause`s between two looks at the sources while polling.
 const POLL_PAUSES: u32 = 16;
 
+/// Bits of the pending word (ABI 1.10).
+pub const INDICATOR_BITS: u32 = 64;
+
 /// Runs tasks on one vCPU until all have finished, blocking the vCPU in the VMM when none can
 /// run. See the [module documentation](self).
 pub struct Dispatcher {
     tasks: Vec<Task>,
     spawned: Spawner,
+    /// Sources polled on every round.
     sources: Vec<Rc<dyn Source>>,
+    /// Sources polled when their indicator bit is set, by bit.
+    indicated: Vec<Option<Rc<dyn Source>>>,
+    /// Bits of `indicated` in use.
+    indicated_mask: u64,
+    /// Bits to poll on the next round even if not pending: sources that had work (they may
+    /// have more) or a timer.
+    carry: u64,
     stats: Stats,
     poll_spins: u32,
     /// What a shutdown request does; None: the run ends.
@@ -235,6 +249,9 @@ impl Default for Dispatcher {
             tasks: Vec::new(),
             spawned: Spawner::default(),
             sources: Vec::new(),
+            indicated: (0..INDICATOR_BITS).map(|_| None).collect(),
+            indicated_mask: 0,
+            carry: 0,
             stats: Stats::default(),
             poll_spins: DEFAULT_POLL_SPINS,
             on_shutdown: None,
@@ -285,6 +302,73 @@ impl Dispatcher {
         self.sources.push(source);
     }
 
+    /// Adds a source polled only when bit `bit` (0..=63) of this vCPU's pending word is set
+    /// (ABI 1.10): the rounds that find no bit set touch none of these sources, so dozens of
+    /// them cost what one does. Route whatever signals the source to the same bit: a VMM
+    /// requester with [`indicator::route`](crate::indicator::route), guest code with
+    /// [`indicator::raise`](crate::indicator::raise). A source is also polled on the round
+    /// after it had work (it may have more) and after each block if it has a timer
+    /// ([`Source::next_timeout_ns`]). Returns false (and adds nothing) if `bit` is above 63
+    /// or taken. Under a VMM older than ABI 1.10 (no indicators), the source is polled on
+    /// every round, as with [`add_source`](Self::add_source).
+    pub fn add_source_with_bit(&mut self, source: Rc<dyn Source>, bit: u32) -> bool {
+        if bit >= INDICATOR_BITS || self.indicated_mask & (1 << bit) != 0 {
+            return false;
+        }
+        // The bit is taken either way, so the same calls fail the same way on any VMM.
+        self.indicated_mask |= 1 << bit;
+        if !crate::indicator::available() {
+            self.sources.push(source);
+            return true;
+        }
+        self.indicated[bit as usize] = Some(source);
+        // Polled once at start: work that came before its route was set.
+        self.carry |= 1 << bit;
+        true
+    }
+
+    /// Like [`add_source_with_bit`](Self::add_source_with_bit) with the lowest free bit;
+    /// returns it, None if all 64 are taken.
+    pub fn add_indicated_source(&mut self, source: Rc<dyn Source>) -> Option<u32> {
+        let bit = (!self.indicated_mask).trailing_zeros();
+        (bit < INDICATOR_BITS && self.add_source_with_bit(source, bit)).then_some(bit)
+    }
+
+    /// One look at the sources: takes this vCPU's pending bits and polls the sources with a
+    /// bit that is set (or carried over), then every source without a bit. Returns how many
+    /// had work. [`run`](Self::run) calls it once per round; exposed for measurements.
+    pub fn poll_sources(&mut self) -> u32 {
+        let mut n = 0;
+        if self.indicated_mask != 0 {
+            let mut bits = (crate::indicator::take() | self.carry) & self.indicated_mask;
+            self.carry = 0;
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                if let Some(s) = &self.indicated[bit as usize]
+                    && s.poll()
+                {
+                    self.carry |= 1 << bit;
+                    n += 1;
+                }
+            }
+        }
+        for s in &self.sources {
+            n += u32::from(s.poll());
+        }
+        n
+    }
+
+    /// Every source, with or without a bit.
+    fn all_sources(&self) -> impl Iterator<Item = &Rc<dyn Source>> {
+        self.sources.iter().chain(self.indicated.iter().flatten())
+    }
+
+    /// Whether the dispatcher has any source.
+    fn has_sources(&self) -> bool {
+        !self.sources.is_empty() || self.indicated_mask != 0
+    }
+
     /// Runs every task to completion, blocking the vCPU in the VMM when none can run, and
     /// returns what it did.
     ///
@@ -296,7 +380,7 @@ impl Dispatcher {
     /// sources, at most 100 ms (less if a source's timer says so); otherwise 1 ms, so that
     /// tasks woken from elsewhere are seen.
     pub fn run(&mut self) -> Stats {
-        let has_sources = !self.sources.is_empty();
+        let has_sources = self.has_sources();
         self.run_inner(move |waiting_on_io, timeout| {
             // With I/O outstanding the VMM wakes us when it completes, and a VM with sources
             // is woken by whoever gives it work; tasks parked on other wakers (e.g. from
@@ -306,19 +390,22 @@ impl Dispatcher {
                 (true, false) => u64::MAX,
                 (false, false) => 1_000_000,
             };
-            crate::hypercall::block(timeout.map_or(default, |t| t.min(default)));
+            crate::hypercall::block(timeout.map_or(default, |t| t.min(default)))
         })
     }
 
     /// Like [`run`](Self::run) with a custom idle step, called with whether any task waits on a
     /// completion indicator.
     pub fn run_with(&mut self, mut idle: impl FnMut(bool)) -> Stats {
-        self.run_inner(|waiting_on_io, _| idle(waiting_on_io))
+        self.run_inner(|waiting_on_io, _| {
+            idle(waiting_on_io);
+            false
+        })
     }
 
     /// The loop; `idle` is called with whether a task waits on an indicator and the sources'
-    /// smallest timeout.
-    fn run_inner(&mut self, mut idle: impl FnMut(bool, Option<u64>)) -> Stats {
+    /// smallest timeout, and returns whether it timed out (nothing woke it).
+    fn run_inner(&mut self, mut idle: impl FnMut(bool, Option<u64>) -> bool) -> Stats {
         loop {
             crate::hypercall::beat();
             self.tasks.append(&mut self.spawned.queue.borrow_mut());
@@ -335,9 +422,7 @@ impl Dispatcher {
                     }
                 }
             }
-            for s in &self.sources {
-                s.poll();
-            }
+            self.poll_sources();
             let mut ran = false;
             let mut waiting_on_io = false;
             let mut i = 0;
@@ -366,28 +451,44 @@ impl Dispatcher {
                     i += 1;
                 }
             }
-            if !ran && !self.sources.is_empty() && self.poll_briefly() {
+            if !ran && self.has_sources() && self.poll_briefly() {
                 continue;
             }
             if !ran {
                 // Idle: say so, then look once more (work that came just before we said so
-                // would otherwise wait for the next wake-up that nobody sends).
-                for s in &self.sources {
+                // would otherwise wait for the next wake-up that nobody sends). The pending
+                // word is swapped after the sources said they are idle: a requester sets its
+                // bit before it looks whether to wake us, so one of the two sees the other.
+                for s in self.all_sources() {
                     s.idle(true);
                 }
-                let work = self.sources.iter().fold(false, |w, s| s.poll() | w);
-                let timeout = self
-                    .sources
-                    .iter()
-                    .filter_map(|s| s.next_timeout_ns())
-                    .min();
+                let work = self.poll_sources() > 0;
+                let mut timeout = None;
+                let mut timed = 0u64;
+                for s in &self.sources {
+                    timeout = min_some(timeout, s.next_timeout_ns());
+                }
+                for (bit, s) in self.indicated.iter().enumerate() {
+                    if let Some(t) = s.as_ref().and_then(|s| s.next_timeout_ns()) {
+                        timeout = min_some(timeout, Some(t));
+                        timed |= 1 << bit;
+                    }
+                }
+                // A source with a timer is polled after the block, whatever woke it: its
+                // timer may be due and nothing sets its bit for that.
+                self.carry |= timed;
                 // A task spawned by a source's waker, or a timer already due: no block.
                 let spawned = !self.spawned.queue.borrow().is_empty();
                 if !work && !spawned && timeout != Some(0) {
                     self.stats.blocks += 1;
-                    idle(waiting_on_io, timeout);
+                    if idle(waiting_on_io, timeout) {
+                        // Nothing for a whole block: look at every source once. A safety net
+                        // only (a bit set by a requester outside the ABI's, or lost with a
+                        // host-side bug, costs at most one block's wait), cheap at this rate.
+                        self.carry |= self.indicated_mask;
+                    }
                 }
-                for s in &self.sources {
+                for s in self.all_sources() {
                     s.idle(false);
                 }
             }
@@ -397,9 +498,9 @@ impl Dispatcher {
 
     /// Polls the sources for a while; whether one has work. Looks every few pauses only, so
     /// that polling does not keep stealing the cache lines a producer in another VM writes.
-    fn poll_briefly(&self) -> bool {
+    fn poll_briefly(&mut self) -> bool {
         for _ in 0..self.poll_spins {
-            if self.sources.iter().fold(false, |w, s| s.poll() | w) {
+            if self.poll_sources() > 0 {
                 return true;
             }
             for _ in 0..POLL_PAUSES {
@@ -412,6 +513,15 @@ impl Dispatcher {
     /// Statistics so far.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+}
+
+/// The smaller of two optional timeouts (None: no timer).
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
     }
 }
 
@@ -573,10 +683,94 @@ mod tests {
             if seen.len() == 3 {
                 waker.borrow().as_ref().unwrap().wake_by_ref();
             }
+            false
         });
         assert_eq!(seen, vec![None, Some(5_000_000), Some(2_000_000)]);
         assert_eq!(stats.blocks, 3, "the zero timeout did not block");
         assert!(!timer.idle.get(), "told it runs again");
+    }
+
+    /// Counts its polls; has work while `work` is set.
+    #[derive(Default)]
+    struct Counted {
+        polls: Cell<u32>,
+        work: Cell<bool>,
+    }
+
+    impl Source for Counted {
+        fn poll(&self) -> bool {
+            self.polls.set(self.polls.get() + 1);
+            self.work.replace(false)
+        }
+    }
+
+    #[test]
+    fn with_64_indicated_sources_and_one_pending_one_is_polled() {
+        let mut d = Dispatcher::new();
+        let sources: Vec<Rc<Counted>> = (0..64).map(|_| Rc::new(Counted::default())).collect();
+        for s in &sources {
+            assert!(d.add_indicated_source(s.clone()).is_some());
+        }
+        assert_eq!(d.add_indicated_source(Rc::new(Counted::default())), None);
+        assert!(
+            !d.add_source_with_bit(Rc::new(Counted::default()), 3),
+            "taken"
+        );
+        assert!(
+            !d.add_source_with_bit(Rc::new(Counted::default()), 64),
+            "no such bit"
+        );
+        // The first look polls everything once (work from before the routes were set).
+        d.poll_sources();
+        let polls = || sources.iter().map(|s| s.polls.get()).collect::<Vec<_>>();
+        assert!(polls().iter().all(|&p| p == 1));
+        // Nothing pending: nothing touched.
+        d.poll_sources();
+        assert!(polls().iter().all(|&p| p == 1));
+        sources[41].work.set(true);
+        crate::indicator::raise(1 << 41);
+        assert_eq!(d.poll_sources(), 1);
+        let p = polls();
+        assert_eq!(p[41], 2);
+        assert_eq!(p.iter().sum::<u32>(), 65, "one source touched");
+        // It had work: polled once more, then left alone.
+        assert_eq!(d.poll_sources(), 0);
+        d.poll_sources();
+        assert_eq!(polls().iter().sum::<u32>(), 66);
+    }
+
+    #[test]
+    fn indicated_sources_with_a_timer_are_polled_after_a_block() {
+        let timer = Rc::new(Timer {
+            timeouts: RefCell::new(vec![Some(1_000_000), Some(1_000_000)]),
+            polls: Cell::new(0),
+            idle: Cell::new(false),
+        });
+        let mut d = Dispatcher::new();
+        d.set_poll_spins(0);
+        assert!(d.add_source_with_bit(timer.clone(), 9));
+        let waker: Rc<RefCell<Option<Waker>>> = Rc::default();
+        let w = Rc::clone(&waker);
+        d.spawn(poll_fn(move |cx| {
+            if w.borrow().is_some() {
+                return Poll::Ready(());
+            }
+            *w.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }));
+        let mut blocks = 0;
+        let t = timer.clone();
+        d.run_inner(|_, timeout| {
+            blocks += 1;
+            assert_eq!(timeout, Some(1_000_000));
+            if blocks == 2 {
+                // Polled after the first block with no bit set: its timer may be due.
+                assert_eq!(t.polls.get(), 2, "at start and after the first block");
+                waker.borrow().as_ref().unwrap().wake_by_ref();
+            }
+            false
+        });
+        assert_eq!(blocks, 2);
     }
 
     trait ThenUnit: Future + Sized {

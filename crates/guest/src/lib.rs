@@ -86,6 +86,7 @@ pub mod capacity;
 pub mod console;
 pub mod dispatch;
 pub mod hypercall;
+pub mod indicator;
 pub mod io;
 pub mod memory;
 pub mod nested;

@@ -111,6 +111,23 @@ const TESTGUEST_MODES: &[Mode] = &[
         "",
         "memory class hypercalls with hostile arguments: each must fail cleanly",
     ),
+    mode(
+        "indicators",
+        "io [MS] | share REGION",
+        "64 dispatcher sources with indicator bits (ABI 1.10), one made pending by the VMM: \
+         an I/O ring timer of MS ms (5) or a wake-up through REGION; checks one was polled",
+    ),
+    mode(
+        "indhostile",
+        "",
+        "INDICATOR_SET with hostile arguments and garbage route bytes: each must fail cleanly",
+    ),
+    mode(
+        "indbench",
+        "[ROUNDS]",
+        "ns per dispatch round with 1 of N sources pending (N = 1..64), indicators against \
+         scanning, ROUNDS (200000) rounds, fastest of 5",
+    ),
     mode("fault-pf", "", "page fault: write to an unmapped address"),
     mode("fault-gp", "", "general protection fault: hlt at CPL3"),
     mode("fault-ud", "", "invalid opcode: ud2"),
@@ -542,7 +559,8 @@ mod tests {
             + &source("testguest/src/capacity.rs")
             + &source("testguest/src/emulation.rs")
             + &source("testguest/src/programs.rs")
-            + &source("testguest/src/nested.rs");
+            + &source("testguest/src/nested.rs")
+            + &source("testguest/src/indicators.rs");
         let in_source = dispatched(&src);
         assert!(in_source.len() > 20, "the parser found {in_source:?}");
         let guest = GUESTS.iter().find(|g| g.name == "testguest").unwrap();

@@ -8,7 +8,8 @@ use std::mem::offset_of;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rebound_abi::{
-    ABI_VERSION, BLOCK_TIMED_OUT, BLOCK_WOKEN, CONSOLE_WRITE_MAX, VcpuPage, errno, nr,
+    ABI_VERSION, BLOCK_TIMED_OUT, BLOCK_WOKEN, CONSOLE_WRITE_MAX, VCPU_PAGE_ROUTES_OFFSET,
+    VcpuPage, errno, indicator, nr,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -112,6 +113,10 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
         ),
         nr::NESTED_RUN => (vm.nested.run(vm, args[0], args[1], args[2]), Flow::Continue),
         nr::NESTED_DESTROY => (vm.nested.destroy(vm, args[0]), Flow::Continue),
+        nr::INDICATOR_SET => (
+            indicator_set(vm, page, args[0], args[1], args[2]),
+            Flow::Continue,
+        ),
         nr::GENERATION => (
             vm.generation.load(std::sync::atomic::Ordering::Relaxed) as i64,
             Flow::Continue,
@@ -149,6 +154,24 @@ fn console_write(vm: &VmShared, ptr: u64, len: u64) -> i64 {
             Err(_) => errno::EIO,
         },
         Err(e) => e,
+    }
+}
+
+/// `INDICATOR_SET` (ABI 1.10): writes the route byte of requester `(kind, index)` in the
+/// calling vCPU's page (`page`): `bit + 1`, or 0 for [`indicator::NONE`].
+fn indicator_set(vm: &VmShared, page: u64, kind: u64, index: u64, bit: u64) -> i64 {
+    let Some(slot) = indicator::slot(kind, index) else {
+        return errno::EINVAL;
+    };
+    let route = match bit {
+        indicator::NONE => 0u8,
+        0..=63 => bit as u8 + 1,
+        _ => return errno::EINVAL,
+    };
+    let at = GuestAddress(page + VCPU_PAGE_ROUTES_OFFSET + slot as u64);
+    match vm.mem.write_obj(route, at) {
+        Ok(()) => 0,
+        Err(_) => errno::EFAULT,
     }
 }
 

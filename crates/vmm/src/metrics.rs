@@ -139,7 +139,8 @@ impl Metrics {
         for n in 0..=nr::COUNT as u32 {
             let v = get(&self.hypercalls[n as usize]);
             if v > 0 {
-                hypercalls.insert(nr::name(n), v);
+                // Unassigned numbers below COUNT and the overflow bucket share "unknown".
+                *hypercalls.entry(nr::name(n)).or_insert(0) += v;
             }
         }
         let mut hypercall_errors = BTreeMap::new();
@@ -167,6 +168,8 @@ impl Metrics {
             bad_port_accesses: get(&self.bad_ports),
             bad_mmio_accesses: get(&self.bad_mmio),
             interrupts_injected: get(&self.interrupts_injected),
+            // Counted by the waiters; filled in by `Vm::metrics`.
+            indicators_set: 0,
             block: BlockCounts {
                 woken_by_event: get(&self.block_events),
                 timed_out: get(&self.block_timeouts),
@@ -249,6 +252,8 @@ pub struct MetricsSnapshot {
     pub bad_mmio_accesses: u64,
     /// Interrupts injected into the guest (SDK guests: always 0).
     pub interrupts_injected: u64,
+    /// Requester indicator bits the VMM set in vCPU pages (ABI 1.10).
+    pub indicators_set: u64,
     /// `BLOCK` outcomes.
     pub block: BlockCounts,
     /// Pause latency.

@@ -208,6 +208,9 @@ impl Classes {
             .store(seq, at(abi::REQUEST_SEQ_OFFSET), Ordering::Release)
             .ok()?;
         self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(route) = rebound_abi::indicator::slot(rebound_abi::indicator::KIND_MEMORY, 0) {
+            rebound_devices::Notify::indicate(&*vm.waiters, None, route);
+        }
         rebound_devices::Notify::notify(&*vm.waiters, vcpu.min(vm.layout.vcpus() - 1));
         Some(seq)
     }

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
+use rebound_abi::indicator;
 use rebound_abi::share::{self, LockEntry, Member, RegionHeader, ShareEntry, ShareTable};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -829,13 +830,20 @@ impl Shares {
             return Err(e);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        // Read here, not in the thread: a ring between the attach and the thread's first look
+        // would otherwise go unseen (and a guest dispatching on indicators never looks at
+        // the region without its bit).
+        let seen = region.doorbell(slot).load(Ordering::Acquire);
         let watcher = {
             let (region, stop, waiters) = (region.clone(), stop.clone(), waiters.clone());
             let all_stop = self.stop.clone();
             let counters = self.counters.clone();
             std::thread::Builder::new()
                 .name(format!("rebound-share-{index}"))
-                .spawn(move || watch(&region, slot, &stop, &all_stop, &waiters, &counters))
+                .spawn(move || {
+                    let at = Watch { slot, index, seen };
+                    watch(&region, at, &stop, &all_stop, &waiters, &counters)
+                })
                 .map_err(|e| err(format!("cannot start a share watcher: {e}")))?
         };
         table[index] = Some(Attachment {
@@ -1342,18 +1350,26 @@ fn write_table(mem: &GuestMemory, vm_id: u64, table: &[Option<Attachment>]) -> R
         .map_err(|e| err(format!("cannot write the share table: {e}")))
 }
 
+/// What a watcher watches: its member slot, the region's table index, the doorbell value it
+/// starts from.
+struct Watch {
+    slot: usize,
+    index: usize,
+    seen: u32,
+}
+
 /// The watcher of this VM's member slot in one region: wakes the VM's vCPUs when another VM
-/// rings its doorbell.
+/// rings its doorbell, after setting the region's indicator (ABI 1.10).
 fn watch(
     region: &Region,
-    slot: usize,
+    Watch { slot, index, seen }: Watch,
     stop: &AtomicBool,
     all_stop: &AtomicBool,
     waiters: &Waiters,
     counters: &ShareCounters,
 ) {
     let bell = region.doorbell(slot);
-    let mut seen = bell.load(Ordering::Acquire);
+    let mut seen = seen;
     loop {
         futex_wait(bell, seen, WATCH_POLL);
         if stop.load(Ordering::Acquire) || all_stop.load(Ordering::Acquire) {
@@ -1363,6 +1379,10 @@ fn watch(
         if now != seen {
             seen = now;
             counters.wakeups_received.fetch_add(1, Ordering::Relaxed);
+            // The region's indicator (ABI 1.10) first, so the woken vCPUs see it.
+            if let Some(route) = indicator::slot(indicator::KIND_SHARE, index as u64) {
+                rebound_devices::Notify::indicate(waiters, None, route);
+            }
             waiters.notify_all();
         }
     }

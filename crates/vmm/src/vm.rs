@@ -897,7 +897,8 @@ impl Vm {
             classes.set_state(t);
         }
 
-        let waiters = Arc::new(Waiters::new(layout.vcpus()));
+        let waiters =
+            Arc::new(Waiters::new(layout.vcpus()).with_pages(mem.clone(), layout.vcpu_page(0)));
         let disk = disk.map(|d| Arc::new(HeldDisk::new(d)));
         if let Some(d) = &disk
             && d.disk()
@@ -1729,6 +1730,7 @@ impl Vm {
         m.memory = self.memory_report();
         m.emulation = s.emulator.snapshot();
         m.programs = s.programs.stats();
+        m.indicators_set = s.waiters.indicated();
         m
     }
 

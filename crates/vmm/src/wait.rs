@@ -5,7 +5,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rebound_abi::{PAGE_SIZE, VCPU_PAGE_PENDING_OFFSET, VCPU_PAGE_ROUTES_OFFSET, indicator};
 use rebound_devices::Notify;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, VolatileMemory};
+
+use crate::memory::GuestMemory;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -161,6 +166,10 @@ pub struct Waiters {
     slots: Vec<Waiter>,
     /// vCPUs in `BLOCK` now (a guest that waits, not one that stopped making progress).
     blocked: std::sync::atomic::AtomicU32,
+    /// Guest memory and vCPU 0's page address: where requester indicators (ABI 1.10) go.
+    pages: Option<(GuestMemory, u64)>,
+    /// Indicator bits set (diagnostic).
+    indicated: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a vCPU as blocked while it lives.
@@ -177,7 +186,44 @@ impl Waiters {
         Self {
             slots: (0..vcpus).map(|_| Waiter::default()).collect(),
             blocked: std::sync::atomic::AtomicU32::new(0),
+            pages: None,
+            indicated: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Sets requester indicators (ABI 1.10) in the vCPU pages of `mem`, vCPU `i`'s at
+    /// `first_page + i * PAGE_SIZE`.
+    pub fn with_pages(mut self, mem: GuestMemory, first_page: u64) -> Self {
+        self.pages = Some((mem, first_page));
+        self
+    }
+
+    /// Indicator bits set so far.
+    pub fn indicated(&self) -> u64 {
+        self.indicated.load(Ordering::Relaxed)
+    }
+
+    /// ORs the bit vCPU `vcpu` routed route slot `slot` to into its `pending` word, if it
+    /// routed it. The route byte is the guest's: a bad value is no route.
+    fn set_pending(&self, mem: &GuestMemory, first_page: u64, vcpu: u32, slot: usize) {
+        let page = first_page + u64::from(vcpu) * PAGE_SIZE;
+        let route = GuestAddress(page + VCPU_PAGE_ROUTES_OFFSET + slot as u64);
+        let Some(bit) = mem.read_obj::<u8>(route).ok().and_then(indicator::bit_of) else {
+            return;
+        };
+        let Ok(word) = mem.get_slice(GuestAddress(page + VCPU_PAGE_PENDING_OFFSET), 8) else {
+            return;
+        };
+        let Ok(atomic) = word.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) else {
+            return;
+        };
+        // SeqCst (a locked OR on x86): ordered before the wake-up that follows, and before
+        // any "is the guest idle?" load a requester makes after it (the guest does the mirror
+        // image: it says it is idle, then swaps the word).
+        atomic.fetch_or(1u64 << bit, Ordering::SeqCst);
+        // A write behind KVM's dirty log: record it for checkpoints.
+        word.bitmap().mark_dirty(0, 8);
+        self.indicated.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many vCPUs are in `BLOCK` now.
@@ -254,6 +300,25 @@ impl Notify for Waiters {
             w.cv.notify_all();
         }
     }
+
+    fn indicate(&self, vcpu: Option<u32>, slot: usize) {
+        let Some((mem, first_page)) = &self.pages else {
+            return;
+        };
+        if slot >= indicator::ROUTES {
+            return;
+        }
+        let vcpus = self.slots.len() as u32;
+        match vcpu {
+            Some(v) if v < vcpus => self.set_pending(mem, *first_page, v, slot),
+            Some(_) => {}
+            None => {
+                for v in 0..vcpus {
+                    self.set_pending(mem, *first_page, v, slot);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +326,39 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+
+    #[test]
+    fn indicators_set_routed_bits_only_and_ignore_bad_routes() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let page = |v: u64| 0x1000 + v * PAGE_SIZE;
+        let route = |v: u64, slot: u64, b: u8| {
+            mem.write_obj(b, GuestAddress(page(v) + VCPU_PAGE_ROUTES_OFFSET + slot))
+                .unwrap()
+        };
+        let pending = |v: u64| {
+            mem.read_obj::<u64>(GuestAddress(page(v) + VCPU_PAGE_PENDING_OFFSET))
+                .unwrap()
+        };
+        let w = Waiters::new(2).with_pages(mem.clone(), page(0));
+        route(0, 0, 18); // vCPU 0's ring: bit 17
+        route(1, 0, 200); // garbage: no route
+        route(0, 9, 1); // shared region 0: bit 0 on vCPU 0 ...
+        route(1, 9, 64); // ... and bit 63 on vCPU 1
+        w.indicate(Some(0), 0);
+        w.indicate(Some(1), 0);
+        w.indicate(Some(7), 0); // no such vCPU
+        w.indicate(None, 99); // no such slot
+        assert_eq!(pending(0), 1 << 17);
+        assert_eq!(pending(1), 0);
+        w.indicate(None, 9);
+        assert_eq!(pending(0), 1 << 17 | 1);
+        assert_eq!(pending(1), 1 << 63);
+        assert_eq!(w.indicated(), 3);
+        // vCPU pages past the end of memory: nothing happens, nothing panics.
+        let w = Waiters::new(8).with_pages(mem.clone(), page(2));
+        w.indicate(None, 9);
+        assert_eq!(w.indicated(), 0);
+    }
 
     #[test]
     fn event_before_block_is_not_lost() {

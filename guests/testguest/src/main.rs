@@ -7,6 +7,7 @@ extern crate alloc;
 
 mod capacity;
 mod emulation;
+mod indicators;
 mod memory;
 mod nested;
 mod net;
@@ -150,6 +151,7 @@ fn main(cpu: Cpu) -> i32 {
                 .or_else(|| emulation::run(other, |i, d| arg(&cpu, i, d)))
                 .or_else(|| programs::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| nested::run(other, &cpu, |i, d| arg(&cpu, i, d)))
+                .or_else(|| indicators::run(other, &cpu, |i, d| arg(&cpu, i, d)))
             {
                 Some(code) => code,
                 None => {
