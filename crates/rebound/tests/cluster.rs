@@ -105,9 +105,18 @@ fn a_killed_primary_resumes_from_its_standby_and_nothing_it_released_is_ahead_of
         .spawn()
         .unwrap();
     let out = collect(&mut restored);
-    wait_until("the restored VM to tick", Duration::from_secs(60), || {
-        ticks(&out.lock().unwrap()).len() >= 20
-    });
+    // Drained, so the VMM never blocks writing its log; shown if it does not tick.
+    let err = collect_lines(restored.stderr.take().unwrap());
+    let t0 = std::time::Instant::now();
+    while ticks(&out.lock().unwrap()).len() < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the restored VM did not tick: {}\n{}",
+            out.lock().unwrap(),
+            err.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     kill9(&mut restored);
     let resumed = ticks(&out.lock().unwrap());
     let first = resumed[0];
