@@ -373,8 +373,15 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode(
         "emucpuid",
-        "[N]",
-        "cpuid leaf 0 N (1000) times, timed, results compared",
+        "[N] [SPIN]",
+        "cpuid leaf 0 unarmed, armed and emulated, then replaced N (1000) times, timed, results \
+         compared; with SPIN 1, keep checking until the host writes the printed flag, then run \
+         emusmc",
+    ),
+    mode(
+        "emusmc",
+        "",
+        "self-modifying code on a page whose cpuid was replaced: the new code runs",
     ),
     mode(
         "emucall",

@@ -218,7 +218,7 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
                     break;
                 }
             }
-            Next::Fault(FaultSource::Stub) if vm.emulator.fault(&fd, id, &vm) => {}
+            Next::Fault(FaultSource::Stub) if vm.emulator.fault(&mut fd, id, &vm) => {}
             Next::Fault(src) => {
                 let mut report = match src {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),
