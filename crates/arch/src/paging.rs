@@ -187,32 +187,37 @@ pub fn overlay_tables<M: GuestMemory>(
         }
         let gib = o.va >> 30;
         let region = o.va & !(REGION - 1);
-        if !pds.contains_key(&gib) {
-            let e = pdpt_base[gib as usize];
-            if e & PTE_P == 0 || e & PTE_PS != 0 {
-                return Err(Error::Layout(format!("no page directory for {:#x}", o.va)));
-            }
-            pds.insert(gib, read_table(mem, e)?);
-        }
-        if !regions.contains_key(&region) {
-            let pde = pds[&gib][((region >> 21) & 511) as usize];
-            let table = if pde & PTE_P == 0 {
-                return Err(Error::Layout(format!("{:#x} is not mapped", o.va)));
-            } else if pde & PTE_PS != 0 {
-                let flags = (pde & 0xfff & !PTE_PS) | (pde & PTE_NX);
-                let mut t = [0u64; 512];
-                for (i, e) in t.iter_mut().enumerate() {
-                    *e = ((pde & ADDR_2M) + i as u64 * PAGE_SIZE) | flags;
+        let pd = match pds.entry(gib) {
+            std::collections::btree_map::Entry::Occupied(e) => *e.get(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let e = pdpt_base[gib as usize];
+                if e & PTE_P == 0 || e & PTE_PS != 0 {
+                    return Err(Error::Layout(format!("no page directory for {:#x}", o.va)));
                 }
-                t
-            } else {
-                read_table(mem, pde)?
-            };
-            regions.insert(region, table);
-        }
-        if let Some(t) = regions.get_mut(&region) {
-            t[((o.va >> 12) & 511) as usize] = o.gpa | o.flags;
-        }
+                *v.insert(read_table(mem, e)?)
+            }
+        };
+        let table = match regions.entry(region) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let pde = pd[((region >> 21) & 511) as usize];
+                let t = if pde & PTE_P == 0 {
+                    return Err(Error::Layout(format!("{:#x} is not mapped", o.va)));
+                } else if pde & PTE_PS != 0 {
+                    // A 2 MiB page split into 512 pages with its flags (PAT is not used).
+                    let flags = (pde & 0xfff & !PTE_PS) | (pde & PTE_NX);
+                    let mut t = [0u64; 512];
+                    for (i, e) in t.iter_mut().enumerate() {
+                        *e = ((pde & ADDR_2M) + i as u64 * PAGE_SIZE) | flags;
+                    }
+                    t
+                } else {
+                    read_table(mem, pde)?
+                };
+                v.insert(t)
+            }
+        };
+        table[((o.va >> 12) & 511) as usize] = o.gpa | o.flags;
     }
     for (region, table) in &regions {
         let at = alloc()?;

@@ -57,7 +57,7 @@ impl Frame {
         self.words[ERROR]
     }
 
-    pub(crate) fn from_user(&self) -> bool {
+    pub(crate) fn at_cpl3(&self) -> bool {
         self.words[CS] & 3 == u64::from(USER_CS & 3)
     }
 

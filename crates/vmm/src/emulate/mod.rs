@@ -196,7 +196,7 @@ impl Emulator {
         };
         let rip = frame.rip();
         // A write (present, write, user) to a page mapped to a copy: drop the copy.
-        if frame.from_user() && frame.vector() == 14 && frame.error() & 7 == 7 {
+        if frame.at_cpl3() && frame.vector() == 14 && frame.error() & 7 == 7 {
             let Ok(sregs) = fd.get_sregs() else {
                 return false;
             };
@@ -216,7 +216,7 @@ impl Emulator {
                 None => {}
             }
         }
-        if frame.from_user() && frame.vector() == 6 && self.replacer.is_armed(rip) {
+        if frame.at_cpl3() && frame.vector() == 6 && self.replacer.is_armed(rip) {
             return self.armed_cpuid(fd, vm, frame);
         }
         match insn::emulate(fd, vcpu, vm, &mut frame) {
