@@ -152,6 +152,23 @@ core::arch::global_asm!(
     "pop rbx",
     "ret",
     ".size rb_smc, . - rb_smc",
+    // A displaced instruction that writes its own page: the write faults in the trampoline.
+    ".globl rb_smc_store",
+    ".type rb_smc_store,@function",
+    "rb_smc_store:",
+    "push rbx",
+    "lea rdi, [rip + rb_smc_data]",
+    "xor eax, eax",
+    "xor ecx, ecx",
+    "cpuid",
+    "mov [rdi], eax",
+    "mov [rdi + 4], ebx",
+    "pop rbx",
+    "ret",
+    ".size rb_smc_store, . - rb_smc_store",
+    ".globl rb_smc_data",
+    "rb_smc_data:",
+    ".quad 0",
     ".p2align 12",
     ".popsection",
 );
@@ -159,7 +176,9 @@ core::arch::global_asm!(
 unsafe extern "C" {
     fn rb_raw_cpuid(leaf: u32, out: *mut [u32; 4]);
     fn rb_smc(leaf: u32) -> u32;
+    fn rb_smc_store();
     static rb_smc_mov: u8;
+    static rb_smc_data: u64;
 }
 
 fn raw_cpuid(leaf: u32) -> [u32; 4] {
@@ -304,7 +323,24 @@ fn smc() -> i32 {
             return 1;
         }
     }
-    println!("emusmc ok ns_per_op={}", (time::monotonic_ns() - t0) / 200);
+    let ns = (time::monotonic_ns() - t0) / 200;
+    // A site whose displaced store writes its own page, again and again: each store after a
+    // replacement faults from the trampoline; the VMM drops the copy and the store completes
+    // in the original (and after a few drops stops copying the page).
+    let want = leaf(0);
+    for i in 0..300 {
+        // SAFETY: zeroing the data word `rb_smc_store` writes; nothing else uses it.
+        unsafe { core::ptr::write_volatile(&raw const rb_smc_data as *mut u64, 0) };
+        // SAFETY: `rb_smc_store` follows the C ABI and writes only `rb_smc_data`.
+        unsafe { rb_smc_store() };
+        // SAFETY: reading the word back.
+        let got = unsafe { core::ptr::read_volatile(&raw const rb_smc_data) };
+        if got != u64::from(want[0]) | (u64::from(want[1]) << 32) {
+            println!("emusmc: store {i} wrote {got:#x}");
+            return 1;
+        }
+    }
+    println!("emusmc ok ns_per_op={ns}");
     0
 }
 

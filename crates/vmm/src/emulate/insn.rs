@@ -73,6 +73,10 @@ impl Frame {
         self.words[RIP] = self.words[RIP].wrapping_add(len);
     }
 
+    pub(crate) fn set_rip(&mut self, rip: u64) {
+        self.words[RIP] = rip;
+    }
+
     fn set(&mut self, i: usize, v: u64) {
         self.words[i] = v;
     }

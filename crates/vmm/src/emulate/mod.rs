@@ -200,8 +200,15 @@ impl Emulator {
             let Ok(sregs) = fd.get_sregs() else {
                 return false;
             };
-            match self.replacer.write_watch(fd, vm, sregs.cr2) {
+            let mut at = rip;
+            match self.replacer.write_watch(fd, vm, sregs.cr2, &mut at) {
                 Some(Ok(sites)) => {
+                    if at != rip {
+                        frame.set_rip(at);
+                        if !frame.write(vm) {
+                            return false;
+                        }
+                    }
                     self.copies_dropped.fetch_add(1, Ordering::Relaxed);
                     let mut t = self.sites();
                     for s in sites {

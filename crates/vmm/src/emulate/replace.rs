@@ -124,7 +124,13 @@ pub(crate) struct Replacer {
     s: Mutex<ReplaceState>,
     /// Sites found not replaceable (no safe displacement, no room): not tried again.
     refused: Mutex<HashSet<u64>>,
+    /// Copies dropped per page in this process: a page the guest keeps writing is not copied
+    /// again after [`MAX_DROPS`] (each copy spends pool pages).
+    drops: Mutex<std::collections::HashMap<u64, u32>>,
 }
+
+/// Copies of one page dropped before its sites are no longer replaced.
+const MAX_DROPS: u32 = 3;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -290,6 +296,21 @@ fn trampoline(at: u64, site: &Replaced) -> Option<Vec<u8>> {
     (c.len() as u64 <= SLOT).then_some(c)
 }
 
+/// Offsets in a site's trampoline where copies of its displaced instructions start (the hit
+/// path's, if any, and the fallback's), from the code [`trampoline`] writes.
+fn displaced_offsets(site: &Replaced) -> Vec<u64> {
+    let d = site.displaced.len() as u64;
+    match site.cached {
+        Some(k) => {
+            let lookup = 14 + if k.subleaf.is_some() { 10 } else { 0 };
+            let hit = lookup + 20;
+            // hit path, `jmp back`, `mov ecx, edx`, `cpuid`
+            vec![hit, hit + d + 5 + 2 + 2]
+        }
+        None => vec![2],
+    }
+}
+
 /// Writes the copy of `pc.page` and its trampolines (fresh pool pages).
 fn write_copy(mem: &GuestMemoryMmap, pc: &PageCopy) -> Result<(), String> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -312,6 +333,17 @@ fn write_copy(mem: &GuestMemoryMmap, pc: &PageCopy) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     mem.write_slice(&page, GuestAddress(pc.copy))
         .map_err(|e| e.to_string())
+}
+
+/// The original address of the displaced instruction at `rip` in one of `pc`'s trampolines.
+fn original_of(pc: &PageCopy, rip: u64) -> Option<u64> {
+    let slot = rip.checked_sub(pc.tramp).filter(|o| *o < PAGE_SIZE)? / SLOT;
+    let site = pc.sites.get(slot as usize)?;
+    let off = rip - pc.tramp - slot * SLOT;
+    displaced_offsets(site).into_iter().find_map(|start| {
+        let d = off.checked_sub(start)?;
+        (d < site.displaced.len() as u64).then_some(site.rip + UD2.len() as u64 + d)
+    })
 }
 
 impl Replacer {
@@ -497,28 +529,44 @@ impl Replacer {
         Ok(())
     }
 
-    /// A write fault at `cr2`: if it hit a copied page, drops the copy (the vCPU switches to
-    /// a tree without it) and returns the sites that ran from it; the stub then runs the write
-    /// again on the original. None: not a copied page.
+    /// A write fault at `cr2` by the instruction at `*rip`: if it hit a copied page, drops the
+    /// copy (the vCPU switches to a tree without it) and returns the sites that ran from it;
+    /// the stub then runs the write again on the original. A write made by a displaced
+    /// instruction in the dropped copy's trampoline moves `*rip` to that instruction in the
+    /// original (the trampoline page is no longer mapped). None: not a copied page.
     pub(crate) fn write_watch(
         &self,
         fd: &mut VcpuFd,
         vm: &VmShared,
         cr2: u64,
+        rip: &mut u64,
     ) -> Option<Result<Vec<u64>, String>> {
         let page = cr2 & !(PAGE_SIZE - 1);
         let mut g = lock(&self.s);
         let i = g.copies.iter().position(|c| c.page == page)?;
         let mut copies = g.copies.clone();
         let dropped = copies.remove(i);
+        if let Some(orig) = original_of(&dropped, *rip) {
+            *rip = orig;
+        }
         Some(Self::switch(vm, fd, &copies).map(|root| {
             g.copies = copies;
             g.root = root;
             let sites: Vec<u64> = dropped.sites.iter().map(|s| s.rip).collect();
             drop(g);
+            let again = {
+                let mut d = lock(&self.drops);
+                let n = d.entry(page).or_insert(0);
+                *n += 1;
+                *n < MAX_DROPS
+            };
             let mut refused = lock(&self.refused);
             for s in &sites {
-                refused.remove(s);
+                if again {
+                    refused.remove(s);
+                } else {
+                    refused.insert(*s);
+                }
             }
             tracing::debug!(page, "emulation: copied page written; copy dropped");
             sites
@@ -605,6 +653,47 @@ mod tests {
             .map(|i| i.code())
             .collect();
         assert_eq!(codes, [Cpuid, Mov_r32_imm32, Jmp_rel32_64]);
+    }
+
+    #[test]
+    fn displaced_instructions_map_back_to_the_original() {
+        for cached in [
+            None,
+            Some(Cached {
+                leaf: 0,
+                subleaf: None,
+                regs: [1, 2, 3, 4],
+            }),
+            Some(Cached {
+                leaf: 7,
+                subleaf: Some(0),
+                regs: [1, 2, 3, 4],
+            }),
+        ] {
+            let site = Replaced {
+                rip: 0x40_1010,
+                end: 0x40_1017,
+                displaced: vec![0xb8, 7, 0, 0, 0],
+                cached,
+            };
+            let pc = PageCopy {
+                page: 0x40_1000,
+                copy: 0x3e0_0000,
+                tramp: 0x3e0_1000,
+                sites: vec![site.clone()],
+            };
+            let code = trampoline(pc.tramp, &site).unwrap();
+            let movs: Vec<u64> = decode_all(pc.tramp, &code)
+                .iter()
+                .filter(|i| i.code() == Code::Mov_r32_imm32 && i.immediate32() == 7)
+                .map(|i| i.ip())
+                .collect();
+            assert_eq!(movs.len(), if cached.is_some() { 2 } else { 1 });
+            for m in movs {
+                assert_eq!(original_of(&pc, m), Some(0x40_1012));
+            }
+            assert_eq!(original_of(&pc, pc.tramp), None);
+        }
     }
 
     #[test]
