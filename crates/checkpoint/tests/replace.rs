@@ -65,6 +65,7 @@ fn replaced_pages_survive_rollbacks() {
     vm_memory::Bytes::write_obj(vm.memory(), 1u64, vm_memory::GuestAddress(flag)).unwrap();
     assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
     assert!(engine.stats().rollbacks >= 1, "no rollback happened");
+    eprintln!("{rollbacks} rollbacks; {:?}", vm.metrics().emulation);
     let text = out.text();
     assert_eq!(text.matches("emucpuid n=").count(), 1, "{text}");
     assert!(text.contains("results intact"), "{text}");

@@ -258,15 +258,15 @@ fn rel32(from_next: u64, to: u64) -> Option<[u8; 4]> {
 }
 
 /// The trampoline of one site, placed at `at`. Flag-preserving and stack-free: the compares
-/// are `lea` + `jrcxz`, with `ebx`/`edx` as scratch (cpuid writes them anyway).
+/// are `lea` + `jrcxz`, with `edx` keeping the subleaf (cpuid writes it anyway).
 fn trampoline(at: u64, site: &Replaced) -> Option<Vec<u8>> {
     let mut c = Vec::new();
     let mut miss_jumps = Vec::new();
     if let Some(k) = site.cached {
-        // lea ebx, [rax - leaf]; mov edx, ecx; mov ecx, ebx; jrcxz +2; jmp short miss
-        c.extend_from_slice(&[0x8d, 0x98]);
+        // mov edx, ecx; lea ecx, [rax - leaf]; jrcxz +2; jmp short miss
+        c.extend_from_slice(&[0x89, 0xca, 0x8d, 0x88]);
         c.extend_from_slice(&k.leaf.wrapping_neg().to_le_bytes());
-        c.extend_from_slice(&[0x89, 0xca, 0x89, 0xd9, 0xe3, 0x02, 0xeb, 0x00]);
+        c.extend_from_slice(&[0xe3, 0x02, 0xeb, 0x00]);
         miss_jumps.push(c.len() - 1);
         if let Some(sub) = k.subleaf {
             // lea ecx, [rdx - subleaf]; jrcxz +2; jmp short miss
@@ -302,7 +302,7 @@ fn displaced_offsets(site: &Replaced) -> Vec<u64> {
     let d = site.displaced.len() as u64;
     match site.cached {
         Some(k) => {
-            let lookup = 14 + if k.subleaf.is_some() { 10 } else { 0 };
+            let lookup = 12 + if k.subleaf.is_some() { 10 } else { 0 };
             let hit = lookup + 20;
             // hit path, `jmp back`, `mov ecx, edx`, `cpuid`
             vec![hit, hit + d + 5 + 2 + 2]
@@ -608,9 +608,8 @@ mod tests {
         assert_eq!(
             codes,
             [
+                Mov_rm32_r32,
                 Lea_r32_m,
-                Mov_rm32_r32,
-                Mov_rm32_r32,
                 Jrcxz_rel8_64,
                 Jmp_rel8_64,
                 Lea_r32_m,
@@ -629,15 +628,18 @@ mod tests {
             ]
         );
         assert_eq!(
-            insns[0].memory_displacement32(),
+            insns[1].memory_displacement32(),
             0x8000_0002u32.wrapping_neg()
         );
+        assert_eq!(insns[1].op0_register(), iced_x86::Register::ECX);
+        assert_eq!(insns[4].memory_base(), iced_x86::Register::RDX);
         // Both misses land on `mov ecx, edx` before the real cpuid.
-        assert_eq!(insns[4].near_branch_target(), insns[14].ip());
-        assert_eq!(insns[7].near_branch_target(), insns[14].ip());
-        assert_eq!(insns[3].near_branch_target(), insns[5].ip());
-        assert_eq!(insns[13].near_branch_target(), site.end);
-        assert_eq!(insns[17].near_branch_target(), site.end);
+        assert_eq!(insns[3].near_branch_target(), insns[13].ip());
+        assert_eq!(insns[6].near_branch_target(), insns[13].ip());
+        assert_eq!(insns[2].near_branch_target(), insns[4].ip());
+        assert_eq!(insns[5].near_branch_target(), insns[7].ip());
+        assert_eq!(insns[12].near_branch_target(), site.end);
+        assert_eq!(insns[16].near_branch_target(), site.end);
         // Nothing touches flags or the stack.
         for i in &insns {
             assert!(i.rflags_modified() == 0, "{:?}", i.code());
