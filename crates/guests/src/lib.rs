@@ -379,6 +379,11 @@ const TESTGUEST_MODES: &[Mode] = &[
          emusmc",
     ),
     mode(
+        "emuprog",
+        "[N]",
+        "replace a cpuid site, run a program once, then N (1000) runs of the site and emusmc",
+    ),
+    mode(
         "emusmc",
         "",
         "self-modifying code on a page whose cpuid was replaced: the new code runs",

@@ -413,7 +413,9 @@ impl Programs {
                 let saved = Saved {
                     id,
                     regs: regs_to_vec(&regs),
-                    cr3: sregs.cr3,
+                    // Not the template's CR3: the supervisor's tree changes when the emulation
+                    // module maps code pages to copies or drops them.
+                    cr3: vm.emulator.replacer.supervisor_root(),
                     fault_gpa,
                 };
                 fd.set_regs(&kvm_regs {

@@ -65,6 +65,23 @@ fn self_modifying_code_on_a_replaced_page_runs_the_new_code() {
 }
 
 #[test]
+fn a_program_run_returns_to_the_copy() {
+    let (outcome, out, m) = run("emuprog 5000", 1, None);
+    assert_eq!(outcome, OK, "{out}");
+    assert!(out.contains("emusmc ok"), "{out}");
+    assert_eq!(m.programs.runs, 2, "{:?}", m.programs);
+    // leaf()'s site: hot at 64 of the first 101 runs, none of the 5000 after the program
+    // trapped (they ran from the copy on the supervisor's tree).
+    let site = m
+        .emulation
+        .sites
+        .iter()
+        .find(|s| s.op == "cpuid" && s.replaced)
+        .expect("leaf()'s site is replaced");
+    assert!(site.count < 101, "{site:?}");
+}
+
+#[test]
 fn multi_vcpu_vms_keep_sites_armed_and_emulated() {
     let (outcome, out, m) = run("emucpuid 200", 2, None);
     assert_eq!(outcome, OK, "{out}");

@@ -13,6 +13,7 @@ pub fn run(mode: &str, arg: impl Fn(usize, u64) -> u64) -> Option<i32> {
         "emurdmsr" => Some(rdmsr_loop(arg(1, 1000))),
         "emucpuid" => Some(cpuid_loop(arg(1, 1000), arg(2, 0) != 0)),
         "emusmc" => Some(smc()),
+        "emuprog" => Some(with_program(arg(1, 1000))),
         "emucall" => Some(call_loop(arg(1, 1_000_000))),
         "emuhlt" => {
             println!("emuhlt: halting");
@@ -289,6 +290,37 @@ fn cpuid_loop(n: u64, spin: bool) -> i32 {
         return smc();
     }
     0
+}
+
+/// A replaced site, then a program run (its own page tables) and back: the supervisor runs
+/// from the copy again (no trap: the host checks the site's count), and its write watch still
+/// works (the self-modifying test).
+fn with_program(n: u64) -> i32 {
+    // A program run before the replacement too: the VMM's view of the supervisor's system
+    // registers is first taken then, with the boot tree in CR3.
+    if !crate::programs::run_once() {
+        println!("emuprog: the first program run failed");
+        return 1;
+    }
+    let first = leaf(0);
+    for _ in 0..100 {
+        if leaf(0) != first {
+            println!("emuprog: leaf 0 changed");
+            return 1;
+        }
+    }
+    if !crate::programs::run_once() {
+        println!("emuprog: the program run failed");
+        return 1;
+    }
+    for _ in 0..n {
+        if leaf(0) != first {
+            println!("emuprog: leaf 0 changed after the program");
+            return 1;
+        }
+    }
+    println!("emuprog: {n} runs after the program");
+    smc()
 }
 
 fn patch_smc(v: u32) {

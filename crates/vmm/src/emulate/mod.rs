@@ -196,12 +196,19 @@ impl Emulator {
         };
         let rip = frame.rip();
         // A write (present, write, user) to a page mapped to a copy: drop the copy.
-        if frame.at_cpl3() && frame.vector() == 14 && frame.error() & 7 == 7 {
+        if frame.at_cpl3()
+            && frame.vector() == 14
+            && frame.error() & 7 == 7
+            && !vm.programs.in_program(vcpu)
+        {
             let Ok(sregs) = fd.get_sregs() else {
                 return false;
             };
             let mut at = rip;
-            match self.replacer.write_watch(fd, vm, sregs.cr2, &mut at) {
+            match self
+                .replacer
+                .write_watch(fd, vm, sregs.cr2, sregs.cr3, &mut at)
+            {
                 Some(Ok(sites)) => {
                     if at != rip {
                         frame.set_rip(at);

@@ -378,6 +378,17 @@ impl Replacer {
         }
     }
 
+    /// The tree the guest's own code (not a program) runs on: the boot tree, or the one
+    /// mapping the copies.
+    pub(crate) fn supervisor_root(&self) -> u64 {
+        let g = lock(&self.s);
+        if g.copies.is_empty() {
+            rebound_arch::layout::PML4
+        } else {
+            g.root
+        }
+    }
+
     pub(crate) fn is_refused(&self, rip: u64) -> bool {
         lock(&self.refused).contains(&rip)
     }
@@ -449,7 +460,12 @@ impl Replacer {
         if lock(&self.refused).contains(&rip) {
             return Err("refused before".into());
         }
-        let r = self.try_replace(fd, vm, rip, cr3, leaf, subleaf);
+        // A site hot inside a program (another tree in CR3) may be replaced later, when it
+        // is hot in the supervisor; any other refusal stands until its page changes.
+        if cr3 & !0xfff != self.supervisor_root() {
+            return Err("the vCPU runs on another tree (a program)".into());
+        }
+        let r = self.try_replace(fd, vm, rip, leaf, subleaf);
         if let Err(e) = &r {
             tracing::debug!(rip, "emulation: cpuid site not replaced: {e}");
             lock(&self.refused).insert(rip);
@@ -462,7 +478,6 @@ impl Replacer {
         fd: &mut VcpuFd,
         vm: &VmShared,
         rip: u64,
-        cr3: u64,
         leaf: u32,
         subleaf: u32,
     ) -> Result<(), String> {
@@ -470,14 +485,6 @@ impl Replacer {
             return Err("replacement needs a single-vCPU VM".into());
         }
         let mut g = lock(&self.s);
-        let current = if g.copies.is_empty() {
-            rebound_arch::layout::PML4
-        } else {
-            g.root
-        };
-        if cr3 & !0xfff != current {
-            return Err("the vCPU runs on another tree (a program)".into());
-        }
         let func = g
             .armed
             .iter()
@@ -539,10 +546,16 @@ impl Replacer {
         fd: &mut VcpuFd,
         vm: &VmShared,
         cr2: u64,
+        cr3: u64,
         rip: &mut u64,
     ) -> Option<Result<Vec<u64>, String>> {
         let page = cr2 & !(PAGE_SIZE - 1);
         let mut g = lock(&self.s);
+        // Only a fault on the tree that maps the copies: a program's tree never does (its
+        // faults are its supervisor's to handle, and switching its CR3 would free it).
+        if g.copies.is_empty() || cr3 & !0xfff != g.root {
+            return None;
+        }
         let i = g.copies.iter().position(|c| c.page == page)?;
         let mut copies = g.copies.clone();
         let dropped = copies.remove(i);
