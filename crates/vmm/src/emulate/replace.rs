@@ -366,9 +366,13 @@ impl Replacer {
                 && pool.contains(&c.tramp)
                 && user.contains(&c.page)
                 && c.sites.len() <= SLOTS
-                && c.sites
-                    .iter()
-                    .all(|x| x.rip >= c.page && x.end > x.rip && x.end <= c.page + PAGE_SIZE)
+                && c.page.is_multiple_of(PAGE_SIZE)
+                && c.sites.iter().all(|x| {
+                    x.rip >= c.page
+                        && x.end >= x.rip + JMP_REL32 as u64
+                        && x.end <= c.page + PAGE_SIZE
+                        && x.displaced.len() as u64 == x.end - x.rip - UD2.len() as u64
+                })
         });
         let armed_ok = s.armed.len() <= MAX_ARMED && s.armed.iter().all(|a| user.contains(&a.rip));
         if root_ok && copies_ok && armed_ok && (s.copies.is_empty() || s.root != 0) {
