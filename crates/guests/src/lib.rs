@@ -379,6 +379,12 @@ const TESTGUEST_MODES: &[Mode] = &[
          emusmc",
     ),
     mode(
+        "emumulti",
+        "[N]",
+        "every vCPU runs one cpuid site N (20000) times while it is replaced; then vCPU 0 runs \
+         emusmc while the others run its function and check its value only moves forward",
+    ),
+    mode(
         "emuprog",
         "[N]",
         "replace a cpuid site, run a program once, then N (1000) runs of the site and emusmc",

@@ -149,7 +149,7 @@ pub(crate) struct VmShared {
     pub(crate) generation: AtomicU64,
     pub(crate) vcpu_slots: Vec<VcpuSlot>,
     outcome: Mutex<Option<VmOutcome>>,
-    vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Shared regions attached.
     pub(crate) shares: Arc<Shares>,
     /// Network interfaces, if any.
@@ -1068,7 +1068,7 @@ impl Vm {
             returns_held: std::sync::atomic::AtomicBool::new(false),
             clone_gate: Default::default(),
             requests: Mutex::new(()),
-            emulator: crate::emulate::Emulator::new(vm_fd.clone()),
+            emulator: crate::emulate::Emulator::new(vm_fd.clone(), layout.vcpus()),
             programs: crate::program::Programs::new(layout.vcpus()),
             nested: Default::default(),
             image,

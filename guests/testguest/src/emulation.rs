@@ -7,8 +7,9 @@ use core::arch::asm;
 
 use rebound_guest::{hypercall, println, time};
 
-pub fn run(mode: &str, arg: impl Fn(usize, u64) -> u64) -> Option<i32> {
+pub fn run(mode: &str, cpu: &rebound_guest::Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32> {
     match mode {
+        "emumulti" => Some(multi(cpu, arg(1, 20000))),
         "emupost" => Some(post(arg(1, 50), arg(2, 0x42) as u8, arg(3, 4), arg(4, 0))),
         "emurdmsr" => Some(rdmsr_loop(arg(1, 1000))),
         "emucpuid" => Some(cpuid_loop(arg(1, 1000), arg(2, 0) != 0)),
@@ -323,6 +324,70 @@ fn with_program(n: u64) -> i32 {
     smc()
 }
 
+const SMC_VALUES: [u32; 3] = [0x1111_1111, 0x1111_1122, 0x1111_1133];
+
+static ARRIVED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static SMC_DONE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static READER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Two or more vCPUs: all run the same `cpuid` site N times (it is replaced while they run)
+/// and check their results; then vCPU 0 runs the self-modifying test while the others keep
+/// running `rb_smc` and check that its value only moves forward (no vCPU runs a dropped copy
+/// after the write that dropped it).
+fn multi(cpu: &rebound_guest::Cpu, n: u64) -> i32 {
+    use core::sync::atomic::Ordering::SeqCst;
+    let count = cpu.count();
+    ARRIVED.fetch_add(1, SeqCst);
+    while ARRIVED.load(SeqCst) < count {
+        core::hint::spin_loop();
+    }
+    let first = leaf(0);
+    let ext = leaf(0x8000_0000);
+    for i in 0..n {
+        if leaf(0) != first || (i % 16 == 0 && leaf(0x8000_0000) != ext) {
+            println!("emumulti: vCPU {}: results changed at run {i}", cpu.id());
+            return 1;
+        }
+    }
+    if cpu.id() != 0 {
+        let mut seen = 0usize;
+        let mut runs = 0u64;
+        while !SMC_DONE.load(SeqCst) {
+            // SAFETY: `rb_smc` follows the C ABI and only runs `cpuid`.
+            let v = unsafe { rb_smc(0) };
+            let Some(k) = SMC_VALUES.iter().position(|x| *x == v) else {
+                println!("emumulti: vCPU {}: rb_smc returned {v:#x}", cpu.id());
+                READER.store(u64::MAX, SeqCst);
+                return 1;
+            };
+            if k < seen {
+                println!(
+                    "emumulti: vCPU {}: rb_smc went back from {:#x} to {v:#x}",
+                    cpu.id(),
+                    SMC_VALUES[seen]
+                );
+                READER.store(u64::MAX, SeqCst);
+                return 1;
+            }
+            seen = k;
+            runs += 1;
+        }
+        READER.fetch_add(1, SeqCst);
+        println!("emumulti: vCPU {} ran rb_smc {runs} times", cpu.id());
+        return 0;
+    }
+    let r = smc();
+    SMC_DONE.store(true, SeqCst);
+    while READER.load(SeqCst) < u64::from(count - 1) {
+        hypercall::yield_now();
+    }
+    if r != 0 || READER.load(SeqCst) == u64::MAX {
+        return 1;
+    }
+    println!("emumulti ok");
+    0
+}
+
 fn patch_smc(v: u32) {
     let at = (&raw const rb_smc_mov as *mut u8).wrapping_add(1);
     for (i, b) in v.to_le_bytes().into_iter().enumerate() {
@@ -338,7 +403,9 @@ fn patch_smc(v: u32) {
 fn smc() -> i32 {
     // SAFETY: `rb_smc` follows the C ABI and only runs `cpuid`.
     let call = || unsafe { rb_smc(0) };
-    let values = [0x1111_1111u32, 0x2222_2222, 0x3333_3333];
+    // Only the low byte changes (single-byte stores): another vCPU running `rb_smc` meanwhile
+    // sees one value or the next, never a mix.
+    let values = SMC_VALUES;
     patch_smc(values[0]);
     for w in values.windows(2) {
         for i in 0..200 {

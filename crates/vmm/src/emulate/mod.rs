@@ -76,11 +76,11 @@ pub(crate) struct Emulator {
 }
 
 impl Emulator {
-    pub(crate) fn new(vm_fd: Arc<VmFd>) -> Self {
-        Self::with_policy(vm_fd, Policy::default())
+    pub(crate) fn new(vm_fd: Arc<VmFd>, vcpus: u32) -> Self {
+        Self::with_policy(vm_fd, vcpus, Policy::default())
     }
 
-    pub(crate) fn with_policy(vm_fd: Arc<VmFd>, policy: Policy) -> Self {
+    pub(crate) fn with_policy(vm_fd: Arc<VmFd>, vcpus: u32, policy: Policy) -> Self {
         Self {
             vm_fd,
             started: Instant::now(),
@@ -90,7 +90,7 @@ impl Emulator {
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
             copies_dropped: AtomicU64::new(0),
-            replacer: Default::default(),
+            replacer: replace::Replacer::new(vcpus),
             any_promoted: AtomicBool::new(false),
             next_judgment_ns: AtomicU64::new(0),
         }
@@ -195,6 +195,19 @@ impl Emulator {
             return false;
         };
         let rip = frame.rip();
+        // With several vCPUs, a vCPU may fault on code of a tree another vCPU has changed since
+        // (kicked inside its fault stub, where its return address could not be seen): from a
+        // retired trampoline, or at a site or displaced instruction that now runs from a copy.
+        // It resumes at the same point of the current tree, which it is on before it runs.
+        if frame.at_cpl3() && !vm.programs.in_program(vcpu) {
+            if let Some(to) = self.replacer.relocation(rip) {
+                frame.set_rip(to);
+                return frame.write(vm);
+            }
+            if frame.vector() == 6 && self.replacer.is_replaced(rip) {
+                return true;
+            }
+        }
         // A write (present, write, user) to a page mapped to a copy: drop the copy.
         if frame.at_cpl3()
             && frame.vector() == 14
@@ -207,7 +220,7 @@ impl Emulator {
             let mut at = rip;
             match self
                 .replacer
-                .write_watch(fd, vm, sregs.cr2, sregs.cr3, &mut at)
+                .write_watch(fd, vm, vcpu, sregs.cr2, sregs.cr3, &mut at)
             {
                 Some(Ok(sites)) => {
                     if at != rip {
@@ -231,7 +244,7 @@ impl Emulator {
             }
         }
         if frame.at_cpl3() && frame.vector() == 6 && self.replacer.is_armed(rip) {
-            return self.armed_cpuid(fd, vm, frame);
+            return self.armed_cpuid(fd, vcpu, vm, frame);
         }
         match insn::emulate(fd, vcpu, vm, &mut frame) {
             insn::Emulated::Done(name) => {
@@ -244,7 +257,13 @@ impl Emulator {
 
     /// An armed `cpuid` trapped: replaced if hot (the stub then returns to the site, which
     /// runs from the copy now), else executed here and its results given to the guest.
-    fn armed_cpuid(&self, fd: &mut VcpuFd, vm: &VmShared, mut frame: insn::Frame) -> bool {
+    fn armed_cpuid(
+        &self,
+        fd: &mut VcpuFd,
+        vcpu: u32,
+        vm: &VmShared,
+        mut frame: insn::Frame,
+    ) -> bool {
         let rip = frame.rip();
         let Ok(regs) = fd.get_regs() else {
             return false;
@@ -254,7 +273,7 @@ impl Emulator {
             let cr3 = fd.get_sregs().map(|s| s.cr3).unwrap_or(0);
             if self
                 .replacer
-                .replace(fd, vm, rip, cr3, leaf, subleaf)
+                .replace(fd, vm, vcpu, rip, cr3, (leaf, subleaf))
                 .is_ok()
             {
                 self.sites().set_promoted_at(CPUID, rip, true);

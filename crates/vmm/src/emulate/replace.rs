@@ -26,12 +26,16 @@
 //! sites are armed and which pages are copied. Pool pages come from the programs' pool
 //! allocator, which never hands a page out twice in one process.
 //!
-//! Only single-vCPU VMs get replacements: another vCPU could be running the original page
-//! while the tree changes (kicking and switching every vCPU is not built). Multi-vCPU VMs keep
-//! their sites armed and emulated.
+//! With several vCPUs, a change (a copy made or dropped) runs with the other vCPUs out of the
+//! guest: they are kicked and hold before entering again; each then switches to the new tree
+//! before it runs, its RIP moved if it was inside a displaced range or a retired trampoline
+//! ([`Replacer::sync`]). No other vCPU runs while a page is copied, so the copy cannot miss a
+//! write, and none runs a dropped copy after the write that dropped it.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
 use kvm_ioctls::VcpuFd;
@@ -119,8 +123,20 @@ pub struct ReplaceState {
 }
 
 /// The armed sites and copies of one VM.
-#[derive(Default)]
 pub(crate) struct Replacer {
+    /// Per vCPU: between its check before `KVM_RUN` and the return.
+    in_guest: Vec<AtomicBool>,
+    /// Per vCPU: the supervisor tree it was last switched to.
+    applied: Vec<AtomicU64>,
+    /// Set while one vCPU changes the tree: the others hold before entering the guest.
+    quiesce: AtomicBool,
+    gate: Mutex<()>,
+    released: Condvar,
+    /// One change at a time.
+    change: Mutex<()>,
+    /// Copies dropped or superseded (a new copy of their page), so a vCPU switched while in
+    /// one of their trampolines can be moved out. Their pages are never reused.
+    retired: Mutex<Vec<PageCopy>>,
     s: Mutex<ReplaceState>,
     /// Sites found not replaceable (no safe displacement, no room): not tried again.
     refused: Mutex<HashSet<u64>>,
@@ -228,6 +244,8 @@ fn plan(mem: &GuestMemoryMmap, rip: u64, func: (u64, u64)) -> Result<(u64, Vec<u
             || i.flow_control() != FlowControl::Next
             || i.is_ip_rel_memory_operand()
             || matches!(i.code(), Code::Cpuid | Code::Ud2)
+            || i.is_privileged()
+            || is_port_io(i)
         {
             return Err("an instruction after the site cannot be moved");
         }
@@ -249,6 +267,15 @@ fn plan(mem: &GuestMemoryMmap, rip: u64, func: (u64, u64)) -> Result<(u64, Vec<u
     mem.read_slice(&mut displaced, GuestAddress(rip + UD2.len() as u64))
         .map_err(|_| "the function cannot be read")?;
     Ok((end, displaced))
+}
+
+/// Port I/O (hypercalls, devices): exits whose RIP the VMM reads or saves, never displaced.
+fn is_port_io(i: &Instruction) -> bool {
+    use iced_x86::Mnemonic::*;
+    matches!(
+        i.mnemonic(),
+        In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd
+    )
 }
 
 fn rel32(from_next: u64, to: u64) -> Option<[u8; 4]> {
@@ -299,16 +326,12 @@ fn trampoline(at: u64, site: &Replaced) -> Option<Vec<u8>> {
 /// Offsets in a site's trampoline where copies of its displaced instructions start (the hit
 /// path's, if any, and the fallback's), from the code [`trampoline`] writes.
 fn displaced_offsets(site: &Replaced) -> Vec<u64> {
-    let d = site.displaced.len() as u64;
-    match site.cached {
-        Some(k) => {
-            let lookup = 12 + if k.subleaf.is_some() { 10 } else { 0 };
-            let hit = lookup + 20;
-            // hit path, `jmp back`, `mov ecx, edx`, `cpuid`
-            vec![hit, hit + d + 5 + 2 + 2]
-        }
-        None => vec![2],
-    }
+    let l = layout(site);
+    l.hit
+        .map(|h| h + 20)
+        .into_iter()
+        .chain([l.displaced])
+        .collect()
 }
 
 /// Writes the copy of `pc.page` and its trampolines (fresh pool pages).
@@ -346,10 +369,257 @@ fn original_of(pc: &PageCopy, rip: u64) -> Option<u64> {
     })
 }
 
+/// Where the parts of a site's trampoline start (offsets in its slot).
+struct Layout {
+    /// The cached path: the four `mov r32, imm32`, then the displaced instructions.
+    hit: Option<u64>,
+    /// The fallback's `cpuid`.
+    cpuid: u64,
+    /// The fallback's displaced instructions.
+    displaced: u64,
+}
+
+fn layout(site: &Replaced) -> Layout {
+    let d = site.displaced.len() as u64;
+    match site.cached {
+        Some(k) => {
+            let hit = 12 + if k.subleaf.is_some() { 10 } else { 0 };
+            // After the cached path's `jmp` back, `mov ecx, edx` (the subleaf back), `cpuid`.
+            let restore = hit + 20 + d + 5;
+            Layout {
+                hit: Some(hit),
+                cpuid: restore + 2,
+                displaced: restore + 4,
+            }
+        }
+        None => Layout {
+            hit: None,
+            cpuid: 0,
+            displaced: 2,
+        },
+    }
+}
+
+/// A user-mode instruction pointer and the registers a move may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct At {
+    rip: u64,
+    rax: u64,
+    rcx: u64,
+    rdx: u64,
+}
+
+/// Moves a vCPU that ran on an older tree to the same point on the current one: out of a
+/// retired trampoline (back to the original, redoing the `cpuid` where the lookup had
+/// started: `ecx` restored from `edx`, `eax` from the cached leaf), and from the middle of a
+/// site's displaced instructions in the original onto its trampoline's copy of them.
+fn relocate(mut at: At, retired: &[PageCopy], current: &[PageCopy]) -> At {
+    for pc in retired {
+        let Some(off) = at.rip.checked_sub(pc.tramp).filter(|o| *o < PAGE_SIZE) else {
+            continue;
+        };
+        let Some(site) = pc.sites.get((off / SLOT) as usize) else {
+            break;
+        };
+        let off = off % SLOT;
+        let l = layout(site);
+        let d = site.displaced.len() as u64;
+        let disp_starts = [l.hit.map(|h| h + 20), Some(l.displaced)];
+        if let Some(o) = original_of(pc, at.rip) {
+            at.rip = o;
+        } else if disp_starts.iter().flatten().any(|s| off == s + d) {
+            // At the `jmp` back.
+            at.rip = site.end;
+        } else if let (Some(hit), Some(k)) = (l.hit, site.cached)
+            && off >= hit
+            && off < hit + 20
+        {
+            // In the cached results: eax and ecx already overwritten.
+            at.rax = u64::from(k.leaf);
+            at.rcx = at.rdx & 0xffff_ffff;
+            at.rip = site.rip;
+        } else if off == l.cpuid || off == 0 {
+            at.rip = site.rip;
+        } else {
+            // The lookup or `mov ecx, edx`: edx holds the subleaf.
+            at.rcx = at.rdx & 0xffff_ffff;
+            at.rip = site.rip;
+        }
+        break;
+    }
+    for pc in current {
+        for (k, site) in pc.sites.iter().enumerate() {
+            if at.rip > site.rip && at.rip < site.end {
+                at.rip = pc.tramp
+                    + k as u64 * SLOT
+                    + layout(site).displaced
+                    + (at.rip - site.rip - UD2.len() as u64);
+                return at;
+            }
+        }
+    }
+    at
+}
+
 impl Replacer {
+    pub(crate) fn new(vcpus: u32) -> Self {
+        Self {
+            in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            applied: (0..vcpus)
+                .map(|_| AtomicU64::new(rebound_arch::layout::PML4))
+                .collect(),
+            quiesce: AtomicBool::new(false),
+            gate: Mutex::new(()),
+            released: Condvar::new(),
+            change: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
+            s: Default::default(),
+            refused: Default::default(),
+            drops: Default::default(),
+        }
+    }
+
     pub(crate) fn set_state(&self, s: ReplaceState) {
+        // The vCPUs' state came with it (a restore or rollback): each runs on its root.
+        let root = if s.copies.is_empty() {
+            rebound_arch::layout::PML4
+        } else {
+            s.root
+        };
+        for a in &self.applied {
+            a.store(root, Ordering::SeqCst);
+        }
         *lock(&self.s) = s;
         lock(&self.refused).clear();
+    }
+
+    /// Before a vCPU thread looks at its run request: holds while another vCPU changes the
+    /// tree, then switches this vCPU to the current tree if it is on an older one (never
+    /// inside a program: its exit returns to the current tree). On a KVM error the vCPU's
+    /// state is unknown: the caller ends the VM.
+    pub(crate) fn sync(
+        &self,
+        fd: &mut VcpuFd,
+        vcpu: u32,
+        vm: &VmShared,
+    ) -> Result<(), kvm_ioctls::Error> {
+        if self.quiesce.load(Ordering::SeqCst) {
+            let mut g = lock(&self.gate);
+            while self.quiesce.load(Ordering::SeqCst) {
+                g = self
+                    .released
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        let want = self.supervisor_root();
+        let i = vcpu as usize;
+        if self.applied[i].load(Ordering::SeqCst) == want || vm.programs.in_program(vcpu) {
+            return Ok(());
+        }
+        crate::program::complete_pending(fd);
+        let mut regs = fd.get_regs()?;
+        let mut sregs = fd.get_sregs()?;
+        let (copies, retired) = (lock(&self.s).copies.clone(), lock(&self.retired).clone());
+        if sregs.cs.selector & 3 == 3 {
+            let at = At {
+                rip: regs.rip,
+                rax: regs.rax,
+                rcx: regs.rcx,
+                rdx: regs.rdx,
+            };
+            let moved = relocate(at, &retired, &copies);
+            if moved != at {
+                (regs.rip, regs.rax, regs.rcx) = (moved.rip, moved.rax, moved.rcx);
+                fd.set_regs(&regs)?;
+            }
+        } else if let Some(slot) =
+            rebound_arch::system::stub_frame_rip(regs.rip).and_then(|o| regs.rsp.checked_add(o))
+        {
+            // In a fault stub (anywhere in it: a kick may stop it before or after its report):
+            // only the return address can be in a moved range (a fault comes from a displaced
+            // instruction, never from the lookup).
+            if let Ok(rip) = vm.mem.read_obj::<u64>(GuestAddress(slot)) {
+                let at = At {
+                    rip,
+                    rax: u64::MAX,
+                    rcx: u64::MAX,
+                    rdx: u64::MAX,
+                };
+                let moved = relocate(at, &retired, &copies);
+                if moved.rip != rip {
+                    let _ = vm.mem.write_obj(moved.rip, GuestAddress(slot));
+                }
+            }
+        }
+        sregs.cr3 = want;
+        fd.set_sregs(&sregs)?;
+        self.applied[i].store(want, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Right before `KVM_RUN`: false if a change began meanwhile (the caller goes round its
+    /// loop, holding in [`Replacer::sync`]).
+    pub(crate) fn enter(&self, vcpu: u32) -> bool {
+        self.in_guest[vcpu as usize].store(true, Ordering::SeqCst);
+        if self.quiesce.load(Ordering::SeqCst) {
+            self.in_guest[vcpu as usize].store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// `KVM_RUN` returned.
+    pub(crate) fn left(&self, vcpu: u32) {
+        self.in_guest[vcpu as usize].store(false, Ordering::SeqCst);
+    }
+
+    /// Runs `f` with every other vCPU out of the guest (kicked, and holding before it enters
+    /// again). Err if they did not all leave within a second (nothing changed).
+    fn exclusive<T>(
+        &self,
+        vm: &VmShared,
+        me: u32,
+        f: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        let _one = lock(&self.change);
+        struct Release<'a>(&'a Replacer);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let _g = lock(&self.0.gate);
+                self.0.quiesce.store(false, Ordering::SeqCst);
+                self.0.released.notify_all();
+            }
+        }
+        self.quiesce.store(true, Ordering::SeqCst);
+        let _release = Release(self);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let busy: Vec<usize> = (0..self.in_guest.len())
+                .filter(|i| *i != me as usize && self.in_guest[*i].load(Ordering::SeqCst))
+                .collect();
+            if busy.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("other vCPUs did not leave the guest".into());
+            }
+            {
+                let threads = lock(&vm.vcpu_threads);
+                for i in busy {
+                    if let Some(t) = threads.get(i).filter(|t| !t.is_finished()) {
+                        crate::kick::kick(t);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        f()
+    }
+
+    fn retire(&self, pc: PageCopy) {
+        lock(&self.retired).push(pc);
     }
 
     pub(crate) fn state(&self) -> ReplaceState {
@@ -391,6 +661,28 @@ impl Replacer {
         } else {
             g.root
         }
+    }
+
+    /// Where a vCPU at `rip` (user mode) resumes on the current tree, if somewhere else.
+    pub(crate) fn relocation(&self, rip: u64) -> Option<u64> {
+        let at = At {
+            rip,
+            rax: u64::MAX,
+            rcx: u64::MAX,
+            rdx: u64::MAX,
+        };
+        let copies = lock(&self.s).copies.clone();
+        let moved = relocate(at, &lock(&self.retired), &copies);
+        // Only moves that keep the registers (a fault never comes from the lookup).
+        (moved.rip != rip && moved.rax == u64::MAX && moved.rcx == u64::MAX).then_some(moved.rip)
+    }
+
+    /// Whether `rip` is a site running from a copy now.
+    pub(crate) fn is_replaced(&self, rip: u64) -> bool {
+        lock(&self.s)
+            .copies
+            .iter()
+            .any(|c| c.sites.iter().any(|s| s.rip == rip))
     }
 
     pub(crate) fn is_refused(&self, rip: u64) -> bool {
@@ -450,16 +742,16 @@ impl Replacer {
     }
 
     /// Replaces the hot armed site `rip` (the vCPU is in the #UD stub for it, CR3 `cr3`).
-    /// `leaf`/`subleaf` are what it was asked. On success the vCPU runs the copy: the stub
+    /// `(leaf, subleaf)` is what it was asked. On success the vCPU runs the copy: the stub
     /// returns to `rip`, which now jumps to the trampoline.
     pub(crate) fn replace(
         &self,
         fd: &mut VcpuFd,
         vm: &VmShared,
+        vcpu: u32,
         rip: u64,
         cr3: u64,
-        leaf: u32,
-        subleaf: u32,
+        (leaf, subleaf): (u32, u32),
     ) -> Result<(), String> {
         if lock(&self.refused).contains(&rip) {
             return Err("refused before".into());
@@ -469,7 +761,16 @@ impl Replacer {
         if cr3 & !0xfff != self.supervisor_root() {
             return Err("the vCPU runs on another tree (a program)".into());
         }
-        let r = self.try_replace(fd, vm, rip, leaf, subleaf);
+        // Not while a pause is pending: a parked vCPU's saved CR3 must match the saved tree.
+        if vm.control.current() != crate::wait::Request::Run {
+            return Err("a pause is pending".into());
+        }
+        let r = self.exclusive(vm, vcpu, || {
+            self.try_replace(fd, vm, vcpu, rip, leaf, subleaf)
+        });
+        if matches!(&r, Err(e) if e == "other vCPUs did not leave the guest") {
+            return r;
+        }
         if let Err(e) = &r {
             tracing::debug!(rip, "emulation: cpuid site not replaced: {e}");
             lock(&self.refused).insert(rip);
@@ -481,14 +782,19 @@ impl Replacer {
         &self,
         fd: &mut VcpuFd,
         vm: &VmShared,
+        vcpu: u32,
         rip: u64,
         leaf: u32,
         subleaf: u32,
     ) -> Result<(), String> {
-        if vm.layout.vcpus() != 1 {
-            return Err("replacement needs a single-vCPU VM".into());
-        }
         let mut g = lock(&self.s);
+        if g.copies
+            .iter()
+            .any(|c| c.sites.iter().any(|s| s.rip == rip))
+        {
+            // Another vCPU replaced it meanwhile.
+            return Ok(());
+        }
         let func = g
             .armed
             .iter()
@@ -505,7 +811,11 @@ impl Replacer {
         let page = rip & !(PAGE_SIZE - 1);
         let mut copies = g.copies.clone();
         let mut pc = match copies.iter().position(|c| c.page == page) {
-            Some(i) => copies.remove(i),
+            Some(i) => {
+                let old = copies.remove(i);
+                self.retire(old.clone());
+                old
+            }
             None => PageCopy {
                 page,
                 copy: 0,
@@ -531,6 +841,7 @@ impl Replacer {
         let root = Self::switch(vm, fd, &copies)?;
         g.copies = copies;
         g.root = root;
+        self.applied[vcpu as usize].store(root, Ordering::SeqCst);
         tracing::debug!(
             rip,
             page,
@@ -549,26 +860,55 @@ impl Replacer {
         &self,
         fd: &mut VcpuFd,
         vm: &VmShared,
+        vcpu: u32,
         cr2: u64,
         cr3: u64,
         rip: &mut u64,
     ) -> Option<Result<Vec<u64>, String>> {
         let page = cr2 & !(PAGE_SIZE - 1);
-        let mut g = lock(&self.s);
-        // Only a fault on the tree that maps the copies: a program's tree never does (its
-        // faults are its supervisor's to handle, and switching its CR3 would free it).
-        if g.copies.is_empty() || cr3 & !0xfff != g.root {
-            return None;
+        {
+            let g = lock(&self.s);
+            // Only a fault on the tree that maps the copies: a program's tree never does (its
+            // faults are its supervisor's to handle, and switching its CR3 would free it).
+            if g.copies.is_empty() || cr3 & !0xfff != g.root {
+                return None;
+            }
+            g.copies.iter().position(|c| c.page == page)?;
         }
-        let i = g.copies.iter().position(|c| c.page == page)?;
+        // While a pause is pending, or the other vCPUs do not stop: nothing changes and the
+        // write faults again when the stub returns (after the pause, or a moment later).
+        if vm.control.current() != crate::wait::Request::Run {
+            return Some(Ok(Vec::new()));
+        }
+        let r = self.exclusive(vm, vcpu, || self.drop_copy(fd, vm, vcpu, page, rip));
+        Some(match r {
+            Err(e) if e == "other vCPUs did not leave the guest" => Ok(Vec::new()),
+            r => r,
+        })
+    }
+
+    fn drop_copy(
+        &self,
+        fd: &mut VcpuFd,
+        vm: &VmShared,
+        vcpu: u32,
+        page: u64,
+        rip: &mut u64,
+    ) -> Result<Vec<u64>, String> {
+        let mut g = lock(&self.s);
+        let Some(i) = g.copies.iter().position(|c| c.page == page) else {
+            return Ok(Vec::new());
+        };
         let mut copies = g.copies.clone();
         let dropped = copies.remove(i);
         if let Some(orig) = original_of(&dropped, *rip) {
             *rip = orig;
         }
-        Some(Self::switch(vm, fd, &copies).map(|root| {
+        Self::switch(vm, fd, &copies).map(|root| {
             g.copies = copies;
             g.root = root;
+            self.applied[vcpu as usize].store(root, Ordering::SeqCst);
+            self.retire(dropped.clone());
             let sites: Vec<u64> = dropped.sites.iter().map(|s| s.rip).collect();
             drop(g);
             let again = {
@@ -587,7 +927,7 @@ impl Replacer {
             }
             tracing::debug!(page, "emulation: copied page written; copy dropped");
             sites
-        }))
+        })
     }
 }
 
@@ -713,6 +1053,69 @@ mod tests {
             }
             assert_eq!(original_of(&pc, pc.tramp), None);
         }
+    }
+
+    #[test]
+    fn vcpus_are_moved_out_of_retired_trampolines_and_displaced_ranges() {
+        let site = Replaced {
+            rip: 0x40_1010,
+            end: 0x40_1017,
+            displaced: vec![0xb8, 7, 0, 0, 0],
+            cached: Some(Cached {
+                leaf: 0x8000_0002,
+                subleaf: Some(3),
+                regs: [1, 2, 3, 4],
+            }),
+        };
+        let old = PageCopy {
+            page: 0x40_1000,
+            copy: 0x3e0_0000,
+            tramp: 0x3e0_1000,
+            sites: vec![site.clone()],
+        };
+        let new = PageCopy {
+            copy: 0x3e0_2000,
+            tramp: 0x3e0_3000,
+            ..old.clone()
+        };
+        let insns = decode_all(old.tramp, &trampoline(old.tramp, &site).unwrap());
+        let at = |rip| At {
+            rip,
+            rax: 0x8000_0002,
+            rcx: 0,
+            rdx: 3,
+        };
+        // In the lookup (after `mov edx, ecx`): back to the site with the subleaf in ecx.
+        let r = relocate(at(insns[2].ip()), std::slice::from_ref(&old), &[]);
+        assert_eq!((r.rip, r.rcx), (site.rip, 3));
+        // In the cached results: eax is the leaf again.
+        let r = relocate(
+            At {
+                rax: 1,
+                ..at(insns[9].ip())
+            },
+            std::slice::from_ref(&old),
+            &[],
+        );
+        assert_eq!((r.rip, r.rax, r.rcx), (site.rip, 0x8000_0002, 3));
+        // The displaced `mov` of either path: the original's, and with the page copied again,
+        // the new trampoline's fallback copy of it.
+        for i in [11, 15] {
+            let r = relocate(at(insns[i].ip()), std::slice::from_ref(&old), &[]);
+            assert_eq!(r.rip, site.rip + 2);
+            let r = relocate(
+                at(insns[i].ip()),
+                std::slice::from_ref(&old),
+                std::slice::from_ref(&new),
+            );
+            let newer = decode_all(new.tramp, &trampoline(new.tramp, &site).unwrap());
+            assert_eq!(r.rip, newer[15].ip());
+        }
+        // At a `jmp` back: the end of the site.
+        let r = relocate(at(insns[12].ip()), std::slice::from_ref(&old), &[]);
+        assert_eq!(r.rip, site.end);
+        // Elsewhere: unchanged.
+        assert_eq!(relocate(at(0x40_2000), &[old], &[new]), at(0x40_2000));
     }
 
     #[test]
