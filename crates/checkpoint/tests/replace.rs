@@ -71,3 +71,45 @@ fn replaced_pages_survive_rollbacks() {
     assert!(text.contains("results intact"), "{text}");
     assert!(text.contains("emusmc ok"), "{text}");
 }
+
+#[test]
+fn replaced_pages_of_a_multi_vcpu_vm_survive_rollbacks() {
+    let config = VmConfig {
+        vcpu_count: 2,
+        mem_size_mib: 64,
+        image: GuestImage::from_bytes("testguest", rebound_guests::TESTGUEST),
+        boot_args: "emumulti 200000".into(),
+        disk: None,
+        shared: Vec::new(),
+        cache: None,
+        nics: Vec::new(),
+        net_journal: None,
+        disk_journal: None,
+    };
+    let out = SharedBuffer::new();
+    let oc = OutputCommit::new(Box::new(out.clone()));
+    let vm = Arc::new(Vm::launch(&config, oc.writer()).expect("launch"));
+    let engine = Engine::start(
+        vm.clone(),
+        oc,
+        EngineConfig {
+            interval: Some(Duration::from_millis(10)),
+            strategy: StrategyKind::PostImage,
+        },
+        vec![],
+    )
+    .unwrap();
+    // Rollbacks while both vCPUs run the site as it is replaced and the page is patched.
+    let mut rollbacks = 0;
+    while vm.outcome().is_none() && rollbacks < 8 {
+        std::thread::sleep(Duration::from_millis(15));
+        if engine.rollback().is_ok() {
+            rollbacks += 1;
+        }
+    }
+    assert_eq!(vm.wait(), VmOutcome::Exited { status: 0 }, "{}", out.text());
+    engine.stop();
+    eprintln!("{rollbacks} rollbacks; {:?}", vm.metrics().emulation);
+    let text = out.text();
+    assert_eq!(text.matches("emumulti ok").count(), 1, "{text}");
+}

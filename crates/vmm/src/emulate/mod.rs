@@ -8,7 +8,7 @@
 //! - `post`: port 0x80; a hot write of one value is promoted to an ioeventfd and demoted when
 //!   it goes cold.
 //! - [`replace`]: `cpuid` sites found by decoding the image and armed (`ud2`) at boot, emulated
-//!   when they trap, and replaced in copied code pages when hot (single-vCPU VMs).
+//!   when they trap, and replaced in copied code pages when hot.
 //!
 //! A cold site keeps the slow path and costs only its counter. Port promotions are not part of
 //! snapshots: a restored VM starts cold and is judged again. Armed sites and copied pages are
