@@ -855,7 +855,9 @@ impl Replacer {
     /// copy (the vCPU switches to a tree without it) and returns the sites that ran from it;
     /// the stub then runs the write again on the original. A write made by a displaced
     /// instruction in the dropped copy's trampoline moves `*rip` to that instruction in the
-    /// original (the trampoline page is no longer mapped). None: not a copied page.
+    /// original (the trampoline page is no longer mapped). None: not a copied page. Never
+    /// called for a vCPU running a program (its faults are its supervisor's, and switching
+    /// its CR3 would free it).
     pub(crate) fn write_watch(
         &self,
         fd: &mut VcpuFd,
@@ -866,14 +868,12 @@ impl Replacer {
         rip: &mut u64,
     ) -> Option<Result<Vec<u64>, String>> {
         let page = cr2 & !(PAGE_SIZE - 1);
-        {
-            let g = lock(&self.s);
-            // Only a fault on the tree that maps the copies: a program's tree never does (its
-            // faults are its supervisor's to handle, and switching its CR3 would free it).
-            if g.copies.is_empty() || cr3 & !0xfff != g.root {
-                return None;
-            }
-            g.copies.iter().position(|c| c.page == page)?;
+        if !lock(&self.s).copies.iter().any(|c| c.page == page) {
+            // A write that faulted on an older tree (another vCPU changed it while this one
+            // was handling the fault): it runs again on the current tree.
+            let stale = cr3 & !0xfff != self.supervisor_root()
+                && lock(&self.retired).iter().any(|c| c.page == page);
+            return stale.then(|| Ok(Vec::new()));
         }
         // While a pause is pending, or the other vCPUs do not stop: nothing changes and the
         // write faults again when the stub returns (after the pause, or a moment later).
