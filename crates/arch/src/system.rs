@@ -199,6 +199,28 @@ fn stubs() -> Vec<u8> {
     code
 }
 
+/// For a vCPU stopped at `rip` inside an exception stub (at an instruction boundary), where
+/// the interrupted guest's RIP is, in bytes above its `rsp`: the stub moves `rsp` as it
+/// pushes and pops around its report. None outside the stubs.
+pub fn stub_frame_rip(rip: u64) -> Option<u64> {
+    let off = rip.checked_sub(STUBS).filter(|o| *o < 32 * STUB_SIZE)?;
+    let (v, off) = (off / STUB_SIZE, off % STUB_SIZE);
+    let b = if has_error_code(v as u8) { 0 } else { 2 };
+    if b == 2 && off == 0 {
+        return Some(0); // before `push 0`
+    }
+    match off.checked_sub(b)? {
+        0 => Some(8),          // push vector
+        2 => Some(16),         // push rax
+        3 => Some(24),         // push rdx
+        4 | 8 | 9 => Some(32), // mov dx; out; pop rdx
+        10 => Some(24),        // pop rax
+        11 => Some(16),        // add rsp, 16
+        15 => Some(0),         // iretq
+        _ => None,
+    }
+}
+
 /// Rewrites the exception stubs (and the IDT pointing at them) in `mem`: after a restore, so a
 /// snapshot written by an older VMM gets stubs whose faults the VMM can resume.
 pub fn write_stubs<M: GuestMemory>(mem: &M) -> Result<(), Error> {
@@ -315,6 +337,35 @@ mod tests {
             assert_eq!(f & (PTE_US | PTE_RW), PTE_US | PTE_RW);
         }
         assert_eq!(translate(&m, 3 << 30), None);
+    }
+
+    #[test]
+    fn the_interrupted_rip_is_found_at_every_stub_instruction() {
+        let code = stubs();
+        for v in 0u8..32 {
+            let s = &code[usize::from(v) * STUB_SIZE as usize..][..STUB_SIZE as usize];
+            // Walk the stub as the CPU would, tracking how far rsp is below the CPU's RIP.
+            let mut depth: u64 = if has_error_code(v) { 8 } else { 0 };
+            let mut at = 0usize;
+            while at < s.len() {
+                let rip = STUBS + u64::from(v) * STUB_SIZE + at as u64;
+                assert_eq!(stub_frame_rip(rip), Some(depth), "vector {v} offset {at}");
+                let (len, change): (usize, i64) = match s[at] {
+                    0x6a => (2, 8),
+                    0x50 | 0x52 => (1, 8),
+                    0x66 => (4, 0),
+                    0xee => (1, 0),
+                    0x5a | 0x58 => (1, -8),
+                    0x48 if s[at + 1] == 0x83 => (4, -16),
+                    0x48 => break,
+                    b => panic!("unexpected byte {b:#x}"),
+                };
+                depth = (depth as i64 + change) as u64;
+                at += len;
+            }
+            assert_eq!(depth, 0);
+        }
+        assert_eq!(stub_frame_rip(0x40_0000), None);
     }
 
     #[test]

@@ -390,8 +390,26 @@ const TESTGUEST_MODES: &[Mode] = &[
     ),
     mode(
         "emucpuid",
+        "[N] [SPIN]",
+        "cpuid leaf 0 unarmed, armed and emulated, then replaced N (1000) times, timed, results \
+         compared; with SPIN 1, keep checking until the host writes the printed flag, then run \
+         emusmc",
+    ),
+    mode(
+        "emumulti",
         "[N]",
-        "cpuid leaf 0 N (1000) times, timed, results compared",
+        "every vCPU runs one cpuid site N (20000) times while it is replaced; then vCPU 0 runs \
+         emusmc while the others run its function and check its value only moves forward",
+    ),
+    mode(
+        "emuprog",
+        "[N]",
+        "replace a cpuid site, run a program once, then N (1000) runs of the site and emusmc",
+    ),
+    mode(
+        "emusmc",
+        "",
+        "self-modifying code on a page whose cpuid was replaced: the new code runs",
     ),
     mode(
         "emucall",

@@ -11,6 +11,7 @@
 //! | `net` | each NIC's MAC, MTU and rings (VMs with NICs) | yes: the rings as at the checkpoint (frames in flight are dropped; TCP sends them again) |
 //! | `memory` | where the guest's memory class table is (ABI 1.8) | yes: the table as registered at the checkpoint; request numbers never go back |
 //! | `programs` | programs' tables, their page tables in the pool, the supervisor's context of each running program (ABI 1.10) | yes: pool pages handed out after the checkpoint are not reused |
+//! | `replaced` | `cpuid` sites armed in the image, code pages mapped to copies and the tree mapping them (ABI 1.10; the copies themselves are in the pool) | yes |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +40,8 @@ pub mod ids {
     pub const MEMORY: &str = "memory";
     /// Programs' protection tables, page tables and running programs (ABI 1.10).
     pub const PROGRAMS: &str = "programs";
+    /// Armed `cpuid` sites and copied code pages (ABI 1.10).
+    pub const REPLACED: &str = "replaced";
 }
 
 /// Why a component's state was refused.
@@ -213,6 +216,33 @@ impl Snapshottable for Programs {
     }
 }
 
+/// Armed sites and copied code pages (ABI 1.10).
+pub(crate) struct Replaced(pub(crate) Arc<VmShared>);
+
+impl Snapshottable for Replaced {
+    type State = crate::emulate::replace::ReplaceState;
+    type Error = StateError;
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<Self::State, StateError> {
+        Ok(self.0.emulator.replacer.state())
+    }
+
+    fn check(&self, s: &Self::State) -> Result<(), StateError> {
+        self.0
+            .emulator
+            .replacer
+            .check(s, &self.0)
+            .map_err(StateError)
+    }
+
+    fn restore(&self, s: Self::State) -> Result<(), StateError> {
+        self.check(&s)?;
+        self.0.emulator.set_replace_state(s);
+        Ok(())
+    }
+}
+
 /// The registry of a VM built around `shared`.
 pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     let mut r = Registry::default();
@@ -233,6 +263,10 @@ pub(crate) fn registry(shared: &Arc<VmShared>) -> Registry {
     r.register(Box::new(Registered::new(
         ids::PROGRAMS,
         Programs(shared.clone()),
+    )));
+    r.register(Box::new(Registered::new(
+        ids::REPLACED,
+        Replaced(shared.clone()),
     )));
     r
 }

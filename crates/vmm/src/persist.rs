@@ -159,6 +159,15 @@ impl SavedState {
         }
     }
 
+    /// Armed sites and copied code pages (ABI 1.10; none in older snapshots).
+    pub fn replaced(&self) -> Result<Option<crate::emulate::replace::ReplaceState>> {
+        if self.components.contains_key(ids::REPLACED) {
+            self.decode(ids::REPLACED, 1).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The shared regions attached (re-attached by name).
     pub fn shared(&self) -> Result<Vec<crate::share::ShareRecord>> {
         self.decode(ids::SHARES, 1)

@@ -155,7 +155,7 @@ fn regs_from(v: &[u64]) -> kvm_regs {
 
 /// Lets KVM finish the port access the vCPU exited on (so it is not finished later, at
 /// whatever RIP the switch sets).
-fn complete_pending(fd: &mut VcpuFd) {
+pub(crate) fn complete_pending(fd: &mut VcpuFd) {
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
@@ -363,6 +363,35 @@ impl Programs {
         })
     }
 
+    /// Hands pool pages to `f` (through `alloc`), from the same never-reused sequence as the
+    /// programs' trees: the emulation module's copied pages and their trees use it too.
+    pub(crate) fn with_pool<T>(
+        &self,
+        vm: &VmShared,
+        f: impl FnOnce(
+            &mut dyn FnMut() -> Result<u64, rebound_arch::Error>,
+        ) -> Result<T, rebound_arch::Error>,
+    ) -> Result<T, rebound_arch::Error> {
+        let Some(pool) = vm.layout.pool() else {
+            return Err(rebound_arch::Error::PoolFull(0));
+        };
+        let mut g = self.lock();
+        let pages = (pool.end - pool.start) / PAGE_SIZE;
+        let mut next = g.s.pool_used.max(g.high_water);
+        let mut alloc = || {
+            if next >= pages {
+                return Err(rebound_arch::Error::PoolFull(pages));
+            }
+            next += 1;
+            Ok(pool.start + (next - 1) * PAGE_SIZE)
+        };
+        let r = f(&mut alloc);
+        // Pages taken are spent even if `f` failed half-way.
+        g.s.pool_used = next;
+        g.high_water = next;
+        r
+    }
+
     /// `PROGRAM_EXIT`.
     pub(crate) fn exit(&self, vcpu: u32, value: u64) -> Result<Switch, i64> {
         if self.in_program(vcpu) {
@@ -396,7 +425,9 @@ impl Programs {
                 let saved = Saved {
                     id,
                     regs: regs_to_vec(&regs),
-                    cr3: sregs.cr3,
+                    // Not the template's CR3: the supervisor's tree changes when the emulation
+                    // module maps code pages to copies or drops them.
+                    cr3: vm.emulator.replacer.supervisor_root(),
                     fault_gpa,
                 };
                 fd.set_regs(&kvm_regs {

@@ -113,6 +113,11 @@ impl Symbols {
         })
     }
 
+    /// Every function: (start, size).
+    pub(crate) fn functions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.funcs.iter().map(|f| (f.0, f.1))
+    }
+
     /// The function containing `addr`, demangled, with the offset into it.
     pub fn function(&self, addr: u64) -> Option<String> {
         let i = self.funcs.partition_point(|f| f.0 <= addr).checked_sub(1)?;

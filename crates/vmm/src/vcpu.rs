@@ -176,6 +176,13 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
     kick::arm(&mut fd);
     publish_clock(&fd, id, &vm);
     loop {
+        // Onto the current page-table tree first, so a parked vCPU's saved state matches it.
+        if let Err(e) = vm.emulator.replacer.sync(&mut fd, id, &vm) {
+            vm.finish(VmOutcome::Failed {
+                error: format!("vCPU {id}: switching to replaced pages failed: {e}"),
+            });
+            break;
+        }
         match vm.control.current() {
             Request::Run => {}
             Request::Pause => {
@@ -184,7 +191,12 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
             }
             Request::Stop => break,
         }
-        let next = match fd.run() {
+        if !vm.emulator.replacer.enter(id) {
+            continue;
+        }
+        let run = fd.run();
+        vm.emulator.replacer.left(id);
+        let next = match run {
             Ok(exit) => {
                 if vm.metrics.first_exit_ns() == 0 {
                     vm.metrics
@@ -218,7 +230,7 @@ pub(crate) fn run(mut fd: VcpuFd, id: u32, vm: Arc<VmShared>) {
                     break;
                 }
             }
-            Next::Fault(FaultSource::Stub) if vm.emulator.fault(&fd, id, &vm) => {}
+            Next::Fault(FaultSource::Stub) if vm.emulator.fault(&mut fd, id, &vm) => {}
             Next::Fault(src) => {
                 let mut report = match src {
                     FaultSource::Stub => fault::from_stub(&fd, &vm.mem, id),

@@ -149,7 +149,7 @@ pub(crate) struct VmShared {
     pub(crate) generation: AtomicU64,
     pub(crate) vcpu_slots: Vec<VcpuSlot>,
     outcome: Mutex<Option<VmOutcome>>,
-    vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Shared regions attached.
     pub(crate) shares: Arc<Shares>,
     /// Network interfaces, if any.
@@ -358,6 +358,7 @@ struct Parts {
     /// The class table registration to restore.
     memory_table: Option<crate::reclaim::TableState>,
     programs: Option<crate::program::ProgramsState>,
+    replaced: Option<crate::emulate::replace::ReplaceState>,
     /// Where the swap file lives (and, for a preserved region, its link).
     swap_link: Option<std::path::PathBuf>,
     /// The VM is taken over: a swap file named by the link holds its pages out of RAM.
@@ -624,6 +625,19 @@ impl Vm {
             disk_size,
             &nic_ids,
         )?;
+        // The image's `cpuid`s are armed before it first runs (emulate::replace).
+        let symbols = crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new);
+        let replaced = crate::emulate::replace::ReplaceState {
+            armed: symbols.as_ref().map_or_else(Vec::new, |s| {
+                crate::emulate::replace::arm(
+                    &mem,
+                    s.functions(),
+                    rebound_abi::IMAGE_BASE,
+                    layout.heap_end(),
+                )
+            }),
+            ..Default::default()
+        };
         let slots: Vec<_> = config.nics.iter().map(|n| n.backend.clone()).collect();
         let described: Vec<_> = config
             .nics
@@ -674,10 +688,11 @@ impl Vm {
             net_state: None,
             net_journal: config.net_journal.clone().map(|p| (p, None)),
             disk_journal: config.disk_journal.clone().map(|p| (p, None)),
-            symbols: crate::symbols::Symbols::parse(&config.image.bytes).map(Arc::new),
+            symbols,
             image: Some(config.image.bytes.clone()),
             memory_table: None,
             programs: None,
+            replaced: Some(replaced),
             swap_link: memory_path.map(swap_link),
             swap_take_over: false,
         };
@@ -770,6 +785,7 @@ impl Vm {
             disk_journal,
             memory_table: state.memory_table()?,
             programs: state.programs()?,
+            replaced: state.replaced()?,
             descriptor: state.vm,
             symbols: None,
             image: None,
@@ -827,6 +843,7 @@ impl Vm {
             disk_journal: options.disk_journal,
             memory_table: state.memory_table()?,
             programs: state.programs()?,
+            replaced: state.replaced()?,
             descriptor: state.vm,
             symbols: None,
             image: None,
@@ -858,6 +875,7 @@ impl Vm {
             image,
             memory_table,
             programs: program_state,
+            replaced: replaced_state,
             swap_link,
             swap_take_over,
         } = parts;
@@ -1051,7 +1069,7 @@ impl Vm {
             returns_held: std::sync::atomic::AtomicBool::new(false),
             clone_gate: Default::default(),
             requests: Mutex::new(()),
-            emulator: crate::emulate::Emulator::new(vm_fd.clone()),
+            emulator: crate::emulate::Emulator::new(vm_fd.clone(), layout.vcpus()),
             programs: crate::program::Programs::new(layout.vcpus()),
             nested: Default::default(),
             image,
@@ -1059,6 +1077,14 @@ impl Vm {
         if let Some(p) = program_state {
             shared.programs.check(&p, &shared).map_err(Error::Restore)?;
             shared.programs.set_state(p);
+        }
+        if let Some(r) = replaced_state {
+            shared
+                .emulator
+                .replacer
+                .check(&r, &shared)
+                .map_err(Error::Restore)?;
+            shared.emulator.set_replace_state(r);
         }
         {
             // A page that cannot be brought back is lost: the VM cannot go on.

@@ -34,7 +34,7 @@ fn arg(cpu: &Cpu, i: usize, default: u64) -> u64 {
 
 fn main(cpu: Cpu) -> i32 {
     let mode = cpu.args().split_whitespace().next().unwrap_or("hello");
-    if cpu.id() != 0 && mode != "multi" && mode != "spin" {
+    if cpu.id() != 0 && mode != "multi" && mode != "spin" && mode != "emumulti" {
         return 0; // secondary vCPUs park unless the mode uses them
     }
     match mode {
@@ -148,7 +148,7 @@ fn main(cpu: Cpu) -> i32 {
             None => match sharing::run(other, &cpu, |i, d| arg(&cpu, i, d))
                 .or_else(|| memory::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| capacity::run(other, &cpu, |i, d| arg(&cpu, i, d)))
-                .or_else(|| emulation::run(other, |i, d| arg(&cpu, i, d)))
+                .or_else(|| emulation::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| programs::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| nested::run(other, &cpu, |i, d| arg(&cpu, i, d)))
                 .or_else(|| indicators::run(other, &cpu, |i, d| arg(&cpu, i, d)))

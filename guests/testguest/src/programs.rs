@@ -177,6 +177,16 @@ impl Loaded {
     }
 }
 
+/// Runs a fresh program once (operation 1: count and exit with the count); true if it
+/// returned 1. For the emulation tests: a switch to a program and back.
+pub fn run_once() -> bool {
+    let a = Loaded::new();
+    let Ok(p) = Program::set(2, &a.table()) else {
+        return false;
+    };
+    matches!(a.op(&p, 1, 0), Outcome::Exited(1))
+}
+
 fn expect_fault(what: &str, o: Outcome, vector: u64) -> Option<rebound_guest::program::Fault> {
     match o {
         Outcome::Faulted(f) if f.vector == vector => {

@@ -17,6 +17,7 @@ use crate::vm::VmShared;
 const RDX: usize = 0;
 const RAX: usize = 1;
 const VECTOR: usize = 2;
+const ERROR: usize = 3;
 const RIP: usize = 4;
 const CS: usize = 5;
 
@@ -47,11 +48,40 @@ impl Frame {
         self.words[RIP]
     }
 
+    /// The vector, the error code, and whether the fault came from CPL3.
+    pub(crate) fn vector(&self) -> u64 {
+        self.words[VECTOR]
+    }
+
+    pub(crate) fn error(&self) -> u64 {
+        self.words[ERROR]
+    }
+
+    pub(crate) fn at_cpl3(&self) -> bool {
+        self.words[CS] & 3 == u64::from(USER_CS & 3)
+    }
+
+    /// The guest's saved `rax`.
+    pub(crate) fn rax(&self) -> u64 {
+        self.words[RAX]
+    }
+
+    /// Results in the saved `rax`/`rdx`, and the guest resumed `len` bytes on.
+    pub(crate) fn complete(&mut self, rax: u64, rdx: u64, len: u64) {
+        self.words[RAX] = rax;
+        self.words[RDX] = rdx;
+        self.words[RIP] = self.words[RIP].wrapping_add(len);
+    }
+
+    pub(crate) fn set_rip(&mut self, rip: u64) {
+        self.words[RIP] = rip;
+    }
+
     fn set(&mut self, i: usize, v: u64) {
         self.words[i] = v;
     }
 
-    fn write(&self, vm: &VmShared) -> bool {
+    pub(crate) fn write(&self, vm: &VmShared) -> bool {
         vm.mem.write_obj(self.words, GuestAddress(self.at)).is_ok()
     }
 }

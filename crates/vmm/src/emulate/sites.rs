@@ -73,6 +73,8 @@ pub struct SiteSnapshot {
     pub count: u64,
     /// Whether it runs on a promoted path now.
     pub promoted: bool,
+    /// Whether it runs from a copied page now (a replaced `cpuid`; no trap at all).
+    pub replaced: bool,
 }
 
 /// The site table of one VM.
@@ -114,6 +116,14 @@ impl Sites {
         self.set_promoted_where(|o| o == op, promoted);
     }
 
+    /// Marks the site of `op` at `rip` promoted or not.
+    pub fn set_promoted_at(&mut self, op: Op, rip: u64, promoted: bool) {
+        if let Some(s) = self.sites.get_mut(&(op, rip)) {
+            s.promoted = promoted;
+            s.window_hits = 0;
+        }
+    }
+
     /// Marks every site whose operation matches promoted or not.
     pub fn set_promoted_where(&mut self, matches: impl Fn(Op) -> bool, promoted: bool) {
         for ((o, _), s) in self.sites.iter_mut() {
@@ -151,6 +161,7 @@ impl Sites {
                 op: op.to_string(),
                 count: s.count,
                 promoted: s.promoted,
+                replaced: false,
             })
             .collect();
         v.sort_by(|a, b| b.count.cmp(&a.count).then(a.rip.cmp(&b.rip)));
