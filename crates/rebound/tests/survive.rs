@@ -678,3 +678,55 @@ fn a_state_directory_from_rebound_0_1_recovers() {
     );
     assert_eq!(log_of(&dir), expected);
 }
+
+/// `kill -9` of a protected VMM whose guest runs a `cpuid` replaced in a copied page (ABI
+/// 1.10): the recovered VM keeps running the copy from the pool, with the same results, and
+/// its write watch still drops the copy when the guest rewrites its code.
+#[test]
+fn a_vm_with_a_replaced_page_is_recovered_after_kill_9() {
+    let tmp = shm();
+    let dir = tmp.path().join("vm");
+    let mut c = rebound();
+    c.args(["run", "--bundled", "testguest", "--mem-mib", "32", "--args"])
+        .arg("emucpuid 1000 1")
+        .arg("--state")
+        .arg(&dir)
+        .args(["--protect-ms", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // Released output is checkpointed: the checkpoint holding this line has the copy.
+    wait_until(
+        "the guest to spin on the copy",
+        Duration::from_secs(60),
+        || log_of(&dir).contains("flag at"),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let flag = log_of(&dir)
+        .split("flag at 0x")
+        .nth(1)
+        .and_then(|s| u64::from_str_radix(s.split_whitespace().next()?, 16).ok())
+        .expect("flag address");
+    let mut recovered = recover_in(&dir, &[]).spawn().unwrap();
+    let err = collect_lines(recovered.stderr.take().unwrap());
+    // After this line the VM runs: pages written after the checkpoint were put back already.
+    wait_until("the VM to be recovered", Duration::from_secs(60), || {
+        let e = err.lock().unwrap();
+        assert!(!e.contains("error"), "recovery failed: {e}");
+        e.contains("recovered the VM")
+    });
+    // The recovered VMM runs the guest over the state directory's memory file, shared: end
+    // the spin by writing the flag there.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &1u64.to_le_bytes(), flag).unwrap();
+    let out = output_within(recovered, "the recovered VMM", Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", err.lock().unwrap());
+    let log = log_of(&dir);
+    assert!(log.contains("spin done, results intact"), "{log}");
+    assert!(log.contains("emusmc ok"), "{log}");
+    assert_eq!(log.matches("flag at").count(), 1, "output repeated: {log}");
+}
