@@ -30,6 +30,10 @@ pub mod port {
     /// `out dx, eax` with `eax` = NIC index (ABI 1.4): "my TX ring has new frames". Absorbed by
     /// an ioeventfd (~3 us); see [`super::net`].
     pub const NET_DOORBELL: u16 = 0x0520;
+    /// `out dx, eax` with `eax` = `slot << 8 | vcpu` of a started nested vCPU (ABI 1.10): "I
+    /// handed it back and its host thread is asleep". Absorbed by an ioeventfd (~3 us); see
+    /// [`super::nested`].
+    pub const NESTED_DOORBELL: u16 = 0x0524;
     /// `out 0x80, al` / `in al, 0x80` (ABI 1.10): the POST-code / I/O-delay port firmware and
     /// Linux use, emulated as a register holding the last byte written. Each access is an
     /// exit, unless the VMM promoted a hot written value to an ioeventfd (see docs/abi.md).
@@ -114,8 +118,12 @@ pub mod nr {
     pub const NESTED_RUN: u32 = 18;
     /// `(handle) -> 0` (ABI 1.10): destroy a nested VM (its memory stays the caller's).
     pub const NESTED_DESTROY: u32 = 19;
+    /// `(handle, vcpu) -> 0` (ABI 1.10): from now on nested vCPU `vcpu` runs on a host thread
+    /// of its own, and its exits are posted in its status areas without a hypercall of the
+    /// guest VMM ([`super::nested`], "Posted exits").
+    pub const NESTED_START: u32 = 25;
     /// One past the highest number: the size of per-number counters.
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 26;
     /// `(kind, index, bit) -> 0` (ABI 1.10): route requester `index` of `kind` (one of
     /// [`super::indicator`]'s `KIND_*`) to bit `bit` (0..=63) of the calling vCPU's
     /// [`super::VcpuPage::pending`] word, or, with `bit` = [`super::indicator::NONE`], stop
@@ -148,6 +156,7 @@ pub mod nr {
             NESTED_VCPU => "nested_vcpu",
             NESTED_RUN => "nested_run",
             NESTED_DESTROY => "nested_destroy",
+            NESTED_START => "nested_start",
             INDICATOR_SET => "indicator_set",
             _ => "unknown",
         }
@@ -430,6 +439,23 @@ pub mod memory {
 /// Nested VMs are not part of checkpoints or snapshots: after a restore, rollback or clone,
 /// handles from before answer [`errno::ESTALE`] and the guest VMM creates its guests
 /// again.
+///
+/// # Posted exits
+///
+/// `NESTED_RUN` costs the guest VMM an exit of its own per nested exit (two where a direct
+/// guest pays one). After [`nr::NESTED_START`] a nested vCPU runs instead on a host thread of
+/// its own and the host *posts* each exit: it writes the registers and [`nested::Exit`], then
+/// increments [`nested::HostStatus::exit_seq`]. The vCPU is the guest VMM's while
+/// `exit_seq != GuestStatus::resume_seq`; it answers as after `NESTED_RUN` (result in the
+/// nested `VcpuPage`, `exit.data`, `regs_set`) and hands the vCPU back by storing `exit_seq`
+/// into `resume_seq`, then, if [`nested::HostStatus::sleeping`] is set (read after a full
+/// fence), rings [`port::NESTED_DOORBELL`]. To wait for an exit without spinning it sets
+/// `GuestStatus::waiting`, fences, checks `exit_seq` again and calls `BLOCK`: the host wakes
+/// the vCPU that called `NESTED_START` (and sets its [`indicator::KIND_NESTED`] bit, if
+/// routed) after each exit posted while `waiting` is set. Neither side leaves its CPU for a
+/// handover while the other is quick: a hypercall of the nested guest costs its own exit and
+/// no exit of the guest VMM. The host thread pauses with the outer VM (checkpoints see the
+/// nested guest stopped) and ends on `NESTED_DESTROY`, a rollback or the VM's end.
 pub mod nested {
     /// Most nested VMs one VM may have at a time.
     pub const MAX_VMS: usize = 4;
@@ -565,10 +591,16 @@ pub mod nested {
         /// The nested vCPU's registers, written by the host after every exit.
         pub regs: Regs,
         /// Set to non-zero by the guest VMM after it changed `regs`: the host loads them into
-        /// the vCPU at the next `NESTED_RUN` and clears it.
+        /// the vCPU at the next `NESTED_RUN` (or hand-back) and clears it.
         pub regs_set: u64,
         /// The last exit.
         pub exit: Exit,
+        /// Posted exits: the last [`HostStatus::exit_seq`] the guest VMM answered; storing the
+        /// current one hands the vCPU back to the host.
+        pub resume_seq: u64,
+        /// Posted exits: non-zero while the guest VMM is about to block waiting for an exit
+        /// (the host then wakes it).
+        pub waiting: u64,
     }
 
     /// The host status area: what the host keeps for the guest VMM about a nested vCPU.
@@ -586,6 +618,13 @@ pub mod nested {
         pub last_exit: u32,
         /// The last `NESTED_RUN`'s error (a negative errno), 0 if it succeeded.
         pub error: i32,
+        /// Posted exits: exits posted so far; changes after the exit and registers are
+        /// written.
+        pub exit_seq: u64,
+        /// Posted exits: non-zero while the host thread sleeps until the doorbell.
+        pub sleeping: u32,
+        /// Non-zero once [`super::nr::NESTED_START`] moved the vCPU to a host thread.
+        pub started: u32,
     }
 
     /// Both areas of one nested vCPU, registered by [`super::nr::NESTED_VCPU`]: 8-byte
@@ -602,9 +641,25 @@ pub mod nested {
     // No padding anywhere (the structs are read and written as bytes).
     const _: () = assert!(core::mem::size_of::<Create>() == 56);
     const _: () = assert!(core::mem::size_of::<Exit>() == 14 * 8);
-    const _: () = assert!(core::mem::size_of::<GuestStatus>() == 18 * 8 + 8 + 14 * 8);
-    const _: () = assert!(core::mem::size_of::<HostStatus>() == 32);
-    const _: () = assert!(core::mem::size_of::<Areas>() == 296);
+    const _: () = assert!(core::mem::size_of::<GuestStatus>() == 18 * 8 + 8 + 14 * 8 + 16);
+    const _: () = assert!(core::mem::size_of::<HostStatus>() == 48);
+    const _: () = assert!(core::mem::size_of::<Areas>() == 328);
+
+    /// Byte offsets in [`Areas`] of the words the host and the guest VMM access atomically.
+    pub const RESUME_SEQ_OFFSET: u64 = (core::mem::offset_of!(Areas, guest)
+        + core::mem::offset_of!(GuestStatus, resume_seq))
+        as u64;
+    /// See [`RESUME_SEQ_OFFSET`].
+    pub const WAITING_OFFSET: u64 =
+        (core::mem::offset_of!(Areas, guest) + core::mem::offset_of!(GuestStatus, waiting)) as u64;
+    /// See [`RESUME_SEQ_OFFSET`].
+    pub const EXIT_SEQ_OFFSET: u64 =
+        (core::mem::offset_of!(Areas, host) + core::mem::offset_of!(HostStatus, exit_seq)) as u64;
+    /// See [`RESUME_SEQ_OFFSET`].
+    pub const SLEEPING_OFFSET: u64 =
+        (core::mem::offset_of!(Areas, host) + core::mem::offset_of!(HostStatus, sleeping)) as u64;
+    const _: () = assert!(RESUME_SEQ_OFFSET.is_multiple_of(8) && WAITING_OFFSET.is_multiple_of(8));
+    const _: () = assert!(EXIT_SEQ_OFFSET.is_multiple_of(8) && SLEEPING_OFFSET.is_multiple_of(4));
     const _: () = assert!(
         core::mem::size_of::<Areas>()
             == core::mem::size_of::<GuestStatus>() + core::mem::size_of::<HostStatus>()
@@ -671,6 +726,9 @@ pub mod indicator {
     pub const KIND_SHARE: u64 = 2;
     /// Memory-class requests (`index` 0): the host posted a request in the class table.
     pub const KIND_MEMORY: u64 = 3;
+    /// Nested VM `index` (a handle's low byte): the host posted an exit of one of its started
+    /// vCPUs (ABI 1.10, [`super::nested`]).
+    pub const KIND_NESTED: u64 = 4;
     /// `bit` for [`super::nr::INDICATOR_SET`]: remove the route.
     pub const NONE: u64 = u64::MAX;
     /// Route slots in a vCPU page.
@@ -681,6 +739,8 @@ pub mod indicator {
     const SHARE_SLOT: usize = NET_SLOT + super::net::MAX_NICS;
     /// The memory-class slot.
     const MEMORY_SLOT: usize = SHARE_SLOT + super::share::MAX_REGIONS;
+    /// First slot of the nested VM routes.
+    const NESTED_SLOT: usize = MEMORY_SLOT + 1;
 
     /// The route slot of requester `index` of `kind`; None for an unknown kind or an index out
     /// of range.
@@ -692,6 +752,9 @@ pub mod indicator {
                 Some(SHARE_SLOT + index as usize)
             }
             KIND_MEMORY if index == 0 => Some(MEMORY_SLOT),
+            KIND_NESTED if index < super::nested::MAX_VMS as u64 => {
+                Some(NESTED_SLOT + index as usize)
+            }
             _ => None,
         }
     }
@@ -705,7 +768,7 @@ pub mod indicator {
         }
     }
 
-    const _: () = assert!(MEMORY_SLOT < ROUTES);
+    const _: () = assert!(NESTED_SLOT + super::nested::MAX_VMS <= ROUTES);
 }
 
 /// Offset of [`VcpuPage::beat`] in a vCPU page.
@@ -1134,6 +1197,7 @@ const _: () = assert!(port::DOORBELL >= port::HYPERCALL + 4);
 const _: () = assert!(port::FAULT >= port::DOORBELL + 4);
 const _: () = assert!(port::SHARE_DOORBELL >= port::FAULT + 4);
 const _: () = assert!(port::NET_DOORBELL >= port::SHARE_DOORBELL + 4);
+const _: () = assert!(port::NESTED_DOORBELL >= port::NET_DOORBELL + 4);
 
 // SAFETY: plain `repr(C)` structs of integers: every byte pattern is a valid value and there is
 // no padding (sizes are checked in the tests below).

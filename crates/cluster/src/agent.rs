@@ -1318,16 +1318,28 @@ pub fn plan(
     }
 }
 
-/// Whether process `pid` runs (a zombie does not).
+/// Whether process `pid` runs (a zombie does not). A killed process's main thread turns zombie
+/// while its other threads are still exiting, holding its files (a VM's ownership lock among
+/// them): the process runs until its last thread is gone.
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    fn running(stat: &str) -> bool {
         // The state follows the command name, which is in parentheses and may hold anything.
-        Ok(s) => s
-            .rsplit_once(')')
+        stat.rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X"),
-        Err(_) => false,
+            .is_some_and(|st| st != "Z" && st != "X")
     }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    if running(&stat) {
+        return true;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| running(&s)))
 }
 
 #[cfg(test)]

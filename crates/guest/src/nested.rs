@@ -20,16 +20,28 @@
 //! }
 //! ```
 //!
+//! [`NestedVcpu::start`] moves a nested vCPU to a host thread of its own whose exits are
+//! *posted* in the status areas: `run` (and so `serve`) then hands the vCPU back and waits for
+//! its next exit without a hypercall while the two sides are quick (spinning for a short while,
+//! then blocking in the VMM), so a nested hypercall costs one exit, the nested guest's own,
+//! where plain `run` costs two.
+//!
 //! Nested VMs are not part of checkpoints: after a rollback, restore or clone, calls on an old
 //! handle fail with `ESTALE` and the VM is created again. Dropping a [`NestedVm`] destroys it
 //! and frees its memory.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use alloc::alloc::{Layout, alloc, dealloc};
 use alloc::boxed::Box;
 use alloc::string::String;
 
-use rebound_abi::nested::{Areas, CREATE_SELF_IMAGE, Create, Exit, HostStatus, Regs, exit};
-use rebound_abi::{BLOCK_WOKEN, BOOT_INFO_ADDR, BootInfo, CONSOLE_WRITE_MAX, VcpuPage, errno, nr};
+use rebound_abi::nested::{
+    Areas, CREATE_SELF_IMAGE, Create, Exit, HostStatus, MAX_VCPUS, Regs, exit,
+};
+use rebound_abi::{
+    BLOCK_WOKEN, BOOT_INFO_ADDR, BootInfo, CONSOLE_WRITE_MAX, VcpuPage, errno, nr, port,
+};
 
 use crate::hypercall::{Errno, call, raw};
 
@@ -48,6 +60,9 @@ pub struct NestedVm {
     handle: u64,
     mem: *mut u8,
     layout: Layout,
+    /// Each vCPU's status areas, made on its first [`vcpu`](Self::vcpu) and freed after the
+    /// VM is destroyed (a started vCPU's host thread writes them until then).
+    areas: [core::cell::Cell<*mut Areas>; MAX_VCPUS as usize],
 }
 
 /// How a nested guest served by [`NestedVcpu::serve`] ended.
@@ -102,6 +117,7 @@ impl NestedVm {
                 handle,
                 mem,
                 layout,
+                areas: Default::default(),
             }),
             Err(e) => {
                 // SAFETY: allocated above with `layout`, and the host refused it: unused.
@@ -164,16 +180,20 @@ impl NestedVm {
     /// Creates nested vCPU `id` (or, for one already created, moves its status areas here).
     ///
     /// Errors: `EINVAL` no such vCPU; `EBUSY` another vCPU of this guest runs it now.
+    /// The areas are this VM's (one set per vCPU id): two `NestedVcpu`s of one id share them
+    /// and must not be run at once.
     pub fn vcpu(&self, id: u32) -> Result<NestedVcpu<'_>, Errno> {
-        let areas = Box::new(Areas::default());
-        call(
-            nr::NESTED_VCPU,
-            &[self.handle, u64::from(id), &raw const *areas as u64],
-        )?;
+        let cell = self.areas.get(id as usize).ok_or(Errno(errno::EINVAL))?;
+        if cell.get().is_null() {
+            cell.set(Box::into_raw(Box::new(Areas::default())));
+        }
+        let areas = cell.get();
+        call(nr::NESTED_VCPU, &[self.handle, u64::from(id), areas as u64])?;
         Ok(NestedVcpu {
             vm: self,
             id,
             areas,
+            posted: Posted::No,
         })
     }
 }
@@ -185,6 +205,14 @@ impl Drop for NestedVm {
         raw(nr::NESTED_DESTROY, &[self.handle]);
         // SAFETY: allocated in `create` with this layout and no longer used by a nested VM.
         unsafe { dealloc(self.mem, self.layout) };
+        for cell in &self.areas {
+            let a = cell.replace(core::ptr::null_mut());
+            if !a.is_null() {
+                // SAFETY: made by `Box::into_raw` in `vcpu`; no host thread writes it after
+                // DESTROY, and the `NestedVcpu`s that pointed at it borrowed `self`.
+                drop(unsafe { Box::from_raw(a) });
+            }
+        }
     }
 }
 
@@ -192,21 +220,144 @@ impl Drop for NestedVm {
 pub struct NestedVcpu<'a> {
     vm: &'a NestedVm,
     id: u32,
-    areas: Box<Areas>,
+    /// Owned by `vm`, which outlives this.
+    areas: *mut Areas,
+    posted: Posted,
 }
 
+/// Whose turn it is with a started vCPU.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    /// Not started: runs only inside `NESTED_RUN`.
+    No,
+    /// Started, and the host runs it.
+    Host,
+    /// Started, and it stopped on the posted exit with this sequence number: ours to answer.
+    Ours(u64),
+}
+
+/// How long [`NestedVcpu::run`] spins for a posted exit before it blocks in the VMM: about
+/// two host exits, longer than the nested guest takes to make its next call.
+const SPIN_NS: u64 = 200_000;
+/// How long one `BLOCK` lasts while waiting for a posted exit (the host wakes it earlier).
+const BLOCK_NS: u64 = 100_000_000;
+
 impl NestedVcpu<'_> {
+    /// Moves the vCPU to a host thread of its own (`NESTED_START`): from now on the host runs
+    /// it and posts its exits, and [`run`](Self::run) hands it back and waits for the next one
+    /// without hypercalls of its own while both sides are quick. It cannot be stopped short of
+    /// destroying the VM. Errors: `EBUSY` already started or running; `EINVAL` no such vCPU.
+    pub fn start(&mut self) -> Result<(), Errno> {
+        call(nr::NESTED_START, &[self.vm.handle, u64::from(self.id)])?;
+        self.posted = Posted::Host;
+        Ok(())
+    }
+
+    fn exit_seq(&self) -> &AtomicU64 {
+        // SAFETY: an aligned u64 of our areas, which the VM keeps as long as `self` borrows it;
+        // the host writes it concurrently, hence the atomic.
+        unsafe { AtomicU64::from_ptr((&raw const (*self.areas).host.exit_seq).cast_mut()) }
+    }
+
+    fn resume_seq(&self) -> &AtomicU64 {
+        // SAFETY: as in `exit_seq`; the host reads it concurrently.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.areas).guest.resume_seq) }
+    }
+
+    fn waiting(&self) -> &AtomicU64 {
+        // SAFETY: as in `resume_seq`.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.areas).guest.waiting) }
+    }
+
+    /// Hands a started vCPU back to the host (after its exit was answered).
+    fn hand_back(&mut self, seq: u64) {
+        self.resume_seq().store(seq, Ordering::SeqCst);
+        // SAFETY: an aligned u32 of our boxed host status area, written by the host.
+        let sleeping =
+            unsafe { AtomicU32::from_ptr((&raw const (*self.areas).host.sleeping).cast_mut()) };
+        // Store, full fence, load (the host does the mirror image before it sleeps): if it is
+        // asleep, ring.
+        fence(Ordering::SeqCst);
+        if sleeping.load(Ordering::SeqCst) != 0 {
+            let key = ((self.vm.handle & 0xff) as u32) << 8 | self.id;
+            // SAFETY: a port write the TSS lets CPL3 make; it has no effect on this guest's
+            // memory or registers.
+            unsafe {
+                core::arch::asm!("out dx, eax", in("dx") port::NESTED_DOORBELL, in("eax") key,
+                    options(nostack, preserves_flags));
+            }
+        }
+        self.posted = Posted::Host;
+    }
+
+    /// Waits for the host to post the next exit of a started vCPU; returns its sequence.
+    /// `ESTALE` (`EBADF`) if the nested VM was lost (a rollback or restore): no exit comes.
+    fn wait_posted(&mut self, last: u64) -> Result<u64, Errno> {
+        let posted = |s: &Self| {
+            let seq = s.exit_seq().load(Ordering::Acquire);
+            (seq != last).then_some(seq)
+        };
+        let until = crate::time::monotonic_ns().saturating_add(SPIN_NS);
+        let mut spins = 0u32;
+        loop {
+            if let Some(seq) = posted(self) {
+                return Ok(seq);
+            }
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(256) || crate::time::monotonic_ns() < until {
+                core::hint::spin_loop();
+                continue;
+            }
+            let waiting = self.waiting();
+            waiting.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if let Some(seq) = posted(self) {
+                waiting.store(0, Ordering::SeqCst);
+                return Ok(seq);
+            }
+            crate::hypercall::block(BLOCK_NS);
+            waiting.store(0, Ordering::SeqCst);
+            if posted(self).is_none() {
+                // Woken without an exit (or the nested guest computes): is the VM still there?
+                // A started vCPU answers `NESTED_RUN` with EBUSY while its thread lives.
+                let r = raw(nr::NESTED_RUN, &[self.vm.handle, u64::from(self.id), 0]);
+                if r != errno::EBUSY {
+                    return Err(Errno(if r < 0 { r } else { errno::EIO }));
+                }
+            }
+        }
+    }
+
     /// Runs the vCPU until its next exit; returns the reason, one of
     /// [`rebound_abi::nested::exit`] ([`exit::INTERRUPTED`] when this VM was being paused:
     /// just run again). Errors: `ESTALE` the nested VM was lost in a rollback or restore;
     /// `EBUSY` another vCPU runs it.
+    ///
+    /// For a [started](Self::start) vCPU: hands it back (if its last exit was returned) and
+    /// waits for its next exit, with no hypercall while the host is quick.
     pub fn run(&mut self) -> Result<u32, Errno> {
-        self.run_for(0)
+        let last = match self.posted {
+            Posted::No => return self.run_for(0),
+            Posted::Ours(seq) => {
+                self.hand_back(seq);
+                seq
+            }
+            Posted::Host => self.resume_seq().load(Ordering::SeqCst),
+        };
+        let seq = self.wait_posted(last)?;
+        self.posted = Posted::Ours(seq);
+        let host = self.host_status();
+        if host.error != 0 {
+            return Err(Errno(i64::from(host.error)));
+        }
+        Ok(self.exit().reason)
     }
 
     /// [`run`](Self::run) for at most `slice_ns` nanoseconds (0: no limit): a nested guest
     /// that computes without exits comes back with [`exit::TIMEOUT`] when its slice ends, so
     /// one vCPU of this guest can run several nested vCPUs in turn.
+    ///
+    /// `EBUSY` for a started vCPU.
     pub fn run_for(&mut self, slice_ns: u64) -> Result<u32, Errno> {
         call(
             nr::NESTED_RUN,
@@ -217,37 +368,38 @@ impl NestedVcpu<'_> {
 
     /// The last exit, as the host wrote it.
     pub fn exit(&self) -> Exit {
-        // SAFETY: our own boxed area; the host writes it only during our hypercalls.
-        unsafe { core::ptr::read_volatile(&raw const self.areas.guest.exit) }
+        // SAFETY: our own area (kept by the VM); the host writes it only during our hypercalls or, for a
+        // started vCPU, while it is the host's turn (not between `run` returning and the next).
+        unsafe { core::ptr::read_volatile(&raw const (*self.areas).guest.exit) }
     }
 
     /// The vCPU's registers after its last exit.
     pub fn regs(&self) -> Regs {
         // SAFETY: as in `exit`.
-        unsafe { core::ptr::read_volatile(&raw const self.areas.guest.regs) }
+        unsafe { core::ptr::read_volatile(&raw const (*self.areas).guest.regs) }
     }
 
     /// Sets the vCPU's registers (applied at the next [`run`](Self::run)).
     pub fn set_regs(&mut self, regs: Regs) {
-        // SAFETY: our own boxed area; volatile so the host, which reads it during the next
+        // SAFETY: our own area (kept by the VM); volatile so the host, which reads it during the next
         // hypercall, sees it.
         unsafe {
-            core::ptr::write_volatile(&raw mut self.areas.guest.regs, regs);
-            core::ptr::write_volatile(&raw mut self.areas.guest.regs_set, 1);
+            core::ptr::write_volatile(&raw mut (*self.areas).guest.regs, regs);
+            core::ptr::write_volatile(&raw mut (*self.areas).guest.regs_set, 1);
         }
     }
 
     /// What the host keeps about this vCPU: runs, exits, time in the guest, last error.
     pub fn host_status(&self) -> HostStatus {
         // SAFETY: as in `exit`.
-        unsafe { core::ptr::read_volatile(&raw const self.areas.host) }
+        unsafe { core::ptr::read_volatile(&raw const (*self.areas).host) }
     }
 
     /// Answers the nested guest's pending port or MMIO read ([`exit::IO_IN`],
     /// [`exit::MMIO_READ`]) with `value` (its low `size` bytes): it reads it when run again.
     pub fn answer_read(&mut self, value: u64) {
-        // SAFETY: our own boxed area; volatile so the host sees it at the next run.
-        unsafe { core::ptr::write_volatile(&raw mut self.areas.guest.exit.data, value) };
+        // SAFETY: our own area (kept by the VM); volatile so the host sees it at the next run.
+        unsafe { core::ptr::write_volatile(&raw mut (*self.areas).guest.exit.data, value) };
     }
 
     /// Answers the nested guest's pending hypercall with `ret` (stored in its vCPU page).

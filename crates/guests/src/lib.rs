@@ -466,6 +466,12 @@ const TESTGUEST_MODES: &[Mode] = &[
          emulating its hypercalls, and exit with its status (its output, then `nestvmm:` lines)",
     ),
     mode(
+        "nestpost",
+        "MODE [ARGS..]",
+        "as `nestvmm`, with the nested vCPU started (NESTED_START): it runs on a host thread of \
+         its own and its exits are posted, without hypercalls of this guest's",
+    ),
+    mode(
         "nestfault",
         "MODE",
         "run a faulting MODE nested, print the fault the host reported, then run `hello` \
@@ -479,7 +485,8 @@ const TESTGUEST_MODES: &[Mode] = &[
     mode(
         "nestbench",
         "[N]",
-        "N (10000) hypercalls directly, then N by a nested guest answered here, with times",
+        "N (10000) hypercalls directly, then N by a nested guest answered here, with times; \
+         then the same with the nested vCPU started (posted exits)",
     ),
 ];
 

@@ -113,6 +113,7 @@ pub(crate) fn handle(vm: &VmShared, vcpu: u32, nr: u32) -> Flow {
         ),
         nr::NESTED_RUN => (vm.nested.run(vm, args[0], args[1], args[2]), Flow::Continue),
         nr::NESTED_DESTROY => (vm.nested.destroy(vm, args[0]), Flow::Continue),
+        nr::NESTED_START => (vm.nested.start(vm, vcpu, args[0], args[1]), Flow::Continue),
         nr::INDICATOR_SET => (
             indicator_set(vm, page, args[0], args[1], args[2]),
             Flow::Continue,

@@ -61,6 +61,10 @@ fn on_exit(exit: VcpuExit<'_>, id: u32, vm: &VmShared) -> Next {
                     let _ = vm.ioq.doorbell().write(1);
                     Next::Continue
                 }
+                port::NESTED_DOORBELL => {
+                    vm.nested.doorbell(le_u32(data));
+                    Next::Continue
+                }
                 _ => match data.first().and_then(|v| vm.emulator.port_out(p, *v)) {
                     Some(op) => Next::Emulated(op),
                     None => {
@@ -137,7 +141,8 @@ fn park(fd: &mut VcpuFd, id: u32, vm: &VmShared) {
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
     let slot = &vm.vcpu_slots[id as usize];
-    // Nested guests' writes bypass this VM's dirty log: merged before any checkpoint.
+    // Nested guests' writes bypass this VM's dirty log: merged before any checkpoint (the
+    // controller does it again for started nested vCPUs, which run on threads of their own).
     vm.nested.harvest_dirty(vm);
     *lock(&slot.captured) = Some(vstate::capture(fd, id).map_err(|e| e.to_string()));
     vm.control.park();

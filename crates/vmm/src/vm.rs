@@ -140,7 +140,7 @@ pub(crate) struct VmShared {
     pub(crate) console: Console,
     pub(crate) ioq: Arc<IoQueue<GuestMemory>>,
     pub(crate) metrics: Metrics,
-    pub(crate) control: RunControl,
+    pub(crate) control: Arc<RunControl>,
     pub(crate) waiters: Arc<Waiters>,
     pub(crate) launched: Instant,
     /// The guest's monotonic clock (it continues across restores).
@@ -258,11 +258,15 @@ impl VmShared {
             }
         }
         self.control.set(Request::Stop);
-        self.waiters.interrupt_all();
-        for t in lock(&self.vcpu_threads).iter() {
-            kick::kick(t);
-        }
+        self.kick_all();
         self.stop_devices();
+    }
+
+    /// Started nested vCPUs run on threads of their own, which a vCPU that stayed parked
+    /// across a short resume never waited for: hold them all, then take what they wrote.
+    fn quiesce_nested(&self) {
+        self.nested.quiesce();
+        self.nested.harvest_dirty(self);
     }
 
     fn kick_all(&self) {
@@ -270,6 +274,8 @@ impl VmShared {
         for t in lock(&self.vcpu_threads).iter() {
             kick::kick(t);
         }
+        // Started nested vCPUs run guest code on threads of their own.
+        self.nested.kick_workers();
     }
 }
 
@@ -1051,7 +1057,7 @@ impl Vm {
             console: Console::new(console),
             ioq,
             metrics: Metrics::default(),
-            control: RunControl::new(layout.vcpus()),
+            control: Arc::new(RunControl::new(layout.vcpus())),
             waiters,
             launched,
             clock,
@@ -1071,7 +1077,7 @@ impl Vm {
             requests: Mutex::new(()),
             emulator: crate::emulate::Emulator::new(vm_fd.clone(), layout.vcpus()),
             programs: crate::program::Programs::new(layout.vcpus()),
-            nested: Default::default(),
+            nested: crate::nested::Nested::new(vm_fd.clone()),
             image,
         });
         if let Some(p) = program_state {
@@ -1239,6 +1245,7 @@ impl Vm {
                 if !self.shared.control.wait_quiet(PAUSE_TIMEOUT) {
                     return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
                 }
+                self.shared.quiesce_nested();
                 return Ok(Duration::ZERO);
             }
             VmState::Exited => {
@@ -1255,6 +1262,7 @@ impl Vm {
             self.shared.control.set(Request::Run);
             return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
         }
+        self.shared.quiesce_nested();
         self.shared.pause_devices();
         let took = t0.elapsed();
         self.shared.metrics.pause(took.as_nanos() as u64);

@@ -81,6 +81,23 @@ impl RunControl {
         c.parked -= 1;
     }
 
+    /// Called by a thread that runs guest code without being one of the vCPUs (a nested
+    /// vCPU's): waits, uncounted, while the request is Pause and `stop` is clear. True if the
+    /// VM runs again, false if it stops or `stop` was set.
+    pub fn wait_while_paused(&self, stop: &std::sync::atomic::AtomicBool) -> bool {
+        let mut c = lock(&self.counts);
+        while self.current() == Request::Pause && !stop.load(Ordering::SeqCst) {
+            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        self.current() == Request::Run && !stop.load(Ordering::SeqCst)
+    }
+
+    /// Wakes [`wait_while_paused`](Self::wait_while_paused) callers to look at their `stop`.
+    pub fn poke(&self) {
+        let _g = lock(&self.counts);
+        self.cv.notify_all();
+    }
+
     /// Called by a vCPU thread as it leaves its run loop.
     pub fn exited(&self) {
         lock(&self.counts).exited += 1;

@@ -78,9 +78,64 @@ fn a_hostile_guest_vmm_gets_errno_for_every_nested_call() {
         "nested_vcpu",
         "nested_run",
         "nested_destroy",
+        "nested_start",
     ] {
         assert!(m.hypercalls[call] > 0, "{call}: {m:?}");
     }
+}
+
+/// A started nested vCPU (ABI 1.10, posted exits) runs on a host thread of its own: the same
+/// output as directly and as under `NESTED_RUN`, with the guest VMM making no hypercall to run
+/// it (`rebound-bench nested` measures what that saves).
+#[test]
+fn a_started_nested_vcpu_runs_to_the_same_output_on_its_own_thread() {
+    for mode in ["hello", "chatter 40", "exit 7"] {
+        let (direct, direct_out, _) = run_mem(mode, 64);
+        let (posted, out, m) = run_mem(&format!("nestpost {mode}"), 64);
+        assert_eq!(posted, direct, "{mode}: {out}");
+        assert_eq!(nested_part(&out), direct_out, "{mode}");
+        assert!(
+            out.contains("nestvmm: nested guest exited with status"),
+            "{out}"
+        );
+        assert_eq!(m.hypercalls["nested_start"], 1, "{m:?}");
+    }
+    // A fault and a panic come back as posted exits too.
+    let (outcome, out, _) = run_mem("nestpost panic 5", 64);
+    assert_eq!(outcome, VmOutcome::Exited { status: 99 }, "{out}");
+    assert!(out.contains("boom at step 5"), "{out}");
+    let (outcome, out, _) = run_mem("nestpost fault-pf", 64);
+    assert_eq!(outcome, VmOutcome::Exited { status: 99 }, "{out}");
+    assert!(
+        out.contains("nestvmm: nested guest stopped: exit 6 vector 14") && out.contains("cr2 0x10"),
+        "{out}"
+    );
+}
+
+/// A started nested vCPU computing without exits runs on its own thread: a pause still stops
+/// it (the parking vCPU waits for it), and a stop ends it.
+#[test]
+fn a_started_nested_vcpu_stops_with_the_vm() {
+    let mut c = config("nestpost spin", 1, None);
+    c.mem_size_mib = 64;
+    let (vm, _out) = launch(&c);
+    let t0 = std::time::Instant::now();
+    while vm
+        .metrics()
+        .hypercalls
+        .get("nested_start")
+        .is_none_or(|n| *n == 0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..3 {
+        vm.pause()
+            .expect("a VM with a spinning started nested vCPU pauses");
+        vm.resume().unwrap();
+    }
+    vm.stop();
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
 }
 
 #[test]
@@ -133,7 +188,18 @@ fn a_vm_running_a_nested_guest_still_pauses_and_stops() {
 /// memory at every freeze.
 #[test]
 fn a_nested_guests_writes_are_in_the_dirty_pages() {
-    let (vm, _out) = launch(&config("nestvmm dirty 64", 1, None));
+    nested_writes_are_in_the_dirty_pages("nestvmm");
+}
+
+/// The same with the nested vCPU on a thread of its own: it must be stopped at every freeze
+/// (memory would change under the copy) and its writes harvested.
+#[test]
+fn a_started_nested_vcpus_writes_are_in_the_dirty_pages() {
+    nested_writes_are_in_the_dirty_pages("nestpost");
+}
+
+fn nested_writes_are_in_the_dirty_pages(vmm: &str) {
+    let (vm, _out) = launch(&config(&format!("{vmm} dirty 64"), 1, None));
     vm.enable_dirty_tracking().unwrap();
     let f = vm.freeze().unwrap();
     let mut copy = f.all_memory().unwrap().to_vec();
@@ -174,14 +240,20 @@ fn a_nested_guests_writes_are_in_the_dirty_pages() {
 /// ESTALE, and it creates the nested VM again.
 #[test]
 fn after_a_rollback_the_guest_vmm_creates_its_nested_vm_again() {
-    let (vm, out) = launch(&config("nestvmm dirty 16", 1, None));
+    after_a_rollback("nestvmm", "nested_run");
+}
+
+/// A started vCPU's thread ends in the rollback; the guest VMM, waiting for a posted exit that
+/// never comes, learns the VM is gone and creates it again.
+#[test]
+fn after_a_rollback_a_started_nested_vcpu_is_created_again() {
+    after_a_rollback("nestpost", "nested_start");
+}
+
+fn after_a_rollback(vmm: &str, call: &str) {
+    let (vm, out) = launch(&config(&format!("{vmm} dirty 16"), 1, None));
     let t0 = std::time::Instant::now();
-    while vm
-        .metrics()
-        .hypercalls
-        .get("nested_run")
-        .is_none_or(|n| *n == 0)
-    {
+    while vm.metrics().hypercalls.get(call).is_none_or(|n| *n == 0) {
         assert!(t0.elapsed() < Duration::from_secs(15), "never ran nested");
         std::thread::sleep(Duration::from_millis(5));
     }

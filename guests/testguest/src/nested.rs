@@ -3,11 +3,13 @@
 //! - `nestvmm MODE ARGS..`: runs `MODE ARGS..` as a nested guest to completion, its console
 //!   writes passed through, and exits with its status (its output is the direct run's plus
 //!   `nestvmm:` lines).
+//! - `nestpost MODE ARGS..`: the same with the nested vCPU started (posted exits: it runs on a
+//!   host thread of its own).
 //! - `nestfault MODE`: runs a faulting mode nested, checks the fault came back as an exit, then
 //!   runs `hello` nested in a new VM: the guest VMM goes on.
 //! - `nesthostile`: every nested hypercall with bad arguments gets its errno.
 //! - `nestbench N`: N hypercalls made directly, then N made by a nested guest and answered
-//!   here (`hcbench N` nested), with their times.
+//!   here (`hcbench N` nested), with their times; then the same with the nested vCPU started.
 //! - `chatter N`: N deterministic lines (a payload to compare direct and nested runs).
 //! - `nestslice`: time slices: one vCPU runs a two-vCPU nested guest in turn.
 //! - `portread`: reads port 0x600 and prints the value; `nestio` runs it nested and answers
@@ -27,10 +29,14 @@ pub fn run(mode: &str, cpu: &Cpu, arg: impl Fn(usize, u64) -> u64) -> Option<i32
     let rest = cpu.args().split_once(' ').map_or("", |(_, r)| r.trim());
     match mode {
         "chatter" => Some(chatter(arg(1, 5))),
-        "nestvmm" => Some(vmm(rest)),
+        "nestvmm" => Some(vmm(rest, false)),
+        "nestpost" => Some(vmm(rest, true)),
         "nestfault" => Some(fault(rest)),
         "nesthostile" => Some(hostile(cpu)),
-        "nestbench" => Some(bench(arg(1, 10_000))),
+        "nestbench" => Some(match bench(arg(1, 10_000), false) {
+            0 => bench(arg(1, 10_000), true),
+            e => e,
+        }),
         "portread" => {
             let v: u32;
             // SAFETY: a port read: Rebound answers all ones, a guest VMM what it likes.
@@ -62,9 +68,9 @@ fn console(bytes: &[u8]) {
 
 /// Runs `args` nested to completion; returns its exit status (or 99 if it did not exit). A
 /// nested VM lost in a rollback or restore (`ESTALE`) is created again, from the start.
-fn vmm(args: &str) -> i32 {
+fn vmm(args: &str, posted: bool) -> i32 {
     for _ in 0..10 {
-        match vmm_once(args) {
+        match vmm_once(args, posted) {
             Err(e) if e.0 == errno::ESTALE => {
                 println!("nestvmm: the nested VM was lost ({e}): creating it again");
             }
@@ -78,7 +84,7 @@ fn vmm(args: &str) -> i32 {
     99
 }
 
-fn vmm_once(args: &str) -> Result<i32, rebound_guest::hypercall::Errno> {
+fn vmm_once(args: &str, posted: bool) -> Result<i32, rebound_guest::hypercall::Errno> {
     let vm = match NestedVm::create(NESTED_MEM, 1, Image::Own, args) {
         Ok(vm) => vm,
         Err(e) => {
@@ -93,6 +99,9 @@ fn vmm_once(args: &str) -> Result<i32, rebound_guest::hypercall::Errno> {
             return Ok(98);
         }
     };
+    if posted {
+        cpu.start()?;
+    }
     let outcome = cpu.serve(console)?;
     let exits = cpu.host_status().exits;
     Ok(match outcome {
@@ -146,7 +155,6 @@ fn fault(mode: &str) -> i32 {
     // Running it again does not take the outer VM down either.
     let again = cpu.run();
     println!("nestfault: run again after the fault: {again:?}");
-    drop(cpu);
     drop(vm);
     match NestedVm::create(NESTED_MEM, 1, Image::Own, "hello") {
         Ok(vm2) => {
@@ -486,7 +494,66 @@ fn hostile(cpu: &Cpu) -> i32 {
         i64::from(exit::HYPERCALL),
     );
 
-    // NESTED_DESTROY
+    // NESTED_START: vCPU 0 of `h` is created; `handles[2]` has none yet.
+    check(
+        "start: destroyed handle",
+        raw(nr::NESTED_START, &[handles[0], 0]),
+        errno::EBADF,
+    );
+    check(
+        "start: made-up handle",
+        raw(nr::NESTED_START, &[u64::MAX, 0]),
+        errno::ESTALE,
+    );
+    check(
+        "start: no such vCPU",
+        raw(nr::NESTED_START, &[h, 7]),
+        errno::EINVAL,
+    );
+    check(
+        "start: vCPU not created",
+        raw(nr::NESTED_START, &[handles[2], 0]),
+        errno::EINVAL,
+    );
+    check("start: good", raw(nr::NESTED_START, &[h, 0]), 0);
+    check("start: twice", raw(nr::NESTED_START, &[h, 0]), errno::EBUSY);
+    check(
+        "run: a started vCPU",
+        raw(nr::NESTED_RUN, &[h, 0, 0]),
+        errno::EBUSY,
+    );
+    check(
+        "vcpu: a started vCPU",
+        raw(nr::NESTED_VCPU, &[h, 0, areas_gpa]),
+        errno::EBUSY,
+    );
+    // Doorbells nobody registered, of every width, and the right one while nothing is posted
+    // back: ignored.
+    for v in [0u32, 0xdead_beef, u32::MAX, ((h & 0xff) as u32) << 8] {
+        // SAFETY: port writes the host ignores or takes as a wake-up; no memory is touched.
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") abi::port::NESTED_DOORBELL, in("eax") v);
+            core::arch::asm!("out dx, al", in("dx") abi::port::NESTED_DOORBELL, in("al") v as u8);
+        }
+    }
+    // The started vCPU runs on its thread: its first posted exit arrives without a call.
+    let t0 = time::monotonic_ns();
+    // SAFETY: the host writes this word concurrently; read it atomically.
+    let exit_seq = unsafe {
+        core::sync::atomic::AtomicU64::from_ptr((&raw const areas.host.exit_seq).cast_mut())
+    };
+    while exit_seq.load(core::sync::atomic::Ordering::SeqCst) == 0
+        && time::monotonic_ns() - t0 < 10_000_000_000
+    {
+        core::hint::spin_loop();
+    }
+    check(
+        "start: an exit posted",
+        exit_seq.load(core::sync::atomic::Ordering::SeqCst).min(1) as i64,
+        1,
+    );
+
+    // NESTED_DESTROY (of `h` too, whose vCPU runs on its thread)
     for &x in &handles[1..] {
         check("destroy", raw(nr::NESTED_DESTROY, &[x]), 0);
     }
@@ -518,7 +585,7 @@ fn hostile(cpu: &Cpu) -> i32 {
 /// two of them this guest makes one of its own. A nested round trip is timed from answering
 /// one call to the next call's exit coming back (what the nested guest waits); `serve` is not
 /// used, so that the direct calls sit outside the timed part.
-fn bench(n: u64) -> i32 {
+fn bench(n: u64, posted: bool) -> i32 {
     let mut args = alloc::string::String::new();
     let _ = core::fmt::write(&mut args, format_args!("hcbench {n}"));
     let vm = match NestedVm::create(NESTED_MEM, 1, Image::Own, &args) {
@@ -529,6 +596,10 @@ fn bench(n: u64) -> i32 {
         }
     };
     let Ok(mut cpu) = vm.vcpu(0) else { return 1 };
+    if posted && let Err(e) = cpu.start() {
+        println!("nestbench: cannot start the vCPU: {e}");
+        return 1;
+    }
     let (mut direct_ns, mut direct) = (0u64, 0u64);
     let (mut nested_ns, mut nested) = (0u64, 0u64);
     let mut answer: Option<i64> = None;
@@ -573,9 +644,13 @@ fn bench(n: u64) -> i32 {
         answer = Some(ret);
     }
     let h = cpu.host_status();
-    println!("nestbench direct {direct} {direct_ns}");
+    let (d, nn) = match posted {
+        false => ("direct", "nested"),
+        true => ("pdirect", "posted"),
+    };
+    println!("nestbench {d} {direct} {direct_ns}");
     println!(
-        "nestbench nested {nested} {nested_ns} runs {} guest_ns {}",
+        "nestbench {nn} {nested} {nested_ns} runs {} guest_ns {}",
         h.runs, h.guest_ns
     );
     0

@@ -21,7 +21,10 @@
 //! dirtied are merged into guest memory's own bitmap whenever an outer vCPU parks (before any
 //! checkpoint) and when the nested VM is destroyed.
 
+mod posted;
+
 use std::mem::{offset_of, size_of};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
@@ -31,6 +34,7 @@ use rebound_abi::nested::{
     Areas, CREATE_SELF_IMAGE, Create, Exit, GuestStatus, HostStatus, MAX_VCPUS, MAX_VMS, MEM_ALIGN,
     MIN_MEM, Regs, exit,
 };
+use rebound_abi::nested::{RESUME_SEQ_OFFSET, WAITING_OFFSET};
 use rebound_abi::{BOOT_ARGS_MAX, IMAGE_BASE, PAGE_SIZE, VcpuPage, errno, port};
 use rebound_arch::Layout;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
@@ -39,7 +43,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::memory::GuestMemory;
 use crate::vm::VmShared;
-use crate::wait::Request;
+use crate::wait::{Request, RunControl};
 
 /// Largest image a guest VMM may pass (bytes it names are copied once, on create).
 const MAX_IMAGE: u64 = 64 << 20;
@@ -53,6 +57,8 @@ const PAGE_ARGS: u64 = offset_of!(VcpuPage, args) as u64;
 /// The nested VMs of one VM.
 pub(crate) struct Nested {
     table: Mutex<Table>,
+    /// The VM's own fd, for the doorbells of started vCPUs (none in unit tests).
+    vm_fd: Option<Arc<VmFd>>,
 }
 
 struct Table {
@@ -70,6 +76,18 @@ struct NestedVm {
     layout: Layout,
     entry: u64,
     vcpus: Vec<Mutex<Option<NestedVcpu>>>,
+    /// The host threads of its started vCPUs.
+    workers: Mutex<Vec<Arc<posted::Worker>>>,
+}
+
+impl NestedVm {
+    /// Ends its started vCPUs' threads.
+    fn stop_workers(&self) {
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for w in workers {
+            w.stop();
+        }
+    }
 }
 
 struct NestedVcpu {
@@ -87,10 +105,16 @@ struct NestedVcpu {
     /// vCPU's `kvm_run` mapping (address, length), filled from the guest status area's
     /// `exit.data` at the next run.
     pending_read: Option<(usize, usize)>,
+    /// `NESTED_START` moved it to a host thread of its own: `NESTED_RUN` is refused.
+    started: bool,
 }
 
-impl Default for Nested {
-    fn default() -> Self {
+impl Nested {
+    pub(crate) fn new(vm_fd: Arc<VmFd>) -> Self {
+        Self::with_fd(Some(vm_fd))
+    }
+
+    fn with_fd(vm_fd: Option<Arc<VmFd>>) -> Self {
         // A new process (a restore, a clone, a live update) starts from another epoch.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -101,7 +125,22 @@ impl Default for Nested {
                 epoch: (seed ^ u64::from(std::process::id())) & 0xff_ffff | 1,
                 vms: Default::default(),
             }),
+            vm_fd,
         }
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        for n in lock(&self.table).vms.iter().flatten() {
+            n.stop_workers();
+        }
+    }
+}
+
+impl Default for Nested {
+    fn default() -> Self {
+        Self::with_fd(None)
     }
 }
 
@@ -232,6 +271,7 @@ impl Nested {
             Err(TryLockError::WouldBlock) => return errno::EBUSY,
         };
         let regs = match v.as_mut() {
+            Some(v) if v.started => return errno::EBUSY,
             Some(v) => {
                 v.areas = areas;
                 v.fd.get_regs().unwrap_or_default()
@@ -246,6 +286,7 @@ impl Nested {
                         sync_regs,
                         access_pending: false,
                         pending_read: None,
+                        started: false,
                     });
                     regs
                 }
@@ -287,7 +328,11 @@ impl Nested {
         let Some(v) = guard.as_mut() else {
             return errno::EINVAL;
         };
-        let r = n.run_vcpu(vm, v, slice_ns);
+        if v.started {
+            // Its own thread runs it.
+            return errno::EBUSY;
+        }
+        let r = n.run_vcpu(&vm.mem, &vm.control, v, slice_ns, None);
         let mut host: HostStatus = vm
             .mem
             .read_obj(GuestAddress(v.areas + HOST))
@@ -321,9 +366,101 @@ impl Nested {
                 None => return errno::EBADF,
             }
         };
+        n.stop_workers();
         // What it wrote since the last park belongs in the next checkpoint.
         n.harvest_dirty(vm);
         0
+    }
+
+    /// `NESTED_START`: moves nested vCPU `id` to a host thread of its own, which posts its
+    /// exits (see [`posted`]). `vcpu` (the caller) is the outer vCPU woken by them.
+    pub(crate) fn start(&self, vm: &VmShared, vcpu: u32, h: u64, id: u64) -> i64 {
+        let n = match self.lookup(h) {
+            Ok(n) => n,
+            Err(e) => return e,
+        };
+        let Some(cell) = usize::try_from(id).ok().and_then(|i| n.vcpus.get(i)) else {
+            return errno::EINVAL;
+        };
+        let mut guard = match cell.try_lock() {
+            Ok(v) => v,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return errno::EBUSY,
+        };
+        let Some(v) = guard.as_mut() else {
+            return errno::EINVAL;
+        };
+        if v.started {
+            return errno::EBUSY;
+        }
+        // The handover words start equal: the host's turn.
+        let mut host: HostStatus = vm
+            .mem
+            .read_obj(GuestAddress(v.areas + HOST))
+            .unwrap_or_default();
+        host.exit_seq = 0;
+        host.sleeping = 0;
+        host.started = 1;
+        let written = vm.mem.write_obj(host, GuestAddress(v.areas + HOST)).is_ok()
+            && vm
+                .mem
+                .write_obj([0u64; 2], GuestAddress(v.areas + RESUME_SEQ_OFFSET))
+                .is_ok();
+        const _: () = assert!(WAITING_OFFSET == RESUME_SEQ_OFFSET + 8);
+        if !written {
+            return errno::EFAULT;
+        }
+        v.started = true;
+        drop(guard);
+        let ctx = posted::Ctx {
+            mem: vm.mem.clone(),
+            control: vm.control.clone(),
+            waiters: vm.waiters.clone(),
+        };
+        let slot = (h & 0xff) as usize;
+        match posted::Worker::start(n.clone(), slot, id as u32, vcpu, ctx, self.vm_fd.as_ref()) {
+            Ok(w) => {
+                lock(&n.workers).push(w);
+                0
+            }
+            Err(e) => {
+                tracing::warn!(slot, vcpu = id, "cannot start a nested vCPU's thread: {e}");
+                if let Some(v) = lock(cell).as_mut() {
+                    v.started = false;
+                }
+                errno::EIO
+            }
+        }
+    }
+
+    /// The nested doorbell port exited (no ioeventfd took it): wakes the worker named.
+    pub(crate) fn doorbell(&self, key: u32) {
+        let vms: Vec<_> = lock(&self.table).vms.iter().flatten().cloned().collect();
+        for n in vms {
+            for w in lock(&n.workers).iter().filter(|w| w.key == key) {
+                w.ring();
+            }
+        }
+    }
+
+    /// Called by the controller once the vCPUs are parked: returns once no worker runs a
+    /// nested guest or writes guest memory.
+    pub(crate) fn quiesce(&self) {
+        for w in self.workers() {
+            w.quiesce();
+        }
+    }
+
+    /// Kicks every worker out of `KVM_RUN` and its sleep (the VM pauses or stops).
+    pub(crate) fn kick_workers(&self) {
+        for w in self.workers() {
+            w.kick();
+        }
+    }
+
+    fn workers(&self) -> Vec<Arc<posted::Worker>> {
+        let vms: Vec<_> = lock(&self.table).vms.iter().flatten().cloned().collect();
+        vms.iter().flat_map(|n| lock(&n.workers).clone()).collect()
     }
 
     /// Merges the pages every nested VM dirtied into guest memory's bitmap: called by an outer
@@ -338,9 +475,14 @@ impl Nested {
     /// Drops every nested VM (a rollback put the guest VMM's memory back to a time they did
     /// not exist as they are) and changes the epoch so their handles answer `ESTALE`.
     pub(crate) fn reset(&self) {
-        let mut t = lock(&self.table);
-        t.epoch = (t.epoch + 1) & 0xff_ffff | 1;
-        t.vms = Default::default();
+        let vms = {
+            let mut t = lock(&self.table);
+            t.epoch = (t.epoch + 1) & 0xff_ffff | 1;
+            std::mem::take(&mut t.vms)
+        };
+        for n in vms.iter().flatten() {
+            n.stop_workers();
+        }
     }
 }
 
@@ -420,6 +562,7 @@ fn build(
         layout,
         entry,
         vcpus: (0..c.vcpus).map(|_| Mutex::new(None)).collect(),
+        workers: Mutex::new(Vec::new()),
     })
 }
 
@@ -468,26 +611,27 @@ impl NestedVm {
     }
 
     /// Reads `T` at nested guest-physical `gpa` (inside its memory) from the guest VMM's.
-    fn read_nested<T: vm_memory::ByteValued>(&self, vm: &VmShared, gpa: u64) -> Option<T> {
+    fn read_nested<T: vm_memory::ByteValued>(&self, mem: &GuestMemory, gpa: u64) -> Option<T> {
         let end = gpa.checked_add(size_of::<T>() as u64)?;
         if end > self.layout.mem_size() {
             return None;
         }
-        vm.mem.read_obj(GuestAddress(self.mem_gpa + gpa)).ok()
+        mem.read_obj(GuestAddress(self.mem_gpa + gpa)).ok()
     }
 
     /// Runs `v` until an exit to report; returns the reason and the nanoseconds spent in the
-    /// guest.
+    /// guest. `INTERRUPTED` when the VM does not run or `stop` is set.
     fn run_vcpu(
         &self,
-        vm: &VmShared,
+        mem: &GuestMemory,
+        control: &RunControl,
         v: &mut NestedVcpu,
         slice_ns: u64,
+        stop: Option<&AtomicBool>,
     ) -> Result<(u32, u64), i64> {
         if let Some((ptr, len)) = v.pending_read.take() {
             // The guest VMM's answer to the read (all ones unless it wrote another value).
-            let value: u64 = vm
-                .mem
+            let value: u64 = mem
                 .read_obj(GuestAddress(v.areas + EXIT_DATA))
                 .map_err(|_| errno::EFAULT)?;
             let bytes = value.to_le_bytes();
@@ -497,13 +641,11 @@ impl NestedVm {
             // never more than the buffer's length.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, len.min(8)) };
         }
-        let regs_set: u64 = vm
-            .mem
+        let regs_set: u64 = mem
             .read_obj(GuestAddress(v.areas + REGS_SET))
             .map_err(|_| errno::EFAULT)?;
         if regs_set != 0 {
-            let regs: Regs = vm
-                .mem
+            let regs: Regs = mem
                 .read_obj(GuestAddress(v.areas + GUEST_REGS))
                 .map_err(|_| errno::EFAULT)?;
             if v.access_pending {
@@ -515,7 +657,7 @@ impl NestedVm {
                 v.access_pending = false;
             }
             v.fd.set_regs(&from_abi(&regs)).map_err(|_| errno::EINVAL)?;
-            let _ = vm.mem.write_obj(0u64, GuestAddress(v.areas + REGS_SET));
+            let _ = mem.write_obj(0u64, GuestAddress(v.areas + REGS_SET));
         }
 
         let prev = crate::kick::arm_nested(&mut v.fd);
@@ -531,14 +673,14 @@ impl NestedVm {
             // A pause or stop of the outer VM wins: its vCPU must get back to its run loop.
             // The controller sets the request before it kicks, and kicks now land on this
             // vCPU's immediate_exit, so a kick after this check still stops the run below.
-            if vm.control.current() != Request::Run {
+            if control.current() != Request::Run || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
                 break Ok(exit::INTERRUPTED);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break Ok(exit::TIMEOUT);
             }
             match v.fd.run() {
-                Ok(e) => break Ok(self.on_exit(vm, v.id, e, &mut exit, &mut v.pending_read)),
+                Ok(e) => break Ok(self.on_exit(mem, v.id, e, &mut exit, &mut v.pending_read)),
                 Err(e) if e.errno() == libc::EINTR => {
                     v.fd.set_kvm_immediate_exit(0);
                 }
@@ -559,7 +701,7 @@ impl NestedVm {
         let reason = outcome?;
         if reason == exit::INTERRUPTED || reason == exit::TIMEOUT {
             exit.reason = reason;
-            let _ = vm.mem.write_obj(exit, GuestAddress(v.areas + EXIT));
+            let _ = mem.write_obj(exit, GuestAddress(v.areas + EXIT));
             return Ok((reason, ns));
         }
         v.access_pending = matches!(
@@ -572,12 +714,10 @@ impl NestedVm {
             v.fd.get_regs().unwrap_or_default()
         };
         if reason == exit::FAULT {
-            self.fault_frame(vm, v, &regs, &mut exit);
+            self.fault_frame(mem, v, &regs, &mut exit);
         }
-        let _ = vm
-            .mem
-            .write_obj(to_abi(&regs), GuestAddress(v.areas + GUEST_REGS));
-        let _ = vm.mem.write_obj(exit, GuestAddress(v.areas + EXIT));
+        let _ = mem.write_obj(to_abi(&regs), GuestAddress(v.areas + GUEST_REGS));
+        let _ = mem.write_obj(exit, GuestAddress(v.areas + EXIT));
         Ok((reason, ns))
     }
 
@@ -586,7 +726,7 @@ impl NestedVm {
     /// `exit.data` before it runs the vCPU again: `read` says where it goes.
     fn on_exit(
         &self,
-        vm: &VmShared,
+        mem: &GuestMemory,
         id: u32,
         e: VcpuExit<'_>,
         exit: &mut Exit,
@@ -609,7 +749,7 @@ impl NestedVm {
                         // Its vCPU page is where the nested layout puts it; gs cannot be moved
                         // at CPL3 without FSGSBASE, which the nested guest does not have.
                         exit.args = self
-                            .read_nested(vm, self.layout.vcpu_page(id) + PAGE_ARGS)
+                            .read_nested(mem, self.layout.vcpu_page(id) + PAGE_ARGS)
                             .unwrap_or_default();
                         exit::HYPERCALL
                     }
@@ -653,8 +793,8 @@ impl NestedVm {
     /// Reads the frame the nested system area's fault stub left on the exception stack (the
     /// guest's rdx and rax, the vector, the error code, then the CPU's RIP, CS, RFLAGS, RSP,
     /// SS: `rebound_arch::system::STUB_FRAME_WORDS`).
-    fn fault_frame(&self, vm: &VmShared, v: &NestedVcpu, regs: &kvm_regs, exit: &mut Exit) {
-        let frame: [u64; 5] = self.read_nested(vm, regs.rsp).unwrap_or_default();
+    fn fault_frame(&self, mem: &GuestMemory, v: &NestedVcpu, regs: &kvm_regs, exit: &mut Exit) {
+        let frame: [u64; 5] = self.read_nested(mem, regs.rsp).unwrap_or_default();
         let frame = [frame[2], frame[3], frame[4]];
         exit.vector = frame[0];
         exit.error_code = frame[1];
