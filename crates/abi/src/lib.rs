@@ -1296,7 +1296,10 @@ mod tests {
         assert_eq!(slot(KIND_SHARE, 16), None);
         assert_eq!(slot(KIND_MEMORY, 0), Some(25));
         assert_eq!(slot(KIND_MEMORY, 1), None);
-        assert_eq!(slot(4, 0), None);
+        assert_eq!(slot(KIND_NESTED, 0), Some(26));
+        assert_eq!(slot(KIND_NESTED, 3), Some(29));
+        assert_eq!(slot(KIND_NESTED, 4), None);
+        assert_eq!(slot(5, 0), None);
         assert_eq!(slot(u64::MAX, u64::MAX), None);
         assert_eq!(bit_of(0), None);
         assert_eq!(bit_of(1), Some(0));

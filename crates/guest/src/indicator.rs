@@ -23,7 +23,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-pub use rebound_abi::indicator::{KIND_IO, KIND_MEMORY, KIND_NET, KIND_SHARE, NONE};
+pub use rebound_abi::indicator::{KIND_IO, KIND_MEMORY, KIND_NESTED, KIND_NET, KIND_SHARE, NONE};
 use rebound_abi::nr;
 
 use crate::hypercall::{self, Errno};
@@ -31,7 +31,8 @@ use crate::hypercall::{self, Errno};
 /// Routes requester `index` of `kind` to bit `bit` (0..=63) of this vCPU's pending word, or
 /// with [`NONE`] stops routing it here. Requesters: [`KIND_IO`] (index 0: this vCPU's own I/O
 /// ring), [`KIND_NET`] (a NIC index), [`KIND_SHARE`] (a shared region's index in the share
-/// table), [`KIND_MEMORY`] (index 0). `EINVAL` for anything else or a bit above 63; `ENOSYS`
+/// table), [`KIND_MEMORY`] (index 0), [`KIND_NESTED`] (a nested VM handle's low byte: exits
+/// of its started vCPUs). `EINVAL` for anything else or a bit above 63; `ENOSYS`
 /// under a VMM older than ABI 1.10. One exit.
 pub fn route(kind: u64, index: u64, bit: u64) -> Result<(), Errno> {
     hypercall::call(nr::INDICATOR_SET, &[kind, index, bit]).map(|_| ())

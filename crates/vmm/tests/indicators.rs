@@ -66,8 +66,8 @@ fn indicator_routes_refuse_hostile_arguments_and_ignore_garbage() {
     let (outcome, out, m) = run("indhostile", 1, None);
     // Its timers set bits through the routes it wrote itself (bit 63), none through garbage.
     exited_ok(&outcome, &out);
-    assert!(out.contains("indhostile ok refused=12"), "{out}");
-    assert_eq!(m.hypercall_errors["einval"], 12, "{:?}", m.hypercall_errors);
+    assert!(out.contains("indhostile ok refused=13"), "{out}");
+    assert_eq!(m.hypercall_errors["einval"], 13, "{:?}", m.hypercall_errors);
     assert_eq!(m.indicators_set, 1, "only the valid route set a bit");
 }
 

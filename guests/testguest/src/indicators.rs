@@ -206,9 +206,10 @@ fn timer_then_take() -> u64 {
 }
 
 fn hostile() -> i32 {
-    use abi_ind::{KIND_IO, KIND_MEMORY, KIND_NET, KIND_SHARE, NONE};
-    let bad: [(u64, u64, u64); 12] = [
-        (4, 0, 0),
+    use abi_ind::{KIND_IO, KIND_MEMORY, KIND_NESTED, KIND_NET, KIND_SHARE, NONE};
+    let bad: [(u64, u64, u64); 13] = [
+        (5, 0, 0),
+        (KIND_NESTED, 4, 0),
         (u64::MAX, 0, 0),
         (KIND_IO, 1, 0),
         (KIND_IO, u64::MAX, 0),
@@ -235,6 +236,7 @@ fn hostile() -> i32 {
         (KIND_NET, 7, 63),
         (KIND_SHARE, 15, 0),
         (KIND_MEMORY, 0, NONE),
+        (KIND_NESTED, 3, 5),
     ] {
         if raw(nr::INDICATOR_SET, &[k, i, b]) != 0 {
             println!("indhostile: ({k}, {i}, {b}) refused");
