@@ -30,6 +30,24 @@ fn programs_are_isolated_and_their_tables_reused() {
     assert!(p.pool_pages > 0 && p.pool_pages < 512, "{p:?}");
 }
 
+/// The figure: 10^6 switches (250,000 runs of each of two programs, a switch in and
+/// one out per run) with both programs' data checked after every run; about a minute here (a
+/// switch is an exit, ~50 us on these hosts).
+#[test]
+fn a_million_switches_keep_every_programs_data() {
+    let n = 250_000;
+    let (outcome, out, m) = run(&format!("progs {n}"), 1, None);
+    assert_eq!(outcome, OK, "{out}");
+    assert!(
+        out.contains(&format!("progs: {n} runs each, counters intact")),
+        "{out}"
+    );
+    assert!(out.contains("progs ok"), "{out}");
+    let p = &m.programs;
+    assert!(2 * p.runs >= 1_000_000, "{p:?}");
+    assert_eq!(p.builds, 4, "tables built once each, then reused: {p:?}");
+}
+
 #[test]
 fn hostile_program_calls_are_refused() {
     let (outcome, out, m) = run("proghostile", 1, None);

@@ -485,6 +485,12 @@ fn hostile(cpu: &Cpu) -> i32 {
         errno::ESTALE,
     );
     check("vcpu: good", raw(nr::NESTED_VCPU, &[h, 0, areas_gpa]), 0);
+    // Counters the host keeps in our memory, set to their largest values: they wrap.
+    let host = areas_gpa + core::mem::offset_of!(Areas, host) as u64;
+    for word in 0..3 {
+        // SAFETY: the host status area's runs, exits and guest_ns words, in our own box.
+        unsafe { core::ptr::write_volatile((host as *mut u64).add(word), u64::MAX) };
+    }
     // It runs after all that: "hello" prints and exits through hypercalls we answer with ENOSYS
     // (not emulated here); the first exit is enough.
     check(

@@ -333,17 +333,18 @@ impl Nested {
             return errno::EBUSY;
         }
         let r = n.run_vcpu(&vm.mem, &vm.control, v, slice_ns, None);
+        // The counters are in the guest VMM's memory: whatever it wrote there, they wrap.
         let mut host: HostStatus = vm
             .mem
             .read_obj(GuestAddress(v.areas + HOST))
             .unwrap_or_default();
         match r {
             Ok((reason, ns)) => {
-                host.runs += 1;
+                host.runs = host.runs.wrapping_add(1);
                 if reason != exit::INTERRUPTED {
-                    host.exits += 1;
+                    host.exits = host.exits.wrapping_add(1);
                 }
-                host.guest_ns += ns;
+                host.guest_ns = host.guest_ns.wrapping_add(ns);
                 host.last_exit = reason;
                 host.error = 0;
             }

@@ -257,7 +257,9 @@ impl Worker {
             .mem
             .read_obj(GuestAddress(areas + HOST))
             .unwrap_or_default();
-        let mut seq = host.exit_seq;
+        // NESTED_START set both sequences to 0; the host's own copy is what counts (the guest
+        // VMM may write anything into the areas, and the counters wrap).
+        let mut seq = 0u64;
         loop {
             match self.wait_turn(ctx, resume, sleeping, seq) {
                 Turn::Go => {}
@@ -268,9 +270,9 @@ impl Worker {
                 // Nothing happened to the nested guest: the VM pauses or the worker ends.
                 Ok((exit::INTERRUPTED, _)) => continue,
                 Ok((reason, ns)) => {
-                    host.runs += 1;
-                    host.exits += 1;
-                    host.guest_ns += ns;
+                    host.runs = host.runs.wrapping_add(1);
+                    host.exits = host.exits.wrapping_add(1);
+                    host.guest_ns = host.guest_ns.wrapping_add(ns);
                     host.last_exit = reason;
                     host.error = 0;
                     reason
@@ -291,7 +293,7 @@ impl Worker {
             host.sleeping = 0;
             host.started = 1;
             let _ = ctx.mem.write_obj(host, GuestAddress(areas + HOST));
-            seq += 1;
+            seq = seq.wrapping_add(1);
             exit_seq.store(seq);
             // Read after the store (both SeqCst): a guest VMM that said it waits after this
             // load sees the new sequence before it blocks.
