@@ -143,6 +143,10 @@ impl NestedVm {
     }
 
     /// `len` bytes of the nested guest's memory at its guest-physical `gpa`, if inside it.
+    ///
+    /// With [started](NestedVcpu::start) vCPUs other than the one whose exit is being handled,
+    /// the nested guest runs meanwhile and may change these bytes while they are borrowed:
+    /// copy what must not change.
     pub fn bytes(&self, gpa: u64, len: u64) -> Option<&[u8]> {
         let end = gpa.checked_add(len)?;
         if end > self.mem_size() {
@@ -181,20 +185,31 @@ impl NestedVm {
     ///
     /// Errors: `EINVAL` no such vCPU; `EBUSY` another vCPU of this guest runs it now.
     /// The areas are this VM's (one set per vCPU id): two `NestedVcpu`s of one id share them
-    /// and must not be run at once.
+    /// and must not be run at once. A [started](NestedVcpu::start) vCPU stays started: asked
+    /// for again, it comes back as it was (its thread and areas unchanged).
     pub fn vcpu(&self, id: u32) -> Result<NestedVcpu<'_>, Errno> {
         let cell = self.areas.get(id as usize).ok_or(Errno(errno::EINVAL))?;
         if cell.get().is_null() {
             cell.set(Box::into_raw(Box::new(Areas::default())));
         }
         let areas = cell.get();
-        call(nr::NESTED_VCPU, &[self.handle, u64::from(id), areas as u64])?;
-        Ok(NestedVcpu {
+        let mut cpu = NestedVcpu {
             vm: self,
             id,
             areas,
             posted: Posted::No,
-        })
+        };
+        if cpu.host_status().started != 0 {
+            // Whose turn it is, from the two sequences.
+            let seq = cpu.exit_seq().load(Ordering::Acquire);
+            cpu.posted = match cpu.resume_seq().load(Ordering::SeqCst) == seq {
+                true => Posted::Host,
+                false => Posted::Ours(seq),
+            };
+            return Ok(cpu);
+        }
+        call(nr::NESTED_VCPU, &[self.handle, u64::from(id), areas as u64])?;
+        Ok(cpu)
     }
 }
 

@@ -264,9 +264,12 @@ impl VmShared {
 
     /// Started nested vCPUs run on threads of their own, which a vCPU that stayed parked
     /// across a short resume never waited for: hold them all, then take what they wrote.
-    fn quiesce_nested(&self) {
-        self.nested.quiesce();
+    fn quiesce_nested(&self) -> bool {
+        if !self.nested.quiesce(PAUSE_TIMEOUT) {
+            return false;
+        }
         self.nested.harvest_dirty(self);
+        true
     }
 
     fn kick_all(&self) {
@@ -1245,7 +1248,9 @@ impl Vm {
                 if !self.shared.control.wait_quiet(PAUSE_TIMEOUT) {
                     return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
                 }
-                self.shared.quiesce_nested();
+                if !self.shared.quiesce_nested() {
+                    return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
+                }
                 return Ok(Duration::ZERO);
             }
             VmState::Exited => {
@@ -1262,7 +1267,10 @@ impl Vm {
             self.shared.control.set(Request::Run);
             return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
         }
-        self.shared.quiesce_nested();
+        if !self.shared.quiesce_nested() {
+            self.shared.control.set(Request::Run);
+            return Err(Error::PauseTimeout(PAUSE_TIMEOUT));
+        }
         self.shared.pause_devices();
         let took = t0.elapsed();
         self.shared.metrics.pause(took.as_nanos() as u64);

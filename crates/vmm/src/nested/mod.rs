@@ -76,14 +76,15 @@ struct NestedVm {
     layout: Layout,
     entry: u64,
     vcpus: Vec<Mutex<Option<NestedVcpu>>>,
-    /// The host threads of its started vCPUs.
-    workers: Mutex<Vec<Arc<posted::Worker>>>,
+    /// The host threads of its started vCPUs; `None` once the VM is being destroyed (a start
+    /// racing the destroy must not add a thread nobody would stop).
+    workers: Mutex<Option<Vec<Arc<posted::Worker>>>>,
 }
 
 impl NestedVm {
     /// Ends its started vCPUs' threads.
     fn stop_workers(&self) {
-        let workers = std::mem::take(&mut *lock(&self.workers));
+        let workers = lock(&self.workers).take().unwrap_or_default();
         for w in workers {
             w.stop();
         }
@@ -333,6 +334,16 @@ impl Nested {
             return errno::EBUSY;
         }
         let r = n.run_vcpu(&vm.mem, &vm.control, v, slice_ns, None);
+        // Destroyed by another vCPU while it ran: what it wrote after the destroy's harvest
+        // belongs in the next checkpoint too.
+        if !lock(&self.table)
+            .vms
+            .iter()
+            .flatten()
+            .any(|o| Arc::ptr_eq(o, &n))
+        {
+            n.harvest_dirty(vm);
+        }
         // The counters are in the guest VMM's memory: whatever it wrote there, they wrap.
         let mut host: HostStatus = vm
             .mem
@@ -421,8 +432,19 @@ impl Nested {
         let slot = (h & 0xff) as usize;
         match posted::Worker::start(n.clone(), slot, id as u32, vcpu, ctx, self.vm_fd.as_ref()) {
             Ok(w) => {
-                lock(&n.workers).push(w);
-                0
+                let mut workers = lock(&n.workers);
+                match workers.as_mut() {
+                    Some(list) => {
+                        list.push(w);
+                        0
+                    }
+                    None => {
+                        // Destroyed meanwhile (another vCPU, a rollback): its thread goes too.
+                        drop(workers);
+                        w.stop();
+                        errno::EBADF
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(slot, vcpu = id, "cannot start a nested vCPU's thread: {e}");
@@ -438,7 +460,7 @@ impl Nested {
     pub(crate) fn doorbell(&self, key: u32) {
         let vms: Vec<_> = lock(&self.table).vms.iter().flatten().cloned().collect();
         for n in vms {
-            for w in lock(&n.workers).iter().filter(|w| w.key == key) {
+            for w in lock(&n.workers).iter().flatten().filter(|w| w.key == key) {
                 w.ring();
             }
         }
@@ -446,10 +468,12 @@ impl Nested {
 
     /// Called by the controller once the vCPUs are parked: returns once no worker runs a
     /// nested guest or writes guest memory.
-    pub(crate) fn quiesce(&self) {
-        for w in self.workers() {
-            w.quiesce();
-        }
+    /// False if a worker did not hold within `limit`.
+    pub(crate) fn quiesce(&self, limit: std::time::Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        self.workers()
+            .iter()
+            .all(|w| w.quiesce(deadline.saturating_duration_since(Instant::now())))
     }
 
     /// Kicks every worker out of `KVM_RUN` and its sleep (the VM pauses or stops).
@@ -461,7 +485,9 @@ impl Nested {
 
     fn workers(&self) -> Vec<Arc<posted::Worker>> {
         let vms: Vec<_> = lock(&self.table).vms.iter().flatten().cloned().collect();
-        vms.iter().flat_map(|n| lock(&n.workers).clone()).collect()
+        vms.iter()
+            .flat_map(|n| lock(&n.workers).clone().unwrap_or_default())
+            .collect()
     }
 
     /// Merges the pages every nested VM dirtied into guest memory's bitmap: called by an outer
@@ -563,7 +589,7 @@ fn build(
         layout,
         entry,
         vcpus: (0..c.vcpus).map(|_| Mutex::new(None)).collect(),
-        workers: Mutex::new(Vec::new()),
+        workers: Mutex::new(Some(Vec::new())),
     })
 }
 

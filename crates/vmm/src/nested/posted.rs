@@ -68,12 +68,19 @@ pub(super) struct Worker {
     stop: AtomicBool,
     /// Rung by the guest VMM's doorbell (an ioeventfd), and by whoever needs the worker back.
     wake: EventFd,
-    /// The doorbell's ioeventfd is registered on this VM.
-    doorbell: Option<Arc<VmFd>>,
+    /// The doorbell's ioeventfd is registered on this VM (taken when unregistered).
+    doorbell: Mutex<Option<Arc<VmFd>>>,
     state: Mutex<State>,
     cv: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
     control: Arc<RunControl>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Normally done by `stop`; a registration must not outlive its eventfd.
+        self.unregister();
+    }
 }
 
 /// Where the worker stands with its hand-back wait.
@@ -140,7 +147,7 @@ impl Worker {
             owner,
             stop: AtomicBool::new(false),
             wake,
-            doorbell,
+            doorbell: Mutex::new(doorbell),
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             thread: Mutex::new(None),
@@ -150,10 +157,17 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("nested-{slot}.{vcpu}"))
             .spawn(move || {
-                worker.body(&n, slot, vcpu, &ctx);
-                let mut s = lock(&worker.state);
-                s.done = true;
-                worker.cv.notify_all();
+                // Marks the worker done however the body ends (a panic too), so nothing waits
+                // for it to hold.
+                struct Done(Arc<Worker>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        lock(&self.0.state).done = true;
+                        self.0.cv.notify_all();
+                    }
+                }
+                let done = Done(worker);
+                done.0.body(&n, slot, vcpu, &ctx);
             })
             .map_err(|e| {
                 w.unregister();
@@ -164,7 +178,8 @@ impl Worker {
     }
 
     fn unregister(&self) {
-        if let Some(fd) = &self.doorbell {
+        let fd = lock(&self.doorbell).take();
+        if let Some(fd) = fd {
             let _ = fd.unregister_ioevent(
                 &self.wake,
                 &IoEventAddress::Pio(port::NESTED_DOORBELL.into()),
@@ -187,19 +202,27 @@ impl Worker {
     }
 
     /// Waits until the worker runs no guest code and writes no guest memory (the VM is
-    /// pausing), or the VM runs again.
-    pub(super) fn quiesce(&self) {
+    /// pausing or stopping), or the VM runs again; false if that took longer than `limit`.
+    pub(super) fn quiesce(&self, limit: Duration) -> bool {
         self.kick();
+        let deadline = Instant::now() + limit;
         let mut s = lock(&self.state);
-        while !s.held && !s.done && self.control.current() == Request::Pause {
+        // A stopping VM's worker ends (done): wait for that too, so nothing reads memory while
+        // it posts.
+        while !s.held && !s.done && self.control.current() != Request::Run {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
             // The worker notifies when it holds or ends; a resume in between is seen by the
             // timeout (the run control's own wake-up does not reach this condvar).
             s = self
                 .cv
-                .wait_timeout(s, Duration::from_millis(10))
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(10)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        true
     }
 
     /// Ends the worker and waits for its thread.
