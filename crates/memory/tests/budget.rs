@@ -139,13 +139,21 @@ fn halving_the_budget_of_8_vms_squeezes_them_below_it_and_raising_it_gives_memor
         .map(|(_, _, p)| p.view(None).stats.taken_back_pages)
         .sum();
     assert!(taken > 0);
-    // The guests refill their caches: host memory rises back toward where it was.
+    // The guests refill their caches: host memory rises back, well above the halved budget.
+    // Not back to `full`, nor to a fixed 3/4 of it (the old bound, met in about half the runs
+    // on a loaded host): `full` counted each guest's swap area, resident at the start, which
+    // stays given back once empty; and a guest is owed only what the host measured it gave (a
+    // claim is capped by the fall in resident memory, which a guest's own refill in between
+    // makes smaller), so some caches come back smaller than they were. Seen: 70-75% of `full`.
     let t0 = Instant::now();
-    while resident(&vms) < full / 4 * 3 {
+    while resident(&vms) < full / 5 * 3 {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "resident {} of {full}",
-            resident(&vms)
+            "resident {} of {full}: {:#?}",
+            resident(&vms),
+            vms.iter()
+                .map(|(vm, _, _)| vm.memory_report())
+                .collect::<Vec<_>>()
         );
         manager.tick(&host);
         std::thread::sleep(Duration::from_millis(20));
